@@ -1,0 +1,8 @@
+"""Allows ``python -m soco_det ...`` (and ``torchrun -m soco_det ...``)."""
+
+import sys
+
+from soco_det.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

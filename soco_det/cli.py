@@ -1,0 +1,69 @@
+"""The ``soco-det`` command line: one entry point, one sub-command per pipeline stage.
+
+Each sub-command lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
+this file only lists them, so ``soco-det --help`` stays fast (heavy imports happen inside ``run``).
+Errors that are the user's (:class:`~soco_det.errors.UserError`) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from soco_det import __version__
+from soco_det.errors import UserError
+from soco_det.logs import get_logger, setup_logging
+
+# name -> (module, one-line help). Order is the pipeline's order.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("soco_det.synth.command", "generate the seeded sample-scene dataset (images + COCO JSON)"),
+    "proposals": ("soco_det.proposals.command", "selective-search proposals: compute, merge, import, export"),
+    "pretrain": ("soco_det.engine.command", "SoCo pretraining (one CPU to many GPUs with torchrun)"),
+    "export": ("soco_det.export.command", "export a pretrained model to torchvision/detectron2/mmdet/timm"),
+    "finetune": ("soco_det.transfer.finetune_command", "fine-tune a Mask R-CNN on a COCO-format dataset"),
+    "evaluate": ("soco_det.transfer.evaluate_command", "COCO bbox/segm AP of a Mask R-CNN on a val set"),
+    "viz": ("soco_det.viz", "pictures: sample scenes, proposals, views"),
+    "demo": ("soco_det.demo", "the whole pipeline on the sample scenes, on CPU, with a report"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="soco-det",
+        description="SoCo: object-level contrastive pretraining of a whole detector from unlabeled images.",
+    )
+    parser.add_argument("--version", action="version", version=f"soco-det {__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        cmd = sub.add_parser(
+            name,
+            help=help_text,
+            description=(module.__doc__ or help_text).strip().splitlines()[0],
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        module.add_arguments(cmd)
+        cmd.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        return int(args._run(args) or 0)
+    except UserError as exc:
+        get_logger(__name__).debug("user error", exc_info=True)
+        print(f"soco-det {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        logging.getLogger("soco_det").warning("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Atomic writes never leave a partial file; progress reports rate and ETA."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from soco_det.atomic import atomic_open, atomic_write_json, atomic_write_text
+from soco_det.logs import Progress, progress, setup_logging
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "store.json"
+    atomic_write_text(target, "old")
+    with pytest.raises(RuntimeError):
+        with atomic_open(target, "w") as handle:
+            handle.write("half of the new cont")
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store.json"]
+
+
+def test_atomic_write_creates_parent_folders(tmp_path):
+    target = tmp_path / "a" / "b" / "x.json"
+    atomic_write_json(target, {"k": [1, 2]})
+    assert target.read_text() == '{"k": [1, 2]}'
+
+
+def test_progress_logs_rate_and_eta_when_not_a_tty(caplog):
+    setup_logging("INFO")
+    logging.getLogger("soco_det").propagate = True
+    try:
+        bar = Progress(total=10, desc="images", unit="img", log_every_s=0.0)
+        with caplog.at_level(logging.INFO, logger="soco_det"):
+            for _ in range(4):
+                bar.update()
+        bar.close()
+    finally:
+        logging.getLogger("soco_det").propagate = False
+    lines = [r.getMessage() for r in caplog.records if r.name == "soco_det.progress"]
+    assert lines and lines[-1].startswith("images: 4/10 (")
+    assert "img/s" in lines[-1] and "ETA" in lines[-1]
+
+
+def test_progress_wrapper_yields_everything():
+    assert list(progress(range(5), desc="x", disable=True)) == [0, 1, 2, 3, 4]
