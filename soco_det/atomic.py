@@ -13,6 +13,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, IO
 
+# mkstemp creates files readable by the owner only; give finished files the usual permissions.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
@@ -28,6 +32,7 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -45,3 +45,13 @@ def test_progress_logs_rate_and_eta_when_not_a_tty(caplog):
 
 def test_progress_wrapper_yields_everything():
     assert list(progress(range(5), desc="x", disable=True)) == [0, 1, 2, 3, 4]
+
+
+def test_finished_file_gets_the_usual_permissions(tmp_path):
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    target = tmp_path / "x.txt"
+    atomic_write_text(target, "x")
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
