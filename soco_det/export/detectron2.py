@@ -1,0 +1,170 @@
+"""Export to detectron2: the ``.pkl`` its ``DetectionCheckpointer`` reads.
+
+File layout (a pickle)::
+
+    {"model": {name: numpy.ndarray}, "__author__": "soco-det", "matching_heuristics": True}
+
+Unlike the official converters (which wrote short names such as ``res2.0.conv1.weight`` and relied
+on detectron2's suffix matching, SOCO_SPEC 7.2), names here are **fully qualified**, so they match
+a detectron2 model exactly; ``matching_heuristics`` stays on so that a model whose names differ
+slightly (e.g. a wrapped one) still finds them.
+
+=================================================  ==================================================
+soco-det (``online.`` or ``target.``)              detectron2
+=================================================  ==================================================
+``encoder.conv1.weight`` / ``encoder.bn1.*``       ``backbone.bottom_up.stem.conv1.weight`` / ``.conv1.norm.*``
+``encoder.layerS.J.convC.weight``                  ``backbone.bottom_up.res{S+1}.J.convC.weight``
+``encoder.layerS.J.bnC.*``                         ``backbone.bottom_up.res{S+1}.J.convC.norm.*``
+``encoder.layerS.J.downsample.0`` / ``.1``         ``backbone.bottom_up.res{S+1}.J.shortcut`` / ``.shortcut.norm``
+``neck.lateral_convs.{i}.conv`` / ``.bn``          ``backbone.fpn_lateral{i+2}`` / ``.norm``
+``neck.fpn_convs.{i}.conv`` / ``.bn``              ``backbone.fpn_output{i+2}`` / ``.norm``
+``head.conv{k}`` / ``head.bn{k}`` / ``head.fc1``   ``roi_heads.box_head.conv{k}`` / ``.conv{k}.norm`` / ``.fc1``
+=================================================  ==================================================
+
+For SoCo_C4, ``layer4`` (res5) is the RoI head, which detectron2's ``Res5ROIHeads`` holds as
+``roi_heads.res5.*``; the C4 backbone stops at res4.
+
+BatchNorm buffers: ``running_mean`` and ``running_var`` are exported, and so is
+``num_batches_tracked`` (a 0-d int64 array). The shipped configs use ``NORM: SyncBN``, which
+detectron2 maps to ``torch.nn.SyncBatchNorm``; that module has a ``num_batches_tracked`` buffer, so
+without it every norm would be reported as missing from the checkpoint. A ``FrozenBN`` model has no
+such buffer and only logs these keys as unused (harmless), as with the official converters, which
+kept them too.
+
+Fine-tune with ``soco_det/configs/detectron2/soco_mask_rcnn_R_50_FPN_1x.yaml`` (or the C4 one),
+setting ``MODEL.WEIGHTS`` to the exported file. Heads not in the file (RPN, box predictor, mask
+head) are initialised by detectron2. Note ``STRIDE_IN_1X1: False``: SoCo's ResNet has its stride in
+the 3x3 conv (SOCO_SPEC 3.1).
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from soco_det.errors import UserError
+from soco_det.export.mapping import Mapping, map_parts
+from soco_det.export.source import ExportSource
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "detectron2"
+FPN_CONFIG = CONFIG_DIR / "soco_mask_rcnn_R_50_FPN_1x.yaml"
+C4_CONFIG = CONFIG_DIR / "soco_mask_rcnn_R_50_C4_1x.yaml"
+
+_BLOCK_KEY = re.compile(r"^layer([1-4])\.(\d+)\.(.+)$")
+_NORM_SUFFIX = r"(weight|norm\.(weight|bias|running_mean|running_var|num_batches_tracked))"
+# Every name an export may contain, written from detectron2's module names (resnet.py, fpn.py,
+# box_head.py, roi_heads.py); used as an independent check of the renaming rules.
+VALID_NAME = re.compile(
+    r"^(backbone\.bottom_up\.stem\.conv1\." + _NORM_SUFFIX
+    + r"|(backbone\.bottom_up|roi_heads)\.res[2-5]\.\d+\.(conv[1-3]|shortcut)\." + _NORM_SUFFIX
+    + r"|backbone\.fpn_(lateral|output)[2-5]\." + _NORM_SUFFIX
+    + r"|roi_heads\.box_head\.conv\d+\." + _NORM_SUFFIX
+    + r"|roi_heads\.box_head\.fc\d+\.(weight|bias))$"
+)
+
+
+def _conv_and_norm(rest: str) -> str:
+    """``bn2.weight`` -> ``conv2.norm.weight``; ``downsample.1.x`` -> ``shortcut.norm.x``."""
+    rest = re.sub(r"^bn(\d)\.", r"conv\1.norm.", rest)
+    rest = re.sub(r"^downsample\.0\.", "shortcut.", rest)
+    return re.sub(r"^downsample\.1\.", "shortcut.norm.", rest)
+
+
+def encoder_renamer(c4: bool):
+    """Rule for encoder keys; with ``c4`` the res5 stage goes to ``roi_heads.res5``."""
+
+    def rename(key: str) -> str | None:
+        if key.startswith(("conv1.", "bn1.")):
+            return "backbone.bottom_up.stem." + _conv_and_norm(key)  # BasicStem: conv1 (+ norm)
+        m = _BLOCK_KEY.match(key)
+        if m is None:
+            return None
+        stage, block, rest = int(m.group(1)) + 1, m.group(2), _conv_and_norm(m.group(3))
+        owner = "roi_heads" if c4 and stage == 5 else "backbone.bottom_up"
+        return f"{owner}.res{stage}.{block}.{rest}"
+
+    return rename
+
+
+def rename_neck(key: str) -> str | None:
+    m = re.match(r"^(lateral_convs|fpn_convs)\.(\d+)\.(conv|bn)\.(.+)$", key)
+    if m is None:
+        return None
+    kind, i, layer, rest = m.groups()
+    name = f"fpn_{'lateral' if kind == 'lateral_convs' else 'output'}{int(i) + 2}"
+    return f"backbone.{name}.{'norm.' if layer == 'bn' else ''}{rest}"
+
+
+def rename_head(key: str) -> str | None:
+    m = re.match(r"^(conv|bn|fc)(\d+)\.(.+)$", key)
+    if m is None:
+        return None
+    kind, k, rest = m.groups()
+    if kind == "bn":
+        return f"roi_heads.box_head.conv{k}.norm.{rest}"
+    return f"roi_heads.box_head.{kind}{k}.{rest}"
+
+
+def map_source(source: ExportSource) -> Mapping:
+    """soco-det encoder / neck / head -> fully qualified detectron2 names (table in the module doc)."""
+    if source.is_c4 and not source.bottleneck:
+        raise UserError(
+            f"{source.path}: a C4 export needs a bottleneck ResNet (50/101): detectron2's Res5ROIHeads "
+            f"builds res5 from bottleneck blocks, and this is a ResNet-{source.depth}"
+        )
+    net = source.network
+    return map_parts([
+        ("backbone" if not source.is_c4 else "backbone+res5", f"{net}.encoder.", source.encoder,
+         encoder_renamer(source.is_c4)),
+        ("fpn", f"{net}.neck.", source.neck, rename_neck),
+        ("box_head", f"{net}.head.", source.head, rename_head),
+    ])
+
+
+def to_numpy(value: torch.Tensor) -> np.ndarray:
+    """CPU numpy copy; half/bfloat16 become float32 (numpy has no bfloat16)."""
+    value = value.detach().cpu()
+    if value.is_floating_point() and value.dtype not in (torch.float32, torch.float64):
+        value = value.float()
+    return value.numpy().copy()
+
+
+def check_names(mapping: Mapping, source: ExportSource) -> str:
+    """Every exported name is a detectron2 name and each norm has its five tensors."""
+    bad = [k for k in mapping.state_dict if not VALID_NAME.match(k)]
+    if bad:
+        raise UserError(f"{source.path}: names that are not detectron2 names: {bad[:6]}")
+    norms = {k.rsplit(".", 1)[0] for k in mapping.state_dict if ".norm." in k}
+    incomplete = [
+        n for n in sorted(norms)
+        if any(f"{n}.{b}" not in mapping.state_dict
+               for b in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"))
+    ]
+    if incomplete:
+        raise UserError(f"{source.path}: incomplete norm layers (weight/bias/running stats): {incomplete[:6]}")
+    config = C4_CONFIG if source.is_c4 else FPN_CONFIG
+    return (
+        f"all {len(mapping.state_dict)} names are detectron2 names ({len(norms)} norm layers with weight, bias, "
+        f"running_mean, running_var, num_batches_tracked); fine-tune with {config.name} "
+        f"(MODEL.WEIGHTS=<this file>, MODEL.RESNETS.DEPTH={source.depth}"
+        + (", MODEL.RESNETS.RES2_OUT_CHANNELS=64" if not source.bottleneck else "") + ")"
+    )
+
+
+def export(source: ExportSource, out: Path, check: bool = True) -> tuple[Mapping, str]:
+    """Map ``source``, check the names, write the pickle to ``out``."""
+    from soco_det.atomic import atomic_save
+
+    mapping = map_source(source)
+    note = check_names(mapping, source) if check else "not checked"
+    payload = {
+        "model": {k: to_numpy(v) for k, v in mapping.state_dict.items()},
+        "__author__": "soco-det",
+        "matching_heuristics": True,
+    }
+    atomic_save(out, lambda f: pickle.dump(payload, f))
+    return mapping, note

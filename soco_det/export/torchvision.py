@@ -1,0 +1,293 @@
+"""Export to torchvision's Mask R-CNN v2 (``maskrcnn_resnet50_fpn_v2`` and its other depths).
+
+torchvision's v2 Mask R-CNN has BatchNorm after every FPN conv and a 4conv1fc box head with
+BatchNorm (``FastRCNNConvFCHead``), i.e. the same layers SoCo pretrains, so all three parts load:
+
+=================================================  ================================================
+soco-det (``online.`` or ``target.``)              torchvision
+=================================================  ================================================
+``encoder.{conv1,bn1,layerN}.*``                   ``backbone.body.{conv1,bn1,layerN}.*``
+``neck.lateral_convs.{i}.conv.weight`` / ``.bn.*``  ``backbone.fpn.inner_blocks.{i}.0.weight`` / ``.1.*``
+``neck.fpn_convs.{i}.conv.weight`` / ``.bn.*``      ``backbone.fpn.layer_blocks.{i}.0.weight`` / ``.1.*``
+``head.conv{k}.weight`` / ``head.bn{k}.*``          ``roi_heads.box_head.{k-1}.0.weight`` / ``.1.*``
+``head.fc{j}.*``                                    ``roi_heads.box_head.{C+1+2(j-1)}.*`` (C convs; fc1 -> 5)
+=================================================  ================================================
+
+FPN index ``i`` is the same on both sides: lateral ``i`` reads C(i+2) and gives P(i+2); the
+torchvision backbone returns P2..P5 as ``'0'..'3'`` plus the parameter-free ``'pool'`` level. The
+RPN, the box predictor and the mask branch stay newly initialised, and the export **checks** that:
+loaded with ``strict=False`` into a freshly built model, nothing is unexpected and the missing keys
+are exactly ``rpn.*``, ``roi_heads.box_predictor.*``, ``roi_heads.mask_head.*`` and
+``roi_heads.mask_predictor.*`` (plus ``backbone.fpn.*`` / ``roi_heads.box_head.*`` for a source
+without neck / head, e.g. C4).
+
+The file is a plain state dict (``torch.save``). To fine-tune::
+
+    from soco_det.export.torchvision import build_maskrcnn_v2, load_torchvision_export
+    model = build_maskrcnn_v2(depth=50, num_classes=81)   # == maskrcnn_resnet50_fpn_v2 for R50
+    load_torchvision_export(model, "soco_torchvision.pth")  # checks the exact missing keys
+
+With ``num_classes`` other than 91 the predictors change shape, which does not matter: they are
+not in the file.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Iterable, Mapping as TMapping, Sequence
+
+import torch
+from torch import nn
+
+from soco_det.errors import UserError
+from soco_det.export.mapping import Mapping, map_parts
+from soco_det.export.source import ExportSource
+
+# Parts of the Mask R-CNN that SoCo does not pretrain.
+NEW_PREFIXES = ("rpn.", "roi_heads.box_predictor.", "roi_heads.mask_head.", "roi_heads.mask_predictor.")
+FPN_PREFIX = "backbone.fpn."
+BOX_HEAD_PREFIX = "roi_heads.box_head."
+
+_NECK_KEY = re.compile(r"^(lateral_convs|fpn_convs)\.(\d+)\.(conv|bn)\.(.+)$")
+_HEAD_KEY = re.compile(r"^(conv|bn|fc)(\d+)\.(.+)$")
+
+
+# ----------------------------------------------------------------------------- renaming rules
+def rename_encoder(key: str) -> str:
+    return f"backbone.body.{key}"
+
+
+def rename_neck(key: str) -> str | None:
+    m = _NECK_KEY.match(key)
+    if m is None:
+        return None
+    kind, i, layer, rest = m.groups()
+    block = "inner_blocks" if kind == "lateral_convs" else "layer_blocks"
+    return f"backbone.fpn.{block}.{i}.{0 if layer == 'conv' else 1}.{rest}"
+
+
+def head_renamer(head: TMapping[str, Any]):
+    """The rule for ``head.*`` keys; it needs the number of convs to place the fc layers."""
+    num_convs = sum(1 for k in head if re.fullmatch(r"conv\d+\.weight", k))
+
+    def rename(key: str) -> str | None:
+        m = _HEAD_KEY.match(key)
+        if m is None:
+            return None
+        kind, idx, rest = m.group(1), int(m.group(2)), m.group(3)
+        if kind == "conv":
+            return f"roi_heads.box_head.{idx - 1}.0.{rest}"
+        if kind == "bn":
+            return f"roi_heads.box_head.{idx - 1}.1.{rest}"
+        # FastRCNNConvFCHead = [conv blocks..., Flatten, Linear, ReLU, Linear, ReLU, ...]
+        return f"roi_heads.box_head.{num_convs + 1 + 2 * (idx - 1)}.{rest}"
+
+    return rename
+
+
+def map_source(source: ExportSource) -> Mapping:
+    """soco-det encoder / neck / head -> torchvision Mask R-CNN names (table in the module doc)."""
+    net = source.network
+    return map_parts([
+        ("backbone", f"{net}.encoder.", source.encoder, rename_encoder),
+        ("fpn", f"{net}.neck.", source.neck, rename_neck),
+        ("box_head", f"{net}.head.", source.head, head_renamer(source.head)),
+    ])
+
+
+# ----------------------------------------------------------------------------- target model
+def build_maskrcnn_v2(
+    depth: int = 50,
+    num_classes: int = 91,
+    *,
+    fpn_channels: int = 256,
+    box_conv_dims: Sequence[int] = (256, 256, 256, 256),
+    box_fc_dims: Sequence[int] = (1024,),
+    box_roi_size: int = 7,
+    trainable_layers: int = 5,
+    **kwargs: Any,
+) -> nn.Module:
+    """torchvision Mask R-CNN "v2" on a ResNet-``depth`` (18/34/50/101/152), no weights loaded.
+
+    For ``depth=50`` and the default widths this has exactly the modules (names and shapes) of
+    ``torchvision.models.detection.maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None)``:
+    BatchNorm2d (not frozen) in the ResNet, FPN P2-P5 (+ max-pool P6) with BatchNorm, a 2-conv RPN
+    head, a 4conv1fc box head with BatchNorm and a 4-conv mask head with BatchNorm. The widths
+    follow a SoCo model built with other ``fpn_channels`` / ``head_conv_dim`` / ``head_fc_dim`` /
+    ``roi_output_size``. ``trainable_layers`` (0-5) freezes the stem and first stages like
+    torchvision does (5: everything trains, the SoCo transfer setting ``FREEZE_AT 0``).
+    ``kwargs`` go to ``MaskRCNN`` (``min_size``, ``max_size``, ``box_detections_per_img``...).
+    """
+    import torchvision
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, RPNHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNN, MaskRCNNHeads, MaskRCNNPredictor
+    from torchvision.ops import MultiScaleRoIAlign
+
+    if depth not in (18, 34, 50, 101, 152):
+        raise ValueError(f"depth: must be 18, 34, 50, 101 or 152, got {depth}")
+    if not 0 <= trainable_layers <= 5:
+        raise ValueError(f"trainable_layers: must be in 0..5, got {trainable_layers}")
+    body = getattr(torchvision.models, f"resnet{depth}")(weights=None)  # BatchNorm2d throughout
+    trainable = ("layer4", "layer3", "layer2", "layer1", "conv1")[:trainable_layers]
+    if trainable_layers == 5:
+        trainable += ("bn1",)
+    for name, param in body.named_parameters():
+        if not name.startswith(trainable):
+            param.requires_grad_(False)
+    c2 = body.layer1[-1].conv1.in_channels if depth < 50 else body.layer1[-1].conv3.out_channels
+    backbone = BackboneWithFPN(
+        body,
+        return_layers={f"layer{k}": str(k - 1) for k in range(1, 5)},
+        in_channels_list=[c2 * 2**i for i in range(4)],
+        out_channels=fpn_channels,
+        norm_layer=nn.BatchNorm2d,
+    )
+    # torchvision's default FPN anchors: one size per level (P2..P6), three aspect ratios.
+    anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+    box_head = FastRCNNConvFCHead(
+        (fpn_channels, box_roi_size, box_roi_size), list(box_conv_dims), list(box_fc_dims),
+        norm_layer=nn.BatchNorm2d,
+    )
+    box_roi_pool = None
+    if box_roi_size != 7:
+        box_roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=box_roi_size, sampling_ratio=2)
+    mask_dims = [256, 256, 256, 256]
+    return MaskRCNN(
+        backbone,
+        num_classes=None,  # the predictors are given
+        rpn_anchor_generator=anchors,
+        rpn_head=RPNHead(fpn_channels, anchors.num_anchors_per_location()[0], conv_depth=2),
+        box_roi_pool=box_roi_pool,
+        box_head=box_head,
+        box_predictor=FastRCNNPredictor(list(box_fc_dims)[-1], num_classes),
+        mask_head=MaskRCNNHeads(fpn_channels, mask_dims, 1, norm_layer=nn.BatchNorm2d),
+        mask_predictor=MaskRCNNPredictor(mask_dims[-1], 256, num_classes),
+        **kwargs,
+    )
+
+
+def build_target_for(source: ExportSource) -> tuple[nn.Module, str]:
+    """A fresh Mask R-CNN v2 shaped like ``source`` (widths read from its weights) and its name.
+
+    Build it under ``torch.device("meta")`` when only names and shapes matter.
+    """
+    widths: dict[str, Any] = {}
+    if source.neck:
+        widths["fpn_channels"] = int(source.neck["lateral_convs.0.conv.weight"].shape[0])
+    if source.head:
+        convs = sorted(int(k[4:-7]) for k in source.head if re.fullmatch(r"conv\d+\.weight", k))
+        fcs = sorted(int(k[2:-7]) for k in source.head if re.fullmatch(r"fc\d+\.weight", k))
+        widths["box_conv_dims"] = tuple(int(source.head[f"conv{k}.weight"].shape[0]) for k in convs)
+        widths["box_fc_dims"] = tuple(int(source.head[f"fc{j}.weight"].shape[0]) for j in fcs)
+        last = widths["box_conv_dims"][-1] if convs else widths.get("fpn_channels", 256)
+        side = math.isqrt(int(source.head["fc1.weight"].shape[1]) // last)
+        widths["box_roi_size"] = side
+    default = {"fpn_channels": 256, "box_conv_dims": (256,) * 4, "box_fc_dims": (1024,), "box_roi_size": 7}
+    if source.depth == 50 and all(widths.get(k, v) == v for k, v in default.items()):
+        from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
+
+        model = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=91)
+        return model, "torchvision maskrcnn_resnet50_fpn_v2(weights=None, num_classes=91)"
+    detail = "".join(f", {k}={v}" for k, v in widths.items() if v != default[k])
+    model = build_maskrcnn_v2(source.depth, 91, **widths)
+    return model, f"soco_det build_maskrcnn_v2(depth={source.depth}{detail})"
+
+
+# ----------------------------------------------------------------------------- loading + check
+def expected_missing(model: nn.Module, state_dict: TMapping[str, torch.Tensor]) -> set[str]:
+    """The keys of ``model`` that a SoCo export does not provide: the new parts, plus the FPN and
+    the box head when ``state_dict`` has none of their keys (a backbone-only export).
+
+    ``num_batches_tracked`` buffers are left out: BatchNorm fills a missing one in itself, so
+    recent PyTorch versions never report it as missing.
+    """
+    prefixes = list(NEW_PREFIXES)
+    for part in (FPN_PREFIX, BOX_HEAD_PREFIX):
+        if not any(k.startswith(part) for k in state_dict):
+            prefixes.append(part)
+    return {k for k in model.state_dict() if k.startswith(tuple(prefixes)) and not _is_counter(k)}
+
+
+def _is_counter(key: str) -> bool:
+    return key.endswith(".num_batches_tracked")
+
+
+def load_torchvision_export(
+    model: nn.Module, exported: str | Path | TMapping[str, torch.Tensor], where: object = None,
+    assign: bool = False,
+) -> list[str]:
+    """Load an exported state dict (or its file) into a torchvision Mask R-CNN and verify it.
+
+    Raises :class:`UserError` listing the offending keys when a key is unexpected, has another
+    shape, or when the missing keys are not exactly :func:`expected_missing`. Returns the sorted
+    missing keys (the newly initialised parameters and buffers, without BatchNorm counters).
+    ``assign`` is passed to ``load_state_dict`` (the export's own check uses a model on the meta
+    device, where only names and shapes exist).
+    """
+    if not isinstance(exported, TMapping):
+        where = where or exported
+        exported = torch.load(exported, map_location="cpu", weights_only=True)
+    where = where or "exported state dict"
+    model_state = model.state_dict()
+    wrong_shape = [
+        f"{k} {tuple(v.shape)} vs model {tuple(model_state[k].shape)}"
+        for k, v in exported.items() if k in model_state and model_state[k].shape != v.shape
+    ]
+    if wrong_shape:
+        raise UserError(f"{where}: {len(wrong_shape)} tensors do not fit the model: {_few(wrong_shape)}")
+    expected = expected_missing(model, exported)
+    result = model.load_state_dict(dict(exported), strict=False, assign=assign)
+    unexpected = sorted(result.unexpected_keys)
+    missing = {k for k in result.missing_keys if not _is_counter(k)}
+    if unexpected or missing != expected:
+        raise UserError(
+            f"{where}: does not load as a SoCo export should: unexpected keys {_few(unexpected)}; "
+            f"missing but expected to load {_few(sorted(missing - expected))}; "
+            f"loaded but expected to stay new {_few(sorted(expected - missing))}"
+        )
+    return sorted(missing)
+
+
+def missing_summary(missing: Iterable[str]) -> str:
+    """``rpn.head 8, roi_heads.box_predictor 4, ...``: missing keys counted per module prefix."""
+    counts: OrderedDict[str, int] = OrderedDict()
+    for key in missing:
+        parts = key.split(".")
+        prefix = ".".join(parts[:2])
+        counts[prefix] = counts.get(prefix, 0) + 1
+    return ", ".join(f"{p}.* {n}" for p, n in counts.items())
+
+
+def export(source: ExportSource, out: Path, check: bool = True) -> tuple[Mapping, str]:
+    """Map ``source``, check that it loads into a fresh Mask R-CNN v2, write ``out``.
+
+    Returns the mapping and a one-line check result.
+    """
+    from soco_det.atomic import atomic_save
+
+    mapping = map_source(source)
+    note = "not checked"
+    if check:
+        # Names and shapes are what the check is about: a meta-device model has them without
+        # allocating or initialising a single weight.
+        with torch.device("meta"):
+            model, name = build_target_for(source)
+        missing = load_torchvision_export(model, mapping.state_dict, where=source.path, assign=True)
+        note = (
+            f"loads into {name}: 0 unexpected keys, {len(missing)} missing keys = exactly the parts the "
+            f"export does not provide ({missing_summary(missing)})"
+        )
+    atomic_save(out, lambda f: torch.save(mapping.state_dict, f))
+    return mapping, note
+
+
+def _few(items: Sequence[str], n: int = 6) -> str:
+    if not items:
+        return "none"
+    more = f" ... (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
