@@ -1,0 +1,261 @@
+"""Configuration of the data stage: where the images and proposals are, and how views are made.
+
+``ViewsConfig`` starts from a named recipe (``soco_fpn``, ``soco_fpn_400``, ``soco_star``,
+``soco_c4``, ``paper``; SOCO_SPEC 2.1, 6.1, 9.1). Every other field defaults to ``None``, which
+means "take the recipe's value", so a YAML recipe or the command line can pick a recipe and
+override single values (``data.views.recipe=soco_c4 data.views.cutout_prob=0.3``).
+:meth:`ViewsConfig.resolved` returns the fully specified config the sampler uses.
+
+A view is described by ``view_kinds[v]``:
+
+* ``"whole"``: the whole image resized to ``view_sizes[v]`` (aspect ratio not kept); must be view 0;
+* ``"crop"``: an independent RandomResizedCrop of the *original* image (``crop_scale``,
+  ``crop_ratio``, ``crop_attempts``), resized to ``view_sizes[v]``;
+* ``"down:m"``: view ``m``'s resized crop downsampled to ``view_sizes[v]`` before ``m``'s flip and
+  colour (SoCo*'s V4, the paper's V3). It shares ``m``'s proposals and boxes.
+
+Pairs are always ``(0, v)`` for every view ``v >= 1`` (SOCO_SPEC 2.2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+RECIPES = ("soco_fpn", "soco_fpn_400", "soco_star", "soco_c4", "paper")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Values shared by every recipe (SOCO_SPEC 2.1, 2.3, 2.5, 2.6, 2.7).
+_COMMON: dict = dict(
+    crop_scale=[0.5, 1.0],
+    crop_ratio=[3.0 / 4.0, 4.0 / 3.0],
+    crop_attempts=10,
+    select_k=4,
+    padding_k=4,
+    max_tries=5,
+    jitter_prob=0.5,
+    jitter_ratio=0.1,
+    flip_prob=0.5,
+    color_jitter=[0.4, 0.4, 0.2, 0.1],
+    color_jitter_prob=0.8,
+    grayscale_prob=0.2,
+    blur_sigma=[0.1, 2.0],
+    solarize_threshold=128,
+    cutout_prob=0.5,
+    cutout_ratio=[0.1, 0.3],
+    level_thresholds=[48.0, 96.0, 192.0, 224.0],
+    scale_aware=True,
+    mean=list(IMAGENET_MEAN),
+    std=list(IMAGENET_STD),
+)
+
+PRESETS: dict[str, dict] = {
+    # Official 100-epoch SoCo_FPN: ImageAsymBboxAwareMultiJitter1Cutout.
+    "soco_fpn": dict(
+        _COMMON,
+        view_kinds=["whole", "crop", "crop"],
+        view_sizes=[224, 224, 112],
+        blur_prob=[1.0, 0.1, 0.1],
+        solarize_prob=[0.0, 0.2, 0.2],
+        cutout_views=[1, 2],
+    ),
+    # Official 400-epoch SoCo_FPN: the same without cutout.
+    "soco_fpn_400": dict(
+        _COMMON,
+        view_kinds=["whole", "crop", "crop"],
+        view_sizes=[224, 224, 112],
+        blur_prob=[1.0, 0.1, 0.1],
+        solarize_prob=[0.0, 0.2, 0.2],
+        cutout_views=[],
+    ),
+    # SoCo*: V3 an independent crop at 192, V4 = V2 downsampled to 112 (no cutout).
+    "soco_star": dict(
+        _COMMON,
+        view_kinds=["whole", "crop", "crop", "down:1"],
+        view_sizes=[224, 224, 192, 112],
+        blur_prob=[1.0, 0.1, 0.1, 0.1],
+        solarize_prob=[0.0, 0.2, 0.2, 0.2],
+        cutout_views=[],
+    ),
+    # SoCo_C4: two views, crop scale [0.6, 1], no jitter, no level assignment (P = 1).
+    "soco_c4": dict(
+        _COMMON,
+        view_kinds=["whole", "crop"],
+        view_sizes=[224, 224],
+        crop_scale=[0.6, 1.0],
+        jitter_prob=0.0,
+        blur_prob=[1.0, 0.1],
+        solarize_prob=[0.0, 0.2],
+        cutout_views=[1],
+        scale_aware=False,
+    ),
+    # The paper's description: V3 is V2 downsampled to 112 (SOCO_SPEC 9.1).
+    "paper": dict(
+        _COMMON,
+        view_kinds=["whole", "crop", "down:1"],
+        view_sizes=[224, 224, 112],
+        blur_prob=[1.0, 0.1, 0.1],
+        solarize_prob=[0.0, 0.2, 0.2],
+        cutout_views=[],
+    ),
+}
+
+
+@dataclass
+class ViewsConfig:
+    """How the views of one sample are made. ``None`` fields take the recipe's value."""
+
+    recipe: str = "soco_fpn"
+    view_kinds: Optional[list[str]] = None
+    view_sizes: Optional[list[int]] = None
+    crop_scale: Optional[list[float]] = None  # area fraction of the original image, [lo, hi]
+    crop_ratio: Optional[list[float]] = None  # aspect ratio w/h range, drawn log-uniformly
+    crop_attempts: Optional[int] = None  # then the centre-crop fallback (torchvision semantics)
+    select_k: Optional[int] = None  # proposals drawn per pair from those overlapping the crop
+    padding_k: Optional[int] = None  # K: rows per view and pair after padding
+    max_tries: Optional[int] = None  # crop re-draws until every pair has enough proposals
+    jitter_prob: Optional[float] = None  # per V1 box, separately per pair
+    jitter_ratio: Optional[float] = None
+    flip_prob: Optional[float] = None  # per view, independently
+    color_jitter: Optional[list[float]] = None  # brightness, contrast, saturation, hue
+    color_jitter_prob: Optional[float] = None
+    grayscale_prob: Optional[float] = None
+    blur_prob: Optional[list[float]] = None  # per view
+    blur_sigma: Optional[list[float]] = None  # PIL GaussianBlur(radius=sigma), sigma ~ U(lo, hi)
+    solarize_prob: Optional[list[float]] = None  # per view
+    solarize_threshold: Optional[int] = None
+    cutout_views: Optional[list[int]] = None  # view indices that get cutout inside their boxes
+    cutout_prob: Optional[float] = None  # per box row, padded duplicates included
+    cutout_ratio: Optional[list[float]] = None  # square area as a fraction of the box area
+    cutout_mirrored: bool = False  # official pre-fix placement: pre-flip boxes, clip at view_sizes[0]
+    level_thresholds: Optional[list[float]] = None  # sqrt-area upper bounds of P2.. in view pixels
+    scale_aware: Optional[bool] = None  # False: one level (C4), every box at level 0
+    mean: Optional[list[float]] = None
+    std: Optional[list[float]] = None
+    legacy: bool = False  # official inclusive-pixel box conventions (SOCO_SPEC 1.4, 2.4, 9.5)
+
+    def resolved(self) -> "ViewsConfig":
+        """A copy with every ``None`` field filled from the recipe preset."""
+        if self.recipe not in PRESETS:
+            raise ValueError(f"unknown views recipe {self.recipe!r} (known: {', '.join(RECIPES)})")
+        preset = PRESETS[self.recipe]
+        values = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                value = preset[f.name]
+            values[f.name] = list(value) if isinstance(value, (list, tuple)) else value
+        return ViewsConfig(**values)
+
+    @property
+    def num_views(self) -> int:
+        return len(self.resolved().view_kinds)
+
+    @property
+    def num_levels(self) -> int:
+        """P: number of FPN levels boxes are assigned to (1 without scale-aware assignment)."""
+        r = self.resolved()
+        return len(r.level_thresholds) if r.scale_aware else 1
+
+    def source_view(self, v: int) -> int:
+        """The view whose crop (and proposals) view ``v`` uses: ``m`` for ``down:m``, else ``v``."""
+        kind = self.resolved().view_kinds[v]
+        return int(kind.split(":", 1)[1]) if kind.startswith("down:") else v
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first inconsistent value."""
+        r = self.resolved()
+        n = len(r.view_kinds)
+        if n < 2:
+            raise ValueError("view_kinds: at least two views are needed")
+        if r.view_kinds[0] != "whole":
+            raise ValueError(f"view_kinds[0] must be 'whole' (V1 is the whole image), got {r.view_kinds[0]!r}")
+        for v, kind in enumerate(r.view_kinds[1:], start=1):
+            if kind == "crop":
+                continue
+            if not kind.startswith("down:"):
+                raise ValueError(f"view_kinds[{v}]: {kind!r} is not 'crop' or 'down:M'")
+            try:
+                m = int(kind.split(":", 1)[1])
+            except ValueError:
+                raise ValueError(f"view_kinds[{v}]: {kind!r} does not name a view index") from None
+            if not (1 <= m < v) or r.view_kinds[m] != "crop":
+                raise ValueError(f"view_kinds[{v}]: {kind!r} must name an earlier 'crop' view")
+        for name in ("view_sizes", "blur_prob", "solarize_prob"):
+            if len(getattr(r, name)) != n:
+                raise ValueError(f"{name}: expected {n} values (one per view), got {len(getattr(r, name))}")
+        if any(s < 8 for s in r.view_sizes):
+            raise ValueError(f"view_sizes: every size must be >= 8, got {r.view_sizes}")
+        for name in ("crop_scale", "crop_ratio", "blur_sigma", "cutout_ratio"):
+            lo_hi = getattr(r, name)
+            if len(lo_hi) != 2 or not (0 < lo_hi[0] <= lo_hi[1]):
+                raise ValueError(f"{name}: expected [lo, hi] with 0 < lo <= hi, got {lo_hi}")
+        if r.crop_scale[1] > 1.0:
+            raise ValueError(f"crop_scale: the upper bound is a fraction of the image area (<= 1), got {r.crop_scale}")
+        if r.cutout_ratio[1] > 1.0:
+            raise ValueError(f"cutout_ratio: fractions of the box area (<= 1), got {r.cutout_ratio}")
+        for name in ("crop_attempts", "select_k", "padding_k", "max_tries"):
+            if getattr(r, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(r, name)}")
+        if r.select_k > r.padding_k:
+            raise ValueError(f"select_k ({r.select_k}) must not exceed padding_k ({r.padding_k})")
+        probs = [r.jitter_prob, r.flip_prob, r.color_jitter_prob, r.grayscale_prob, r.cutout_prob]
+        probs += list(r.blur_prob) + list(r.solarize_prob)
+        if any(not (0.0 <= p <= 1.0) for p in probs):
+            raise ValueError("probabilities (jitter/flip/colour/grayscale/blur/solarize/cutout) must lie in [0, 1]")
+        if not (0.0 <= r.jitter_ratio < 0.5):
+            raise ValueError(f"jitter_ratio: must lie in [0, 0.5), got {r.jitter_ratio}")
+        if len(r.color_jitter) != 4 or any(c < 0 for c in r.color_jitter) or r.color_jitter[3] > 0.5:
+            raise ValueError(f"color_jitter: [brightness, contrast, saturation, hue>=0,<=0.5], got {r.color_jitter}")
+        if any(not (1 <= v < n) for v in r.cutout_views):
+            raise ValueError(f"cutout_views: view indices in 1..{n - 1}, got {r.cutout_views}")
+        if r.scale_aware:
+            t = r.level_thresholds
+            if not t or any(b <= a for a, b in zip(t, t[1:])) or t[0] <= 0:
+                raise ValueError(f"level_thresholds: a non-empty increasing list of sizes, got {t}")
+        if len(r.mean) != 3 or len(r.std) != 3 or any(s <= 0 for s in r.std):
+            raise ValueError("mean/std: three values each, std > 0")
+        if not (0 <= r.solarize_threshold <= 256):
+            raise ValueError(f"solarize_threshold: in 0..256, got {r.solarize_threshold}")
+
+
+@dataclass
+class DataConfig:
+    """Where the pretraining images and proposals are, and how they are loaded.
+
+    The image list comes from exactly one of ``coco_json`` (images only, labels ignored),
+    ``list_file`` (one image path per line, relative to ``images``), a folder ``images``
+    (recursive), or, when none is given, the proposal store's own image list.
+    """
+
+    images: Optional[str] = None  # images root folder (default: the proposal store's root)
+    list_file: Optional[str] = None
+    coco_json: Optional[str] = None
+    proposals: Optional[str] = None  # proposal store (soco_det.proposals.store)
+    batch_size: int = 64  # per process
+    num_workers: int = 4
+    strict: bool = False  # raise on a bad image instead of skipping it
+    min_side: int = 32  # images with a smaller side are bad input (proposals need >= 32 px)
+    max_replacements: int = 16  # draws of a replacement index before giving up on a bad image
+    # Decode large JPEGs at 1/2..1/8 scale while every crop stays >= this many times its view size
+    # (soco_det.data.lazy_image); null: always decode at full size.
+    decode_reducing_gap: Optional[float] = 2.0
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+
+    def validate(self) -> None:
+        if self.list_file is not None and self.coco_json is not None:
+            raise ValueError("give at most one of list_file and coco_json")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers: must be >= 0, got {self.num_workers}")
+        if self.min_side < 1:
+            raise ValueError(f"min_side: must be >= 1, got {self.min_side}")
+        if self.decode_reducing_gap is not None and self.decode_reducing_gap < 1.0:
+            raise ValueError(f"decode_reducing_gap: must be >= 1 or null, got {self.decode_reducing_gap}")
+        if self.max_replacements < 1:
+            raise ValueError(f"max_replacements: must be >= 1, got {self.max_replacements}")
+        self.views.validate()

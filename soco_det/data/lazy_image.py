@@ -1,0 +1,80 @@
+"""An image whose size is known before its pixels: the views' crops are drawn from the size alone,
+then the file is decoded once, at the smallest resolution the crops allow.
+
+For a JPEG much larger than the views (a 12-Mpx photo cropped to 224 px), decoding at full size
+dominates the cost of a sample. libjpeg can decode at 1/2, 1/4 or 1/8 scale directly from the DCT
+coefficients (PIL ``Image.draft``); :meth:`LazyImage.load` uses the largest such reduction that
+still leaves every crop at least ``reducing_gap`` times larger than its view (like PIL's
+``resize(..., reducing_gap=2)``), so the final bilinear resize still downsamples. Images only
+slightly larger than the views (ImageNet-sized) are decoded at full size, exactly as
+:func:`soco_det.imageio.load_rgb` does. Boxes are unaffected: geometry stays in full-resolution
+pixels and only the resize source box is scaled.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from soco_det.errors import ImageError
+from soco_det.imageio import DEFAULT_MAX_PIXELS, load_rgb
+
+
+class LazyImage:
+    """``size`` from the file header; pixels on :meth:`load`. Raises ImageError naming the file."""
+
+    def __init__(self, path: str | Path, exif_transpose: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+        self.path = Path(path)
+        self.exif_transpose = exif_transpose
+        self.max_pixels = max_pixels
+        if exif_transpose:  # orientation needs the decoded image; no draft then
+            self._full: Image.Image | None = load_rgb(path, exif_transpose=True, max_pixels=max_pixels)
+            self.size = self._full.size
+            self.format = None
+            return
+        self._full = None
+        if not self.path.is_file():
+            raise ImageError(self.path, "no such file")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(self.path) as img:
+                    self.size = img.size
+                    self.format = img.format
+        except UnidentifiedImageError:
+            raise ImageError(self.path, "not an image file (Pillow cannot identify it)") from None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise ImageError(self.path, f"unreadable image header: {exc}") from exc
+
+    def load(self, reduce: int = 1) -> tuple[Image.Image, float, float]:
+        """``(RGB image, sx, sy)``: decoded at ``1/reduce`` scale or finer (JPEG only; other formats
+        full size); ``sx, sy`` map full-resolution x, y to the decoded image's pixels."""
+        if self._full is not None:
+            return self._full, 1.0, 1.0
+        if reduce <= 1 or self.format != "JPEG":
+            img = load_rgb(self.path, max_pixels=self.max_pixels)
+            return img, 1.0, 1.0
+        w, h = self.size
+        if self.max_pixels is not None and w * h > self.max_pixels:
+            raise ImageError(self.path, f"image is {w}x{h} = {w * h} pixels, above the limit of {self.max_pixels}")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(self.path) as img:
+                    img.draft("RGB", (-(-w // reduce), -(-h // reduce)))
+                    img.load()
+                    out = img.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageError(self.path, f"unreadable or truncated image: {exc}") from exc
+        return out, out.size[0] / w, out.size[1] / h
+
+
+def draft_reduction(crop_sizes: list[tuple[int, int]], view_sizes: list[int], reducing_gap: float) -> int:
+    """Largest power of two (<= 8) ``r`` with every ``crop / r >= reducing_gap * view`` (1: none)."""
+    slack = min(min(cw, ch) / s for (cw, ch), s in zip(crop_sizes, view_sizes)) / reducing_gap
+    r = 1
+    while r < 8 and slack >= 2 * r:
+        r *= 2
+    return r

@@ -1,0 +1,178 @@
+"""Photometric augmentations of the views (BYOL-style asymmetric, SOCO_SPEC 2.5) and cutout (2.6).
+
+Same semantics as the official torchvision-v1 / PIL composition, without its per-op overhead:
+
+* ColorJitter(b, c, s, h) with probability ``color_jitter_prob``: the four adjustments in a random
+  order, factors ``U(max(0, 1-b), 1+b)`` etc. and hue shift ``U(-h, h)``, applied with the same PIL
+  operations torchvision uses (ImageEnhance Brightness/Contrast/Color, HSV hue rotation);
+* RandomGrayscale: ``convert('L')`` back to 3 channels;
+* Gaussian blur: PIL ``ImageFilter.GaussianBlur(radius=sigma)``, ``sigma ~ U(blur_sigma)``, not
+  scaled with the view size;
+* Solarize: PIL ``ImageOps.solarize(threshold=128)``;
+* ToTensor + Normalize(mean, std) in one fused step.
+
+All randomness comes from the ``numpy.random.Generator`` passed in.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+
+
+def _adjust_hue(img: Image.Image, hue: float) -> Image.Image:
+    """torchvision's PIL hue rotation: shift the uint8 H channel by ``hue * 255`` with wrap-around."""
+    h, s, v = img.convert("HSV").split()
+    shift = int(hue * 255) % 256
+    h_arr = (np.asarray(h, dtype=np.uint8) + np.uint8(shift)).astype(np.uint8)  # uint8 wraps
+    return Image.merge("HSV", (Image.fromarray(h_arr, "L"), s, v)).convert("RGB")
+
+
+def color_jitter(img: Image.Image, strengths: Sequence[float], rng: np.random.Generator) -> Image.Image:
+    """ColorJitter(brightness, contrast, saturation, hue) on an RGB PIL image, random op order."""
+    b, c, s, h = strengths
+    factors, order = _draw_jitter(strengths, rng)
+    for op in order:
+        f = factors[op]
+        if op == 0 and b > 0:
+            img = ImageEnhance.Brightness(img).enhance(f)
+        elif op == 1 and c > 0:
+            img = ImageEnhance.Contrast(img).enhance(f)
+        elif op == 2 and s > 0:
+            img = ImageEnhance.Color(img).enhance(f)
+        elif op == 3 and h > 0:
+            img = _adjust_hue(img, f)
+    return img
+
+
+def _draw_jitter(strengths: Sequence[float], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    b, c, s, h = strengths
+    factors = np.array([
+        rng.uniform(max(0.0, 1 - b), 1 + b),
+        rng.uniform(max(0.0, 1 - c), 1 + c),
+        rng.uniform(max(0.0, 1 - s), 1 + s),
+        rng.uniform(-h, h),
+    ])
+    return factors, rng.permutation(4)
+
+
+def augment_tensor(
+    img: Image.Image,
+    rng: np.random.Generator,
+    *,
+    jitter: Sequence[float],
+    jitter_prob: float,
+    grayscale_prob: float,
+    blur_prob: float,
+    blur_sigma: Sequence[float],
+    solarize_prob: float,
+    solarize_threshold: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> torch.Tensor:
+    """The colour pipeline of one view straight to the normalised float32 ``[3, H, W]`` tensor.
+
+    Same ops, order and random draws as :func:`augment` + :func:`to_normalised_tensor`, but the
+    colour jitter, grayscale, solarize and normalisation run as two fused numba passes
+    (:mod:`soco_det.data.colour_kernels`); only the Gaussian blur stays a PIL filter.
+    """
+    from soco_det.data import colour_kernels as ck
+
+    arr = np.array(img, dtype=np.uint8)  # writable: one compiled signature for the kernels
+    do_jitter = rng.random() < jitter_prob
+    if do_jitter:
+        factors, order = _draw_jitter(jitter, rng)
+    gray = rng.random() < grayscale_prob
+    if do_jitter or gray:
+        if not do_jitter:
+            factors, order = np.zeros(4), np.arange(4)
+        enabled = np.array([do_jitter and s > 0 for s in jitter])
+        arr = ck.colour_jitter_gray(arr, order.astype(np.int64), factors.astype(np.float64), enabled, gray)
+    if rng.random() < blur_prob:
+        radius = float(rng.uniform(blur_sigma[0], blur_sigma[1]))
+        arr = np.array(Image.fromarray(arr).filter(ImageFilter.GaussianBlur(radius=radius)))
+    solarize = rng.random() < solarize_prob
+    scale = np.array([1.0 / (255.0 * s) for s in std], dtype=np.float32)
+    offset = np.array([m / s for m, s in zip(mean, std)], dtype=np.float32)
+    return torch.from_numpy(ck.solarize_normalise(arr, int(solarize_threshold), solarize, scale, offset))
+
+
+def augment(
+    img: Image.Image,
+    rng: np.random.Generator,
+    *,
+    jitter: Sequence[float],
+    jitter_prob: float,
+    grayscale_prob: float,
+    blur_prob: float,
+    blur_sigma: Sequence[float],
+    solarize_prob: float,
+    solarize_threshold: int,
+) -> Image.Image:
+    """The colour pipeline of one view (RGB PIL in, RGB PIL out), with PIL operations only: the
+    reference for :func:`augment_tensor`."""
+    if rng.random() < jitter_prob:
+        img = color_jitter(img, jitter, rng)
+    if rng.random() < grayscale_prob:
+        img = img.convert("L").convert("RGB")
+    if rng.random() < blur_prob:
+        img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(blur_sigma[0], blur_sigma[1]))))
+    if rng.random() < solarize_prob:
+        img = ImageOps.solarize(img, threshold=solarize_threshold)
+    return img
+
+
+def to_normalised_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """RGB PIL ``H x W`` -> float32 ``[3, H, W]``, ``(x / 255 - mean) / std`` (ToTensor + Normalize)."""
+    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(3, 1, 1)
+    offset = torch.tensor([m / s for m, s in zip(mean, std)]).view(3, 1, 1)
+    return arr.mul_(scale).sub_(offset)
+
+
+def denormalise(tensor: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """float32 ``[3, H, W]`` normalised tensor -> uint8 ``[H, W, 3]`` for pictures."""
+    t = tensor.detach().cpu().float() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+    return (t.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
+
+def cutout_regions(
+    pixel_boxes: np.ndarray, rng: np.random.Generator, prob: float, ratio: Sequence[float], bound: int
+) -> np.ndarray:
+    """Cutout squares for a view's box rows (SOCO_SPEC 2.6), padded duplicates included.
+
+    Args:
+        pixel_boxes: int ``[K, 4]`` inclusive pixel index boxes ``x1, y1, x2, y2`` in the view.
+        prob: per-row probability of a cutout.
+        ratio: the square's area is ``U(ratio) * (x2-x1+1)(y2-y1+1)``.
+        bound: largest index a square may reach (inclusive).
+
+    Returns:
+        int64 ``[M, 4]`` inclusive regions ``x1, y1, x2, y2`` to zero, ``M <= K``: side
+        ``s = round(sqrt(area))``, integer centre ``c`` uniform in the box, region
+        ``[max(c - s//2, 0), min(c + s//2, bound)]``.
+    """
+    boxes = np.asarray(pixel_boxes, dtype=np.int64).reshape(-1, 4)
+    k = boxes.shape[0]
+    apply = rng.random(k) < prob
+    area = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
+    side = np.round(np.sqrt(rng.uniform(ratio[0], ratio[1], size=k) * np.maximum(area, 0))).astype(np.int64)
+    cx = boxes[:, 0] + np.floor(rng.random(k) * np.maximum(boxes[:, 2] - boxes[:, 0] + 1, 1)).astype(np.int64)
+    cy = boxes[:, 1] + np.floor(rng.random(k) * np.maximum(boxes[:, 3] - boxes[:, 1] + 1, 1)).astype(np.int64)
+    half = side // 2
+    regions = np.stack(
+        [np.maximum(cx - half, 0), np.maximum(cy - half, 0), np.minimum(cx + half, bound), np.minimum(cy + half, bound)],
+        axis=1,
+    )
+    return regions[apply]
+
+
+def apply_cutout(tensor: torch.Tensor, regions: np.ndarray) -> torch.Tensor:
+    """Zero ``regions`` (inclusive ``x1, y1, x2, y2``) in every channel of a normalised ``[3, H, W]``
+    tensor, so they take the dataset-mean colour. In place; returns the tensor."""
+    for x1, y1, x2, y2 in regions.tolist():
+        tensor[:, y1 : y2 + 1, x1 : x2 + 1] = 0.0
+    return tensor

@@ -1,0 +1,266 @@
+"""The view sampler: one class that makes all views of one sample, with their boxes (SOCO_SPEC 2).
+
+For an image and its proposals, :class:`ViewSampler` draws:
+
+1. the crops: V1 the whole image, every ``crop`` view an independent RandomResizedCrop of the
+   original image; re-drawn (up to ``max_tries``) until every pair ``(0, v)`` has at least
+   ``least_common`` proposals overlapping view v's crop (``least_common`` starts at
+   ``max(padding_k // 2, 1)`` and halves after each failed try; the last draw is kept);
+2. per pair, ``select_k`` proposals drawn without replacement from those overlapping the crop
+   (all if fewer), separately for each pair;
+3. per pair, V1's copy of the selected boxes jittered (``jitter_prob``, ``jitter_ratio``), then
+   every box clipped to its view's crop; a view with no box gets one whole-view box with id 1;
+4. padding to ``padding_k`` rows per view with duplicates (drawn with replacement, separately per
+   view) of boxes whose id is in both views of the pair;
+5. level assignment in each view's own pixel grid, normalisation by the crop size;
+6. an independent horizontal flip per view (``flip_prob``), applied to the image and every box
+   set of the view; the colour pipeline of the view; cutout inside the boxes of ``cutout_views``.
+
+A ``down:m`` view (SoCo*'s V4, the paper's V3) is view m's resized crop downsampled before m's flip
+and colour; its pair reuses pair ``(0, m)``'s boxes, ids and V1 boxes, with levels at its own size.
+
+Box conventions are those of :mod:`soco_det.data.boxes` (continuous by default, ``legacy=True``
+for the official off-by-ones). All randomness comes from the ``numpy.random.Generator`` passed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from soco_det.data import boxes as B
+from soco_det.data import photometric
+from soco_det.data.config import ViewsConfig
+from soco_det.data.crops import random_resized_crop, whole_image
+from soco_det.data.lazy_image import LazyImage, draft_reduction
+from soco_det.data.levels import assign_levels
+
+FLIP = Image.Transpose.FLIP_LEFT_RIGHT
+
+
+@dataclass
+class ViewSample:
+    """All views of one sample.
+
+    ``K = padding_k``; ``pairs[p] = (0, v)``. Per pair ``p``: ``boxes[p] = (a, b)`` float32 ``[K, 4]``
+    ``x1, y1, x2, y2`` normalised to the view, after flips; ``ids[p]`` int64 ``[K]`` (1-based
+    proposal index in the store's order); ``levels[p]`` int64 ``[K]`` (0..P-1, -1 unassigned).
+    ``images[v]`` float32 ``[3, S_v, S_v]`` normalised. ``crops[v]`` is the ``(top, left, h, w)``
+    crop of the original image the view shows (a ``down:m`` view shows m's crop), ``flips[v]``
+    whether it was flipped; ``cutouts[v]`` the inclusive ``x1, y1, x2, y2`` regions zeroed.
+    """
+
+    images: list[torch.Tensor]
+    pairs: list[tuple[int, int]]
+    boxes: list[tuple[np.ndarray, np.ndarray]]
+    ids: list[tuple[np.ndarray, np.ndarray]]
+    levels: list[tuple[np.ndarray, np.ndarray]]
+    crops: list[B.Crop]
+    flips: list[bool]
+    cutouts: list[np.ndarray]
+    image_size: tuple[int, int]
+    num_proposals: int
+    tries: int
+    padded: list[tuple[int, int]] = field(default_factory=list)  # rows added by padding, per pair
+    fallback: list[bool] = field(default_factory=list)  # pair fell back to whole-view boxes (id 1)
+
+
+@dataclass
+class _PairBoxes:
+    """Crop-local pixel boxes of one pair before normalisation: view 0's and view v's."""
+
+    local: tuple[np.ndarray, np.ndarray]
+    ids: tuple[np.ndarray, np.ndarray]
+    padded: tuple[int, int]
+    fallback: bool
+
+
+class ViewSampler:
+    """Makes the views of a sample according to a (resolved) :class:`ViewsConfig`."""
+
+    def __init__(self, cfg: ViewsConfig, decode_reducing_gap: float | None = 2.0) -> None:
+        """``decode_reducing_gap``: for a :class:`LazyImage`, decode JPEGs at a reduced scale
+        (1/2..1/8) while every crop stays at least this many times larger than its view
+        (None: always full size)."""
+        cfg.validate()
+        self.decode_reducing_gap = decode_reducing_gap
+        self.cfg = cfg.resolved()
+        c = self.cfg
+        self.num_views = len(c.view_kinds)
+        self.source = [cfg.source_view(v) for v in range(self.num_views)]
+        self.pairs = [(0, v) for v in range(1, self.num_views)]
+        self.thresholds = c.level_thresholds if c.scale_aware else None
+        self.num_levels = len(c.level_thresholds) if c.scale_aware else 1
+
+    # -- geometry ---------------------------------------------------------------------------
+    def _draw_crops(self, width: int, height: int, props: np.ndarray, rng: np.random.Generator):
+        c = self.cfg
+        least_common = max(c.padding_k // 2, 1)
+        crops: list[B.Crop] = []
+        selected: dict[int, np.ndarray] = {}
+        tries = 0
+        while tries < c.max_tries:
+            crops = [whole_image(width, height) if kind == "whole" else None for kind in c.view_kinds]
+            for v, kind in enumerate(c.view_kinds):
+                if kind == "crop":
+                    crops[v] = random_resized_crop(width, height, c.crop_scale, c.crop_ratio, c.crop_attempts, rng)
+            for v, kind in enumerate(c.view_kinds):
+                if kind == "crop":
+                    pool = np.flatnonzero(B.overlaps(props, B.crop_box(crops[v], c.legacy)))
+                    if len(pool) > c.select_k:
+                        pool = rng.choice(pool, c.select_k, replace=False)
+                    selected[v] = pool
+            tries += 1
+            if all(len(s) >= least_common for s in selected.values()):
+                break
+            least_common = max(least_common // 2, 1)
+        for v in range(self.num_views):
+            if crops[v] is None:  # down:m shows the crop of view m
+                crops[v] = crops[self.source[v]]
+        return crops, selected, tries
+
+    def _whole_view(self, crop: B.Crop) -> np.ndarray:
+        _, _, h, w = crop
+        end = -1.0 if self.cfg.legacy else 0.0
+        return np.array([[0.0, 0.0, w + end, h + end]])
+
+    def _pad(self, local: np.ndarray, ids: np.ndarray, common: np.ndarray, rng: np.random.Generator):
+        need = self.cfg.padding_k - len(ids)
+        if need <= 0:
+            return local, ids, 0
+        rows = rng.choice(np.flatnonzero(np.isin(ids, common)), need, replace=True)
+        return np.concatenate([local, local[rows]]), np.concatenate([ids, ids[rows]]), need
+
+    def _pair_boxes(self, props, prop_ids, sel, crop0, crop_v, rng) -> _PairBoxes:
+        c = self.cfg
+        jittered = B.jitter(props[sel], rng, c.jitter_prob, c.jitter_ratio, c.legacy)
+        local0, ids0 = B.clip_to_crop(jittered, prop_ids[sel], crop0, c.legacy)
+        local_v, ids_v = B.clip_to_crop(props[sel], prop_ids[sel], crop_v, c.legacy)
+        common = np.intersect1d(ids0, ids_v)
+        fallback = len(common) == 0
+        if fallback:
+            # No proposal survived in both views (no overlap after 5 tries): whole-view boxes with
+            # id 1 in both, as the official clip_bboxs fallback (SOCO_SPEC 2.4, 9.10).
+            local0, local_v = self._whole_view(crop0), self._whole_view(crop_v)
+            ids0 = ids_v = common = np.array([1], dtype=np.int64)
+        local0, ids0, pad0 = self._pad(local0, ids0, common, rng)
+        local_v, ids_v, pad_v = self._pad(local_v, ids_v, common, rng)
+        return _PairBoxes((local0, local_v), (ids0.astype(np.int64), ids_v.astype(np.int64)), (pad0, pad_v), fallback)
+
+    def _levels(self, local: np.ndarray, crop: B.Crop, size: int) -> np.ndarray:
+        pixel = B.view_pixel_boxes(local, crop, size, self.cfg.legacy)
+        return assign_levels(B.box_sizes(pixel, self.cfg.legacy), self.thresholds)
+
+    def _cutout_pixel_boxes(self, norm: np.ndarray, size: int) -> np.ndarray:
+        """Inclusive integer pixel boxes a cutout centre is drawn from, for normalised boxes."""
+        scaled = norm * size
+        if self.cfg.legacy:
+            return np.trunc(scaled).astype(np.int64)
+        lo = np.floor(scaled[:, :2])
+        hi = np.ceil(scaled[:, 2:]) - 1
+        return np.clip(np.concatenate([lo, np.maximum(hi, lo)], axis=1), 0, size - 1).astype(np.int64)
+
+    # -- the sample -------------------------------------------------------------------------
+    def __call__(self, img: Image.Image | LazyImage, rects: np.ndarray, rng: np.random.Generator) -> ViewSample:
+        """Views of ``img`` (RGB PIL, or a :class:`LazyImage` decoded once the crops are known)
+        with proposals ``rects`` (int ``[n, 4]`` x, y, w, h, store convention, in full-resolution
+        pixels; ``n == 0`` gives the whole-image fallback)."""
+        c = self.cfg
+        width, height = img.size
+        props = B.rects_to_boxes(rects, c.legacy)
+        if len(props) == 0:
+            props = B.whole_image_box(width, height, c.legacy)
+        prop_ids = np.arange(1, len(props) + 1, dtype=np.int64)
+
+        crops, selected, tries = self._draw_crops(width, height, props, rng)
+        by_source: dict[int, _PairBoxes] = {
+            v: self._pair_boxes(props, prop_ids, selected[v], crops[0], crops[v], rng) for v in selected
+        }
+
+        pair_local, pair_ids, pair_levels, padded, fallback = [], [], [], [], []
+        for _, v in self.pairs:
+            pb = by_source[self.source[v]]
+            sizes = (c.view_sizes[0], c.view_sizes[v])
+            levels = tuple(self._levels(pb.local[s], crops[view], sizes[s]) for s, view in enumerate((0, v)))
+            pair_local.append(pb.local)
+            pair_ids.append(pb.ids)
+            pair_levels.append(levels)
+            padded.append(pb.padded)
+            fallback.append(pb.fallback)
+
+        flips = [bool(rng.random() < c.flip_prob) for _ in range(self.num_views)]
+        norm_pre = [tuple(B.normalise(pl[s], crops[view]) for s, view in enumerate(pair)) for pl, pair in zip(pair_local, self.pairs)]
+        norm = [
+            tuple(B.hflip(nb) if flips[view] else nb for nb, view in zip(nbs, pair)) for nbs, pair in zip(norm_pre, self.pairs)
+        ]
+
+        # Images: decode once, every crop/whole view resized straight from the original image.
+        direct = [v for v, kind in enumerate(c.view_kinds) if not kind.startswith("down:")]
+        if isinstance(img, LazyImage):
+            reduce = 1
+            if self.decode_reducing_gap:
+                crop_wh = [(crops[v][3], crops[v][2]) for v in direct]
+                reduce = draft_reduction(crop_wh, [c.view_sizes[v] for v in direct], self.decode_reducing_gap)
+            pixels, sx, sy = img.load(reduce)
+        else:
+            pixels, sx, sy = img, 1.0, 1.0
+        views: list[Image.Image] = [None] * self.num_views  # type: ignore[list-item]
+        for v in direct:
+            top, left, h, w = crops[v]
+            size = (c.view_sizes[v], c.view_sizes[v])
+            box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+            views[v] = pixels.resize(size, Image.Resampling.BILINEAR, box=box)
+        for v, kind in enumerate(c.view_kinds):
+            if kind.startswith("down:"):  # before view m's flip and colour
+                views[v] = views[self.source[v]].resize((c.view_sizes[v],) * 2, Image.Resampling.BILINEAR)
+
+        images, cutouts = [], []
+        for v in range(self.num_views):
+            view = views[v].transpose(FLIP) if flips[v] else views[v]
+            tensor = photometric.augment_tensor(
+                view,
+                rng,
+                jitter=c.color_jitter,
+                jitter_prob=c.color_jitter_prob,
+                grayscale_prob=c.grayscale_prob,
+                blur_prob=c.blur_prob[v],
+                blur_sigma=c.blur_sigma,
+                solarize_prob=c.solarize_prob[v],
+                solarize_threshold=c.solarize_threshold,
+                mean=c.mean,
+                std=c.std,
+            )
+            regions = np.zeros((0, 4), dtype=np.int64)
+            if v in c.cutout_views:
+                p = v - 1  # view v >= 1 appears in exactly one pair, (0, v)
+                size = c.view_sizes[v]
+                if c.cutout_mirrored:
+                    # Official pre-fix placement: pre-flip integer boxes, bound hard-wired to V1's size.
+                    pixel = self._cutout_pixel_boxes(norm_pre[p][1], size)
+                    bound = c.view_sizes[0]
+                else:
+                    pixel = self._cutout_pixel_boxes(norm[p][1], size)
+                    bound = size - 1
+                regions = photometric.cutout_regions(pixel, rng, c.cutout_prob, c.cutout_ratio, bound)
+                photometric.apply_cutout(tensor, regions)
+            images.append(tensor)
+            cutouts.append(regions)
+
+        return ViewSample(
+            images=images,
+            pairs=list(self.pairs),
+            boxes=[(a.astype(np.float32), b.astype(np.float32)) for a, b in norm],
+            ids=pair_ids,
+            levels=pair_levels,
+            crops=crops,
+            flips=flips,
+            cutouts=cutouts,
+            image_size=(width, height),
+            num_proposals=len(rects),
+            tries=tries,
+            padded=padded,
+            fallback=fallback,
+        )
