@@ -62,8 +62,55 @@ def stage_scenes(ctx: DemoContext) -> list[str]:
     ]
 
 
+def stage_proposals(ctx: DemoContext) -> list[str]:
+    import json
+
+    from soco_det.proposals import compute_store
+    from soco_det.proposals.store import format_summary
+
+    images = ctx.paths["scenes_images"] / "unlabeled"
+    store = compute_store(images, ctx.out / "proposals", workers=1)
+    ctx.paths["proposals"] = store
+    summary = json.loads((store / "summary.json").read_text())
+    return [
+        "## 2. Selective-search proposals",
+        "",
+        f"`soco-det proposals {images} -o {store}` (the faithful selective search, scale 300, sigma 0.9, "
+        "min_size 100, filter `ratio3size0308post`)",
+        "",
+        "```",
+        format_summary(summary),
+        "```",
+        "",
+    ]
+
+
+def stage_views(ctx: DemoContext) -> list[str]:
+    from soco_det.data.config import DataConfig, ViewsConfig
+    from soco_det.data.dataset import build_pretrain_dataset
+    from soco_det.data.viz import render_views
+
+    images = ctx.paths["scenes_images"] / "unlabeled"
+    cfg = DataConfig(images=str(images), proposals=str(ctx.paths["proposals"]), views=ViewsConfig(recipe="soco_fpn"))
+    picture = ctx.out / "views.png"
+    render_views(build_pretrain_dataset(cfg, seed=ctx.seed), str(picture), samples=3)
+    return [
+        "## 3. SoCo views",
+        "",
+        f"`soco-det viz views --images {images} --proposals {ctx.paths['proposals']} --recipe soco_fpn -o views.png`",
+        "",
+        "Each row is one sample: V1 (whole image, 224) beside V2 (crop, 224) and V1 beside V3 (crop, 112), "
+        "boxes coloured by proposal id and labelled with their FPN level.",
+        "",
+        f"![views]({picture.name})",
+        "",
+    ]
+
+
 STAGES: list[tuple[str, Callable[[DemoContext], list[str]]]] = [
     ("scenes", stage_scenes),
+    ("proposals", stage_proposals),
+    ("views", stage_views),
 ]
 
 

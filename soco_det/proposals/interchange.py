@@ -1,0 +1,167 @@
+"""Proposal import / export: the official JSON and a COCO-style JSON.
+
+* **Official JSON** (the released ``train_ratio3size0308post.json``):
+  ``{image basename without extension: [[x, y, w, h], ...]}``, rects in the official convention
+  (``w = max_x - min_x``). Import matches the basenames to the images under ``--images DIR`` and
+  reports both sides' unmatched names; export then import gives identical boxes.
+* **COCO-style JSON** (for tools that read COCO detections): ``images`` (``file_name`` = the
+  store's relative path, ``width``, ``height``), one ``category`` ``{"id": 1, "name": "proposal"}``
+  and one ``annotation`` per filtered proposal whose ``bbox`` is COCO's continuous
+  ``[x, y, width, height]`` **with width = w + 1 and height = h + 1**: the official rect covers the
+  pixels ``x..x+w`` inclusive, i.e. the continuous box ``[x, y, x+w+1, y+h+1]`` of
+  ``docs/architecture.md``. ``area`` is ``(w+1)*(h+1)``; ``proposal_index`` is the rect's row in the
+  store. Images that failed to decode are left out.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from soco_det.atomic import atomic_write_json
+from soco_det.errors import UserError
+from soco_det.imageio import DEFAULT_MAX_PIXELS, list_images
+from soco_det.logs import get_logger
+from soco_det.proposals.filters import STAGE_NONE
+from soco_det.proposals.store import (
+    STATUS_FAILED,
+    STATUS_MISSING,
+    STATUS_OK,
+    ProposalStore,
+    ProposalTable,
+    format_summary,
+    write_store,
+)
+
+log = get_logger(__name__)
+
+_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def _stem(relpath: str) -> str:
+    return Path(relpath).stem
+
+
+def _header_size(path: Path, exif_transpose: bool, max_pixels: int | None) -> tuple[int, int]:
+    """Decoded ``(W, H)`` from the header only (no pixel decoding); raises OSError / ValueError."""
+    with Image.open(path) as img:
+        w, h = img.size
+        if max_pixels is not None and w * h > max_pixels:
+            raise ValueError(f"image is {w}x{h} pixels, above the limit of {max_pixels}")
+        if exif_transpose and img.getexif().get(0x0112) in _TRANSPOSED_ORIENTATIONS:
+            w, h = h, w
+    return w, h
+
+
+def import_official_json(
+    json_file: str | Path,
+    images: str | Path,
+    out: str | Path,
+    exif_transpose: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> Path:
+    """Build a store from an official proposals JSON for the images under ``images``.
+
+    Boxes are stored as they are in the file (already filtered by the official pipeline). Images
+    without an entry get status ``missing`` (no boxes); entries that match no image are reported.
+    """
+    json_file, root = Path(json_file), Path(images).resolve()
+    max_pixels = max_pixels or None  # 0 means no limit, as for compute_store
+    try:
+        data = json.loads(json_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{json_file}: cannot read proposals JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"{json_file}: expected a JSON object {{basename: [[x, y, w, h], ...]}}")
+    relpaths = list_images(root)
+    by_stem: dict[str, list[str]] = defaultdict(list)
+    for p in relpaths:
+        by_stem[_stem(p)].append(p)
+    ambiguous = {s: ps for s, ps in by_stem.items() if len(ps) > 1 and s in data}
+    if ambiguous:
+        s, ps = next(iter(ambiguous.items()))
+        raise UserError(f"{root}: {len(ambiguous)} basename(s) of {json_file.name} match several images, "
+                        f"e.g. {s!r} -> {ps[:3]}; the official JSON is keyed by basename only")
+    table = ProposalTable()
+    for relpath in relpaths:
+        key = _stem(relpath)
+        try:
+            size = _header_size(root / relpath, exif_transpose, max_pixels)
+        except (OSError, ValueError, SyntaxError) as exc:
+            table.append(relpath, (0, 0), STATUS_FAILED, f"unreadable image: {exc}", STAGE_NONE, -1, np.zeros((0, 4)))
+            continue
+        if key not in data:
+            table.append(relpath, size, STATUS_MISSING, f"no entry in {json_file.name}", STAGE_NONE, -1, np.zeros((0, 4)))
+            continue
+        try:
+            boxes = np.asarray(data[key], dtype=np.int64).reshape(-1, 4)
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"{json_file}: entry {key!r} is not a list of [x, y, w, h] ({exc})") from None
+        if len(boxes) and (boxes.min() < np.iinfo(np.int32).min or boxes.max() > np.iinfo(np.int32).max):
+            raise UserError(f"{json_file}: entry {key!r} has coordinates outside int32")
+        table.append(relpath, size, STATUS_OK, "", STAGE_NONE, -1, boxes.astype(np.int32))
+    unmatched = sorted(set(data) - set(by_stem))
+    if unmatched:
+        log.warning("%d of %d entries of %s match no image under %s, e.g. %s", len(unmatched), len(data),
+                    json_file.name, root, unmatched[:5])
+    n_missing = table.status.count(STATUS_MISSING)
+    if n_missing:
+        log.warning("%d of %d images under %s have no entry in %s (stored without proposals, status 'missing')",
+                    n_missing, len(relpaths), root, json_file.name)
+    meta = {"method": "imported", "params": {"source": str(json_file.resolve())}, "filter": "imported",
+            "max_side": None, "exif_transpose": bool(exif_transpose), "keep_raw": False,
+            "max_pixels": int(max_pixels) if max_pixels else None, "root": str(root), "shard": None}
+    extra = {"unmatched_entries": len(unmatched), "unmatched_examples": unmatched[:20]}
+    write_store(out, table, meta, extra)
+    log.info("imported %s into %s\n%s", json_file, out, format_summary(json.loads((Path(out) / "summary.json").read_text())))
+    return Path(out)
+
+
+def export_official_json(store: str | Path | ProposalStore, out: str | Path) -> Path:
+    """Write ``{basename without extension: [[x, y, w, h], ...]}`` for every image of the store."""
+    st = store if isinstance(store, ProposalStore) else ProposalStore.open(store)
+    result: dict[str, list] = {}
+    for i, relpath in enumerate(st.paths):
+        key = _stem(relpath)
+        if key in result:
+            raise UserError(f"{st.path}: two images share the basename {key!r}, which the official JSON cannot "
+                            "tell apart; use --format coco")
+        result[key] = st.boxes(i).tolist()
+    atomic_write_json(out, result)
+    return Path(out)
+
+
+def export_coco(store: str | Path | ProposalStore, out: str | Path) -> Path:
+    """Write a COCO-style JSON of the filtered proposals (conventions in the module docstring)."""
+    st = store if isinstance(store, ProposalStore) else ProposalStore.open(store)
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    for i, relpath in enumerate(st.paths):
+        if st.status(i) != "ok":
+            continue
+        w_img, h_img = st.size(i)
+        image_id = i + 1
+        images.append({"id": image_id, "file_name": relpath, "width": w_img, "height": h_img})
+        for j, (x, y, w, h) in enumerate(st.boxes(i).tolist()):
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": 1,
+                "bbox": [x, y, w + 1, h + 1], "area": (w + 1) * (h + 1), "iscrowd": 0, "proposal_index": j,
+            })
+    coco = {
+        "info": {"description": f"soco-det proposals from {st.path}", "box_convention":
+                 "bbox = [x, y, w + 1, h + 1] of the official rect (x, y, w = max_x - min_x, h = max_y - min_y)",
+                 **{k: v for k, v in st.settings().items()}},
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": 1, "name": "proposal", "supercategory": "proposal"}],
+    }
+    atomic_write_json(out, coco)
+    return Path(out)
+
+
+__all__ = ["import_official_json", "export_official_json", "export_coco"]

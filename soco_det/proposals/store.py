@@ -1,0 +1,405 @@
+"""The proposal store: every image's filtered proposals in a few memory-mapped arrays.
+
+Layout of a store folder (all arrays are ``.npy``, opened with ``mmap_mode="r"`` so data-loader
+workers share the pages instead of copying them)::
+
+    meta.json          format, images root, method + params, filter, exif_transpose, max_side,
+                       max_pixels, shard, image count; written LAST: a folder without it is not a
+                       finished store (the writer removes it first when it rewrites a store)
+    paths.npy          uint8 [B]      the relative image paths, utf-8, concatenated (sorted)
+    path_offsets.npy   int64 [N + 1]  path i is paths[path_offsets[i]:path_offsets[i + 1]]
+    sizes.npy          int32 [N, 2]   decoded RGB (W, H) (after EXIF transpose if recorded); 0 if failed
+    offsets.npy        int64 [N + 1]  CSR: image i's boxes are boxes[offsets[i]:offsets[i + 1]]
+    boxes.npy          int32 [M, 4]   filtered rects (x, y, w, h), official convention w = max_x - min_x
+    status.npy         int8  [N]      0 ok, 1 failed (unreadable, ...), 2 missing (import: no entry)
+    stage.npy          int8  [N]      filter stage that produced the boxes (filters.STAGE_*)
+    raw_counts.npy     int32 [N]      number of rects before filtering (-1: unknown)
+    raw_offsets.npy, raw_boxes.npy    optional (``--keep-raw``): the unfiltered rects, same layout
+    failures.json      {relpath: reason} for failed / missing images
+    summary.json       the run summary (counts, boxes per image, fallbacks, bytes per image)
+
+Label maps are never stored. The read API is the one of ``docs/architecture.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from soco_det.atomic import atomic_open, atomic_write_json
+from soco_det.errors import UserError
+from soco_det.proposals.filters import STAGE_NAMES, STAGE_NONE
+
+FORMAT = "soco-det-proposals/1"
+STATUS_OK, STATUS_FAILED, STATUS_MISSING = 0, 1, 2
+STATUS_NAMES = {STATUS_OK: "ok", STATUS_FAILED: "failed", STATUS_MISSING: "missing"}
+_ARRAYS = ("paths", "path_offsets", "sizes", "offsets", "boxes", "status", "stage", "raw_counts")
+_RAW_ARRAYS = ("raw_offsets", "raw_boxes")
+
+
+# --- in-memory table (chunks, merges, imports) -------------------------------------------------
+
+
+@dataclass
+class ProposalTable:
+    """Per-image results in columnar form (the store's content, fully in memory).
+
+    ``boxes`` / ``raw_boxes`` are lists of ``int32 [n_i, 4]`` rects; ``raw_boxes`` is ``None`` when
+    raw rects are not kept.
+    """
+
+    paths: list[str] = field(default_factory=list)
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    status: list[int] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    stage: list[int] = field(default_factory=list)
+    raw_counts: list[int] = field(default_factory=list)
+    boxes: list[np.ndarray] = field(default_factory=list)
+    raw_boxes: list[np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def append(self, path: str, size: tuple[int, int], status: int, reason: str, stage: int, raw_count: int,
+               boxes: np.ndarray, raw: np.ndarray | None = None) -> None:
+        self.paths.append(path)
+        self.sizes.append((int(size[0]), int(size[1])))
+        self.status.append(int(status))
+        self.reasons.append(reason)
+        self.stage.append(int(stage))
+        self.raw_counts.append(int(raw_count))
+        self.boxes.append(np.asarray(boxes, np.int32).reshape(-1, 4))
+        if self.raw_boxes is not None:
+            self.raw_boxes.append(np.asarray(raw if raw is not None else np.zeros((0, 4)), np.int32).reshape(-1, 4))
+
+    def rows(self) -> Iterable[tuple]:
+        raw = self.raw_boxes if self.raw_boxes is not None else [None] * len(self)
+        return zip(self.paths, self.sizes, self.status, self.reasons, self.stage, self.raw_counts, self.boxes, raw)
+
+    def reordered(self, paths: Sequence[str], keep_raw: bool | None = None) -> "ProposalTable":
+        """A table with exactly ``paths`` in that order (each must be present)."""
+        where = {p: i for i, p in enumerate(self.paths)}  # last occurrence wins (a recomputed image)
+        keep_raw = self.raw_boxes is not None if keep_raw is None else keep_raw
+        out = ProposalTable(raw_boxes=[] if keep_raw else None)
+        rows = list(self.rows())
+        for p in paths:
+            out.append(*rows[where[p]])
+        return out
+
+    @staticmethod
+    def concat(tables: Sequence["ProposalTable"]) -> "ProposalTable":
+        keep_raw = bool(tables) and all(t.raw_boxes is not None for t in tables)
+        out = ProposalTable(raw_boxes=[] if keep_raw else None)
+        for t in tables:
+            for row in t.rows():
+                out.append(*row)
+        return out
+
+    # chunk files: one npz per chunk of images, written atomically by the worker that computed it
+    def save_npz(self, path: str | Path) -> None:
+        arrays = _to_arrays(self)
+        arrays["paths"] = np.array(self.paths, dtype=str)
+        arrays["reasons"] = np.array(self.reasons, dtype=str)
+        del arrays["path_offsets"]
+        with atomic_open(path, "wb") as handle:
+            np.savez(handle, **arrays)
+
+    @staticmethod
+    def load_npz(path: str | Path) -> "ProposalTable":
+        with np.load(path, allow_pickle=False) as z:
+            a = {k: z[k] for k in z.files}
+        keep_raw = "raw_boxes" in a
+        t = ProposalTable(raw_boxes=[] if keep_raw else None)
+        for i, p in enumerate(a["paths"].tolist()):
+            raw = a["raw_boxes"][a["raw_offsets"][i]:a["raw_offsets"][i + 1]] if keep_raw else None
+            t.append(p, tuple(a["sizes"][i]), a["status"][i], str(a["reasons"][i]), a["stage"][i],
+                     a["raw_counts"][i], a["boxes"][a["offsets"][i]:a["offsets"][i + 1]], raw)
+        return t
+
+
+def _csr(parts: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    offsets = np.zeros(len(parts) + 1, np.int64)
+    offsets[1:] = np.cumsum([len(b) for b in parts])
+    flat = np.concatenate(parts).astype(np.int32) if parts else np.zeros((0, 4), np.int32)
+    return offsets, flat.reshape(-1, 4)
+
+
+def _to_arrays(table: ProposalTable) -> dict[str, np.ndarray]:
+    encoded = [p.encode("utf-8") for p in table.paths]
+    path_offsets = np.zeros(len(encoded) + 1, np.int64)
+    path_offsets[1:] = np.cumsum([len(e) for e in encoded])
+    offsets, boxes = _csr(table.boxes)
+    arrays = {
+        "paths": np.frombuffer(b"".join(encoded), np.uint8).copy(),
+        "path_offsets": path_offsets,
+        "sizes": np.asarray(table.sizes, np.int32).reshape(-1, 2),
+        "offsets": offsets,
+        "boxes": boxes,
+        "status": np.asarray(table.status, np.int8),
+        "stage": np.asarray(table.stage, np.int8),
+        "raw_counts": np.asarray(table.raw_counts, np.int32),
+    }
+    if table.raw_boxes is not None:
+        arrays["raw_offsets"], arrays["raw_boxes"] = _csr(table.raw_boxes)
+    return arrays
+
+
+def paths_digest(paths: Iterable[str]) -> str:
+    """sha1 of the sorted relative path list (tells whether a store covers the same images)."""
+    h = hashlib.sha1()
+    for p in paths:
+        h.update(p.encode("utf-8") + b"\n")
+    return h.hexdigest()
+
+
+def summarize(table: ProposalTable, store_bytes: int | None = None) -> dict[str, Any]:
+    """Counts of a table: images, failures (with reasons), boxes per image before/after filtering,
+    images per fallback stage, bytes per image."""
+    n = len(table)
+    status = np.asarray(table.status, np.int8)
+    ok = status == STATUS_OK
+    kept = np.array([len(b) for b in table.boxes], np.int64)[ok]
+    raw = np.asarray(table.raw_counts, np.int64)[ok]
+    raw = raw[raw >= 0]
+    stage = np.asarray(table.stage, np.int8)[ok]
+
+    def stats(v: np.ndarray) -> dict[str, float]:
+        return {"mean": round(float(v.mean()), 2), "median": float(np.median(v))} if len(v) else {"mean": 0.0, "median": 0.0}
+
+    out = {
+        "images": n,
+        "ok": int(ok.sum()),
+        "failed": int((status == STATUS_FAILED).sum()),
+        "missing": int((status == STATUS_MISSING).sum()),
+        "failures": {p: r for p, s, r in zip(table.paths, table.status, table.reasons) if s != STATUS_OK},
+        "raw_boxes_per_image": stats(raw),
+        "boxes_per_image": stats(kept),
+        "stages": {STAGE_NAMES[s]: int((stage == s).sum()) for s in STAGE_NAMES if s != STAGE_NONE},
+        "boxes_total": int(kept.sum()),
+    }
+    if store_bytes is not None:
+        out["store_bytes"] = int(store_bytes)
+        out["bytes_per_image"] = round(store_bytes / max(n, 1), 1)
+    return out
+
+
+def format_summary(s: dict[str, Any], max_failures: int = 20) -> str:
+    """A few human-readable lines for the log / ``soco-det proposals info``."""
+    lines = [
+        f"images: {s['images']} (ok {s['ok']}, failed {s['failed']}" + (f", missing {s['missing']}" if s.get("missing") else "") + ")",
+        f"boxes per image before filtering: mean {s['raw_boxes_per_image']['mean']}, median {s['raw_boxes_per_image']['median']}",
+        f"boxes per image after filtering:  mean {s['boxes_per_image']['mean']}, median {s['boxes_per_image']['median']}",
+        "filter stage per image: " + ", ".join(f"{k} {v}" for k, v in s["stages"].items()),
+    ]
+    if "bytes_per_image" in s:
+        lines.append(f"store: {s['store_bytes']} bytes, {s['bytes_per_image']} bytes per image")
+    if "computed" in s:
+        lines.append(f"this run: computed {s['computed']} images, reused {s['reused']}"
+                     + (f", {s['images_per_s']} images/s" if s.get("images_per_s") else ""))
+    for i, (p, r) in enumerate(s["failures"].items()):
+        if i == max_failures:
+            lines.append(f"  ... and {len(s['failures']) - max_failures} more (see failures.json)")
+            break
+        lines.append(f"  not used: {p}: {r}")
+    return "\n".join(lines)
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_open(path, "wb") as handle:
+        np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def write_store(out: str | Path, table: ProposalTable, meta: dict[str, Any], extra_summary: dict | None = None) -> Path:
+    """Write ``table`` (rows already in the wanted order) as a store folder.
+
+    Every file is written atomically, and ``meta.json`` — the mark of a finished store — is
+    removed first and written last, so a reader never sees a mixed or half-written store.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder (a proposal store is a folder)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "meta.json").unlink(missing_ok=True)
+    arrays = _to_arrays(table)
+    for name in _RAW_ARRAYS:
+        if name not in arrays:
+            (out / f"{name}.npy").unlink(missing_ok=True)
+    for name, array in arrays.items():
+        _save_npy(out / f"{name}.npy", array)
+    failures = {p: r for p, s, r in zip(table.paths, table.status, table.reasons) if s != STATUS_OK}
+    atomic_write_json(out / "failures.json", failures, indent=1)
+    nbytes = sum((out / f"{name}.npy").stat().st_size for name in arrays) + (out / "failures.json").stat().st_size
+    summary = summarize(table, nbytes)
+    summary.update(extra_summary or {})
+    atomic_write_json(out / "summary.json", summary, indent=1)
+    meta = {**meta, "format": FORMAT, "n_images": len(table), "keep_raw": table.raw_boxes is not None,
+            "images_sha1": paths_digest(table.paths)}
+    atomic_write_json(out / "meta.json", meta, indent=1)
+    return out
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+class _PathList(Sequence):
+    """``store.paths``: relative paths decoded on access from the memory-mapped utf-8 blob."""
+
+    def __init__(self, blob: np.ndarray, offsets: np.ndarray) -> None:
+        self._blob, self._offsets = blob, offsets
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return bytes(self._blob[self._offsets[i]:self._offsets[i + 1]]).decode("utf-8")
+
+
+class ProposalStore:
+    """Read access to a finished store (see the module docstring for the layout).
+
+    ``boxes(i)`` returns ``int32 [n, 4]`` rects ``(x, y, w, h)`` in the official convention
+    (``w = max_x - min_x``); ``n`` may be 0 (the data loader then uses the whole image). Opening is
+    cheap (arrays are memory-mapped); pickling a store (to spawn-started workers) sends only its
+    location, and the copy re-opens it.
+    """
+
+    def __init__(self, path: Path, meta: dict[str, Any], root: str | None = None) -> None:
+        self.path = path
+        self.meta = meta
+        self._root = str(root) if root is not None else meta["root"]
+        arrays = _ARRAYS + (_RAW_ARRAYS if meta.get("keep_raw") else ())
+        try:
+            self._a = {name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in arrays}
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{path}: proposal store is damaged ({exc}); recompute it") from exc
+        if len(self._a["status"]) != meta["n_images"] or len(self._a["offsets"]) != meta["n_images"] + 1:
+            raise UserError(f"{path}: proposal store arrays do not match meta.json; recompute it")
+        self._paths = _PathList(self._a["paths"], self._a["path_offsets"])
+        self._index: dict[str, int] | None = None
+        self._failures: dict[str, str] | None = None
+
+    @classmethod
+    def open(cls, path: str | Path, root: str | Path | None = None) -> "ProposalStore":
+        """Open the store folder ``path`` (or its ``meta.json``); ``root`` overrides the recorded
+        images root (for a dataset that was moved)."""
+        path = Path(path)
+        if path.name == "meta.json":
+            path = path.parent
+        meta_path = path / "meta.json"
+        if not meta_path.is_file():
+            if (path / "parts").is_dir():
+                raise UserError(f"{path}: proposal run is not finished (only partial results in parts/); rerun the same "
+                                "`soco-det proposals` command to resume it")
+            raise UserError(f"{path}: not a proposal store (no meta.json)")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != FORMAT:
+            raise UserError(f"{path}: unknown proposal store format {meta.get('format')!r} (expected {FORMAT})")
+        return cls(path, meta, root)
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "root": self._root}
+
+    def __setstate__(self, state: dict) -> None:
+        other = ProposalStore.open(state["path"], state["root"])
+        self.__dict__.update(other.__dict__)
+
+    def __len__(self) -> int:
+        return int(self.meta["n_images"])
+
+    def __repr__(self) -> str:
+        return f"ProposalStore({str(self.path)!r}, images={len(self)}, method={self.meta.get('method')!r})"
+
+    @property
+    def root(self) -> str:
+        return self._root
+
+    @property
+    def paths(self) -> Sequence[str]:
+        return self._paths
+
+    @property
+    def exif_transpose(self) -> bool:
+        return bool(self.meta.get("exif_transpose", False))
+
+    def index(self, relpath: str) -> int | None:
+        """Position of ``relpath`` (posix, relative to ``root``), or ``None``; O(1) after the first call."""
+        if self._index is None:
+            self._index = {p: i for i, p in enumerate(self._paths)}
+        return self._index.get(relpath)
+
+    def size(self, i: int) -> tuple[int, int]:
+        """Decoded RGB ``(W, H)`` of image ``i``."""
+        w, h = self._a["sizes"][i]
+        return int(w), int(h)
+
+    def boxes(self, i: int) -> np.ndarray:
+        """Filtered rects of image ``i``: ``int32 [n, 4]`` ``(x, y, w, h)``, official convention."""
+        o = self._a["offsets"]
+        return np.asarray(self._a["boxes"][o[i]:o[i + 1]])
+
+    def raw_boxes(self, i: int) -> np.ndarray:
+        """Unfiltered rects of image ``i`` (only in stores computed with ``keep_raw``)."""
+        if not self.meta.get("keep_raw"):
+            raise UserError(f"{self.path}: raw boxes were not kept (compute with --keep-raw)")
+        o = self._a["raw_offsets"]
+        return np.asarray(self._a["raw_boxes"][o[i]:o[i + 1]])
+
+    def status(self, i: int) -> str:
+        """``"ok"``, ``"failed"`` (unreadable image: see :meth:`reason`) or ``"missing"``."""
+        return STATUS_NAMES[int(self._a["status"][i])]
+
+    def ok_indices(self) -> np.ndarray:
+        """Indices of the images that were decoded and processed (int64)."""
+        return np.flatnonzero(np.asarray(self._a["status"]) == STATUS_OK)
+
+    def reason(self, i: int) -> str:
+        if self._failures is None:
+            self._failures = json.loads((self.path / "failures.json").read_text())
+        return self._failures.get(self._paths[i], "")
+
+    def stage(self, i: int) -> str:
+        """Filter stage that produced image ``i``'s boxes: main / ratio / min_side / empty / n/a."""
+        return STAGE_NAMES[int(self._a["stage"][i])]
+
+    def raw_count(self, i: int) -> int:
+        return int(self._a["raw_counts"][i])
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return json.loads((self.path / "summary.json").read_text())
+
+    def settings(self) -> dict[str, Any]:
+        """What produced the boxes (method, params, filter, max_side, exif_transpose, max_pixels)."""
+        keys = ("method", "params", "filter", "max_side", "exif_transpose", "max_pixels")
+        return {k: self.meta.get(k) for k in keys}
+
+    def table(self) -> ProposalTable:
+        """The whole store in memory (for merges, exports and incremental reruns)."""
+        keep_raw = bool(self.meta.get("keep_raw"))
+        t = ProposalTable(raw_boxes=[] if keep_raw else None)
+        sizes, status, stage, raw_counts = (np.asarray(self._a[k]) for k in ("sizes", "status", "stage", "raw_counts"))
+        for i in range(len(self)):
+            t.append(self._paths[i], tuple(sizes[i]), status[i], self.reason(i) if status[i] else "",
+                     stage[i], raw_counts[i], self.boxes(i), self.raw_boxes(i) if keep_raw else None)
+        return t
+
+
+def store_bytes(path: str | Path) -> int:
+    """Total size of a store folder's files (without a leftover ``parts/``)."""
+    return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file())
+
