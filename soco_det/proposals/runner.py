@@ -176,6 +176,11 @@ def _run_chunks(tasks: list[tuple[str, list[str]]], root: str, settings: dict[st
         for chunk_file, relpaths in tasks:
             done(compute_chunk(chunk_file, root, relpaths, settings))
         return stats
+    if settings["method"] == "selective_search":
+        # Compile (or load from numba's cache) once here, not in every worker at the same time.
+        from soco_det.proposals.selective_search import warm_up
+
+        warm_up()
     restarts = 0
     pending = list(tasks)
     ctx = multiprocessing.get_context("spawn")  # safe with threads (torch, OpenCV) and on every OS
