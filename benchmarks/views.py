@@ -4,7 +4,13 @@ per-box Python loops, torchvision v1 transforms composed as the official code do
 images in the same run, plus a DataLoader run (N workers, batch 64).
 
     python benchmarks/views.py --images DIR --proposals STORE --recipe soco_fpn --samples 200 \
-        [--workers 2] [--json out.json]
+        [--workers 2] [--json out.json] [--stages]
+
+Measured in the same run, on the same images, one thread: the naive official baseline, our default
+CPU path (``data.photometric: cpu``), the CPU part of the device path (``data.photometric: device``:
+decode, crop/resize, flips, geometry and parameter draws; uint8 views out), and the throughput of
+:func:`soco_det.data.device_photometric.apply_device_photometric` on batches of CPU tensors (and on
+CUDA when available). ``--stages`` adds a per-stage time breakdown of the default CPU path.
 
 The baseline always runs the official FPN-100ep pipeline, so the ratio compares like with like only
 for ``--recipe soco_fpn``.
@@ -197,6 +203,61 @@ class NaiveOfficialViews:
         return x1, x2, x3, t1_12, t1_13, t2, t3, corr12, corr13
 
 
+# --- per-stage profile --------------------------------------------------------------------------
+def stage_times(ds, n: int) -> dict:
+    """Milliseconds per sample of the default CPU path's stages, on the views the sampler draws."""
+    from PIL import Image as PILImage
+
+    from soco_det.data import photometric as ph
+    from soco_det.data.lazy_image import LazyImage
+
+    c = ds.sampler.cfg
+    items = [ds.items[i % len(ds)].path for i in range(n)]
+    spent = {"header": 0.0, "decode": 0.0, "resize": 0.0, "photometric": 0.0}
+    total = 0.0
+    for i, path in enumerate(items):
+        t0 = time.process_time()
+        sample = ds.views(i % len(ds), epoch=i // len(ds))[0]
+        total += time.process_time() - t0
+        t0 = time.process_time()
+        lazy = LazyImage(path)
+        t1 = time.process_time()
+        img, _, _ = lazy.load()
+        t2 = time.process_time()
+        views = []
+        for v, (top, left, h, w) in enumerate(sample.crops):
+            views.append(img.resize((c.view_sizes[v],) * 2, PILImage.Resampling.BILINEAR, box=(left, top, left + w, top + h)))
+        t3 = time.process_time()
+        for v, view in enumerate(views):
+            ph.apply_params(np.asarray(view), sample.params[v].astype(np.float64), c.mean, c.std)
+        t4 = time.process_time()
+        for key, dt in zip(spent, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            spent[key] += dt
+    out = {k: round(v / n * 1e3, 3) for k, v in spent.items()}
+    out["total"] = round(total / n * 1e3, 3)
+    out["geometry_and_rest"] = round(out["total"] - sum(out[k] for k in spent), 3)
+    return out
+
+
+def device_rate(ds_device, batch_size: int, device: str, repeats: int = 5) -> float:
+    """Samples/s of apply_device_photometric on ``device`` (batches made by the device-path loader)."""
+    from soco_det.data.dataset import collate_views
+    from soco_det.data.device_photometric import apply_device_photometric
+
+    n = len(ds_device)
+    batch = collate_views([ds_device[(i // n, i % n)] for i in range(batch_size)])
+    moved = {k: ([t.to(device) for t in v] if k in ("images", "photometric", "cutout") else v) for k, v in batch.items()}
+    moved["norm"] = batch["norm"].to(device)
+    apply_device_photometric(moved)  # warm-up
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        apply_device_photometric(moved)
+    sync()
+    return repeats * batch_size / (time.perf_counter() - t0)
+
+
 # --- measurements ------------------------------------------------------------------------------
 def rates(fns, n: int, chunk: int = 10) -> list[float]:
     """Samples per CPU-second of this process (one thread) for each of ``fns``, measured in
@@ -223,6 +284,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--stages", action="store_true", help="also print a per-stage breakdown of the CPU path")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -231,15 +293,29 @@ def main(argv=None) -> int:
 
     cfg = DataConfig(images=args.images, proposals=args.proposals, views=ViewsConfig(recipe=args.recipe))
     ds = build_pretrain_dataset(cfg, seed=0)
+    cfg_dev = DataConfig(images=args.images, proposals=args.proposals, views=ViewsConfig(recipe=args.recipe), photometric="device")
+    ds_dev = build_pretrain_dataset(cfg_dev, seed=0)
+    cfg_gap = DataConfig(images=args.images, proposals=args.proposals, views=ViewsConfig(recipe=args.recipe),
+                         photometric="device", resize_reducing_gap=1.0)
+    ds_gap = build_pretrain_dataset(cfg_gap, seed=0)
     n_img = len(ds)
     naive = NaiveOfficialViews()
     store = ds.store
     rects = [store.boxes(int(j)) if j >= 0 else np.zeros((0, 4), np.int32) for j in ds.store_indices]
     random.seed(0)
     np.random.seed(0)
-    ours, baseline = rates(
-        [lambda i: ds[(i // n_img, i % n_img)], lambda i: naive(ds.items[i % n_img].path, rects[i % n_img])], args.samples
+    ours, ours_dev, ours_gap, baseline = rates(
+        [
+            lambda i: ds[(i // n_img, i % n_img)],
+            lambda i: ds_dev[(i // n_img, i % n_img)],
+            lambda i: ds_gap[(i // n_img, i % n_img)],
+            lambda i: naive(ds.items[i % n_img].path, rects[i % n_img]),
+        ],
+        args.samples,
     )
+    dev_cpu = device_rate(ds_dev, min(args.batch_size, 64), "cpu")
+    dev_cuda = device_rate(ds_dev, args.batch_size, "cuda") if torch.cuda.is_available() else None
+    stages = stage_times(ds, min(args.samples, 100)) if args.stages else None
 
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(ds, [i % n_img for i in range(max(args.batch_size * 4, args.samples))]),
@@ -259,6 +335,13 @@ def main(argv=None) -> int:
         "samples_per_s_per_core": round(ours, 2),
         "naive_official_samples_per_s_per_core": round(baseline, 2),
         "ratio_vs_naive_official": round(ours / baseline, 2),
+        "device_path_cpu_part_samples_per_s_per_core": round(ours_dev, 2),
+        "device_path_cpu_part_ratio_vs_naive_official": round(ours_dev / baseline, 2),
+        "device_path_cpu_part_resize_gap1_samples_per_s_per_core": round(ours_gap, 2),
+        "device_path_cpu_part_resize_gap1_ratio_vs_naive_official": round(ours_gap / baseline, 2),
+        "device_photometric_cpu_tensors_samples_per_s": round(dev_cpu, 1),
+        "device_photometric_cuda_samples_per_s": None if dev_cuda is None else round(dev_cuda, 1),
+        "cpu_path_stage_ms": stages,
         "dataloader_workers": args.workers,
         "dataloader_batch_size": args.batch_size,
         "dataloader_samples_per_s": round(loader_rate, 2),
@@ -268,6 +351,15 @@ def main(argv=None) -> int:
     print(f"  soco-det views       : {ours:8.1f} samples/s per core")
     print(f"  naive official (FPN) : {baseline:8.1f} samples/s per core")
     print(f"  ratio                : {ours / baseline:8.2f}x")
+    print(f"  device path, CPU part: {ours_dev:8.1f} samples/s per core ({ours_dev / baseline:.2f}x)")
+    print(f"  device path, CPU part, resize_reducing_gap=1 (approximate resize): {ours_gap:8.1f} ({ours_gap / baseline:.2f}x)")
+    print(f"  apply_device_photometric on CPU tensors (1 thread): {dev_cpu:8.1f} samples/s")
+    if dev_cuda is not None:
+        print(f"  apply_device_photometric on CUDA: {dev_cuda:8.1f} samples/s")
+    else:
+        print("  apply_device_photometric on CUDA: not measured (no CUDA device)")
+    if stages:
+        print("  CPU path per-stage ms/sample: " + ", ".join(f"{k} {v}" for k, v in stages.items()))
     print(f"  DataLoader ({args.workers} workers, batch {args.batch_size}): {loader_rate:8.1f} samples/s")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

@@ -64,6 +64,8 @@ class PretrainDataset(torch.utils.data.Dataset):
         min_side: int = 32,
         max_replacements: int = 16,
         decode_reducing_gap: float | None = 2.0,
+        photometric: str = "cpu",
+        resize_reducing_gap: float | None = None,
     ) -> None:
         if len(items) == 0:
             raise UserError("the pretraining dataset has no images")
@@ -71,7 +73,10 @@ class PretrainDataset(torch.utils.data.Dataset):
         self.store_indices = np.asarray(store_indices, dtype=np.int64)
         self._store_path = str(store) if isinstance(store, (str, Path)) else None
         self._store = None if self._store_path else store
-        self.sampler = ViewSampler(views, decode_reducing_gap=decode_reducing_gap)
+        self.sampler = ViewSampler(
+            views, decode_reducing_gap=decode_reducing_gap, photometric=photometric, resize_reducing_gap=resize_reducing_gap
+        )
+        self.photometric = photometric
         self.num_levels = self.sampler.num_levels
         self.seed = int(seed)
         self.epoch = 0
@@ -150,7 +155,7 @@ class PretrainDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         epoch, index = key if isinstance(key, tuple) else (None, key)
         sample, _, skipped = self.views(index, epoch)
-        return {
+        out = {
             "images": sample.images,
             "pairs": sample.pairs,
             "boxes": sample.boxes,
@@ -160,6 +165,19 @@ class PretrainDataset(torch.utils.data.Dataset):
             "index": int(index),
             "skipped": skipped,
         }
+        if self.photometric == "device":
+            k = self.sampler.cfg.padding_k
+            out["photometric"] = sample.params
+            out["cutout"] = [_pad_regions(r, k) for r in sample.cutouts]
+            out["norm"] = (self.sampler.cfg.mean, self.sampler.cfg.std)
+        return out
+
+
+def _pad_regions(regions: np.ndarray, k: int) -> np.ndarray:
+    """Cutout regions int64 ``[M, 4]`` (M <= k) -> ``[k, 4]``, unused rows ``[0, 0, -1, -1]`` (empty)."""
+    out = np.tile(np.array([0, 0, -1, -1], dtype=np.int64), (k, 1))
+    out[: len(regions)] = regions
+    return out
 
 
 def _stack(arrays: list[np.ndarray], dtype: torch.dtype) -> torch.Tensor:
@@ -180,6 +198,14 @@ def collate_views(samples: list[dict]) -> dict:
     * ``corr``: per pair, float32 ``[B, P*K, P*K]`` from :func:`soco_det.data.levels.correspondence`;
     * ``index``: int64 ``[B]`` dataset index of each sample;
     * ``skipped``: int64 ``[B]`` bad images replaced while loading each sample.
+
+    With ``data.photometric: device`` the images are uint8 ``[B, 3, S_v, S_v]`` (colour, blur,
+    normalisation and cutout not applied yet) and three more keys carry what
+    :func:`soco_det.data.device_photometric.apply_device_photometric` needs:
+
+    * ``photometric``: per view, float32 ``[B, NUM_PARAMS]`` (``photometric.PARAM_NAMES``);
+    * ``cutout``: per view, int64 ``[B, K, 4]`` inclusive pixel regions, unused rows ``[0, 0, -1, -1]``;
+    * ``norm``: float32 ``[2, 3]``, the mean and std rows.
     """
     first = samples[0]
     pairs = [tuple(p) for p in first["pairs"]]
@@ -197,6 +223,10 @@ def collate_views(samples: list[dict]) -> dict:
             batch[key].append(tuple(_stack([s[key][p][side] for s in samples], dtype) for side in (0, 1)))
         (ids_a, ids_b), (lv_a, lv_b) = batch["ids"][p], batch["levels"][p]
         batch["corr"].append(correspondence(ids_a, lv_a, ids_b, lv_b, first["num_levels"]))
+    if "photometric" in first:
+        batch["photometric"] = [_stack([s["photometric"][v] for s in samples], torch.float32) for v in range(num_views)]
+        batch["cutout"] = [_stack([s["cutout"][v] for s in samples], torch.int64) for v in range(num_views)]
+        batch["norm"] = torch.tensor(first["norm"], dtype=torch.float32)
     batch["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.int64)
     batch["skipped"] = torch.tensor([s["skipped"] for s in samples], dtype=torch.int64)
     return batch
@@ -233,4 +263,6 @@ def build_pretrain_dataset(cfg: DataConfig, seed: int) -> PretrainDataset:
         min_side=cfg.min_side,
         max_replacements=cfg.max_replacements,
         decode_reducing_gap=cfg.decode_reducing_gap,
+        photometric=cfg.photometric,
+        resize_reducing_gap=cfg.resize_reducing_gap,
     )

@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from soco_det.errors import ImageError
-from soco_det.imageio import DEFAULT_MAX_PIXELS, load_rgb
+from soco_det.imageio import DEFAULT_MAX_PIXELS, _to_rgb, load_rgb
 
 
 class LazyImage:
@@ -53,9 +53,8 @@ class LazyImage:
         full size); ``sx, sy`` map full-resolution x, y to the decoded image's pixels."""
         if self._full is not None:
             return self._full, 1.0, 1.0
-        if reduce <= 1 or self.format != "JPEG":
-            img = load_rgb(self.path, max_pixels=self.max_pixels)
-            return img, 1.0, 1.0
+        if self.format is None or (reduce > 1 and self.format != "JPEG"):
+            return load_rgb(self.path, max_pixels=self.max_pixels), 1.0, 1.0
         w, h = self.size
         if self.max_pixels is not None and w * h > self.max_pixels:
             raise ImageError(self.path, f"image is {w}x{h} = {w * h} pixels, above the limit of {self.max_pixels}")
@@ -63,9 +62,11 @@ class LazyImage:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 with Image.open(self.path) as img:
-                    img.draft("RGB", (-(-w // reduce), -(-h // reduce)))
+                    if reduce > 1:
+                        img.draft("RGB", (-(-w // reduce), -(-h // reduce)))
                     img.load()
-                    out = img.convert("RGB")
+                    # Same pixels as load_rgb; an RGB file skips its convert('RGB') copy.
+                    out = img if img.mode == "RGB" else _to_rgb(img)
         except (OSError, SyntaxError, ValueError) as exc:
             raise ImageError(self.path, f"unreadable or truncated image: {exc}") from exc
         return out, out.size[0] / w, out.size[1] / h

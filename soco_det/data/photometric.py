@@ -59,8 +59,75 @@ def _draw_jitter(strengths: Sequence[float], rng: np.random.Generator) -> tuple[
     return factors, rng.permutation(4)
 
 
+# Layout of the per-view photometric parameter row (float32 [NUM_PARAMS]) the device path carries.
+PARAM_NAMES = (
+    "jitter", "brightness", "contrast", "saturation", "hue",  # jitter: 1.0 if ColorJitter applies
+    "order0", "order1", "order2", "order3",  # op order: 0 brightness, 1 contrast, 2 saturation, 3 hue
+    "enabled_b", "enabled_c", "enabled_s", "enabled_h",  # op enabled (its strength > 0 and jitter on)
+    "gray", "blur", "sigma", "solarize", "threshold",
+)
+NUM_PARAMS = len(PARAM_NAMES)
+
+
+def draw_params(
+    rng: np.random.Generator,
+    *,
+    jitter: Sequence[float],
+    jitter_prob: float,
+    grayscale_prob: float,
+    blur_prob: float,
+    blur_sigma: Sequence[float],
+    solarize_prob: float,
+    solarize_threshold: int,
+) -> np.ndarray:
+    """The random photometric parameters of one view, float64 ``[NUM_PARAMS]`` (``PARAM_NAMES``).
+
+    The draws (and their order) are exactly those of :func:`augment`: jitter coin, factors and
+    permutation (only when jittering), grayscale coin, blur coin, sigma (only when blurring),
+    solarize coin. Both the CPU path and the device path use this function, so the rest of the
+    sample (cutout placement) sees the same generator state in both.
+    """
+    p = np.zeros(NUM_PARAMS)
+    p[5:9] = np.arange(4)
+    if rng.random() < jitter_prob:
+        factors, order = _draw_jitter(jitter, rng)
+        p[0], p[1:5], p[5:9] = 1.0, factors, order
+        p[9:13] = [s > 0 for s in jitter]
+    p[13] = rng.random() < grayscale_prob
+    if rng.random() < blur_prob:
+        p[14], p[15] = 1.0, rng.uniform(blur_sigma[0], blur_sigma[1])
+    p[16] = rng.random() < solarize_prob
+    p[17] = solarize_threshold
+    return p
+
+
+def normalise_constants(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """float32 ``(scale, offset)``, ``[3]`` each: ``x * scale - offset == (x / 255 - mean) / std``."""
+    scale = np.array([1.0 / (255.0 * s) for s in std], dtype=np.float32)
+    offset = np.array([m / s for m, s in zip(mean, std)], dtype=np.float32)
+    return scale, offset
+
+
+def apply_params(arr: np.ndarray, p: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """The colour pipeline with drawn parameters ``p`` (:func:`draw_params`) on uint8 ``[H, W, 3]``
+    -> normalised float32 ``[3, H, W]``: fused numba colour jitter + grayscale, the bit-exact PIL
+    Gaussian blur (:mod:`soco_det.data.box_blur`), fused solarize + normalise."""
+    from soco_det.data import box_blur
+    from soco_det.data import colour_kernels as ck
+
+    if p[0] or p[13]:
+        arr = ck.colour_jitter_gray(
+            np.ascontiguousarray(arr), p[5:9].astype(np.int64), p[1:5].astype(np.float64), p[9:13] > 0, bool(p[13])
+        )
+    if p[14]:
+        arr = box_blur.pil_gaussian_blur(arr, float(p[15]))
+    scale, offset = normalise_constants(mean, std)
+    out = ck.solarize_normalise(np.ascontiguousarray(arr), int(p[17]), bool(p[16]), scale, offset)
+    return torch.from_numpy(out)
+
+
 def augment_tensor(
-    img: Image.Image,
+    img: Image.Image | np.ndarray,
     rng: np.random.Generator,
     *,
     jitter: Sequence[float],
@@ -77,27 +144,14 @@ def augment_tensor(
 
     Same ops, order and random draws as :func:`augment` + :func:`to_normalised_tensor`, but the
     colour jitter, grayscale, solarize and normalisation run as two fused numba passes
-    (:mod:`soco_det.data.colour_kernels`); only the Gaussian blur stays a PIL filter.
+    (:mod:`soco_det.data.colour_kernels`) and the Gaussian blur is PIL's algorithm re-implemented
+    bit for bit (:mod:`soco_det.data.box_blur`), with no PIL round trip.
     """
-    from soco_det.data import colour_kernels as ck
-
-    arr = np.array(img, dtype=np.uint8)  # writable: one compiled signature for the kernels
-    do_jitter = rng.random() < jitter_prob
-    if do_jitter:
-        factors, order = _draw_jitter(jitter, rng)
-    gray = rng.random() < grayscale_prob
-    if do_jitter or gray:
-        if not do_jitter:
-            factors, order = np.zeros(4), np.arange(4)
-        enabled = np.array([do_jitter and s > 0 for s in jitter])
-        arr = ck.colour_jitter_gray(arr, order.astype(np.int64), factors.astype(np.float64), enabled, gray)
-    if rng.random() < blur_prob:
-        radius = float(rng.uniform(blur_sigma[0], blur_sigma[1]))
-        arr = np.array(Image.fromarray(arr).filter(ImageFilter.GaussianBlur(radius=radius)))
-    solarize = rng.random() < solarize_prob
-    scale = np.array([1.0 / (255.0 * s) for s in std], dtype=np.float32)
-    offset = np.array([m / s for m, s in zip(mean, std)], dtype=np.float32)
-    return torch.from_numpy(ck.solarize_normalise(arr, int(solarize_threshold), solarize, scale, offset))
+    p = draw_params(
+        rng, jitter=jitter, jitter_prob=jitter_prob, grayscale_prob=grayscale_prob, blur_prob=blur_prob,
+        blur_sigma=blur_sigma, solarize_prob=solarize_prob, solarize_threshold=solarize_threshold,
+    )
+    return apply_params(np.asarray(img, dtype=np.uint8), p, mean, std)
 
 
 def augment(

@@ -39,6 +39,7 @@ from soco_det.data.lazy_image import LazyImage, draft_reduction
 from soco_det.data.levels import assign_levels
 
 FLIP = Image.Transpose.FLIP_LEFT_RIGHT
+PHOTOMETRIC_MODES = ("cpu", "device")
 
 
 @dataclass
@@ -48,7 +49,10 @@ class ViewSample:
     ``K = padding_k``; ``pairs[p] = (0, v)``. Per pair ``p``: ``boxes[p] = (a, b)`` float32 ``[K, 4]``
     ``x1, y1, x2, y2`` normalised to the view, after flips; ``ids[p]`` int64 ``[K]`` (1-based
     proposal index in the store's order); ``levels[p]`` int64 ``[K]`` (0..P-1, -1 unassigned).
-    ``images[v]`` float32 ``[3, S_v, S_v]`` normalised. ``crops[v]`` is the ``(top, left, h, w)``
+    ``images[v]`` float32 ``[3, S_v, S_v]`` normalised (``photometric="device"``: uint8
+    ``[3, S_v, S_v]`` before colour, blur, normalisation and cutout, which
+    :func:`soco_det.data.device_photometric.apply_device_photometric` applies from ``params`` and
+    ``cutouts``). ``crops[v]`` is the ``(top, left, h, w)``
     crop of the original image the view shows (a ``down:m`` view shows m's crop), ``flips[v]``
     whether it was flipped; ``cutouts[v]`` the inclusive ``x1, y1, x2, y2`` regions zeroed.
     """
@@ -66,6 +70,7 @@ class ViewSample:
     tries: int
     padded: list[tuple[int, int]] = field(default_factory=list)  # rows added by padding, per pair
     fallback: list[bool] = field(default_factory=list)  # pair fell back to whole-view boxes (id 1)
+    params: list[np.ndarray] = field(default_factory=list)  # per view float32 [NUM_PARAMS] (photometric.PARAM_NAMES)
 
 
 @dataclass
@@ -81,11 +86,25 @@ class _PairBoxes:
 class ViewSampler:
     """Makes the views of a sample according to a (resolved) :class:`ViewsConfig`."""
 
-    def __init__(self, cfg: ViewsConfig, decode_reducing_gap: float | None = 2.0) -> None:
+    def __init__(
+        self,
+        cfg: ViewsConfig,
+        decode_reducing_gap: float | None = 2.0,
+        photometric: str = "cpu",
+        resize_reducing_gap: float | None = None,
+    ) -> None:
         """``decode_reducing_gap``: for a :class:`LazyImage`, decode JPEGs at a reduced scale
         (1/2..1/8) while every crop stays at least this many times larger than its view
-        (None: always full size)."""
+        (None: always full size). ``photometric``: ``"cpu"`` (normalised float views) or
+        ``"device"`` (uint8 views plus the drawn parameters; same random draws, same geometry).
+        ``resize_reducing_gap``: PIL's ``resize(..., reducing_gap=g)`` (box-average by an integer
+        factor first, then bilinear): faster, slightly different pixels; None (default): the exact
+        torchvision-v1 bilinear resize."""
         cfg.validate()
+        if photometric not in PHOTOMETRIC_MODES:
+            raise ValueError(f"photometric: expected one of {PHOTOMETRIC_MODES}, got {photometric!r}")
+        self.photometric = photometric
+        self.resize_reducing_gap = resize_reducing_gap
         self.decode_reducing_gap = decode_reducing_gap
         self.cfg = cfg.resolved()
         c = self.cfg
@@ -212,16 +231,15 @@ class ViewSampler:
             top, left, h, w = crops[v]
             size = (c.view_sizes[v], c.view_sizes[v])
             box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-            views[v] = pixels.resize(size, Image.Resampling.BILINEAR, box=box)
+            views[v] = pixels.resize(size, Image.Resampling.BILINEAR, box=box, reducing_gap=self.resize_reducing_gap)
         for v, kind in enumerate(c.view_kinds):
             if kind.startswith("down:"):  # before view m's flip and colour
                 views[v] = views[self.source[v]].resize((c.view_sizes[v],) * 2, Image.Resampling.BILINEAR)
 
-        images, cutouts = [], []
+        images, cutouts, params = [], [], []
         for v in range(self.num_views):
             view = views[v].transpose(FLIP) if flips[v] else views[v]
-            tensor = photometric.augment_tensor(
-                view,
+            p = photometric.draw_params(
                 rng,
                 jitter=c.color_jitter,
                 jitter_prob=c.color_jitter_prob,
@@ -230,24 +248,29 @@ class ViewSampler:
                 blur_sigma=c.blur_sigma,
                 solarize_prob=c.solarize_prob[v],
                 solarize_threshold=c.solarize_threshold,
-                mean=c.mean,
-                std=c.std,
             )
+            arr = np.asarray(view, dtype=np.uint8)
+            if self.photometric == "cpu":
+                tensor = photometric.apply_params(arr, p, c.mean, c.std)
+            else:  # uint8 [3, S, S]; colour, blur, normalisation and cutout happen on the device
+                tensor = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
             regions = np.zeros((0, 4), dtype=np.int64)
             if v in c.cutout_views:
-                p = v - 1  # view v >= 1 appears in exactly one pair, (0, v)
+                p_idx = v - 1  # view v >= 1 appears in exactly one pair, (0, v)
                 size = c.view_sizes[v]
                 if c.cutout_mirrored:
                     # Official pre-fix placement: pre-flip integer boxes, bound hard-wired to V1's size.
-                    pixel = self._cutout_pixel_boxes(norm_pre[p][1], size)
+                    pixel = self._cutout_pixel_boxes(norm_pre[p_idx][1], size)
                     bound = c.view_sizes[0]
                 else:
-                    pixel = self._cutout_pixel_boxes(norm[p][1], size)
+                    pixel = self._cutout_pixel_boxes(norm[p_idx][1], size)
                     bound = size - 1
                 regions = photometric.cutout_regions(pixel, rng, c.cutout_prob, c.cutout_ratio, bound)
-                photometric.apply_cutout(tensor, regions)
+                if self.photometric == "cpu":
+                    photometric.apply_cutout(tensor, regions)
             images.append(tensor)
             cutouts.append(regions)
+            params.append(p.astype(np.float32))
 
         return ViewSample(
             images=images,
@@ -263,4 +286,5 @@ class ViewSampler:
             tries=tries,
             padded=padded,
             fallback=fallback,
+            params=params,
         )
