@@ -1,0 +1,92 @@
+"""Configuration of SoCo pretraining: the optimisation schedule and the training loop.
+
+``PretrainConfig`` composes the three stage configs (data, model, train) and the run's seed; a
+recipe YAML (``soco_det/recipes/*.yaml``) fills it and ``key=value`` overrides adjust it
+(``train.epochs=10 data.batch_size=32``). Defaults follow SOCO_SPEC 5 (official values).
+
+Batch and learning rate: ``data.batch_size`` is the batch *per process* (per GPU); the effective
+batch is ``batch_size * world_size * accum_steps`` and the peak learning rate is
+``base_lr * effective_batch / 256`` (the paper: 128 x 16 GPUs = 2048, so lr = 8.0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from soco_det.data.config import DataConfig
+from soco_det.models.config import ModelConfig
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and loop settings (one optimizer step = ``accum_steps`` micro-batches)."""
+
+    epochs: int = 100
+    base_lr: float = 1.0  # scaled by effective_batch / lr_batch_denominator
+    lr_batch_denominator: int = 256
+    warmup_epochs: float = 10.0  # linear warmup from lr/warmup_multiplier, per iteration
+    warmup_multiplier: float = 100.0
+    min_lr: float = 1e-6  # cosine floor
+    weight_decay: float = 1e-5  # conv/linear weights only (LARS group); 1-D params get none
+    sgd_momentum: float = 0.9
+    lars_eta: float = 0.001  # LARS trust coefficient
+    lars_eps: float = 1e-8
+    target_momentum: float = 0.99  # tau0 of the BYOL target EMA, rises to 1 by a cosine
+    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"  # auto: bf16 on CUDA, none on CPU
+    accum_steps: int = 1  # gradient accumulation (micro-batches per optimizer step)
+    max_steps: Optional[int] = None  # stop early after this global step (smoke runs); schedules unchanged
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False  # torch.compile the forward pass
+    cpu_threads: Optional[int] = None  # torch intra-op threads (null: torch's default); see tiny_cpu
+    freeze_bn: bool = False  # BN layers in eval mode (running stats, frozen); see engine/distributed.py
+    find_unused_parameters: Optional[bool] = None  # DDP; null: only for model.roi_mode=assigned_level
+    log_every: int = 10  # steps between metric lines (JSONL, TensorBoard, log)
+    ckpt_every: int = 1000  # steps between checkpoints (also at each epoch end and at the end)
+    keep_last: int = 3  # step checkpoints kept (last.pt is always kept)
+    tensorboard: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        positive = {
+            "epochs": self.epochs, "lr_batch_denominator": self.lr_batch_denominator,
+            "accum_steps": self.accum_steps, "log_every": self.log_every,
+            "ckpt_every": self.ckpt_every, "keep_last": self.keep_last,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{name}: must be >= 1, got {value}")
+        if self.base_lr <= 0:
+            raise ValueError(f"base_lr: must be > 0, got {self.base_lr}")
+        if not (0 <= self.warmup_epochs < self.epochs):
+            raise ValueError(f"warmup_epochs: must lie in [0, epochs={self.epochs}), got {self.warmup_epochs}")
+        if self.warmup_multiplier < 1:
+            raise ValueError(f"warmup_multiplier: must be >= 1, got {self.warmup_multiplier}")
+        if self.min_lr < 0 or self.weight_decay < 0 or self.lars_eta <= 0 or self.lars_eps <= 0:
+            raise ValueError("min_lr and weight_decay must be >= 0; lars_eta and lars_eps > 0")
+        if not (0 <= self.sgd_momentum < 1):
+            raise ValueError(f"sgd_momentum: must lie in [0, 1), got {self.sgd_momentum}")
+        if not (0 <= self.target_momentum <= 1):
+            raise ValueError(f"target_momentum: must lie in [0, 1], got {self.target_momentum}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads: must be >= 1 (or null), got {self.cpu_threads}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps: must be >= 1 (or null), got {self.max_steps}")
+
+
+@dataclass
+class PretrainConfig:
+    """Everything a pretraining run needs; written to ``RUN/config.yaml`` and into checkpoints."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+
+    def validate(self) -> None:
+        for part in (self.data, self.model, self.train):
+            validate = getattr(part, "validate", None)
+            if callable(validate):
+                validate()
+        if self.seed < 0:
+            raise ValueError(f"seed: must be >= 0, got {self.seed}")
