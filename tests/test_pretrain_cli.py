@@ -60,3 +60,12 @@ def test_shipped_recipes_resolve():
         if epochs is not None:
             assert (cfg.train.epochs, cfg.data.batch_size, cfg.train.base_lr) == (epochs, batch, 1.0)
             assert (cfg.train.warmup_epochs, cfg.train.weight_decay, cfg.train.target_momentum) == (10, 1e-5, 0.99)
+
+
+def test_device_photometric_path_trains(sample_data, tmp_path):
+    """data.photometric=device: the loader sends uint8 views and the trainer finishes them on the device."""
+    out = tmp_path / "run"
+    assert main(cli_args(sample_data, out, "train.max_steps=2", "data.batch_size=2", "data.photometric=device")) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(-8.0 <= r["loss"] <= 0.0 for r in records)  # four -2cos terms: the loss lies in [-8, 0]

@@ -90,6 +90,7 @@ class Trainer:
         images_per_step: int,
         run_dir: Path | None = None,
         channels_last: bool = False,
+        device_photometric: bool = False,
         hooks: Sequence[Hook] = (),
     ) -> None:
         self.model, self.forward_model, self.optimizer, self.scaler = model, forward_model, optimizer, scaler
@@ -97,11 +98,21 @@ class Trainer:
         self.device, self.amp_dtype, self.accum_steps = device, amp_dtype, accum_steps
         self.steps_per_epoch, self.stop_step, self.images_per_step = steps_per_epoch, stop_step, images_per_step
         self.channels_last, self.run_dir = channels_last, run_dir
+        self.device_photometric = device_photometric
         self.hooks = list(hooks)
         self.step = 0
         self.epoch = 0
         self.epoch_ended = False  # True right after the step that finished an epoch
         self.skipped_images = 0  # in this process since the start (or resume) of the run
+
+    def prepare_batch(self, batch: dict) -> dict:
+        """Move a collated batch to the device; with ``data.photometric=device`` the colour, blur,
+        solarize, normalisation and cutout of the views run there (the loader sent uint8 views)."""
+        if self.device_photometric:
+            from soco_det.data.device_photometric import apply_device_photometric
+
+            batch = apply_device_photometric(move_to(batch, self.device))
+        return move_to(batch, self.device, self.channels_last)
 
     # ------------------------------------------------------------------ the training step
     def run_step(self, micro_batches: Sequence[dict]) -> dict[str, Any]:
@@ -168,7 +179,7 @@ class Trainer:
                     micro = [next(iterator) for _ in range(self.accum_steps)]
                     # bad images the dataset replaced (counted in the workers, reported here)
                     self.skipped_images += sum(int(b["skipped"].sum()) for b in micro if "skipped" in b)
-                    micro = [move_to(b, self.device, self.channels_last) for b in micro]
+                    micro = [self.prepare_batch(b) for b in micro]
                     for hook in self.hooks:
                         hook.before_step(self)
                     out = self.run_step(micro)
@@ -419,6 +430,7 @@ def pretrain(cfg: Any, out_dir: str | Path, resume: str | Path | None = None,
             loader=loader, sampler=sampler, dataset=dataset, device=device, amp_dtype=amp_dtype,
             accum_steps=train.accum_steps, steps_per_epoch=steps_per_epoch, stop_step=stop_step,
             images_per_step=images_per_step, run_dir=run_dir, channels_last=channels_last,
+            device_photometric=cfg.data.photometric == "device",
         )
         if resume_path is not None:
             # On the CPU: RNG states must stay CPU tensors; weights and optimizer state are copied

@@ -1,0 +1,113 @@
+"""Checks that need a CUDA device (run by benchmarks/gpu_check.sh on a GPU machine; skipped here).
+
+SyncBatchNorm has no CPU path, so its conversion is checked here: on a one-process NCCL group the
+synchronised statistics equal plain BatchNorm's, so the converted model (wrapped in DDP as the
+engine does) must give the plain model's loss and gradients. AMP (bf16, fp16 + GradScaler) and the
+device photometric path are checked through the real ``soco-det pretrain`` command.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def nccl_group():
+    import torch.distributed as dist
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _to(batch, device):
+    from soco_det.engine.trainer import move_to
+
+    return move_to(batch, torch.device(device))
+
+
+def test_sync_bn_conversion_equals_plain_bn_on_one_process(nccl_group):
+    from torch.nn.parallel import DistributedDataParallel
+
+    from soco_det.models import build_model, convert_sync_bn
+    from test_models import BATCHES, make_batch, tiny
+
+    torch.manual_seed(0)
+    plain = build_model(tiny()).cuda()
+    synced = convert_sync_bn(copy.deepcopy(plain)).cuda()
+    n_bn = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in plain.modules())
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules()) == n_bn > 0
+    assert not any(type(m) in (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d) for m in synced.modules())
+    ddp = DistributedDataParallel(synced, device_ids=[0], broadcast_buffers=False, find_unused_parameters=True)
+
+    batch = _to(make_batch(**BATCHES["soco_fpn"], b=4), "cuda")
+    loss_plain = plain(batch)["loss"]
+    loss_sync = ddp(batch)["loss"]
+    torch.testing.assert_close(loss_sync, loss_plain, rtol=1e-4, atol=1e-5)
+    loss_plain.backward()
+    loss_sync.backward()
+    for (name, p), q in zip(plain.named_parameters(), synced.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_keeps_loss_fp32_and_finite(dtype):
+    from soco_det.models import build_model
+    from test_models import BATCHES, make_batch, tiny
+
+    torch.manual_seed(0)
+    model = build_model(tiny()).cuda()
+    batch = _to(make_batch(**BATCHES["soco_fpn"], b=4), "cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        out = model(batch)
+    assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+    with torch.no_grad():
+        ref = model(batch)["loss"]
+    torch.testing.assert_close(out["loss"], ref, rtol=5e-2, atol=5e-2)
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    from soco_det.proposals import compute_store
+    from soco_det.synth import generate
+
+    root = tmp_path_factory.mktemp("gpu_scenes")
+    paths = generate(root, n_unlabeled=16, n_train=0, n_val=0, short_side=128)
+    store = compute_store(paths["images"] / "unlabeled", root / "proposals")
+    return paths["images"] / "unlabeled", store
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["train.amp=bf16"], ["train.amp=fp16"], ["train.amp=bf16", "data.photometric=device", "model.channels_last=true"]],
+    ids=["bf16", "fp16-gradscaler", "bf16-device-photometric"],
+)
+def test_pretrain_command_trains_on_cuda(scenes, tmp_path, extra):
+    from soco_det.cli import main
+
+    images, store = scenes
+    run = tmp_path / "run"
+    rc = main(["pretrain", "--recipe", "tiny_cpu", "--images", str(images), "--proposals", str(store), "-o", str(run),
+               "train.device=cuda", "train.max_steps=4", "data.batch_size=8", "data.num_workers=0", *extra])
+    assert rc == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    assert (run / "checkpoints" / "last.pt").is_file()
