@@ -115,7 +115,7 @@ def stage_pretrain(ctx: DemoContext) -> list[str]:
     from soco_det.plots import metric_curve, plot_curves, read_metrics
 
     images = ctx.paths["scenes_images"] / "unlabeled"
-    overrides = [f"train.max_steps={ctx.pretrain_steps}", f"seed={ctx.seed}", "train.progress=false"]
+    overrides = [f"train.max_steps={ctx.pretrain_steps}", f"seed={ctx.seed}", "train.log_every=5"]
     extra = {"data": {"images": str(images), "proposals": str(ctx.paths["proposals"])}}
     cfg = build_config(PretrainConfig, "tiny_cpu", overrides, extra=extra)
     run = pretrain(cfg, ctx.out / "pretrain", resume="auto")
