@@ -112,7 +112,8 @@ def stage_views(ctx: DemoContext) -> list[str]:
 def stage_pretrain(ctx: DemoContext) -> list[str]:
     from soco_det.config import build_config
     from soco_det.engine import PretrainConfig, pretrain
-    from soco_det.plots import metric_curve, plot_curves, read_metrics
+    from soco_det.engine.metrics import read_metrics
+    from soco_det.plots import metric_curve, plot_curves
 
     images = ctx.paths["scenes_images"] / "unlabeled"
     overrides = [f"train.max_steps={ctx.pretrain_steps}", f"seed={ctx.seed}", "train.log_every=5"]
@@ -120,7 +121,7 @@ def stage_pretrain(ctx: DemoContext) -> list[str]:
     cfg = build_config(PretrainConfig, "tiny_cpu", overrides, extra=extra)
     run = pretrain(cfg, ctx.out / "pretrain", resume="auto")
     ctx.paths["pretrain"] = run
-    records = read_metrics(run / "metrics.jsonl")
+    records = read_metrics(run)
     pairs = [k for k in records[0] if k.startswith("loss/")] if records else []
     picture = plot_curves(
         {"total": metric_curve(records, "loss"), **{k[5:]: metric_curve(records, k) for k in pairs}},

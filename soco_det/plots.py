@@ -1,17 +1,11 @@
-"""Small matplotlib pictures for reports: metric curves from a run's ``metrics.jsonl``."""
+"""Small matplotlib pictures for reports: metric curves (records from ``engine.metrics.read_metrics``)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from soco_det.atomic import atomic_open
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a JSON-lines metrics file (blank lines skipped)."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def plot_curves(

@@ -61,17 +61,6 @@ def run_cli(args: list[str], launcher: list[str] | None = None, timeout: float =
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One intra-op thread: the 2-core test machine is shared, and oversubscription costs 10x."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def model_state(run_dir: Path, name: str = "last.pt") -> dict:
     import torch
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from engine_fixtures import model_state, sample_data, single_thread, tiny_config  # noqa: F401
+from engine_fixtures import model_state, sample_data, tiny_config  # noqa: F401
 from soco_det.engine import checkpoint as ckpt_io
 from soco_det.engine.metrics import read_metrics
 from soco_det.engine.trainer import Hook, NonFiniteLossError, pretrain

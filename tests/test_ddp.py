@@ -11,7 +11,7 @@ import socket
 import pytest
 import torch
 
-from engine_fixtures import TINY_OVERRIDES, model_state, run_cli, sample_data, single_thread, tiny_config  # noqa: F401
+from engine_fixtures import TINY_OVERRIDES, model_state, run_cli, sample_data, tiny_config  # noqa: F401
 from soco_det.engine.distributed import ResumableSampler
 from soco_det.engine.metrics import read_metrics
 from soco_det.engine.trainer import pretrain

@@ -9,15 +9,6 @@ import torch
 
 from soco_det.losses import SoCoLoss, byol_loss, directional_loss, pair_name
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine more threads spin and run many times slower."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 EPS = 1e-6
 
 

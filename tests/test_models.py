@@ -15,15 +15,6 @@ from soco_det.models.backbone import ResNetTrunk
 from soco_det.models.fpn import FPN
 from soco_det.models.roi import roi_align_boxes
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine more threads spin and run many times slower."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 TINY = dict(depth=18, fpn_channels=16, head_conv_dim=16, head_fc_dim=32, proj_hidden_dim=32, proj_dim=16)
 
 

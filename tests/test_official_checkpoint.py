@@ -23,14 +23,6 @@ from soco_det.models.official import (
 TINY = dict(depth=18, fpn_channels=16, head_conv_dim=16, head_fc_dim=32, proj_hidden_dim=32, proj_dim=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def official_checkpoint(variant: str) -> tuple[dict, dict]:
     """(``ckpt`` as the official script saves it, our state dict it was made from)."""
     torch.manual_seed(0)

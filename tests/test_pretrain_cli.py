@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from engine_fixtures import TINY_OVERRIDES, sample_data, single_thread  # noqa: F401
+from engine_fixtures import TINY_OVERRIDES, sample_data  # noqa: F401
 from soco_det.cli import main
 
 

@@ -2,7 +2,6 @@
 
 import pytest
 
-from engine_fixtures import single_thread  # noqa: F401
 from soco_det.config import build_config
 from soco_det.engine.config import PretrainConfig
 from soco_det.engine.metrics import read_metrics
