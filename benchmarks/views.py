@@ -213,6 +213,9 @@ def stage_times(ds, n: int) -> dict:
 
     c = ds.sampler.cfg
     items = [ds.items[i % len(ds)].path for i in range(n)]
+    store = ds.store
+    # the dataset skips the header read when the store records the size (LazyImage(size=...))
+    known = [tuple(store.size(int(ds.store_indices[i % len(ds)]))) if store is not None else None for i in range(n)]
     spent = {"header": 0.0, "decode": 0.0, "resize": 0.0, "photometric": 0.0}
     total = 0.0
     for i, path in enumerate(items):
@@ -220,7 +223,7 @@ def stage_times(ds, n: int) -> dict:
         sample = ds.views(i % len(ds), epoch=i // len(ds))[0]
         total += time.process_time() - t0
         t0 = time.process_time()
-        lazy = LazyImage(path)
+        lazy = LazyImage(path, size=known[i] if known[i] and known[i] != (0, 0) else None)
         t1 = time.process_time()
         img, _, _ = lazy.load()
         t2 = time.process_time()

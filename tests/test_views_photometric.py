@@ -53,3 +53,33 @@ def test_fused_pipeline_matches_pil_pipeline(photo, seed):
     out = ph.augment_tensor(photo, np.random.default_rng(seed), mean=MEAN, std=STD, **kw)
     diff = (out - ref).abs() * torch.tensor(STD).view(3, 1, 1) * 255  # in uint8 levels
     assert diff.max() <= 2.01 and (diff > 0.5).float().mean() < 0.01
+
+
+def _unfused(arr, p, mean, std):
+    """The colour pipeline as separate passes (jitter+gray, PIL-exact blur, solarize+normalise)."""
+    from soco_det.data import box_blur
+
+    if p[0] or p[13]:
+        arr = ck.colour_jitter_gray(np.ascontiguousarray(arr), p[5:9].astype(np.int64), p[1:5], p[9:13] > 0, bool(p[13]))
+    if p[14]:
+        arr = box_blur.pil_gaussian_blur(np.ascontiguousarray(arr), float(p[15]))
+    scale, offset = ph.normalise_constants(mean, std)
+    return torch.from_numpy(ck.solarize_normalise(np.ascontiguousarray(arr), int(p[17]), bool(p[16]), scale, offset))
+
+
+@pytest.mark.parametrize("flipped", [False, True])
+def test_apply_params_equals_separate_passes_bit_for_bit(photo, flipped):
+    """apply_params (table-lookup solarize + normalisation into the output buffer) gives exactly the
+    floats of the separate kernels, for every op order, with and without blur/grayscale/solarize."""
+    arr = np.asarray(photo)[:, ::-1] if flipped else np.asarray(photo)  # flipped: negative strides
+    rng = np.random.default_rng(11)
+    kw = dict(jitter=(0.4, 0.4, 0.2, 0.1), jitter_prob=0.9, grayscale_prob=0.3, blur_prob=0.4, blur_sigma=(0.1, 2.0),
+              solarize_prob=0.4, solarize_threshold=128)
+    seen = set()
+    for _ in range(40):
+        p = ph.draw_params(rng, **kw)
+        seen.add((bool(p[0]), bool(p[13]), bool(p[14]), bool(p[16]), tuple(p[5:9].astype(int))[:2]))
+        out = ph.apply_params(arr, p, MEAN, STD)
+        assert out.dtype == torch.float32 and out.shape == (3, *arr.shape[:2])
+        assert torch.equal(out, _unfused(arr, p, MEAN, STD)), p
+    assert len({s[:4] for s in seen}) >= 8  # many combinations of jitter/gray/blur/solarize were exercised

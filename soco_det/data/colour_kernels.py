@@ -150,3 +150,30 @@ def solarize_normalise(img: np.ndarray, threshold: int, solarize: bool, scale: n
                 out[c, y, x] = v * scale[c] - offset[c]
     return out
 
+
+
+# -- table normalisation: solarize + ToTensor + Normalize as one lookup per value ------------------
+@_njit
+def normalise_table(threshold: int, solarize: bool, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """float32 ``[3, 256]``: value ``v`` of channel ``c`` after optional solarize and normalisation,
+    the same arithmetic as :func:`solarize_normalise`."""
+    lut = np.empty((3, 256), dtype=np.float32)
+    for c in range(3):
+        for v0 in range(256):
+            v = v0
+            if solarize and v >= threshold:
+                v = 255 - v
+            lut[c, v0] = v * scale[c] - offset[c]
+    return lut
+
+
+@_njit
+def table_normalise(img: np.ndarray, table: np.ndarray, out: np.ndarray) -> None:
+    """uint8 ``[H, W, 3]`` (any strides) -> float32 ``[3, H, W]`` ``out`` through ``table`` ``[3, 256]``."""
+    h, w, _ = img.shape
+    for c in range(3):
+        tc = table[c]
+        oc = out[c]
+        for y in range(h):
+            for x in range(w):
+                oc[y, x] = tc[img[y, x, c]]

@@ -104,25 +104,24 @@ class PretrainDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def _load(self, i: int) -> tuple[LazyImage, np.ndarray]:
-        """Image i (header read; pixels decoded by the sampler) and its proposals; raises
-        ImageError for bad input."""
+        """Image i (pixels decoded by the sampler) and its proposals; raises ImageError for bad input.
+
+        When the store records the image's size, the header is not read here: the sampler's
+        decode checks that the file still has that size (a changed image is bad input)."""
         item = self.items[i]
         store, sidx = self.store, int(self.store_indices[i])
         exif = bool(getattr(store, "exif_transpose", False)) if store is not None else False
-        img = LazyImage(item.path, exif_transpose=exif)
+        expected = None
+        if store is not None and sidx >= 0:
+            expected = tuple(int(s) for s in store.size(sidx))
+            if expected == (0, 0):  # the proposal job could not read it then: no proposals
+                expected = None
+                sidx = -1
+        img = LazyImage(item.path, exif_transpose=exif, size=expected)
         if min(img.size) < self.min_side:
             raise ImageError(item.path, f"image is {img.size[0]}x{img.size[1]}, smaller than min_side={self.min_side}")
         if store is None or sidx < 0:
             return img, NO_PROPOSALS
-        expected = tuple(int(s) for s in store.size(sidx))
-        if expected == (0, 0):  # the proposal job could not read it then: no proposals
-            return img, NO_PROPOSALS
-        if expected != img.size:
-            raise ImageError(
-                item.path,
-                f"decoded size {img.size[0]}x{img.size[1]} differs from {expected[0]}x{expected[1]} in the proposal "
-                "store (image changed since the proposals were computed?)",
-            )
         return img, np.asarray(store.boxes(sidx), dtype=np.int32).reshape(-1, 4)
 
     def views(self, index: int, epoch: int | None = None) -> tuple[ViewSample, int, int]:
@@ -175,7 +174,8 @@ class PretrainDataset(torch.utils.data.Dataset):
 
 def _pad_regions(regions: np.ndarray, k: int) -> np.ndarray:
     """Cutout regions int64 ``[M, 4]`` (M <= k) -> ``[k, 4]``, unused rows ``[0, 0, -1, -1]`` (empty)."""
-    out = np.tile(np.array([0, 0, -1, -1], dtype=np.int64), (k, 1))
+    out = np.zeros((k, 4), dtype=np.int64)
+    out[len(regions) :, 2:] = -1
     out[: len(regions)] = regions
     return out
 

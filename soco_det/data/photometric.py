@@ -108,21 +108,30 @@ def normalise_constants(mean: Sequence[float], std: Sequence[float]) -> tuple[np
     return scale, offset
 
 
+_NORM_CACHE: dict = {}
+
+
 def apply_params(arr: np.ndarray, p: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """The colour pipeline with drawn parameters ``p`` (:func:`draw_params`) on uint8 ``[H, W, 3]``
-    -> normalised float32 ``[3, H, W]``: fused numba colour jitter + grayscale, the bit-exact PIL
-    Gaussian blur (:mod:`soco_det.data.box_blur`), fused solarize + normalise."""
+    (any strides) -> normalised float32 ``[3, H, W]``: numba colour jitter + grayscale
+    (:func:`soco_det.data.colour_kernels.colour_jitter_gray`), the bit-exact PIL Gaussian blur
+    (:mod:`soco_det.data.box_blur`), then solarize + normalisation as one table lookup per value
+    written straight into the output tensor's buffer."""
     from soco_det.data import box_blur
     from soco_det.data import colour_kernels as ck
 
+    key = (tuple(mean), tuple(std))
+    if key not in _NORM_CACHE:
+        _NORM_CACHE[key] = normalise_constants(mean, std)
+    scale, offset = _NORM_CACHE[key]
     if p[0] or p[13]:
         arr = ck.colour_jitter_gray(
             np.ascontiguousarray(arr), p[5:9].astype(np.int64), p[1:5].astype(np.float64), p[9:13] > 0, bool(p[13])
         )
     if p[14]:
-        arr = box_blur.pil_gaussian_blur(arr, float(p[15]))
-    scale, offset = normalise_constants(mean, std)
-    out = ck.solarize_normalise(np.ascontiguousarray(arr), int(p[17]), bool(p[16]), scale, offset)
+        arr = box_blur.pil_gaussian_blur(np.ascontiguousarray(arr), float(p[15]))
+    out = np.empty((3, arr.shape[0], arr.shape[1]), dtype=np.float32)
+    ck.table_normalise(arr, ck.normalise_table(int(p[17]), bool(p[16]), scale, offset), out)
     return torch.from_numpy(out)
 
 

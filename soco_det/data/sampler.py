@@ -150,7 +150,8 @@ class ViewSampler:
         need = self.cfg.padding_k - len(ids)
         if need <= 0:
             return local, ids, 0
-        rows = rng.choice(np.flatnonzero(np.isin(ids, common)), need, replace=True)
+        # ids and common hold <= select_k values: a broadcast compare beats np.isin's sorting
+        rows = rng.choice(np.flatnonzero((ids[:, None] == common[None, :]).any(axis=1)), need, replace=True)
         return np.concatenate([local, local[rows]]), np.concatenate([ids, ids[rows]]), need
 
     def _pair_boxes(self, props, prop_ids, sel, crop0, crop_v, rng) -> _PairBoxes:
@@ -158,7 +159,7 @@ class ViewSampler:
         jittered = B.jitter(props[sel], rng, c.jitter_prob, c.jitter_ratio, c.legacy)
         local0, ids0 = B.clip_to_crop(jittered, prop_ids[sel], crop0, c.legacy)
         local_v, ids_v = B.clip_to_crop(props[sel], prop_ids[sel], crop_v, c.legacy)
-        common = np.intersect1d(ids0, ids_v)
+        common = ids_v[(ids_v[:, None] == ids0[None, :]).any(axis=1)]  # ids in both (unique: ids_v is)
         fallback = len(common) == 0
         if fallback:
             # No proposal survived in both views (no overlap after 5 tries): whole-view boxes with
@@ -238,7 +239,7 @@ class ViewSampler:
 
         images, cutouts, params = [], [], []
         for v in range(self.num_views):
-            view = views[v].transpose(FLIP) if flips[v] else views[v]
+            view = views[v]
             p = photometric.draw_params(
                 rng,
                 jitter=c.color_jitter,
@@ -250,6 +251,8 @@ class ViewSampler:
                 solarize_threshold=c.solarize_threshold,
             )
             arr = np.asarray(view, dtype=np.uint8)
+            if flips[v]:  # a horizontal flip: the same pixels as PIL's FLIP_LEFT_RIGHT
+                arr = arr[:, ::-1]
             if self.photometric == "cpu":
                 tensor = photometric.apply_params(arr, p, c.mean, c.std)
             else:  # uint8 [3, S, S]; colour, blur, normalisation and cutout happen on the device
