@@ -252,6 +252,11 @@ class DataConfig:
     # from the official bilinear resize (measured on 500-px photos: g=1 -> ~30% faster resize, mean
     # |diff| ~0.7 uint8 levels; g=1.5 -> ~10% faster, ~0.2 levels; tests/test_views_speed_paths.py); null keeps the exact torchvision-v1 resize.
     resize_reducing_gap: Optional[float] = None
+    # Bilinear resize of the views: "numba" (soco_det.data.resize, ~2.5x faster than PIL and
+    # bit-identical to PIL's horizontal-then-vertical passes, i.e. every Pillow up to 12, which the
+    # official runs used; Pillow 13 runs the vertical pass first for some shapes, where the two
+    # differ by rounding, <= 1 level) or "pil" (Image.resize of the installed Pillow).
+    resize_backend: str = "numba"
     views: ViewsConfig = field(default_factory=ViewsConfig)
 
     def validate(self) -> None:
@@ -269,6 +274,8 @@ class DataConfig:
             raise ValueError(f"photometric: 'cpu' or 'device', got {self.photometric!r}")
         if self.resize_reducing_gap is not None and self.resize_reducing_gap < 1.0:
             raise ValueError(f"resize_reducing_gap: must be >= 1 or null, got {self.resize_reducing_gap}")
+        if self.resize_backend not in ("numba", "pil"):
+            raise ValueError(f"resize_backend: 'numba' or 'pil', got {self.resize_backend!r}")
         if self.max_replacements < 1:
             raise ValueError(f"max_replacements: must be >= 1, got {self.max_replacements}")
         self.views.validate()

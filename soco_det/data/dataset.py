@@ -66,6 +66,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         decode_reducing_gap: float | None = 2.0,
         photometric: str = "cpu",
         resize_reducing_gap: float | None = None,
+        resize_backend: str = "numba",
     ) -> None:
         if len(items) == 0:
             raise UserError("the pretraining dataset has no images")
@@ -74,7 +75,8 @@ class PretrainDataset(torch.utils.data.Dataset):
         self._store_path = str(store) if isinstance(store, (str, Path)) else None
         self._store = None if self._store_path else store
         self.sampler = ViewSampler(
-            views, decode_reducing_gap=decode_reducing_gap, photometric=photometric, resize_reducing_gap=resize_reducing_gap
+            views, decode_reducing_gap=decode_reducing_gap, photometric=photometric,
+            resize_reducing_gap=resize_reducing_gap, resize_backend=resize_backend,
         )
         self.photometric = photometric
         self.num_levels = self.sampler.num_levels
@@ -265,4 +267,5 @@ def build_pretrain_dataset(cfg: DataConfig, seed: int) -> PretrainDataset:
         decode_reducing_gap=cfg.decode_reducing_gap,
         photometric=cfg.photometric,
         resize_reducing_gap=cfg.resize_reducing_gap,
+        resize_backend=cfg.resize_backend,
     )
