@@ -1,0 +1,56 @@
+"""Fine-tune a Mask R-CNN (torchvision v2 architecture) on a COCO-format dataset, from random init or a SoCo export.
+
+Examples::
+
+    soco-det finetune --train-json train.json --train-images imgs --val-json val.json --val-images imgs \\
+        --init export/torchvision.pth -o runs/ft                          # recipe finetune_1x
+    soco-det finetune ... --recipe finetune_tiny_cpu -o runs/ft solver.iterations=100 model.depth=18
+    soco-det finetune -o runs/ft --resume                                  # continue (reads runs/ft/config.yaml)
+    torchrun --nproc_per_node 8 -m soco_det.cli finetune ...               # DDP, SyncBN on CUDA
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--train-json", help="COCO instances JSON of the training set")
+    parser.add_argument("--train-images", help="folder the training JSON's file_names are relative to")
+    parser.add_argument("--val-json", help="COCO instances JSON of the evaluation set")
+    parser.add_argument("--val-images", help="folder the val JSON's file_names are relative to")
+    parser.add_argument("--init", help="'random', a `soco-det export --to torchvision` file, or a torchvision ResNet weights file")
+    parser.add_argument("-o", "--out", required=True, help="run folder (checkpoints, metrics.jsonl, config.yaml, metrics.json)")
+    parser.add_argument("--recipe", default=None,
+                        help="recipe name (finetune_1x, finetune_tiny_cpu) or YAML file; default finetune_1x, "
+                        "or the run folder's config.yaml with --resume")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    parser.add_argument("--device", default=None, help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. solver.iterations=500 model.depth=18")
+
+
+def run(args: argparse.Namespace) -> int:
+    from soco_det.config import build_config
+    from soco_det.transfer import FinetuneConfig, finetune
+
+    out = Path(args.out)
+    recipe = args.recipe
+    if recipe is None:
+        saved = out / "config.yaml"
+        recipe = saved if args.resume and saved.is_file() else "finetune_1x"
+    flags = {
+        ("data", "train_json"): args.train_json,
+        ("data", "train_images"): args.train_images,
+        ("data", "val_json"): args.val_json,
+        ("data", "val_images"): args.val_images,
+        ("model", "init"): args.init,
+        (None, "device"): args.device,
+    }
+    extra: dict = {}
+    for (section, key), value in flags.items():
+        if value is not None:
+            (extra.setdefault(section, {}) if section else extra)[key] = str(value)
+    cfg = build_config(FinetuneConfig, recipe, args.overrides, extra=extra)
+    finetune(cfg, out, resume=args.resume)
+    return 0

@@ -1,0 +1,325 @@
+"""Mask R-CNN fine-tuning: an iteration-based loop with warmup + step decay, DDP, AMP and resume.
+
+``finetune(cfg, out_dir)`` trains the model of :mod:`soco_det.transfer.maskrcnn` on a COCO-format
+train set and evaluates it on the val set (periodically and at the end). The run folder holds::
+
+    config.yaml                resolved config (schedule presets expanded)
+    metrics.jsonl              one line per log period ({"iter", "lr", "loss", "loss_*", "time"})
+                               and per evaluation ({"iter", "bbox": {...}, "segm": {...}})
+    loss.png                   loss curve
+    checkpoints/step_*.pt      {"format": "soco-det/1", "kind": "maskrcnn", "model", "optimizer",
+    checkpoints/last.pt         "scaler", "step", "cat_ids", "rng", "config"} (atomic, last N kept)
+    eval/step_XXXXXXXX/        metrics.json + COCO results of each evaluation
+    metrics.json               the final evaluation
+
+Run it on one process, or on many with ``torchrun --nproc_per_node N -m soco_det.cli finetune ...``
+(``solver.batch_size`` is the total over processes). The data order, the per-sample augmentation
+and (on CPU) the whole run are reproducible from ``seed``; resuming (``resume=True``) continues from
+the saved iteration with the same data stream, LR and RNG state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from soco_det.atomic import atomic_write_text
+from soco_det.config import save_config, to_dict
+from soco_det.errors import UserError
+from soco_det.logs import Progress, get_logger
+from soco_det.transfer.config import FinetuneConfig, SolverConfig, resolve_schedule
+
+log = get_logger(__name__)
+
+_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def lr_factor(iteration: int, solver: SolverConfig) -> float:
+    """LR multiplier at 0-based ``iteration``: linear warmup from ``warmup_factor`` to 1 over
+    ``warmup_iters``, times ``gamma`` per step in ``steps`` already reached (detectron2's
+    WarmupMultiStepLR, as a pure function of the iteration)."""
+    decay = solver.gamma ** sum(1 for s in solver.steps if iteration >= s)
+    if iteration >= solver.warmup_iters:
+        return decay
+    alpha = iteration / solver.warmup_iters
+    return decay * (solver.warmup_factor * (1 - alpha) + alpha)
+
+
+def param_groups(model: nn.Module, solver: SolverConfig) -> list[dict[str, Any]]:
+    """Two SGD groups by rule: parameters of normalisation layers get ``weight_decay_norm``,
+    everything else ``weight_decay`` (detectron2's default split)."""
+    norm, other = [], []
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if param.requires_grad:
+                (norm if isinstance(module, _NORM_TYPES) else other).append(param)
+    return [
+        {"params": other, "weight_decay": solver.weight_decay},
+        {"params": norm, "weight_decay": solver.weight_decay_norm},
+    ]
+
+
+def train_step(
+    model: nn.Module,
+    images: list[torch.Tensor],
+    targets: list[dict[str, Any]],
+    optimizer: torch.optim.Optimizer,
+    scaler: Any,
+    autocast: Any,
+    clip_grad_norm: float,
+) -> dict[str, float]:
+    """One SGD step; returns the loss terms (floats). Raises ``FloatingPointError`` on a non-finite
+    loss, before the weights are touched, so the last checkpoint stays usable."""
+    # Forward: torchvision's Mask R-CNN returns its five loss terms in training mode.
+    with autocast():
+        loss_dict = model(images, targets)
+    loss = sum(loss_dict.values())
+    values = {k: float(v.detach()) for k, v in loss_dict.items()}
+    if not math.isfinite(float(loss.detach())):
+        raise FloatingPointError(f"non-finite loss {values}; lower solver.base_lr or raise solver.warmup_iters")
+    # Backward (scaled for float16) and update.
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip_grad_norm > 0:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    values["loss"] = sum(values.values())
+    return values
+
+
+class _Metrics:
+    """``metrics.jsonl`` writer (rank 0). On resume, lines past the resumed iteration (written by the
+    interrupted run after its last checkpoint) are dropped so the curve has no duplicates."""
+
+    def __init__(self, path: Path, start_iter: int, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+        if enabled and path.exists():
+            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("iter", 0) <= start_iter]
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()] if self.path.exists() else []
+
+
+def plot_losses(records: list[dict[str, Any]], out_png: Path) -> None:
+    """Loss terms against the iteration, from ``metrics.jsonl`` records."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if "loss" in r]
+    if not train:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in sorted(k for k in train[-1] if k.startswith("loss")):
+        ax.plot([r["iter"] for r in train], [r.get(key, float("nan")) for r in train], label=key, lw=2 if key == "loss" else 1)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out_png)
+
+
+def _resume_path(out: Path, resume: bool | str | Path | None, check_fresh: bool = True) -> Path | None:
+    from soco_det.engine.checkpoint import find_resume, resolve_checkpoint
+
+    if resume in (None, False):
+        if check_fresh and find_resume(out) is not None:
+            raise UserError(f"{out}: run folder already has checkpoints; resume it (--resume) or choose another folder")
+        return None
+    if resume is True or resume == "auto":
+        found = find_resume(out)
+        if found is None:
+            log.info("%s: no checkpoint to resume from; starting fresh", out)
+        return found
+    return resolve_checkpoint(resume)
+
+
+def _device(cfg: FinetuneConfig) -> str:
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(cfg.device).type
+
+
+def finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: bool | str | Path | None = None) -> Path:
+    """Fine-tune a Mask R-CNN as ``cfg`` says; returns the run folder ``out_dir``.
+
+    ``resume``: ``None``/``False`` starts fresh (refusing a folder that already has checkpoints);
+    ``True``/``"auto"`` continues from ``out_dir/checkpoints/last.pt`` if there is one; a path
+    continues from that checkpoint. Raises :class:`UserError` for bad data or init files.
+    """
+    from soco_det.engine import distributed as dist
+
+    created_group = not dist.is_initialized()
+    try:
+        return _finetune(cfg, Path(out_dir), resume)
+    finally:
+        if created_group:
+            dist.cleanup()
+
+
+def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) -> Path:
+    from soco_det.engine import distributed as dist
+    from soco_det.engine.checkpoint import capture_rng, load_checkpoint, load_model_strict, restore_rng, save_checkpoint
+    from soco_det.transfer.coco_data import CocoInstances, TrainingSampler, collate
+    from soco_det.transfer.evaluation import evaluate, format_metrics
+    from soco_det.transfer.maskrcnn import build_from_config, load_init, resolve_widths
+
+    try:
+        cfg.check_data()
+    except ValueError as exc:
+        raise UserError(f"finetune: {exc} (give --train-json/--train-images/--val-json/--val-images)") from exc
+    device = dist.init_distributed(_device(cfg))
+    rank, world = dist.rank(), dist.world_size()
+    if cfg.solver.batch_size % world:
+        raise UserError(f"solver.batch_size={cfg.solver.batch_size} is not divisible by the {world} processes")
+
+    # Data: the schedule preset depends on the number of usable training images.
+    train_set = CocoInstances(
+        cfg.data.train_json, cfg.data.train_images, train=True, min_sizes=cfg.input.min_size_train,
+        max_size=cfg.input.max_size_train, hflip_prob=cfg.input.hflip_prob, seed=cfg.seed,
+        filter_empty=cfg.data.filter_empty,
+    )
+    # Schedule presets and auto widths are resolved once and saved, so the run (and its checkpoints)
+    # can be rebuilt from config.yaml alone.
+    widths = resolve_widths(cfg.model)
+    model_cfg = replace(cfg.model, **{k: list(v) if isinstance(v, tuple) else v for k, v in widths.items()})
+    cfg = replace(cfg, model=model_cfg, solver=resolve_schedule(cfg.solver, len(train_set)))
+    solver = cfg.solver
+    num_classes = train_set.num_classes
+    if cfg.model.num_classes not in (0, num_classes):
+        raise UserError(f"model.num_classes={cfg.model.num_classes} but {cfg.data.train_json} has {num_classes - 1} categories (+1 background)")
+
+    # Model: same initial weights on every rank (seeded), then per-rank randomness for sampling.
+    torch.manual_seed(cfg.seed)
+    model = build_from_config(cfg.model, cfg.input, num_classes)
+    # Only rank 0 refuses a used folder: other ranks may look after rank 0 wrote checkpoints.
+    ckpt_path = _resume_path(out, resume, check_fresh=rank == 0)
+    if ckpt_path is None and cfg.model.init != "random":
+        load_init(model, cfg.model.init)
+    model.to(device)
+    ddp = dist.is_initialized() and world > 1
+    if ddp and device.type == "cuda" and cfg.model.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = torch.optim.SGD(param_groups(model, solver), lr=solver.base_lr, momentum=solver.momentum)
+    use_amp = cfg.amp and device.type == "cuda"
+    amp_dtype = torch.float16 if cfg.amp_dtype == "float16" else torch.bfloat16
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
+
+    start_iter = 0
+    if ckpt_path is not None:
+        # On the CPU: the RNG states must stay host tensors; model and optimizer copy to their device.
+        ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+        if ckpt.get("kind") != "maskrcnn":
+            raise UserError(f"{ckpt_path}: not a fine-tuning checkpoint")
+        if [int(c) for c in ckpt["cat_ids"]] != train_set.cat_ids:
+            raise UserError(f"{ckpt_path}: trained on category ids {ckpt['cat_ids']}, but {cfg.data.train_json} has {train_set.cat_ids}")
+        load_model_strict(model, ckpt["model"], source=str(ckpt_path))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_iter = int(ckpt["step"])
+        log.info("resumed from %s at iteration %d", ckpt_path, start_iter)
+    train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
+
+    if rank == 0:
+        save_config(cfg, out)
+    metrics = _Metrics(out / "metrics.jsonl", start_iter, enabled=rank == 0)
+    per_rank = solver.batch_size // world
+    loader = torch.utils.data.DataLoader(
+        train_set,
+        batch_size=per_rank,
+        sampler=TrainingSampler(len(train_set), per_rank, rank, world, seed=cfg.seed, start_iter=start_iter),
+        num_workers=cfg.data.num_workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype) if use_amp else contextlib.nullcontext()
+
+    def checkpoint(iteration: int) -> None:
+        if rank == 0:
+            state = {
+                "kind": "maskrcnn", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "step": iteration, "epoch": iteration * solver.batch_size // len(train_set),
+                "cat_ids": train_set.cat_ids, "rng": capture_rng(), "config": to_dict(cfg),
+            }
+            save_checkpoint(out, state, keep_last=cfg.keep_checkpoints or 10**9)
+            plot_losses(metrics.records(), out / "loss.png")
+        dist.barrier()
+
+    def run_eval(iteration: int) -> dict[str, Any] | None:
+        result = None
+        if rank == 0:
+            result = evaluate(model, cfg.data.val_json, cfg.data.val_images, out / "eval" / f"step_{iteration:08d}",
+                              max_images=cfg.data.max_val_images, show_progress=False)
+            metrics.write({"iter": iteration, "bbox": result["bbox"], "segm": result["segm"]})
+        dist.barrier()
+        return result
+
+    log.info("fine-tuning %d iterations (batch %d, %d train images, %d classes) on %s x%d; init %s",
+             solver.iterations, solver.batch_size, len(train_set), num_classes - 1, device.type, world, cfg.model.init)
+    train_model.train()
+    window: list[dict[str, float]] = []
+    t0 = time.perf_counter()
+    data = iter(loader)  # draws a worker seed from the global RNG: before the RNG is set below
+    # The RNG (RPN/RoI sampling) continues exactly where the checkpoint left it; fresh runs seed per rank.
+    if ckpt_path is not None:
+        restore_rng(ckpt["rng"])
+    else:
+        torch.manual_seed(cfg.seed + rank)
+    with Progress(total=solver.iterations, desc="finetune", initial=start_iter) as bar:
+        for iteration in range(start_iter, solver.iterations):
+            lr = solver.base_lr * lr_factor(iteration, solver)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            images, targets = next(data)
+            images = [im.to(device, non_blocking=True) for im in images]
+            targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+            window.append(train_step(train_model, images, targets, optimizer, scaler, autocast, solver.clip_grad_norm))
+            done = iteration + 1
+            bar.update(1)
+            if done % cfg.log_period == 0 or done == solver.iterations:
+                # Window means, averaged over processes (every rank logs at the same iterations).
+                keys = list(window[-1])
+                means = torch.tensor([sum(w[k] for w in window) / len(window) for k in keys], device=device)
+                means = dist.all_reduce_mean(means).tolist()
+                record = {"iter": done, "lr": lr, **dict(zip(keys, means)), "time": round(time.perf_counter() - t0, 3)}
+                bar.set_postfix(f"loss {record['loss']:.3f} lr {lr:.2e}")
+                metrics.write(record)
+                window = []
+            if (cfg.checkpoint_period and done % cfg.checkpoint_period == 0) or done == solver.iterations:
+                checkpoint(done)
+            if cfg.eval_period and done % cfg.eval_period == 0 and done != solver.iterations:
+                run_eval(done)
+    final = run_eval(solver.iterations)
+    if rank == 0 and final is not None:
+        from soco_det.atomic import atomic_write_json
+
+        atomic_write_json(out / "metrics.json", final, indent=2)
+        plot_losses(metrics.records(), out / "loss.png")
+        log.info("final: %s", format_metrics(final))
+    return out
+

@@ -1,0 +1,204 @@
+"""Mask R-CNN fine-tuning on the sample scenes: a 20-iteration CPU run through the CLI, exact resume,
+init from a SoCo export and from ResNet weights, schedule, sampler, transforms and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from soco_det.cli import main
+from soco_det.config import build_config
+from soco_det.errors import UserError
+from soco_det.transfer import FinetuneConfig, finetune
+from soco_det.transfer.coco_data import CocoInstances, TrainingSampler, hflip, resize
+from soco_det.transfer.config import SolverConfig, resolve_schedule
+from soco_det.transfer.finetuning import lr_factor
+from soco_det.transfer.maskrcnn import build_maskrcnn, load_init
+
+# pycocotools 2.0 with NumPy 2 warns on every mask decode; it is harmless.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+ITERS = 20
+
+# A small Mask R-CNN v2 on ~128 px scenes: narrow FPN/box head (the widths of the tiny_cpu SoCo
+# recipe) and few sampled RoIs keep it cheap on CPU.
+TINY = [
+    "model.fpn_channels=64", "model.box_conv_dims=[64,64,64,64]", "model.box_fc_dims=[256]",
+    "solver.iterations=20", "solver.steps=[15]", "solver.warmup_iters=5", "solver.batch_size=2",
+    "model.roi_batch_size=16", "model.rpn_batch_size=64", "model.detections_per_img=10",
+    "input.min_size_train=[112,128]", "input.max_size_train=200", "input.min_size_test=128", "input.max_size_test=200",
+    "data.num_workers=0", "checkpoint_period=5", "log_period=5",
+]
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    import soco_det.synth as synth
+
+    return synth.generate(tmp_path_factory.mktemp("scenes"), n_unlabeled=0, n_train=6, n_val=2, short_side=112, seed=3)
+
+
+def _data_args(scenes):
+    return ["--train-json", str(scenes["train"]), "--train-images", str(scenes["images"]),
+            "--val-json", str(scenes["val"]), "--val-images", str(scenes["images"])]
+
+
+@pytest.fixture(scope="module")
+def run_dir(scenes, tmp_path_factory):
+    """20 iterations of a ResNet-18 Mask R-CNN v2 from random init, through `soco-det finetune`."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("ft") / "run"
+    argv = ["finetune", *_data_args(scenes), "--init", "random", "-o", str(out),
+            "--recipe", "finetune_tiny_cpu", "--device", "cpu", *TINY]
+    assert main(argv) == 0
+    return out
+
+
+def test_finetune_writes_checkpoints_metrics_and_finite_losses(run_dir):
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["last.pt", "step_00000010.pt", "step_00000015.pt", "step_00000020.pt"]  # 3 kept
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    assert [r["iter"] for r in train] == [5, 10, 15, 20]
+    for r in train:
+        for key in ("loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"):
+            assert math.isfinite(r[key]) and r[key] >= 0, (key, r)
+    # Warmup then step decay, as logged: full LR after warmup, x0.1 after the step at 15.
+    assert train[1]["lr"] == pytest.approx(0.02) and train[3]["lr"] == pytest.approx(0.002)
+    final = json.loads((run_dir / "metrics.json").read_text())
+    assert final["num_images"] == 2 and set(final["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert any(r.get("iter") == ITERS and "segm" in r for r in records)
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert cfg["model"]["depth"] == 18 and cfg["solver"]["weight_decay"] == 2.5e-5
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["kind"] == "maskrcnn" and ckpt["step"] == ITERS and ckpt["cat_ids"] == list(range(1, 11))
+    assert (run_dir / "loss.png").stat().st_size > 0
+
+
+def test_resume_continues_from_saved_iteration_and_matches(run_dir, tmp_path):
+    """Drop the last checkpoint: resuming from step 15 must redo iterations 16-20 exactly."""
+    resumed = tmp_path / "run"
+    shutil.copytree(run_dir, resumed)
+    (resumed / "checkpoints" / "step_00000020.pt").unlink()
+    (resumed / "checkpoints" / "last.pt").unlink()
+    cfg = build_config(FinetuneConfig, resumed / "config.yaml")
+    finetune(cfg, resumed, resume=True)
+    records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records if "loss" in r] == [5, 10, 15, 20]  # no duplicates
+    original = torch.load(run_dir / "checkpoints" / "step_00000020.pt", weights_only=True)
+    again = torch.load(resumed / "checkpoints" / "step_00000020.pt", weights_only=True)
+    assert again["step"] == ITERS
+    for key, value in original["model"].items():
+        torch.testing.assert_close(again["model"][key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+
+
+def test_fresh_run_refuses_used_folder(run_dir):
+    cfg = build_config(FinetuneConfig, run_dir / "config.yaml")
+    with pytest.raises(UserError, match="already has checkpoints"):
+        finetune(cfg, run_dir)
+
+
+def test_evaluate_cli_reproduces_final_metrics(run_dir, scenes, tmp_path):
+    assert main(["evaluate", str(run_dir), "--json", str(scenes["val"]), "--images", str(scenes["images"]),
+                 "-o", str(tmp_path), "--device", "cpu"]) == 0
+    ours = json.loads((tmp_path / "metrics.json").read_text())
+    assert ours == json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_missing_image_gives_clear_cli_error(scenes, tmp_path, capsys):
+    data = json.loads(scenes["train"].read_text())
+    data["images"][1]["file_name"] = "train/not_there.jpg"
+    bad = tmp_path / "train.json"
+    bad.write_text(json.dumps(data))
+    argv = ["finetune", "--train-json", str(bad), "--train-images", str(scenes["images"]),
+            "--val-json", str(scenes["val"]), "--val-images", str(scenes["images"]), "-o", str(tmp_path / "run"),
+            "--recipe", "finetune_tiny_cpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "not_there.jpg: image file not found" in err and str(bad) in err
+
+
+def _soco_checkpoint(tmp_path, variant="soco_fpn"):
+    from soco_det.engine.checkpoint import save_checkpoint
+    from soco_det.models import ModelConfig, build_model
+
+    model_cfg = ModelConfig(variant=variant, depth=18)
+    model = build_model(model_cfg)
+    save_checkpoint(tmp_path / "pre", {"model": model.state_dict(), "step": 1, "config": {"model": {"variant": variant, "depth": 18}}})
+    return model
+
+
+def test_init_from_export_leaves_exactly_rpn_predictor_and_mask_branch(tmp_path):
+    from soco_det.export import export_checkpoint
+
+    soco = _soco_checkpoint(tmp_path)
+    exported = export_checkpoint(tmp_path / "pre", "torchvision", tmp_path / "tv.pth")
+    model = build_maskrcnn(18, num_classes=4)
+    missing = load_init(model, exported)
+    new_parts = ("rpn.", "roi_heads.box_predictor.", "roi_heads.mask_head.", "roi_heads.mask_predictor.")
+    assert set(missing) == {k for k in model.state_dict() if k.startswith(new_parts) and not k.endswith("num_batches_tracked")}
+    state = model.state_dict()
+    torch.testing.assert_close(state["backbone.body.layer3.1.conv2.weight"], soco.online.encoder.layer3[1].conv2.weight)
+    torch.testing.assert_close(state["roi_heads.box_head.5.weight"], soco.online.head.fc1.weight)
+
+
+def test_init_from_resnet_weights_loads_backbone_only(tmp_path):
+    import torchvision
+
+    resnet = torchvision.models.resnet18(weights=None)
+    torch.save(resnet.state_dict(), tmp_path / "resnet18.pth")
+    model = build_maskrcnn(18, num_classes=3)
+    missing = load_init(model, tmp_path / "resnet18.pth")
+    assert not any(k.startswith("backbone.body.") for k in missing)
+    assert any(k.startswith("backbone.fpn.") for k in missing) and any(k.startswith("roi_heads.box_head.") for k in missing)
+    torch.testing.assert_close(model.state_dict()["backbone.body.conv1.weight"], resnet.conv1.weight)
+    with pytest.raises(UserError, match=r"missing but expected to load backbone\.body\.layer1\.2\."):
+        load_init(build_maskrcnn(34, num_classes=3), tmp_path / "resnet18.pth")  # wrong depth is caught
+
+
+def test_lr_schedule_warmup_and_steps():
+    solver = SolverConfig(iterations=100, steps=[60, 80], warmup_iters=10, warmup_factor=0.001, gamma=0.1)
+    assert lr_factor(0, solver) == pytest.approx(0.001)
+    assert lr_factor(5, solver) == pytest.approx(0.001 * 0.5 + 0.5)
+    assert [lr_factor(i, solver) for i in (10, 59, 60, 79, 80, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_schedule_preset_scales_with_dataset_size():
+    solver = resolve_schedule(SolverConfig(schedule="1x", batch_size=16), 117266)
+    assert (solver.iterations, solver.steps, solver.warmup_iters) == (90000, [60000, 80000], 1000)
+    small = resolve_schedule(SolverConfig(schedule="1x", batch_size=4), 100)
+    assert small.iterations == round(90000 * 16 / 117266 * 100 / 4) and small.steps == [round(small.iterations * 2 / 3), round(small.iterations * 8 / 9)]
+
+
+def test_sampler_resumes_exactly_and_shards_disjointly():
+    full = TrainingSampler(7, batch_size=2, world_size=1, seed=5)
+    stream = [k for _, k in zip(range(40), iter(full))]
+    resumed = TrainingSampler(7, batch_size=2, world_size=1, seed=5, start_iter=6)
+    assert [k for _, k in zip(range(28), iter(resumed))] == stream[12:]
+    ranks = [TrainingSampler(7, batch_size=2, rank=r, world_size=2, seed=5) for r in (0, 1)]
+    a, b = ([k for _, k in zip(range(6), iter(s))] for s in ranks)
+    assert a[:2] + b[:2] + a[2:4] + b[2:4] == stream[:8]
+    assert sorted(i for i, e in stream[:7]) == list(range(7))  # one epoch = a permutation
+
+
+def test_train_transforms_keep_boxes_on_masks(scenes):
+    dataset = CocoInstances(scenes["train"], scenes["images"], train=True, min_sizes=[80, 150], max_size=300)
+    for index in range(3):
+        image = dataset.load_image(index)
+        target = dataset.target(index)
+        for op in (lambda i, t: resize(i, t, (150, 97)), hflip):
+            out_image, out = op(image, target)
+            assert out["masks"].shape[-2:] == (out_image.size[1], out_image.size[0])
+            for box, mask in zip(out["boxes"], out["masks"]):
+                ys, xs = np.nonzero(mask.numpy())
+                extent = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
+                torch.testing.assert_close(box, extent, atol=2.0, rtol=0)  # nearest-neighbour masks: ~1 px
+    image, target = dataset[(0, 3)]
+    assert image.dtype == torch.float32 and image.shape[0] == 3 and min(image.shape[1:]) in (80, 150)
+    assert target["labels"].min() >= 1 and target["labels"].max() <= 10
