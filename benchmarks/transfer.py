@@ -17,6 +17,7 @@ measures either way. Presets::
 
     python benchmarks/transfer.py --preset smoke --out /tmp/transfer_smoke   # ~3 min on CPU, tests the script
     python benchmarks/transfer.py --preset cpu --out /tmp/transfer_cpu       # ~19 min on 2 CPU cores (measured)
+    python benchmarks/transfer.py --preset cpu_long --out /tmp/transfer_long # 2.5x pretraining, 3.3x fine-tuning
     python benchmarks/transfer.py --preset gpu --out /tmp/transfer_gpu       # ~5 min on one H100 (measured)
 
 The fine-tuning runs are far shorter than a real 1x schedule, so absolute APs are low (a few
@@ -64,6 +65,18 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "model.roi_batch_size=64", "model.detections_per_img=30", "input.min_size_train=[112,128,144]",
                      "input.max_size_train=240", "input.min_size_test=128", "input.max_size_test=240",
                      "data.num_workers=1", "checkpoint_period=50", "log_period=10"],
+        "seeds": [0, 1],
+    },
+    "cpu_long": {
+        # The cpu preset's data with 2.5x the pretraining and 3.3x the fine-tuning (about 30 min on 2 idle cores).
+        "scenes": {"n_unlabeled": 160, "n_train": 40, "n_val": 20, "short_side": 128},
+        "pretrain_per_seed": False,
+        "pretrain": ["train.epochs=25", "train.warmup_epochs=2", "data.batch_size=16", "data.num_workers=1",
+                     "train.ckpt_every=100", "train.tensorboard=false"],
+        "finetune": ["solver.iterations=500", "solver.steps=[380,450]", "solver.warmup_iters=50", "solver.batch_size=2",
+                     "model.roi_batch_size=64", "model.detections_per_img=30", "input.min_size_train=[112,128,144]",
+                     "input.max_size_train=240", "input.min_size_test=128", "input.max_size_test=240",
+                     "data.num_workers=1", "checkpoint_period=250", "log_period=25"],
         "seeds": [0, 1],
     },
     "gpu": {
