@@ -191,7 +191,7 @@ def stage_transfer(ctx: DemoContext) -> list[str]:
                           xlabel="iteration")
 
     def pct(v: float | None) -> str:
-        return "-" if v is None or v < 0 else f"{100 * v:.1f}"
+        return "-" if v is None or v < 0 else f"{100 * v:.2f}"
 
     lines = [
         "## 6. Fine-tuning and COCO evaluation",
