@@ -108,10 +108,12 @@ _DESCRIPTIONS = {
 
 
 def _form_parser(form: str, prog: str) -> argparse.ArgumentParser:
+    from soco_det.cli import HelpFormatter
+
     metavar, nargs, pos_help, adders, out_help = _FORMS[form]
     word = "" if form == "compute" else f" {form}"
     p = argparse.ArgumentParser(prog=f"{prog}{word}", description=_DESCRIPTIONS[form],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument(metavar.lower().replace(".", "_"), metavar=metavar, nargs=None if nargs == "1" else nargs, help=pos_help)
     if form != "info":
         _output(p, out_help)
