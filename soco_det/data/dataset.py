@@ -258,7 +258,7 @@ def build_pretrain_dataset(cfg: DataConfig, seed: int) -> PretrainDataset:
     return PretrainDataset(
         items,
         indices,
-        cfg.proposals if cfg.proposals is not None else None,
+        cfg.proposals,
         cfg.views,
         seed,
         strict=cfg.strict,
