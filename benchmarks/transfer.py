@@ -1,270 +1,354 @@
-"""Transfer benchmark: does SoCo pretraining help a Mask R-CNN more than image-level BYOL or random init?
+"""Transfer benchmark v2: does SoCo pretraining beat the same network untrained, and image-level BYOL?
 
-On the sample scenes:
+On the sample scenes, at equal budget:
 
-1. generate the scenes (or reuse ``--data``) and compute selective-search proposals for the
-   unlabeled split;
-2. pretrain SoCo (``model.variant=soco_fpn``) and the image-level BYOL baseline
-   (``model.variant=image_byol``) with the same engine, recipe and budget on the unlabeled split,
-   and export both to torchvision (``soco_det.export.export_checkpoint``);
-3. fine-tune a Mask R-CNN v2 from each export and from random init on the small labeled split, with
-   the same schedule and the same architecture (FPN / box-head widths of the SoCo export);
-4. evaluate on the val split and print bbox / segm AP, AP50, AP75 per init (mean and std over
-   seeds), and write ``transfer.json`` and ``transfer.png`` into ``--out``.
+1. scenes and the faithful selective-search proposals (their recall of the val objects at IoU 0.5,
+   raw and kept, is reported);
+2. for every pretraining seed s: SoCo (``soco_fpn``) and image-level BYOL (``image_byol``) pretrained
+   with the same engine, recipe, budget rule and seed; "random" is **the same architecture with the
+   same init scheme and seed, untrained** (``init_model(cfg.model, s)``: exactly what both runs start
+   from); BYOL brings a trained encoder, its FPN and head are those untrained ones;
+3. the object probe (:mod:`soco_det.probe`) of each on the labeled train/val scenes, with paired
+   differences over the same val objects, pooled over the pretraining seeds; ``probe_*`` reads the
+   box head's output (what SoCo trains and the detector's box head inherits), ``probe_roi_*`` the
+   FPN RoIAlign features;
+4. Mask R-CNN fine-tuning from each (paired: fine-tuning seed f gives every init the same data order
+   and head init), COCO box/mask AP, per-seed differences with a t-interval over the seeds;
+   torchvision's own random init as an extra row (``--torchvision-random``).
 
-The paper's claim (SOCO_SPEC 8.1) is SoCo > image-level > random; this script reports what it
-measures either way. Presets::
+A pretrained model never counts as a gain when its features collapsed (its box-head output's
+effective rank under 5 % of the untrained one's, or the run's collapse warning) or when its
+localisation probe fell below the untrained model's: ``gains`` in the JSON says which did.
 
-    python benchmarks/transfer.py --preset smoke --out /tmp/transfer_smoke   # ~3 min on CPU, tests the script
-    python benchmarks/transfer.py --preset cpu --out /tmp/transfer_cpu       # ~19 min on 2 CPU cores (measured)
-    python benchmarks/transfer.py --preset cpu_long --out /tmp/transfer_long # 2.5x pretraining, 3.3x fine-tuning
-    python benchmarks/transfer.py --preset gpu --out /tmp/transfer_gpu       # ~5 min on one H100 (measured)
+    python benchmarks/transfer.py --preset smoke --json /tmp/smoke.json   # a minute or two: tests the script
+    python benchmarks/transfer.py --preset cpu --json out.json            # <= 30 min on 2 CPU cores
+    python benchmarks/transfer.py --preset gpu --json out.json            # one H100/H200, ~8 min (unmeasured)
 
-The fine-tuning runs are far shorter than a real 1x schedule, so absolute APs are low (a few
-percent at most on the gpu preset); a 4-image overfit check of the same code reaches box AP ~99.
-
-``--seeds 0 1 2`` sets the seeds (fine-tuning seeds; with ``pretrain_per_seed`` in the preset, the
-pretraining seeds too), ``--data DIR`` reuses a folder written by ``soco-det synth``.
+``--json FILE`` writes ``{"preset", "seconds", "results", "paired": {"soco-random": {"probe_linear_top1":
+{"mean", "ci95"}, ..., "box_ap": {...}}, "soco-byol": ..., "byol-random": ...}, "gains"}``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-INITS = ("random", "image_byol", "soco")
-VARIANT = {"image_byol": "image_byol", "soco": "soco_fpn"}
-METRICS = (("bbox", "AP"), ("bbox", "AP50"), ("bbox", "AP75"), ("segm", "AP"), ("segm", "AP50"), ("segm", "AP75"))
+import numpy as np
 
-# Each preset: scenes, pretraining (recipe tiny_cpu + overrides, same for both methods) and
-# fine-tuning (recipe finetune_tiny_cpu + overrides, same for every init).
+METHODS = {"soco": "soco_fpn", "byol": "image_byol"}
+PAIRS = (("soco", "random"), ("soco", "byol"), ("byol", "random"))
+PROBE_SCORES = ("linear_top1", "knn_top1", "loc_r2", "retrieval_top1")
+AP_KEYS = (("bbox", "AP", "box_ap"), ("bbox", "AP50", "box_ap50"), ("segm", "AP", "mask_ap"))
+
+# The budget rule of README "Budget-aware pretraining": LARS eta from the batch (train.budget=auto)
+# and the head's variance-covariance term; same for SoCo and BYOL (BYOL has no box head: no term).
+SMALL_BUDGET = ["train.budget=auto", "model.head_decorrelation=1.0"]
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
-        "scenes": {"n_unlabeled": 32, "n_train": 8, "n_val": 4, "short_side": 96},
-        "pretrain_per_seed": False,
-        "pretrain": ["train.epochs=1", "train.warmup_epochs=0", "data.batch_size=8", "data.num_workers=0",
-                     "train.ckpt_every=1000", "train.tensorboard=false"],
-        "finetune": ["solver.iterations=8", "solver.steps=[6]", "solver.warmup_iters=2", "solver.batch_size=2",
-                     "model.roi_batch_size=32", "model.detections_per_img=20", "input.min_size_train=[96]",
-                     "input.max_size_train=160", "input.min_size_test=96", "input.max_size_test=160",
-                     "data.num_workers=0", "checkpoint_period=1000", "log_period=4"],
-        "seeds": [0, 1],
+        "scenes": {"n_unlabeled": 48, "n_train": 16, "n_val": 12, "short_side": 96},
+        "recipe": "tiny_cpu",
+        "pretrain": [*SMALL_BUDGET, "train.epochs=2", "train.warmup_epochs=0.5", "data.batch_size=8",
+                     "data.num_workers=0", "train.ckpt_every=1000", "train.tensorboard=false", "train.log_every=2"],
+        "pretrain_seeds": [0, 1], "finetune_seeds": [0, 1, 2], "probe_size": 96, "resamples": 200,
+        "finetune": ["solver.iterations=6", "solver.steps=[5]", "solver.warmup_iters=2", "solver.batch_size=2",
+                     "model.roi_batch_size=32", "model.detections_per_img=20", "model.precise_bn_images=4",
+                     "input.min_size_train=[96]", "input.max_size_train=160", "input.min_size_test=96",
+                     "input.max_size_test=160", "data.num_workers=0", "checkpoint_period=1000", "log_period=3"],
     },
     "cpu": {
-        # Measured: 1113 s on 2 shared CPU cores (pretraining 258 s, fine-tuning 6 x ~140 s).
-        "scenes": {"n_unlabeled": 160, "n_train": 40, "n_val": 20, "short_side": 128},
-        "pretrain_per_seed": False,
-        "pretrain": ["train.epochs=10", "train.warmup_epochs=1", "data.batch_size=16", "data.num_workers=1",
-                     "train.ckpt_every=100", "train.tensorboard=false"],
-        "finetune": ["solver.iterations=150", "solver.steps=[110,135]", "solver.warmup_iters=20", "solver.batch_size=2",
-                     "model.roi_batch_size=64", "model.detections_per_img=30", "input.min_size_train=[112,128,144]",
-                     "input.max_size_train=240", "input.min_size_test=128", "input.max_size_test=240",
-                     "data.num_workers=1", "checkpoint_period=50", "log_period=10"],
-        "seeds": [0, 1],
-    },
-    "cpu_long": {
-        # The cpu preset's data with 2.5x the pretraining and 3.3x the fine-tuning (about 30 min on 2 idle cores).
-        "scenes": {"n_unlabeled": 160, "n_train": 40, "n_val": 20, "short_side": 128},
-        "pretrain_per_seed": False,
-        "pretrain": ["train.epochs=25", "train.warmup_epochs=2", "data.batch_size=16", "data.num_workers=1",
-                     "train.ckpt_every=100", "train.tensorboard=false"],
-        "finetune": ["solver.iterations=500", "solver.steps=[380,450]", "solver.warmup_iters=50", "solver.batch_size=2",
-                     "model.roi_batch_size=64", "model.detections_per_img=30", "input.min_size_train=[112,128,144]",
-                     "input.max_size_train=240", "input.min_size_test=128", "input.max_size_test=240",
-                     "data.num_workers=1", "checkpoint_period=250", "log_period=25"],
-        "seeds": [0, 1],
+        "scenes": {"n_unlabeled": 600, "n_train": 300, "n_val": 200, "short_side": 128},
+        "recipe": "tiny_cpu",
+        "pretrain": [*SMALL_BUDGET, "train.epochs=6", "train.warmup_epochs=0.5", "data.batch_size=16",
+                     "data.num_workers=1", "train.ckpt_every=1000", "train.tensorboard=false", "train.log_every=10"],
+        "pretrain_seeds": [0, 1], "finetune_seeds": [0, 1, 2], "probe_size": 128, "resamples": 1000,
+        "finetune": ["solver.iterations=40", "solver.steps=[30]", "solver.warmup_iters=8", "solver.batch_size=4",
+                     "model.roi_batch_size=64", "model.detections_per_img=30", "model.precise_bn_images=32",
+                     "input.min_size_train=[112,128,144]", "input.max_size_train=240", "input.min_size_test=128",
+                     "input.max_size_test=240", "data.num_workers=1", "checkpoint_period=1000", "log_period=10"],
     },
     "gpu": {
-        # Measured: 310 s on one H100 (torch 2.11), data+proposals 23 s, pretraining 48 s, fine-tuning 239 s.
-        "scenes": {"n_unlabeled": 1000, "n_train": 200, "n_val": 100, "short_side": 256},
-        "pretrain_per_seed": False,
-        "pretrain": ["train.epochs=8", "train.warmup_epochs=1", "data.batch_size=64", "data.num_workers=10",
-                     "train.ckpt_every=500", "train.tensorboard=false"],
-        "finetune": ["solver.iterations=400", "solver.steps=[280,360]", "solver.warmup_iters=50", "solver.batch_size=8",
-                     "model.roi_batch_size=256", "input.min_size_train=[224,256,288]", "input.max_size_train=480",
-                     "input.min_size_test=256", "input.max_size_test=480", "data.num_workers=6",
-                     "checkpoint_period=1000", "log_period=50", "amp=true"],
-        "seeds": [0, 1],
+        # ResNet-50 at batch 64 with the paper's views (the regime in which SoCo is known to work).
+        "scenes": {"n_unlabeled": 4000, "n_train": 600, "n_val": 300, "short_side": 256},
+        "recipe": "soco_fpn_r50_100ep",
+        "pretrain": ["train.budget=auto", "model.head_decorrelation=1.0", "train.epochs=12", "train.warmup_epochs=1",
+                     "data.batch_size=64", "data.num_workers=12", "train.ckpt_every=100000", "train.tensorboard=false",
+                     "train.log_every=25", "data.photometric=device", "model.channels_last=true"],
+        "pretrain_seeds": [0, 1], "finetune_seeds": [0, 1, 2], "probe_size": 224, "resamples": 1000,
+        "finetune": ["solver.iterations=600", "solver.steps=[450,550]", "solver.warmup_iters=50", "solver.batch_size=16",
+                     "model.roi_batch_size=256", "model.precise_bn_images=200", "input.min_size_train=[224,256,288]",
+                     "input.max_size_train=480", "input.min_size_test=256", "input.max_size_test=480",
+                     "data.num_workers=8", "checkpoint_period=100000", "log_period=50", "amp=true"],
     },
 }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="size of the experiment (see the module doc)")
-    parser.add_argument("--out", default="transfer_out", help="output folder (data, proposals, runs, transfer.json/png)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the preset's, >= 2 for a std)")
-    parser.add_argument("--data", default=None, help="reuse a `soco-det synth` folder instead of generating scenes")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
-    parser.add_argument("--inits", nargs="+", choices=INITS, default=list(INITS), help="which inits to compare")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="size of the experiment")
+    parser.add_argument("--out", default="transfer_out", help="working folder (data, runs, probes, fine-tunings)")
+    parser.add_argument("--json", default=None, help="write the results here (default: OUT/transfer.json)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--workers", type=int, default=2, help="processes for scenes and proposals")
+    parser.add_argument("--no-finetune", action="store_true", help="probe only")
+    parser.add_argument("--torchvision-random", action="store_true",
+                        help="also fine-tune from torchvision's default init (the old 'random')")
+    parser.add_argument("--pretrain", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra pretraining overrides for both methods (e.g. model.head_decorrelation=0)")
     return parser.parse_args(argv)
 
 
-def prepare_data(args: argparse.Namespace, preset: dict[str, Any], out: Path) -> dict[str, Path]:
-    import soco_det.synth as synth
+# ---------------------------------------------------------------------- stages
+def proposal_recall(data: dict[str, Path], out: Path, workers: int) -> dict[str, float]:
+    """Recall of the val objects at IoU >= 0.5 by the faithful proposals of the val images, raw and kept."""
+    from soco_det.probe.objects import read_objects
+    from soco_det.proposals import compute_store
+    from soco_det.proposals.store import ProposalStore
 
-    if args.data:
-        root = Path(args.data)
-        paths = {"images": root / "images", **{s: root / f"{s}.json" for s in ("unlabeled", "train", "val")}}
-        missing = [str(p) for p in paths.values() if not p.exists()]
-        if missing:
-            sys.exit(f"--data {root}: missing {', '.join(missing)} (write it with `soco-det synth`)")
-        return paths
-    return synth.generate(out / "data", seed=0, workers=args.workers, **preset["scenes"])
+    store = ProposalStore.open(compute_store(data["images"] / "val", out / "proposals_val", workers=workers,
+                                             keep_raw=True))
+    objects = read_objects(data["val"], data["images"])
+    found = {"kept": 0, "raw": 0}
+    for i, path in enumerate(objects.images):
+        k = store.index(str(Path(path).relative_to(data["images"] / "val")))
+        if k is None:
+            continue
+        w, h = store.size(k)
+        gt = objects.boxes[objects.image_index == i] * np.array([w, h, w, h])
+        for kind, rects in (("kept", store.boxes(k)), ("raw", store.raw_boxes(k))):
+            if len(rects):
+                r = np.asarray(rects, np.float64)  # official rects: [x, y, w, h] with w = max - min
+                boxes = np.concatenate([r[:, :2], r[:, :2] + r[:, 2:] + 1], axis=1)
+                found[kind] += int((_iou(gt, boxes) >= 0.5).any(axis=1).sum())
+    return {k: v / len(objects) for k, v in found.items()}
 
 
-def pretrain_and_export(method: str, seed: int, proposals: Path, preset: dict[str, Any], device: str, out: Path) -> Path:
-    """Pretrain ``method`` (``soco`` or ``image_byol``) with the tiny_cpu recipe + the preset's budget;
-    returns its torchvision export. Reuses a finished export (the benchmark can be re-run)."""
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=1)  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
+
+
+def pretrain_run(method: str, seed: int, data: dict[str, Path], store: Path, preset: dict[str, Any],
+                 extra: list[str], device: str, out: Path) -> Path:
     from soco_det.config import build_config
     from soco_det.engine import PretrainConfig, pretrain
+
+    overrides = [f"data.images={data['images'] / 'unlabeled'}", f"data.proposals={store}",
+                 f"model.variant={METHODS[method]}", f"seed={seed}", f"train.device={device}", "train.progress=false",
+                 *preset["pretrain"], *extra]
+    if method == "byol":
+        overrides = [o for o in overrides if not o.startswith("model.head_decorrelation")]
+    cfg = build_config(PretrainConfig, preset["recipe"], overrides)
+    run = out / "pretrain" / f"{method}_seed{seed}"
+    done = run / "checkpoints" / "last.pt"
+    if not done.exists():
+        pretrain(cfg, run, resume="auto")
+    return run
+
+
+def untrained_export(cfg: Any, seed: int, out: Path) -> Path:
+    """A torchvision export of the untrained network (``init_model``): the paired "random" init."""
+    import torch
+
+    from soco_det.engine.checkpoint import FORMAT
+    from soco_det.engine.trainer import init_model
     from soco_det.export import export_checkpoint
+    from soco_det.config import to_dict
 
-    export = out / "exports" / f"{method}_seed{seed}.pth"
-    if export.exists():
-        return export
-    overrides = [f"data.proposals={proposals}", f"model.variant={VARIANT[method]}", f"seed={seed}",
-                 f"train.device={device}", "train.progress=false", *preset["pretrain"]]
-    cfg = build_config(PretrainConfig, "tiny_cpu", overrides)
-    run = pretrain(cfg, out / "pretrain" / f"{method}_seed{seed}", resume="auto")
-    return export_checkpoint(run, "torchvision", export)
+    path = out / "exports" / f"random_seed{seed}.pth"
+    if not path.exists():
+        ckpt = out / "untrained" / f"seed{seed}.pt"
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"format": FORMAT, "model": init_model(cfg.model, seed).state_dict(), "step": 0,
+                    "config": to_dict(cfg)}, ckpt)
+        export_checkpoint(ckpt, "torchvision", path)
+    return path
 
 
-def finetune_one(init: str, init_path: Path | None, seed: int, widths: list[str], data: dict[str, Path],
-                 preset: dict[str, Any], device: str, out: Path) -> dict[str, Any]:
-    """Fine-tune + evaluate one (init, seed); returns the final metrics (reused if already there)."""
+def final_dynamics(run: Path) -> dict[str, float]:
+    from soco_det.engine.metrics import read_metrics
+
+    records = [r for r in read_metrics(run) if "loss" in r]
+    last = records[-1] if records else {}
+    return {k: last[k] for k in last if k.startswith(("move/", "collapse/", "lars/"))}
+
+
+def finetune_one(name: str, init: str, seed: int, widths: list[str], data: dict[str, Path], preset: dict[str, Any],
+                 device: str, out: Path) -> dict[str, Any]:
     from soco_det.config import build_config
     from soco_det.transfer import FinetuneConfig, finetune
 
-    run = out / "finetune" / f"{init}_seed{seed}"
-    if (run / "metrics.json").exists():
-        return json.loads((run / "metrics.json").read_text())
-    overrides = [
-        f"data.train_json={data['train']}", f"data.train_images={data['images']}",
-        f"data.val_json={data['val']}", f"data.val_images={data['images']}",
-        f"model.init={init_path or 'random'}", f"seed={seed}", f"device={device}", *widths, *preset["finetune"],
-    ]
-    cfg = build_config(FinetuneConfig, "finetune_tiny_cpu", overrides)
-    finetune(cfg, run, resume="auto")
+    run = out / "finetune" / f"{name}_ft{seed}"
+    if not (run / "metrics.json").exists():
+        overrides = [f"data.train_json={data['train']}", f"data.train_images={data['images']}",
+                     f"data.val_json={data['val']}", f"data.val_images={data['images']}", f"model.init={init}",
+                     f"seed={seed}", f"device={device}", "model.depth={depth}", *widths, *preset["finetune"]]
+        overrides = [o.replace("{depth}", str(preset["depth"])) for o in overrides]
+        finetune(build_config(FinetuneConfig, "finetune_tiny_cpu", overrides), run, resume="auto")
     return json.loads((run / "metrics.json").read_text())
 
 
-def summarise(results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, dict[str, dict[str, float]]]:
-    """``{init: {"bbox/AP": {"mean", "std", "values"}, ...}}`` in percent (std 0 for one seed)."""
-    table: dict[str, dict[str, dict[str, float]]] = {}
-    for init, by_seed in results.items():
-        row = {}
-        for iou, name in METRICS:
-            values = [100 * (m[iou][name] or 0.0) for m in by_seed.values()]
-            row[f"{iou}/{name}"] = {
-                "mean": statistics.fmean(values),
-                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                "values": values,
-            }
-        table[init] = row
-    return table
+def t_interval(values: list[float]) -> dict[str, Any]:
+    """Mean and 95 % t-interval (n - 1 degrees of freedom) of paired per-seed differences."""
+    from scipy import stats
+
+    v = np.asarray(values, np.float64)
+    if len(v) < 2:
+        return {"mean": float(v.mean()), "ci95": [float("nan"), float("nan")], "values": v.tolist()}
+    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
+    return {"mean": float(v.mean()), "ci95": [float(v.mean() - half), float(v.mean() + half)], "values": v.tolist()}
 
 
-def format_table(table: dict[str, dict[str, dict[str, float]]], seeds: list[int]) -> str:
-    head = f"{'init':<12}" + "".join(f"{k:>14}" for k in (f"{i}/{n}" for i, n in METRICS))
-    lines = [f"AP in percent, mean +- std over seeds {seeds}", head, "-" * len(head)]
-    for init, row in table.items():
-        cells = "".join(f"{row[k]['mean']:>8.2f} +-{row[k]['std']:>4.1f}" for k in (f"{i}/{n}" for i, n in METRICS))
-        lines.append(f"{init:<12}{cells}")
-    return "\n".join(lines)
-
-
-def plot(table: dict[str, dict[str, dict[str, float]]], out_png: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    keys = [f"{i}/{n}" for i, n in METRICS]
-    x = np.arange(len(keys))
-    width = 0.8 / max(len(table), 1)
-    fig, ax = plt.subplots(figsize=(9, 4))
-    for k, (init, row) in enumerate(table.items()):
-        ax.bar(x + k * width, [row[m]["mean"] for m in keys], width, yerr=[row[m]["std"] for m in keys], capsize=3, label=init)
-        for j, m in enumerate(keys):  # individual seeds as dots
-            ax.scatter([x[j] + k * width] * len(row[m]["values"]), row[m]["values"], s=8, color="black", zorder=3)
-    ax.set_xticks(x + width * (len(table) - 1) / 2, keys)
-    ax.set_ylabel("AP (%)")
-    ax.set_title(title, fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-
-
+# ---------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
     from soco_det.atomic import atomic_write_json
+    from soco_det.config import build_config
+    from soco_det.engine import PretrainConfig
     from soco_det.logs import setup_logging
+    from soco_det.probe.network import load_probe_network
+    from soco_det.probe.objects import read_objects, spec_from_config
+    from soco_det.probe.probe import combined_paired_difference, format_table, run_probe, summarise
     from soco_det.proposals import compute_store
+    import soco_det.synth as synth
 
     setup_logging()
     preset = PRESETS[args.preset]
-    seeds = args.seeds if args.seeds is not None else preset["seeds"]
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    t_all = time.perf_counter()
+    t_all, timings = time.perf_counter(), {}
 
     t = time.perf_counter()
-    data = prepare_data(args, preset, out)
+    data = {k: Path(v) for k, v in synth.generate(out / "data", seed=0, workers=args.workers, **preset["scenes"]).items()}
     store = compute_store(data["images"] / "unlabeled", out / "proposals", workers=args.workers)
+    recall = proposal_recall(data, out, args.workers)
     timings["data+proposals"] = time.perf_counter() - t
 
-    exports: dict[tuple[str, int], Path] = {}
-    pre_seeds = seeds if preset["pretrain_per_seed"] else seeds[:1]
-    for method in (m for m in ("soco", "image_byol") if m in args.inits):
-        t = time.perf_counter()
-        for s in pre_seeds:
-            exports[(method, s)] = pretrain_and_export(method, s, store, preset, device, out)
-        timings[f"pretrain {method}"] = time.perf_counter() - t
+    # ---- pretraining (both methods, every seed) and the untrained baseline
+    runs: dict[tuple[str, int], Path] = {}
+    for seed in preset["pretrain_seeds"]:
+        for method in METHODS:
+            t = time.perf_counter()
+            runs[(method, seed)] = pretrain_run(method, seed, data, store, preset, args.pretrain, device, out)
+            timings[f"pretrain {method} seed {seed}"] = time.perf_counter() - t
+    cfg = build_config(PretrainConfig, preset["recipe"], [*preset["pretrain"], *args.pretrain])
+    preset["depth"] = cfg.model.depth
 
-    # One architecture for every init: the widths of the SoCo export (FPN, box head).
-    from soco_det.transfer.maskrcnn import read_weights, widths_of
+    # ---- probes
+    t = time.perf_counter()
+    spec = spec_from_config(cfg, preset["probe_size"])
+    train_objs = read_objects(data["train"], data["images"])
+    val_objs = read_objects(data["val"], data["images"], categories=train_objs.categories)
+    probes: dict[str, dict[int, Any]] = {"random": {}, "soco": {}, "byol": {}}
+    for seed in preset["pretrain_seeds"]:
+        sources = {"random": "untrained", "soco": runs[("soco", seed)], "byol": runs[("byol", seed)]}
+        for name, src in sources.items():
+            net = load_probe_network(src, cfg.model, seed)
+            probes[name][seed] = run_probe(net, train_objs, val_objs, spec, device, seed=0, copy_network=False)
+    timings["probes"] = time.perf_counter() - t
+    seeds = preset["pretrain_seeds"]
+    summaries = {f"{name} (seed {s})": summarise(r, preset["resamples"]) for name, by in probes.items() for s, r in by.items()}
+    paired: dict[str, dict[str, Any]] = {}
+    for a, b in PAIRS:
+        diff = combined_paired_difference([(probes[a][s], probes[b][s]) for s in seeds], preset["resamples"])
+        # The headline is the box head's output (what SoCo's loss trains and what becomes the detector's box
+        # head); the FPN RoI features are reported beside it as probe_roi_*.
+        paired[f"{a}-{b}"] = {f"probe_{name}": diff["head"][name] for name in PROBE_SCORES if name in diff["head"]}
+        paired[f"{a}-{b}"].update({f"probe_roi_{name}": diff["roi"][name] for name in PROBE_SCORES
+                                   if name in diff["roi"]})
+        per_seed = [combined_paired_difference([(probes[a][s], probes[b][s])], preset["resamples"])
+                    for s in seeds]
+        paired[f"{a}-{b}"]["probe_linear_top1_per_seed"] = [d["head"]["linear_top1"]["mean"] for d in per_seed]
+        paired[f"{a}-{b}"]["probe_roi_linear_top1_per_seed"] = [d["roi"]["linear_top1"]["mean"] for d in per_seed]
 
-    reference = exports.get(("soco", pre_seeds[0]))
-    widths = widths_of(read_weights(reference)) if reference else {}
-    width_args = [f"model.{k}={list(v) if isinstance(v, tuple) else v}".replace(" ", "") for k, v in widths.items()]
-
-    results: dict[str, dict[int, dict[str, Any]]] = {}
-    for init in args.inits:
-        t = time.perf_counter()
-        results[init] = {}
+    # ---- collapse and localisation checks: when may a pretrained model count as a gain?
+    gains: dict[str, dict[str, Any]] = {}
+    for method in METHODS:
+        checks = []
         for s in seeds:
-            path = None if init == "random" else exports[(init, s if preset["pretrain_per_seed"] else pre_seeds[0])]
-            results[init][s] = finetune_one(init, path, s, width_args, data, preset, device, out)
-        timings[f"finetune {init}"] = time.perf_counter() - t
+            rank = probes[method][s].ranks["head"]
+            base_rank = probes["random"][s].ranks["head"]
+            loc = summarise(probes[method][s], 200)["head"]["loc_r2"]["mean"]
+            base_loc = summarise(probes["random"][s], 200)["head"]["loc_r2"]["mean"]
+            dyn = final_dynamics(runs[(method, s)])
+            collapsed = rank < 0.05 * base_rank or dyn.get("collapse/head_rank", math.inf) < dyn.get(
+                "collapse/head_rank_limit", 0)
+            checks.append({"seed": s, "head_rank": rank, "untrained_head_rank": base_rank, "collapsed": bool(collapsed),
+                           "loc_r2": loc, "untrained_loc_r2": base_loc, "loc_below_untrained": bool(loc < base_loc),
+                           "dynamics": dyn})
+        lo = paired[f"{method}-random"]["probe_linear_top1"]["ci95"][0]
+        ok = all(not c["collapsed"] and not c["loc_below_untrained"] for c in checks)
+        gains[method] = {"probe_linear_ci_excludes_0": lo > 0, "valid": ok, "counts_as_gain": bool(lo > 0 and ok),
+                         "checks": checks}
+
+    # ---- fine-tuning (pretraining seed 0; paired fine-tuning seeds)
+    finetuned: dict[str, dict[int, Any]] = {}
+    if not args.no_finetune:
+        from soco_det.export import export_checkpoint
+        from soco_det.transfer.maskrcnn import read_weights, widths_of
+
+        t = time.perf_counter()
+        s0 = seeds[0]
+        inits = {"random": untrained_export(cfg, s0, out),
+                 "soco": export_checkpoint(runs[("soco", s0)], "torchvision", out / "exports" / f"soco_seed{s0}.pth"),
+                 "byol": export_checkpoint(runs[("byol", s0)], "torchvision", out / "exports" / f"byol_seed{s0}.pth")}
+        widths = widths_of(read_weights(inits["soco"]))
+        width_args = [f"model.{k}={list(v) if isinstance(v, tuple) else v}".replace(" ", "") for k, v in widths.items()]
+        if args.torchvision_random:
+            inits["torchvision_random"] = "random"
+        for name, init in inits.items():
+            finetuned[name] = {f: finetune_one(name, str(init), f, width_args, data, preset, device, out)
+                               for f in preset["finetune_seeds"]}
+        for a, b in PAIRS:
+            for iou, key, label in AP_KEYS:
+                diffs = [100 * ((finetuned[a][f][iou][key] or 0.0) - (finetuned[b][f][iou][key] or 0.0))
+                         for f in preset["finetune_seeds"]]
+                paired[f"{a}-{b}"][label] = t_interval(diffs)
+        timings["finetune"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_all
 
-    table = summarise(results)
-    text = format_table(table, seeds)
-    print(f"\ntransfer benchmark, preset {args.preset}, device {device}"
-          f"{' (' + torch.cuda.get_device_name() + ')' if device == 'cuda' else ''}, "
-          f"pretraining {'per seed' if preset['pretrain_per_seed'] else 'once (seed ' + str(pre_seeds[0]) + ')'}")
-    print(text)
+    # ---- report
+    print(f"\ntransfer benchmark v2, preset {args.preset}, device {device}; pretraining seeds {seeds}, "
+          f"fine-tuning seeds {preset['finetune_seeds']}")
+    print(f"proposal recall of the val objects at IoU 0.5: kept {recall['kept']:.3f}, raw {recall['raw']:.3f}\n")
+    print(format_table(summaries, "roi"), "\n")
+    print(format_table(summaries, "head"), "\n")
+    print("paired differences (mean over pretraining seeds; bootstrap 95 % over the val objects):")
+    for pair, values in paired.items():
+        cells = ", ".join(f"{k} {v['mean']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]"
+                          for k, v in values.items() if isinstance(v, dict))
+        print(f"  {pair}: {cells}")
+    for method, g in gains.items():
+        print(f"  {method}: counts as a gain: {g['counts_as_gain']} (interval excludes 0: "
+              f"{g['probe_linear_ci_excludes_0']}; no collapse and localisation not below untrained: {g['valid']})")
+    if finetuned:
+        print("\nfine-tuning AP (%), per fine-tuning seed:")
+        for name, by in finetuned.items():
+            print(f"  {name:<18} box AP " + " ".join(f"{100 * (m['bbox']['AP'] or 0):.2f}" for m in by.values())
+                  + "   mask AP " + " ".join(f"{100 * (m['segm']['AP'] or 0):.2f}" for m in by.values()))
     print("time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
-    atomic_write_json(out / "transfer.json", {
-        "preset": args.preset, "device": device, "seeds": seeds, "pretrain_seeds": pre_seeds,
-        "settings": {k: v for k, v in preset.items() if k != "seeds"}, "widths": {k: list(v) if isinstance(v, tuple) else v for k, v in widths.items()},
-        "table_percent": table, "per_seed": results, "timings_s": timings,
-    }, indent=2)
-    plot(table, out / "transfer.png", f"sample scenes, preset {args.preset}, seeds {seeds}")
-    print(f"wrote {out / 'transfer.json'} and {out / 'transfer.png'}")
+    report = {
+        "preset": args.preset, "device": device, "seconds": timings["total"], "timings_s": timings,
+        "settings": {k: v for k, v in preset.items()}, "extra_pretrain": args.pretrain,
+        "proposal_recall": recall,
+        "results": {"probe": summaries,
+                    "finetune": {n: {str(f): {"bbox": m["bbox"], "segm": m["segm"]} for f, m in by.items()}
+                                 for n, by in finetuned.items()}},
+        "paired": paired, "gains": gains,
+    }
+    path = Path(args.json) if args.json else out / "transfer.json"
+    atomic_write_json(path, report, indent=2)
+    print(f"wrote {path}")
     return 0
 
 

@@ -63,13 +63,15 @@ def byol_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def decorrelation_loss(segments: Sequence[torch.Tensor], eps: float = 1e-4) -> torch.Tensor:
-    """Redundancy of feature channels: ``sum_{i != j} C_ij^2 / D`` (float32 scalar), with ``C`` the
-    ``D x D`` correlation matrix of the rows of every segment, each segment ``[R_s, D]`` standardised
-    over its own rows first (a segment is one network call, whose BatchNorm statistics are its own).
+    """Variance-covariance regulariser (VICReg's two terms) of feature channels: float32 scalar.
 
-    0 when the channels are uncorrelated, ``D - 1`` when they all carry the same direction: the
-    dimensional collapse that a BYOL-style loss alone allows at small batch and budget
-    (``model.head_decorrelation``; an option, not in the paper). Segments of one row are skipped.
+    Each segment ``[R_s, D]`` (one network call, whose BatchNorm statistics are its own) is centred
+    over its own rows; with ``C`` the ``D x D`` covariance of all centred rows,
+    ``relu(1 - sqrt(diag(C) + eps)).mean() + sum_{i != j} C_ij^2 / D``: 0 when every channel has
+    a standard deviation of at least 1 and no two channels covary. It counters the dimensional
+    collapse a BYOL-style loss alone allows at small batch and budget, where a few directions come to
+    carry all the variance (``model.head_decorrelation``; an option, not in the paper). Segments of
+    one row are skipped.
     """
     parts = []
     with torch.autocast(device_type=segments[0].device.type, enabled=False):
@@ -77,13 +79,14 @@ def decorrelation_loss(segments: Sequence[torch.Tensor], eps: float = 1e-4) -> t
             if x.shape[0] < 2:
                 continue
             x = x.float()
-            parts.append((x - x.mean(0)) / (x.std(0) + eps))
+            parts.append(x - x.mean(0))
         if not parts:
             return segments[0].new_zeros((), dtype=torch.float32)
         z = torch.cat(parts)
-        corr = z.T @ z / z.shape[0]
-        off = corr.pow(2).sum() - corr.diagonal().pow(2).sum()
-        return off / corr.shape[0]
+        cov = z.T @ z / (z.shape[0] - 1)
+        variance = F.relu(1 - torch.sqrt(cov.diagonal() + eps)).mean()
+        covariance = (cov.pow(2).sum() - cov.diagonal().pow(2).sum()) / cov.shape[0]
+        return variance + covariance
 
 
 def pair_name(a: int, b: int) -> str:

@@ -69,8 +69,9 @@ def test_finetune_writes_checkpoints_metrics_and_finite_losses(run_dir):
     for r in train:
         for key in ("loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"):
             assert math.isfinite(r[key]) and r[key] >= 0, (key, r)
-    # Warmup then step decay, as logged: full LR after warmup, x0.1 after the step at 15.
-    assert train[1]["lr"] == pytest.approx(0.02) and train[3]["lr"] == pytest.approx(0.002)
+    # Warmup then step decay, as logged: full LR after warmup (0.02 at batch 16, scaled linearly to
+    # the batch of 2: 0.0025), x0.1 after the step at 15.
+    assert train[1]["lr"] == pytest.approx(0.0025) and train[3]["lr"] == pytest.approx(0.00025)
     final = json.loads((run_dir / "metrics.json").read_text())
     assert final["num_images"] == 2 and set(final["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert any(r.get("iter") == ITERS and "segm" in r for r in records)
@@ -202,3 +203,34 @@ def test_train_transforms_keep_boxes_on_masks(scenes):
     image, target = dataset[(0, 3)]
     assert image.dtype == torch.float32 and image.shape[0] == 3 and min(image.shape[1:]) in (80, 150)
     assert target["labels"].min() >= 1 and target["labels"].max() <= 10
+
+
+def test_precise_bn_averages_statistics_over_images_and_keeps_the_rng():
+    from soco_det.transfer.finetuning import freeze_batch_norm, peak_lr, precise_bn
+    from soco_det.transfer.config import SolverConfig
+
+    class Toy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = torch.nn.BatchNorm2d(3)
+
+        def forward(self, images, targets):
+            return self.bn(torch.stack(images))
+
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(3, 4, 4, generator=g) * (i + 1) + i for i in range(8)]
+    batches = iter([(data[i:i + 2], [{}, {}]) for i in range(0, 8, 2)])
+    model = Toy().train()
+    model.bn.running_mean.fill_(5.0)
+    torch.manual_seed(7)
+    expected_next = torch.rand(3)
+    torch.manual_seed(7)
+    assert precise_bn(model, batches, 8, torch.device("cpu")) == 8
+    torch.testing.assert_close(torch.rand(3), expected_next)  # the RNG is restored
+    stacked = torch.stack(data)
+    torch.testing.assert_close(model.bn.running_mean, stacked.mean(dim=(0, 2, 3)))
+    assert model.bn.momentum == 0.1  # restored
+    freeze_batch_norm(model)
+    assert not model.bn.training and not model.bn.weight.requires_grad
+    assert peak_lr(SolverConfig(base_lr=0.02, batch_size=4)) == pytest.approx(0.005)
+    assert peak_lr(SolverConfig(base_lr=0.02, batch_size=4, lr_scaling="none")) == pytest.approx(0.02)

@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pretraining recipe or config.yaml giving the architecture, view size and seed "
                              "(default: the first run folder's config.yaml)")
     parser.add_argument("--seed", type=int, default=None, help="init seed of 'untrained' (default: the config's)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="probe images at this side in pixels (default: the config's whole-image view size; "
+                             "the level thresholds scale with it)")
     parser.add_argument("--max-images", type=int, default=None, help="use at most this many images per set")
     parser.add_argument("--tasks", nargs="+", default=None,
                         help="subset of linear knn loc retrieval rank (default: all)")
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     seed = cfg.seed if args.seed is None else args.seed
-    spec = spec_from_config(cfg)
+    spec = spec_from_config(cfg, args.size)
     device = torch.device(resolve_device(args.device))
     train = read_objects(args.train_json, args.images, args.max_images)
     val = read_objects(args.val_json, args.images, args.max_images, categories=train.categories)

@@ -309,8 +309,11 @@ def with_background_boxes(objects: ObjectSet, seed: int, max_iou: float = 0.3, t
     )
 
 
-def spec_from_config(cfg) -> PoolSpec:  # noqa: ANN001 - a PretrainConfig
-    """The V1 view side, level thresholds and normalisation of a pretraining config."""
+def spec_from_config(cfg, size: int | None = None) -> PoolSpec:  # noqa: ANN001 - a PretrainConfig
+    """The V1 view side, level thresholds and normalisation of a pretraining config; with ``size``,
+    images are probed at that side instead and the level thresholds scale with it."""
     views = cfg.data.views.resolved()
-    return PoolSpec(size=int(views.view_sizes[0]), thresholds=list(views.level_thresholds),
+    v1 = int(views.view_sizes[0])
+    size = v1 if size is None else int(size)
+    return PoolSpec(size=size, thresholds=[t * size / v1 for t in views.level_thresholds],
                     mean=list(views.mean), std=list(views.std))

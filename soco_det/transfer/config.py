@@ -13,6 +13,7 @@ small dataset gets the same number of *epochs* as COCO 1x (about 12.2) rather th
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 # COCO train2017 (the images with at least one annotation, as detectron2 trains on) and the 1x
 # schedule: 90k iterations at 16 images each = 12.17 epochs; LR steps at 2/3 and 8/9 of it.
@@ -74,6 +75,12 @@ class FinetuneModelConfig:
     rpn_post_nms_top_n_test: int = 1000
     detections_per_img: int = 100
     score_thresh: float = 0.05
+    # BatchNorm while fine-tuning: "train" (batch statistics, running averages for evaluation) or
+    # "frozen" (the init's running statistics and affine parameters kept fixed, detectron2's FrozenBN).
+    bn_mode: Literal["train", "frozen"] = "train"
+    # PreciseBN: before each evaluation, re-estimate every BN's running statistics as the average over
+    # this many training images (0: off; the running averages of the last iterations are used).
+    precise_bn_images: int = 0
 
     def validate(self) -> None:
         if self.depth not in (18, 34, 50, 101, 152):
@@ -84,6 +91,8 @@ class FinetuneModelConfig:
             raise ValueError(f"num_classes must be 0 (from the dataset) or >= 2, got {self.num_classes}")
         if self.fpn_channels < 0 or self.box_roi_size < 0 or any(d < 1 for d in [*self.box_conv_dims, *self.box_fc_dims]):
             raise ValueError("fpn_channels, box_roi_size and the box head dims must be positive (or 0/empty for auto)")
+        if self.precise_bn_images < 0:
+            raise ValueError(f"precise_bn_images must be >= 0, got {self.precise_bn_images}")
         for name in ("roi_batch_size", "rpn_batch_size", "detections_per_img"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -93,7 +102,8 @@ class FinetuneModelConfig:
 class SolverConfig:
     """SGD with momentum, linear warmup and step decay, all as functions of the iteration.
 
-    ``batch_size`` is the total over all processes; ``base_lr`` is the LR at that batch size.
+    ``batch_size`` is the total over all processes; ``base_lr`` is the LR at ``lr_reference_batch``
+    images, scaled linearly to ``batch_size`` (``lr_scaling=linear``: 0.02 at 16 is 0.005 at 4).
     With ``schedule`` = ``1x``/``2x``/``3x``, ``iterations``, ``steps`` and ``warmup_iters`` are
     derived from the training-set size (:func:`resolve_schedule`); with ``none`` they are used as given.
     """
@@ -104,8 +114,12 @@ class SolverConfig:
     gamma: float = 0.1
     warmup_iters: int = 1000
     warmup_factor: float = 0.001
-    base_lr: float = 0.02
+    base_lr: float = 0.02  # at lr_reference_batch images per iteration
     batch_size: int = 16
+    # linear: the LR is base_lr * batch_size / lr_reference_batch (the paper's 0.02 at batch 16);
+    # none: base_lr whatever the batch.
+    lr_scaling: Literal["linear", "none"] = "linear"
+    lr_reference_batch: int = 16
     momentum: float = 0.9
     weight_decay: float = 2.5e-5
     # Norm (BN) weights and biases get this decay instead (detectron2's WEIGHT_DECAY_NORM = 0).
@@ -126,6 +140,8 @@ class SolverConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.base_lr <= 0:
             raise ValueError(f"base_lr must be > 0, got {self.base_lr}")
+        if self.lr_reference_batch < 1:
+            raise ValueError(f"lr_reference_batch must be >= 1, got {self.lr_reference_batch}")
         if not 0 < self.warmup_factor <= 1:
             raise ValueError(f"warmup_factor must be in (0, 1], got {self.warmup_factor}")
         if self.warmup_iters < 0 or self.weight_decay < 0 or self.weight_decay_norm < 0:

@@ -53,6 +53,56 @@ def lr_factor(iteration: int, solver: SolverConfig) -> float:
     return decay * (solver.warmup_factor * (1 - alpha) + alpha)
 
 
+def peak_lr(solver: SolverConfig) -> float:
+    """The LR after warmup: ``base_lr * batch_size / lr_reference_batch`` (``lr_scaling=linear``)."""
+    if solver.lr_scaling == "linear":
+        return solver.base_lr * solver.batch_size / solver.lr_reference_batch
+    return solver.base_lr
+
+
+def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def freeze_batch_norm(model: nn.Module) -> None:
+    """``bn_mode=frozen``: every BN in eval mode (running statistics) with fixed affine parameters."""
+    for bn in batch_norms(model):
+        bn.eval()
+        for p in bn.parameters():
+            p.requires_grad_(False)
+
+
+@torch.no_grad()
+def precise_bn(model: nn.Module, loader_iter: Any, n_images: int, device: torch.device) -> int:
+    """PreciseBN: reset every BN's running statistics and set them to the average over ``n_images``
+    training images (train-mode forward passes, no update of any weight). The RNG states are
+    restored afterwards, so a run's sampling does not depend on whether this ran. Returns the
+    number of images used."""
+    from soco_det.engine.checkpoint import capture_rng, restore_rng
+
+    bns = [bn for bn in batch_norms(model) if bn.training]
+    if not bns or n_images <= 0:
+        return 0
+    rng = capture_rng()
+    saved = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average
+    seen = 0
+    try:
+        while seen < n_images:
+            images, targets = next(loader_iter)
+            images = [im.to(device) for im in images]
+            targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+            model(images, targets)
+            seen += len(images)
+    finally:
+        for bn, m in zip(bns, saved):
+            bn.momentum = m
+        restore_rng(rng)
+    return seen
+
+
 def param_groups(model: nn.Module, solver: SolverConfig) -> list[dict[str, Any]]:
     """Two SGD groups by rule: parameters of normalisation layers get ``weight_decay_norm``,
     everything else ``weight_decay`` (detectron2's default split)."""
@@ -222,7 +272,9 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) 
     ddp = dist.is_initialized() and world > 1
     if ddp and device.type == "cuda" and cfg.model.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = torch.optim.SGD(param_groups(model, solver), lr=solver.base_lr, momentum=solver.momentum)
+    if cfg.model.bn_mode == "frozen":
+        freeze_batch_norm(model)
+    optimizer = torch.optim.SGD(param_groups(model, solver), lr=peak_lr(solver), momentum=solver.momentum)
     use_amp = cfg.amp and device.type == "cuda"
     amp_dtype = torch.float16 if cfg.amp_dtype == "float16" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
@@ -256,6 +308,13 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) 
         persistent_workers=False,
     )
 
+    # PreciseBN reads its own pass over the training images (its own sampler seed: the training
+    # sampler's position is not disturbed).
+    precise_loader = torch.utils.data.DataLoader(
+        train_set, batch_size=per_rank, collate_fn=collate, num_workers=0,
+        sampler=TrainingSampler(len(train_set), per_rank, rank, world, seed=cfg.seed + 1, start_iter=0),
+    )
+
     def autocast():
         return torch.autocast(device.type, dtype=amp_dtype) if use_amp else contextlib.nullcontext()
 
@@ -272,6 +331,13 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) 
 
     def run_eval(iteration: int) -> dict[str, Any] | None:
         result = None
+        if cfg.model.precise_bn_images:
+            # every rank runs the same passes, so that SyncBN (if any) stays in step
+            seen = precise_bn(train_model, iter(precise_loader), cfg.model.precise_bn_images, device)
+            log.info("precise BN: statistics re-estimated over %d training images", seen)
+            train_model.train()
+            if cfg.model.bn_mode == "frozen":
+                freeze_batch_norm(model)
         if rank == 0:
             result = evaluate(model, cfg.data.val_json, cfg.data.val_images, out / "eval" / f"step_{iteration:08d}",
                               max_images=cfg.data.max_val_images, show_progress=False)
@@ -279,9 +345,13 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) 
         dist.barrier()
         return result
 
-    log.info("fine-tuning %d iterations (batch %d, %d train images, %d classes) on %s x%d; init %s",
-             solver.iterations, solver.batch_size, len(train_set), num_classes - 1, device.type, world, cfg.model.init)
+    log.info("fine-tuning %d iterations (batch %d, lr %.4g, %d train images, %d classes) on %s x%d; init %s; "
+             "BN %s%s", solver.iterations, solver.batch_size, peak_lr(solver), len(train_set), num_classes - 1,
+             device.type, world, cfg.model.init, cfg.model.bn_mode,
+             f", precise BN over {cfg.model.precise_bn_images} images" if cfg.model.precise_bn_images else "")
     train_model.train()
+    if cfg.model.bn_mode == "frozen":
+        freeze_batch_norm(model)
     window: list[dict[str, float]] = []
     t0 = time.perf_counter()
     data = iter(loader)  # draws a worker seed from the global RNG: before the RNG is set below
@@ -292,7 +362,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) 
         torch.manual_seed(cfg.seed + rank)
     with Progress(total=solver.iterations, desc="finetune", initial=start_iter) as bar:
         for iteration in range(start_iter, solver.iterations):
-            lr = solver.base_lr * lr_factor(iteration, solver)
+            lr = peak_lr(solver) * lr_factor(iteration, solver)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             images, targets = next(data)
