@@ -155,20 +155,12 @@ def pretrain_run(method: str, seed: int, data: dict[str, Path], store: Path, pre
 
 def untrained_export(cfg: Any, seed: int, out: Path) -> Path:
     """A torchvision export of the untrained network (``init_model``): the paired "random" init."""
-    import torch
-
-    from soco_det.engine.checkpoint import FORMAT
-    from soco_det.engine.trainer import init_model
     from soco_det.export import export_checkpoint
-    from soco_det.config import to_dict
+    from soco_det.export.untrained import save_untrained
 
     path = out / "exports" / f"random_seed{seed}.pth"
     if not path.exists():
-        ckpt = out / "untrained" / f"seed{seed}.pt"
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"format": FORMAT, "model": init_model(cfg.model, seed).state_dict(), "step": 0,
-                    "config": to_dict(cfg)}, ckpt)
-        export_checkpoint(ckpt, "torchvision", path)
+        export_checkpoint(save_untrained(cfg, out / "untrained" / f"seed{seed}.pt", seed), "torchvision", path)
     return path
 
 

@@ -1,7 +1,7 @@
 """Run the whole pipeline on generated sample scenes, on CPU, and write a report.
 
-Stages (each one's outputs land in a sub-folder of ``-o``): sample scenes -> report.md with a
-picture of scenes and their boxes. Later stages are added here as the pipeline grows; each stage
+Stages (each one's outputs land in a sub-folder of ``-o``): sample scenes, proposals, views,
+pretraining, the object probe against the untrained network, exports, and fine-tuning; each stage
 is a function ``stage_*(ctx) -> list[str]`` returning the Markdown lines it adds to the report.
 """
 
@@ -26,11 +26,12 @@ class DemoContext:
     out: Path
     seed: int = 0
     n_unlabeled: int = 200
-    n_train: int = 60
-    n_val: int = 30
-    short_side: int = 256
-    pretrain_steps: int = 120
-    finetune_iters: int = 60
+    n_train: int = 200
+    n_val: int = 200
+    short_side: int = 160
+    pretrain_steps: int = 160
+    finetune_iters: int = 40
+    finetune_val_images: int = 60
     probe_size: int = 128
     probe: dict = dataclasses.field(default_factory=dict)
     paths: dict[str, Path] = dataclasses.field(default_factory=dict)
@@ -73,7 +74,7 @@ def stage_proposals(ctx: DemoContext) -> list[str]:
     from soco_det.proposals.store import format_summary
 
     images = ctx.paths["scenes_images"] / "unlabeled"
-    store = compute_store(images, ctx.out / "proposals", workers=1)
+    store = compute_store(images, ctx.out / "proposals", workers=2)
     ctx.paths["proposals"] = store
     summary = json.loads((store / "summary.json").read_text())
     return [
@@ -138,8 +139,10 @@ def stage_pretrain(ctx: DemoContext) -> list[str]:
         f"-o {run} train.max_steps={ctx.pretrain_steps}`",
         "",
         f"ResNet-18 + FPN + 4conv1fc head, views 64/64/32, batch {cfg.data.batch_size}, "
-        f"{ctx.pretrain_steps} steps on the CPU: loss {first:.3f} at step {records[0]['step']} -> "
-        f"{last:.3f} at step {records[-1]['step']}.",
+        f"{ctx.pretrain_steps} steps on the CPU with the small-budget rule (`train.budget={cfg.train.budget}`, "
+        f"`model.head_decorrelation={cfg.model.head_decorrelation}`): loss {first:.3f} at step "
+        f"{records[0]['step']} -> {last:.3f} at step {records[-1]['step']}; the encoder's weights moved "
+        f"{100 * records[-1].get('move/encoder', float('nan')):.1f} %.",
         "",
         f"![pretraining loss]({picture.name})",
         "",
@@ -220,19 +223,27 @@ def stage_export(ctx: DemoContext) -> list[str]:
 
 
 def stage_transfer(ctx: DemoContext) -> list[str]:
-    """Fine-tune the same Mask R-CNN from random init and from the SoCo export; evaluate both."""
+    """Fine-tune the same Mask R-CNN from the untrained network and from the SoCo export; evaluate both."""
     from soco_det.config import build_config
     from soco_det.engine.metrics import read_metrics
     from soco_det.plots import metric_curve, plot_curves
-    from soco_det.transfer import FinetuneConfig, evaluate, finetune
+    from soco_det.transfer import FinetuneConfig, finetune
     from soco_det.transfer.maskrcnn import read_weights, widths_of
 
+    import json
     import os
 
     import torch
 
+    from soco_det.export import export_checkpoint
+    from soco_det.export.untrained import save_untrained
+    from soco_det.probe.network import read_run_config
+
     torch.set_num_threads(os.cpu_count() or 1)
     export = ctx.paths["export_torchvision"]
+    # "random" is the network SoCo started from (same architecture, init scheme and seed), untrained.
+    untrained = export_checkpoint(save_untrained(read_run_config(ctx.paths["pretrain"]), ctx.out / "untrained.pt"),
+                                  "torchvision", ctx.out / "export" / "untrained_torchvision.pth")
     # One architecture for both inits: the FPN / box-head widths of the (tiny) SoCo export.
     widths = {k: list(v) if isinstance(v, tuple) else v for k, v in widths_of(read_weights(export)).items()}
     data = {"train_json": str(ctx.paths["scenes_train"]), "train_images": str(ctx.paths["scenes_images"]),
@@ -240,14 +251,14 @@ def stage_transfer(ctx: DemoContext) -> list[str]:
     iters = ctx.finetune_iters
     overrides = [f"solver.iterations={iters}", f"solver.steps=[{int(iters * 0.75)}]",
                  f"solver.warmup_iters={max(1, iters // 10)}", f"seed={ctx.seed}", "device=cpu", "log_period=5",
+                 f"data.max_val_images={ctx.finetune_val_images}",
                  "model.score_thresh=0.001"]  # keep the low-score detections of a short run for COCO AP
     rows, curves = [], {}
-    for name, init in (("random", "random"), ("SoCo", str(export))):
+    for name, init in (("untrained", str(untrained)), ("SoCo", str(export))):
         extra = {"data": data, "model": {"init": init, "depth": 18, **widths}}
         cfg = build_config(FinetuneConfig, "finetune_tiny_cpu", overrides, extra=extra)
         run = finetune(cfg, ctx.out / f"finetune_{name.lower()}")
-        metrics = evaluate(run, data["val_json"], data["val_images"], run / "eval", device="cpu", show_progress=False)
-        rows.append((name, metrics))
+        rows.append((name, json.loads((run / "metrics.json").read_text())))
         curves[name] = metric_curve(read_metrics(run), "loss", x_key="iter")
     picture = plot_curves(curves, ctx.out / "finetune_loss.png", title="Mask R-CNN fine-tuning loss",
                           xlabel="iteration")
@@ -259,8 +270,8 @@ def stage_transfer(ctx: DemoContext) -> list[str]:
         "## 7. Fine-tuning and COCO evaluation",
         "",
         f"Mask R-CNN v2 (ResNet-18 FPN, the SoCo export's widths), {iters} iterations on the {ctx.n_train} "
-        f"labeled scenes, evaluated on the {ctx.n_val} val scenes with pycocotools "
-        "(`soco-det finetune ... --init random|export.pth`, `soco-det evaluate RUN --json val.json --images DIR`).",
+        f"labeled scenes from the untrained network (the one SoCo started from) and from SoCo, evaluated on "
+        f"{ctx.finetune_val_images} val scenes with pycocotools (`soco-det finetune ... --init export.pth`).",
         "",
         "| init | box AP | AP50 | AP75 | mask AP | AP50 | AP75 |",
         "|---|---|---|---|---|---|---|",
@@ -271,8 +282,9 @@ def stage_transfer(ctx: DemoContext) -> list[str]:
                      f"{pct(sg['AP'])} | {pct(sg['AP50'])} | {pct(sg['AP75'])} |")
     return lines + [
         "",
-        "A demo-sized run (a few minutes of CPU): the numbers show the pipeline works end to end, not "
-        "what SoCo is worth; `benchmarks/transfer.py` makes the like-for-like comparison with seeds.",
+        f"{iters} iterations cannot train a detector: these APs (near 0) show that the pipeline works end to "
+        "end, not what SoCo is worth to a detector; `benchmarks/transfer.py` makes the like-for-like "
+        "comparison with paired seeds.",
         "",
         f"![fine-tuning loss]({picture.name})",
         "",
@@ -294,15 +306,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--out", default="demo_out", help="output folder (report.md and every stage's files)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample scenes and of every stage")
     parser.add_argument("--unlabeled", type=int, default=200, help="unlabeled scenes (pretraining)")
-    parser.add_argument("--train", type=int, default=60, help="labeled scenes (fine-tuning)")
-    parser.add_argument("--val", type=int, default=30, help="validation scenes")
-    parser.add_argument("--pretrain-steps", type=int, default=120, help="SoCo pretraining steps (tiny_cpu recipe)")
-    parser.add_argument("--finetune-iters", type=int, default=60, help="Mask R-CNN fine-tuning iterations per init")
+    parser.add_argument("--train", type=int, default=200, help="labeled scenes (probe and fine-tuning)")
+    parser.add_argument("--val", type=int, default=200, help="validation scenes (probe)")
+    parser.add_argument("--size", type=int, default=160, help="short side of the scenes in pixels")
+    parser.add_argument("--pretrain-steps", type=int, default=160, help="SoCo pretraining steps (tiny_cpu recipe)")
+    parser.add_argument("--finetune-iters", type=int, default=40, help="Mask R-CNN fine-tuning iterations per init")
 
 
 def run(args: argparse.Namespace) -> int:
     ctx = DemoContext(
         out=Path(args.out), seed=args.seed, n_unlabeled=args.unlabeled, n_train=args.train, n_val=args.val,
+        short_side=args.size,
         pretrain_steps=args.pretrain_steps, finetune_iters=args.finetune_iters,
     )
     ctx.out.mkdir(parents=True, exist_ok=True)
