@@ -179,3 +179,31 @@ def test_probe_command_refuses_untrained_alone(scenes, capsys):
     rc = main(["probe", "untrained", "--train-json", str(scenes["train"]), "--val-json", str(scenes["val"]),
                "--images", str(scenes["images"])])
     assert rc == 2 and "--config" in capsys.readouterr().err
+
+
+def test_online_probe_is_logged_with_the_loss(scenes, tmp_path):
+    from soco_det.config import ConfigError, build_config
+    from soco_det.engine.config import PretrainConfig
+    from soco_det.engine.metrics import read_metrics
+    from soco_det.engine.trainer import pretrain
+    from soco_det.proposals import compute_store
+    from soco_det.synth import generate
+
+    unl = generate(tmp_path / "unl", n_unlabeled=8, n_train=0, n_val=0, short_side=96, seed=4)
+    store = compute_store(unl["images"] / "unlabeled", tmp_path / "props")
+    probe = [f"train.probe_train_json={scenes['train']}", f"train.probe_val_json={scenes['val']}",
+             f"train.probe_images={scenes['images']}"]
+    small = ["model.fpn_channels=16", "model.head_conv_dim=16", "model.head_fc_dim=32", "model.proj_hidden_dim=32",
+             "model.proj_dim=16", "data.batch_size=4", "data.num_workers=0", "train.epochs=2", "train.warmup_epochs=0",
+             "train.log_every=2", "train.tensorboard=false", "train.progress=false", "train.device=cpu"]
+    extra = {"data": {"images": str(unl["images"] / "unlabeled"), "proposals": str(store)}}
+    with pytest.raises(ConfigError, match="multiple of log_every"):
+        build_config(PretrainConfig, "tiny_cpu", [*small, *probe, "train.probe_every=3"], extra=extra)
+    with pytest.raises(ConfigError, match="probe_val_json"):
+        build_config(PretrainConfig, "tiny_cpu", [*small, probe[0], probe[2], "train.probe_every=2"], extra=extra)
+    cfg = build_config(PretrainConfig, "tiny_cpu", [*small, *probe, "train.probe_every=2"], extra=extra)
+    records = read_metrics(pretrain(cfg, tmp_path / "run"))
+    assert [r["step"] for r in records] == [2, 4]
+    for r in records:
+        assert 0 <= r["probe/head_linear_top1"] <= 1 and 0 <= r["probe/roi_knn_top1"] <= 1
+        assert r["probe/head_effective_rank"] > 1 and "loss" in r
