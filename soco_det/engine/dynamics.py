@@ -52,7 +52,10 @@ def weight_groups(model: nn.Module) -> dict[str, list[tuple[str, torch.Tensor]]]
 def effective_rank(x: torch.Tensor) -> float:
     """``exp(entropy)`` of the normalised singular values of the centred rows of ``x`` ``[N, D]``."""
     x = x.double()
-    s = torch.linalg.svdvals(x - x.mean(0))
+    x = x - x.mean(0)
+    # the Gram matrix of the smaller side has the same non-zero spectrum (squared)
+    gram = x @ x.T if x.shape[0] <= x.shape[1] else x.T @ x
+    s = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
     p = s / s.sum().clamp_min(1e-12)
     p = p[p > 0]
     return float(torch.exp(-(p * p.log()).sum()))

@@ -133,13 +133,9 @@ def retrieval_probe(view_a: np.ndarray, view_b: np.ndarray, valid: np.ndarray, t
 
 def effective_rank(x: np.ndarray) -> float:
     """``exp(H(p))`` with ``p`` the normalised singular values of the centred rows of ``x``."""
-    t = torch.as_tensor(x, dtype=torch.float64)
-    t = t - t.mean(0)
-    gram = t @ t.T if t.shape[0] <= t.shape[1] else t.T @ t  # same non-zero spectrum, smaller side
-    s = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
-    p = s / s.sum().clamp_min(1e-12)
-    p = p[p > 0]
-    return float(torch.exp(-(p * p.log()).sum()))
+    from soco_det.engine.dynamics import effective_rank as rank
+
+    return rank(torch.as_tensor(x))
 
 
 # ---------------------------------------------------------------------- bootstrap
