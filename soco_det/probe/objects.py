@@ -227,6 +227,8 @@ def extract(net: ProbeNetwork, objects: ObjectSet, spec: PoolSpec, device: torch
     out = {}
     for name, (boxes, _) in box_sets.items():
         parts = collected[name]
+        if not parts:
+            raise ValueError(f"no boxes to pool in box set {name!r}")
         order = np.concatenate([p[0] for p in parts])
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
