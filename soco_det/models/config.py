@@ -33,6 +33,11 @@ class ModelConfig:
     * ``sync_bn``: the engine converts BatchNorm to SyncBatchNorm when training distributed on
       CUDA (:func:`soco_det.models.convert_sync_bn`); the official runs did.
     * ``channels_last``: NHWC memory format for the convolutional parts (faster on tensor cores).
+    * ``batched_calls``: run the per-(pair, view, level) head/projector/predictor calls of
+      ``all_levels`` as one call, and the backbone/FPN once for consecutive views of one size, with
+      segment-wise BatchNorm (each original call keeps its own statistics; equal to separate calls
+      up to float rounding, :mod:`soco_det.models.segment_bn`). ``false``: one call each, as the
+      official code (slower; for tests and benchmarks).
     """
 
     variant: Literal["soco_fpn", "soco_star", "soco_c4", "image_byol"] = "soco_fpn"
@@ -49,6 +54,7 @@ class ModelConfig:
     zero_init_residual: bool = True
     sync_bn: bool = False
     channels_last: bool = False
+    batched_calls: bool = True
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field for a value the model cannot be built with."""
