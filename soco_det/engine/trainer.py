@@ -406,7 +406,7 @@ def pretrain(cfg: Any, out_dir: str | Path, resume: str | Path | None = None,
         )
 
         model = build_model(cfg.model)
-        if device_type == "cuda" and world > 1 and cfg.model.sync_bn:
+        if world > 1 and cfg.model.sync_bn:  # gloo (CPU) or NCCL: soco_det.models.segment_bn
             model = convert_sync_bn(model)
         channels_last = bool(cfg.model.channels_last)
         model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)

@@ -30,8 +30,9 @@ class ModelConfig:
       (view, pair): about P times cheaper, with different BatchNorm statistics.
     * ``legacy``: scale normalised boxes by the feature-map size (official, SOCO_SPEC 9.6) instead
       of ``view size / stride``; the two agree when the view side is a multiple of 32.
-    * ``sync_bn``: the engine converts BatchNorm to SyncBatchNorm when training distributed on
-      CUDA (:func:`soco_det.models.convert_sync_bn`); the official runs did.
+    * ``sync_bn``: the engine synchronises BatchNorm across processes when training distributed
+      (:func:`soco_det.models.convert_sync_bn`; gloo or NCCL, per call and per segment as the
+      official SyncBatchNorm); the official runs did.
     * ``channels_last``: NHWC memory format for the convolutional parts (faster on tensor cores).
     * ``batched_calls``: run the per-(pair, view, level) head/projector/predictor calls of
       ``all_levels`` as one call, and the backbone/FPN once for consecutive views of one size, with
