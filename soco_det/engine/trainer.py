@@ -187,6 +187,48 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ the loop
+    @property
+    def _copy_stream(self) -> "torch.cuda.Stream | None":
+        """A side CUDA stream for host-to-device copies of the next batch (None off CUDA)."""
+        if self.device.type != "cuda":
+            return None
+        if getattr(self, "_stream", None) is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return self._stream
+
+    def _fetch(self, iterator) -> list:  # noqa: ANN001
+        """The next ``accum_steps`` micro-batches from the loader; on CUDA their (pinned) tensors are
+        copied to the device on a side stream, overlapping the step the device is running."""
+        micro = [next(iterator) for _ in range(self.accum_steps)]
+        # bad images the dataset replaced (counted in the workers, reported here)
+        self.skipped_images += sum(int(b["skipped"].sum()) for b in micro if "skipped" in b)
+        stream = self._copy_stream
+        if stream is None:
+            return micro
+        with torch.cuda.stream(stream):
+            return [move_to(b, self.device) for b in micro]
+
+    def _arrived(self, batch: Any) -> Any:
+        """Make the compute stream wait for ``batch``'s side-stream copies (no-op off CUDA)."""
+        stream = self._copy_stream
+        if stream is None:
+            return batch
+        current = torch.cuda.current_stream(self.device)
+        current.wait_stream(stream)
+
+        def record(t: Any) -> None:
+            if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+                t.record_stream(current)  # freed memory is reused only after the compute stream is done
+            elif isinstance(t, dict):
+                for v in t.values():
+                    record(v)
+            elif isinstance(t, (list, tuple)):
+                for v in t:
+                    record(v)
+
+        record(batch)
+        return batch
+
     def train(self) -> None:
         for hook in self.hooks:
             hook.before_train(self)
@@ -198,14 +240,16 @@ class Trainer:
             done_micro = self.sampler.position // batch_size
             if micro_per_epoch - done_micro >= self.accum_steps:
                 iterator = iter(self.loader)
+                pending = None  # the next step's micro-batches, already being copied to the device
                 while done_micro + self.accum_steps <= micro_per_epoch and self.step < self.stop_step:
-                    micro = [next(iterator) for _ in range(self.accum_steps)]
-                    # bad images the dataset replaced (counted in the workers, reported here)
-                    self.skipped_images += sum(int(b["skipped"].sum()) for b in micro if "skipped" in b)
-                    micro = [self.prepare_batch(b) for b in micro]
+                    micro = pending if pending is not None else self._fetch(iterator)
+                    micro = [self.prepare_batch(self._arrived(b)) for b in micro]
                     for hook in self.hooks:
                         hook.before_step(self)
                     out = self.run_step(micro)
+                    # The step is queued on the device: load and start copying the next one meanwhile.
+                    more = done_micro + 2 * self.accum_steps <= micro_per_epoch and self.step < self.stop_step
+                    pending = self._fetch(iterator) if more and self._copy_stream is not None else None
                     if self.step % self.check_every == 0 or self.step >= self.stop_step:
                         self.check_finite()
                     done_micro += self.accum_steps
