@@ -7,9 +7,10 @@ their selective-search proposals, is reused). Each row is timed over ``--steps``
 (``all_levels`` in full precision, the official mode). On a shared CPU machine pass ``--threads 1``:
 extra intra-op threads spin-wait on busy cores and can make a step ten times slower.
 
-``--compare-batched`` adds, for ``all_levels``, the same step with ``model.batched_calls=false`` (one
-head/projector/predictor call per (pair, view, level) and one backbone call per view, as the
-official code) right after the batched one, and prints the batched/separate ratio.
+``--compare-batched`` times ``all_levels`` three ways: ``batched`` (RoI calls and the backbone over
+V1+V2 batched, the default), ``roi-only`` (``model.batched_backbone=false``) and ``separate``
+(``model.batched_calls=false``: one head/projector/predictor call per (pair, view, level) and one
+backbone call per view, as the official code), and prints the batched/separate ratio.
 
     python benchmarks/train_step.py --recipe tiny_cpu --batch-size 16 --threads 1 --compare-batched
     python benchmarks/train_step.py --recipe soco_fpn_r50_100ep --batch-size 128 --device cuda --amp bf16 fp16 --json out.json
@@ -120,26 +121,33 @@ def main(argv: list[str] | None = None) -> int:
             precisions = args.amp or (["none", "bf16"] if device == "cuda" else ["none"])
             base = None
             for mode in args.roi_modes:
-                variants = [True, False] if args.compare_batched and mode == "all_levels" else [None]
+                variants = [None]
+                if args.compare_batched and mode == "all_levels":
+                    variants = [True, "head", False]
                 for amp in precisions:
                     batched_res = None
                     for batched in variants:
-                        extra = [] if batched is None else [f"model.batched_calls={str(batched).lower()}"]
+                        extra = {None: [], True: ["model.batched_calls=true", "model.batched_backbone=true"],
+                                 "head": ["model.batched_calls=true", "model.batched_backbone=false"],
+                                 False: ["model.batched_calls=false"]}[batched]
                         cfg = build_config(PretrainConfig, args.recipe,
                                            [*args.overrides, f"model.roi_mode={mode}", *extra])
                         batch = sample_batch(cfg, args.batch_size, Path(tmp))
                         res = measure(cfg, batch, device, amp, args.steps, args.warmup)
                         base = base or res["img_per_s"]
                         row = {"recipe": args.recipe, "device": device, "roi_mode": mode, "amp": amp,
-                               "batched_calls": cfg.model.batched_calls, "batch": args.batch_size, **res,
+                               "batched_calls": cfg.model.batched_calls,
+                               "batched_backbone": cfg.model.batched_calls and cfg.model.batched_backbone,
+                               "batch": args.batch_size, **res,
                                "ratio": res["img_per_s"] / base}
                         if batched is False and batched_res is not None:
                             row["batched_over_separate"] = batched_res["img_per_s"] / res["img_per_s"]
-                        batched_res = res if batched else None
+                        batched_res = res if batched is True else batched_res
                         if device == "cuda":
                             row["gpu"] = torch.cuda.get_device_name()
                         rows.append(row)
-                        calls = "batched" if cfg.model.batched_calls else "separate"
+                        calls = ("separate" if not cfg.model.batched_calls
+                                 else "batched" if cfg.model.batched_backbone else "roi-only")
                         note = (f"  batched/separate x{row['batched_over_separate']:.2f}"
                                 if "batched_over_separate" in row else "")
                         print(f"{device:5s} {mode:15s} {calls:8s} {amp:5s} batch {args.batch_size:4d}  "

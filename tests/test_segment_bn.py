@@ -105,19 +105,20 @@ def test_conversion_keeps_names_and_objects():
 # --------------------------------------------------------------------------- the model
 
 
-def _pair(variant, **kw):
+def _pair(variant, backbone=True, **kw):
     torch.manual_seed(0)
-    batched = build_model(tiny(variant, **kw)).train()
+    batched = build_model(tiny(variant, batched_backbone=backbone, **kw)).train()
     assert batched.cfg.batched_calls  # the default
     separate = copy.deepcopy(batched)
     separate.cfg = dataclasses.replace(batched.cfg, batched_calls=False)
     return batched, separate
 
 
-@pytest.mark.parametrize("variant", ["soco_fpn", "soco_star", "soco_c4"])
-def test_batched_calls_equal_separate_calls(variant):
+@pytest.mark.parametrize("variant, backbone", [("soco_fpn", True), ("soco_fpn", False), ("soco_star", True),
+                                               ("soco_c4", True)])
+def test_batched_calls_equal_separate_calls(variant, backbone):
     torch.set_num_threads(1)
-    batched, separate = _pair(variant)
+    batched, separate = _pair(variant, backbone)
     batch = make_batch(**BATCHES[variant], b=3)
     out_b, out_s = batched(batch), separate(batch)
     torch.testing.assert_close(out_b["loss"], out_s["loss"], rtol=1e-5, atol=1e-6)

@@ -39,6 +39,9 @@ class ModelConfig:
       segment-wise BatchNorm (each original call keeps its own statistics; equal to separate calls
       up to float rounding, :mod:`soco_det.models.segment_bn`). ``false``: one call each, as the
       official code (slower; for tests and benchmarks).
+    * ``batched_backbone``: with ``batched_calls``, also batch the backbone/FPN over views of one
+      size (V1 + V2). Segment-wise BN costs two extra copies per BN layer there, which can outweigh
+      the gain of one larger call at a large per-GPU batch: ``false`` batches the RoI calls only.
     """
 
     variant: Literal["soco_fpn", "soco_star", "soco_c4", "image_byol"] = "soco_fpn"
@@ -56,6 +59,7 @@ class ModelConfig:
     sync_bn: bool = False
     channels_last: bool = False
     batched_calls: bool = True
+    batched_backbone: bool = True
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field for a value the model cannot be built with."""

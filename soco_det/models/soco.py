@@ -181,7 +181,7 @@ class BoxModel(MomentumModel):
         same size go through the backbone in one call, one BN segment per view."""
         groups: list[list[int]] = []
         for v in views:
-            if (self.cfg.batched_calls and groups
+            if (self.cfg.batched_calls and self.cfg.batched_backbone and groups
                     and images[groups[-1][-1]].shape == images[v].shape and groups[-1][-1] == v - 1):
                 groups[-1].append(v)
             else:
