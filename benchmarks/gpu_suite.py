@@ -15,7 +15,9 @@ runs out of time records its error and the suite goes on):
    proposals: the loader's cost does not depend on how the boxes were found) through the real loader,
    ``data.photometric=cpu`` and ``device``, with ``--workers`` loader processes;
 7. ``lars``           the LARS step, per-parameter loop vs foreach (``benchmarks/lars_step.py``);
-8. ``ours_b256``      our ``all_levels`` bf16 step at batch 256 (peak memory: does it fit 80 GB?).
+8. ``ours_b256``      our ``all_levels`` bf16 step at batch 256 (peak memory: does it fit 80 GB?);
+9. ``parity``         ``benchmarks/official_parity.py``: the official and our model on the same weights
+   and batch (loss, gradients, BN running statistics), fp32 on the device.
 
 The official code is extracted from ``../shared/official/SoCo-official-*.tar.gz`` into ``.official/``
 (git-ignored) and only run, never imported by the project. The JSON (``OUT/gpu_suite.json``) is
@@ -228,6 +230,15 @@ class Suite:
                 res[photometric] = {"error": f"{type(exc).__name__}: {exc}"[-2000:]}
         return res
 
+    def parity(self, timeout: float) -> dict:
+        out = self.work / "parity.json"
+        cmd = [sys.executable, "benchmarks/official_parity.py", "--device", self.args.device,
+               "--batch", "2" if self.args.tiny else "16", "--official-dir", self.args.official_dir, "--json", str(out)]
+        if self.args.device == "cpu":
+            cmd += ["--threads", str(self.args.threads)]
+        self.sh("parity", cmd, timeout)
+        return json.loads(out.read_text())
+
     # ----------------------------------------------------------------- summary
     def summarise(self) -> None:
         parts = self.record["parts"]
@@ -258,6 +269,8 @@ class Suite:
             for p in ("cpu", "device")}
         summary["gpu_tests"] = res("gpu_tests").get("counts") or parts.get("gpu_tests", {}).get("error", "")[:500]
         summary["lars"] = res("lars")
+        summary["parity"] = [{k: r.get(k) for k in ("ours", "loss_abs_diff", "bn_stat_max_rel", "grad_max_rel")}
+                             for r in res("parity").get("rows", [])]
         self.record["summary"] = summary
         self.save()
 
@@ -301,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         ("lars", 30, suite.lars),
         ("ours_b256", 60, lambda t: suite.ours(t, batch=2 * args.batch, amps=("bf16",), modes=("all_levels",),
                                                compare=False, name="ours_b256")),
+        ("parity", 60, suite.parity),
     ]
     if args.tiny:  # the rehearsal: every part, tiny; b256 has nothing to add on a CPU
         plan = [p for p in plan if p[0] != "ours_b256"]
