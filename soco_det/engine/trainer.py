@@ -22,6 +22,7 @@ from torch import nn
 from soco_det.engine import checkpoint as ckpt_io
 from soco_det.engine import distributed as dist_utils
 from soco_det.engine.metrics import MetricsWriter
+from soco_det.engine.prefetch import CopyStream
 from soco_det.engine.schedules import Schedule
 from soco_det.logs import Progress, get_logger
 
@@ -110,6 +111,7 @@ class Trainer:
         self.check_every = max(1, int(check_every))
         self._first_bad: torch.Tensor | None = None  # [step of the first non-finite loss or -1, that loss]
         self._checked_step = -1
+        self._copies = CopyStream(device)  # the next batch's host-to-device copies (CUDA only)
 
     def prepare_batch(self, batch: dict) -> dict:
         """Move a collated batch to the device; with ``data.photometric=device`` the colour, blur,
@@ -187,47 +189,12 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ the loop
-    @property
-    def _copy_stream(self) -> "torch.cuda.Stream | None":
-        """A side CUDA stream for host-to-device copies of the next batch (None off CUDA)."""
-        if self.device.type != "cuda":
-            return None
-        if getattr(self, "_stream", None) is None:
-            self._stream = torch.cuda.Stream(self.device)
-        return self._stream
-
     def _fetch(self, iterator) -> list:  # noqa: ANN001
-        """The next ``accum_steps`` micro-batches from the loader; on CUDA their (pinned) tensors are
-        copied to the device on a side stream, overlapping the step the device is running."""
+        """The next ``accum_steps`` micro-batches; on CUDA their copies to the device have started."""
         micro = [next(iterator) for _ in range(self.accum_steps)]
         # bad images the dataset replaced (counted in the workers, reported here)
         self.skipped_images += sum(int(b["skipped"].sum()) for b in micro if "skipped" in b)
-        stream = self._copy_stream
-        if stream is None:
-            return micro
-        with torch.cuda.stream(stream):
-            return [move_to(b, self.device) for b in micro]
-
-    def _arrived(self, batch: Any) -> Any:
-        """Make the compute stream wait for ``batch``'s side-stream copies (no-op off CUDA)."""
-        stream = self._copy_stream
-        if stream is None:
-            return batch
-        current = torch.cuda.current_stream(self.device)
-        current.wait_stream(stream)
-
-        def record(t: Any) -> None:
-            if isinstance(t, torch.Tensor) and t.device.type == "cuda":
-                t.record_stream(current)  # freed memory is reused only after the compute stream is done
-            elif isinstance(t, dict):
-                for v in t.values():
-                    record(v)
-            elif isinstance(t, (list, tuple)):
-                for v in t:
-                    record(v)
-
-        record(batch)
-        return batch
+        return self._copies.start(micro, lambda b: move_to(b, self.device))
 
     def train(self) -> None:
         for hook in self.hooks:
@@ -243,13 +210,13 @@ class Trainer:
                 pending = None  # the next step's micro-batches, already being copied to the device
                 while done_micro + self.accum_steps <= micro_per_epoch and self.step < self.stop_step:
                     micro = pending if pending is not None else self._fetch(iterator)
-                    micro = [self.prepare_batch(self._arrived(b)) for b in micro]
+                    micro = [self.prepare_batch(self._copies.arrived(b)) for b in micro]
                     for hook in self.hooks:
                         hook.before_step(self)
                     out = self.run_step(micro)
                     # The step is queued on the device: load and start copying the next one meanwhile.
                     more = done_micro + 2 * self.accum_steps <= micro_per_epoch and self.step < self.stop_step
-                    pending = self._fetch(iterator) if more and self._copy_stream is not None else None
+                    pending = self._fetch(iterator) if more and self._copies.enabled else None
                     if self.step % self.check_every == 0 or self.step >= self.stop_step:
                         self.check_finite()
                     done_micro += self.accum_steps
