@@ -43,6 +43,16 @@ from pathlib import Path
 from statistics import median
 
 REPO = Path(__file__).resolve().parents[1]
+# Where official_step.py / ceiling.py / the tarball may be: ../shared (beside the checkout), shared/
+# inside it, or copied into the ignored .official/ (official README: "take that folder along").
+OFFICIAL_CANDIDATES = (REPO.parent / "shared" / "official", REPO / "shared" / "official", REPO / ".official")
+
+
+def default_official_dir() -> str:
+    for cand in OFFICIAL_CANDIDATES:
+        if (cand / "official_step.py").is_file():
+            return str(cand)
+    return str(OFFICIAL_CANDIDATES[0])
 
 
 class Suite:
@@ -53,7 +63,8 @@ class Suite:
         self.work = self.out / "work"
         self.work.mkdir(exist_ok=True)
         self.deadline = time.monotonic() + args.budget_s
-        self.record: dict = {"argv": sys.argv[1:], "device": args.device, "tiny": args.tiny, "parts": {}}
+        self.record: dict = {"argv": sys.argv[1:], "device": args.device, "tiny": args.tiny,
+                             "official_dir": args.official_dir, "parts": {}}
         self.env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                         PYTHONUNBUFFERED="1")
         if args.device == "cpu":
@@ -111,7 +122,7 @@ class Suite:
         shared = Path(self.args.official_dir).resolve()
         dest = REPO / ".official"
         if not (dest / "SoCo" / "contrast").is_dir():
-            tarballs = sorted(shared.glob("SoCo-official-*.tar.gz"))
+            tarballs = sorted(shared.glob("SoCo-official-*.tar.gz")) + sorted(dest.glob("SoCo-official-*.tar.gz"))
             if not tarballs:
                 raise FileNotFoundError(f"no SoCo-official-*.tar.gz in {shared}")
             dest.mkdir(exist_ok=True)
@@ -292,8 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None,
                         help="loader processes for the end-to-end runs (default: CPU count - 2, at most 14)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (--device cpu)")
-    parser.add_argument("--official-dir", default=str(REPO.parent / "shared" / "official"),
-                        help="folder with SoCo-official-*.tar.gz, official_step.py, ceiling.py")
+    parser.add_argument("--official-dir", default=default_official_dir(),
+                        help="folder with SoCo-official-*.tar.gz, official_step.py, ceiling.py (default: the "
+                             "first of ../shared/official, shared/official, .official that has them)")
     parser.add_argument("--parts", nargs="+", default=None, help="run only these parts (default: all)")
     args = parser.parse_args(argv)
     if args.workers is None:
