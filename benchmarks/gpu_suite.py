@@ -307,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder with SoCo-official-*.tar.gz, official_step.py, ceiling.py (default: the "
                              "first of ../shared/official, shared/official, .official that has them)")
     parser.add_argument("--parts", nargs="+", default=None, help="run only these parts (default: all)")
+    parser.add_argument("--cap-scale", type=float, default=None,
+                        help="multiply every part's time cap (default 1, 2 with --tiny; more on a busy CPU)")
     args = parser.parse_args(argv)
     if args.workers is None:
         args.workers = 2 if args.tiny else max(1, min(14, (os.cpu_count() or 4) - 2))
@@ -337,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, cap, fn in plan:
         if args.parts and name not in args.parts:
             continue
-        suite.part(name, cap if big else cap * 2, fn)
+        suite.part(name, cap * (args.cap_scale or (1 if big else 2)), fn)
     suite.summarise()
     print(json.dumps(suite.record["summary"], indent=1, default=str))
     print(f"wrote {suite.out / 'gpu_suite.json'}")
