@@ -266,7 +266,8 @@ class Suite:
                                "bf16_mem_gib": res("official_bf16").get("max_mem_gib")}
         ours = []
         for row in res("ours").get("rows", []) + res("ours_b256").get("rows", []):
-            item = {k: row.get(k) for k in ("roi_mode", "batched_calls", "amp", "batch", "img_per_s", "peak_mem_mib")}
+            item = {k: row.get(k) for k in ("roi_mode", "batched_calls", "batched_backbone", "amp", "batch", "img_per_s",
+                                            "peak_mem_mib")}
             if off16:
                 item["x_official_fp16"] = row["img_per_s"] / off16
             if "batched_over_separate" in row:
@@ -274,7 +275,7 @@ class Suite:
             ours.append(item)
         summary["ours"] = ours
         summary["ceiling_img_per_s"] = res("ceiling").get("img_per_s")
-        synth = next((r["img_per_s"] for r in ours if r["roi_mode"] == "all_levels" and r["batched_calls"]
+        synth = next((r["img_per_s"] for r in ours if r["roi_mode"] == "all_levels" and r["batched_backbone"]
                       and r["amp"] in ("bf16", "none") and r["batch"] == (4 if self.args.tiny else self.args.batch)),
                      None)
         e2e = res("end_to_end")
