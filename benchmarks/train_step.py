@@ -7,8 +7,13 @@ their selective-search proposals, is reused). Each row is timed over ``--steps``
 (``all_levels`` in full precision, the official mode). On a shared CPU machine pass ``--threads 1``:
 extra intra-op threads spin-wait on busy cores and can make a step ten times slower.
 
-    python benchmarks/train_step.py --recipe tiny_cpu --batch-size 16 --threads 1
-    python benchmarks/train_step.py --recipe soco_fpn_r50_100ep --batch-size 64 --device cuda --json out.json
+``--compare-batched`` times ``all_levels`` three ways: ``batched`` (RoI calls and the backbone over
+V1+V2 batched, the default), ``roi-only`` (``model.batched_backbone=false``) and ``separate``
+(``model.batched_calls=false``: one head/projector/predictor call per (pair, view, level) and one
+backbone call per view, as the official code), and prints the batched/separate ratio.
+
+    python benchmarks/train_step.py --recipe tiny_cpu --batch-size 16 --threads 1 --compare-batched
+    python benchmarks/train_step.py --recipe soco_fpn_r50_100ep --batch-size 128 --device cuda --amp bf16 fp16 --json out.json
 """
 
 from __future__ import annotations
@@ -93,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
                         help="all: CPU, and CUDA when available")
     parser.add_argument("--roi-modes", nargs="+", default=["all_levels", "assigned_level"])
+    parser.add_argument("--amp", nargs="+", default=None, choices=["none", "bf16", "fp16"],
+                        help="precisions to time (default: none on CPU; none and bf16 on CUDA)")
+    parser.add_argument("--compare-batched", action="store_true",
+                        help="all_levels also with model.batched_calls=false (separate calls, as official)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the CPU rows")
@@ -104,25 +113,46 @@ def main(argv: list[str] | None = None) -> int:
 
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
+    if "cuda" in devices:
+        torch.backends.cudnn.benchmark = True
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for device in devices:
-            precisions = ["none", "bf16"] if device == "cuda" else ["none"]
+            precisions = args.amp or (["none", "bf16"] if device == "cuda" else ["none"])
             base = None
             for mode in args.roi_modes:
-                cfg = build_config(PretrainConfig, args.recipe, [*args.overrides, f"model.roi_mode={mode}"])
-                batch = sample_batch(cfg, args.batch_size, Path(tmp))
+                variants = [None]
+                if args.compare_batched and mode == "all_levels":
+                    variants = [True, "head", False]
                 for amp in precisions:
-                    res = measure(cfg, batch, device, amp, args.steps, args.warmup)
-                    base = base or res["img_per_s"]
-                    row = {"recipe": args.recipe, "device": device, "roi_mode": mode, "amp": amp,
-                           "batch": args.batch_size, **res, "ratio": res["img_per_s"] / base}
-                    if device == "cuda":
-                        row["gpu"] = torch.cuda.get_device_name()
-                    rows.append(row)
-                    print(f"{device:5s} {mode:15s} {amp:5s} batch {args.batch_size:4d}  {res['img_per_s']:9.2f} img/s  "
-                          f"{res['s_per_step']:8.3f} s/step  peak {res['peak_mem_mib']:9.1f} MiB  x{row['ratio']:.2f}",
-                          flush=True)
+                    batched_res = None
+                    for batched in variants:
+                        extra = {None: [], True: ["model.batched_calls=true", "model.batched_backbone=true"],
+                                 "head": ["model.batched_calls=true", "model.batched_backbone=false"],
+                                 False: ["model.batched_calls=false"]}[batched]
+                        cfg = build_config(PretrainConfig, args.recipe,
+                                           [*args.overrides, f"model.roi_mode={mode}", *extra])
+                        batch = sample_batch(cfg, args.batch_size, Path(tmp))
+                        res = measure(cfg, batch, device, amp, args.steps, args.warmup)
+                        base = base or res["img_per_s"]
+                        row = {"recipe": args.recipe, "device": device, "roi_mode": mode, "amp": amp,
+                               "batched_calls": cfg.model.batched_calls,
+                               "batched_backbone": cfg.model.batched_calls and cfg.model.batched_backbone,
+                               "batch": args.batch_size, **res,
+                               "ratio": res["img_per_s"] / base}
+                        if batched is False and batched_res is not None:
+                            row["batched_over_separate"] = batched_res["img_per_s"] / res["img_per_s"]
+                        batched_res = res if batched is True else batched_res
+                        if device == "cuda":
+                            row["gpu"] = torch.cuda.get_device_name()
+                        rows.append(row)
+                        calls = ("separate" if not cfg.model.batched_calls
+                                 else "batched" if cfg.model.batched_backbone else "roi-only")
+                        note = (f"  batched/separate x{row['batched_over_separate']:.2f}"
+                                if "batched_over_separate" in row else "")
+                        print(f"{device:5s} {mode:15s} {calls:8s} {amp:5s} batch {args.batch_size:4d}  "
+                              f"{res['img_per_s']:9.2f} img/s  {res['s_per_step']:8.3f} s/step  "
+                              f"peak {res['peak_mem_mib']:9.1f} MiB  x{row['ratio']:.2f}{note}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
                                          "rows": rows}, indent=2))

@@ -86,3 +86,14 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["last.pt", "step_00000002.pt"]
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
+
+
+def test_lazy_non_finite_check_still_refuses_to_save_the_bad_state(sample_data, tmp_path):
+    # The loss is checked on the host only every log_every (5) steps, but always before a save:
+    # NaN from step 3 on, the save at step 4 finds it and stops; step 2 stays the last checkpoint.
+    cfg = tiny_config(sample_data, "train.max_steps=6", "train.ckpt_every=2", "train.log_every=5")
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 3 "):
+        pretrain(cfg, tmp_path / "run", hooks=[PoisonWeights(at_step=2)])
+    ckpt = model_state(tmp_path / "run")
+    assert ckpt["step"] == 2
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["last.pt", "step_00000002.pt"]

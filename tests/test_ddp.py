@@ -1,9 +1,9 @@
 """Distributed training on CPU (gloo), launched with torchrun as a user would.
 
-BatchNorm: PyTorch's SyncBatchNorm has no CPU path, so these runs use ``train.freeze_bn=true``
-(BN on running statistics): then the gradient of the 2-process run (each process half of the
-global batch, gradients averaged by DDP) equals the single-process gradient over the whole
-global batch, and the parameters after a few steps must agree within float tolerance.
+BatchNorm: most runs use ``train.freeze_bn=true`` (BN on running statistics): then the gradient
+of the 2-process run (each process half of the global batch, gradients averaged by DDP) equals the single-process gradient over the whole
+global batch, and the parameters after a few steps must agree within float tolerance. The SyncBN
+test trains BN on batch statistics, synchronised over gloo (soco_det.models.segment_bn).
 """
 
 import socket
@@ -57,6 +57,50 @@ def test_two_processes_equal_one_process_over_the_same_global_batch(sample_data,
     la, lb = read_metrics(single), read_metrics(tmp_path / "ddp")
     assert [r["step"] for r in lb] == [1, 2]
     assert lb[0]["loss"] == pytest.approx(la[0]["loss"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_sync_bn_two_processes_equal_one_process_with_bn_training(sample_data, tmp_path):
+    """Segment-wise SyncBN over gloo, BN *not* frozen: per-call (per-segment) statistics are taken
+    over the global batch, so 2 processes x 2 images equal 1 process x 4 images: weights and the
+    BN running statistics after 2 steps."""
+    steps = ["train.max_steps=2", "model.sync_bn=true"]
+    single = pretrain(tiny_config(sample_data, *steps, "data.batch_size=4"), tmp_path / "single")
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                f"--master_port={free_port()}"]
+    args = cli_args(sample_data, tmp_path / "ddp", "data.batch_size=2")
+    args = [a for a in args if a not in STEPS] + steps
+    proc = run_cli(args, launcher=launcher, timeout=300)
+    assert proc.returncode == 0, worker_errors(proc.stderr)
+    a, b = model_state(single), model_state(tmp_path / "ddp")
+    assert a["step"] == b["step"] == 2
+    n_stats = 0
+    for name, value in a["model"].items():
+        torch.testing.assert_close(b["model"][name], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        n_stats += name.endswith("running_var")
+    assert n_stats > 50
+    # the statistics moved away from their initial values: BN really trained on batch statistics
+    assert not torch.allclose(a["model"]["online.head.bn1.running_var"], torch.ones(16))
+    assert read_metrics(tmp_path / "ddp")[0]["loss"] == pytest.approx(read_metrics(single)[0]["loss"], abs=1e-5)
+
+
+def test_per_process_statistics_would_differ():
+    """BN statistics over 2 of the 4 images are not those over 4: the SyncBN test above can fail."""
+    import copy
+
+    from soco_det.models import build_model
+    from test_models import BATCHES, make_batch, tiny
+
+    torch.manual_seed(0)
+    whole = build_model(tiny()).train()
+    half = copy.deepcopy(whole)
+    batch = make_batch(**BATCHES["soco_fpn"], b=4)
+    first = {**batch, "images": [t[:2] for t in batch["images"]], "corr": [t[:2] for t in batch["corr"]],
+             "boxes": [tuple(t[:2] for t in side) for side in batch["boxes"]]}
+    whole(batch)
+    half(first)
+    diff = half.online["head"].bn1.running_var - whole.online["head"].bn1.running_var
+    assert diff.abs().max() > 1e-4
 
 
 def test_two_nodes_on_loopback_train(sample_data, tmp_path):

@@ -1,8 +1,9 @@
 """Checks that need a CUDA device (run by benchmarks/gpu_check.sh on a GPU machine; skipped here).
 
-SyncBatchNorm has no CPU path, so its conversion is checked here: on a one-process NCCL group the
-synchronised statistics equal plain BatchNorm's, so the converted model (wrapped in DDP as the
-engine does) must give the plain model's loss and gradients. AMP (bf16, fp16 + GradScaler) and the
+SyncBN (soco_det.models.segment_bn, sync=True) on NCCL: on a one-process group the synchronised
+statistics equal plain BatchNorm's, so the converted model (wrapped in DDP as the engine does) must
+give the plain model's loss and gradients; the synced arithmetic itself is checked against separate
+calls on CUDA, and the batched calls against separate calls under bf16. AMP (bf16, fp16 + GradScaler) and the
 device photometric path are checked through the real ``soco-det pretrain`` command.
 """
 
@@ -51,9 +52,8 @@ def test_sync_bn_conversion_equals_plain_bn_on_one_process(nccl_group):
     torch.manual_seed(0)
     plain = build_model(tiny()).cuda()
     synced = convert_sync_bn(copy.deepcopy(plain)).cuda()
-    n_bn = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in plain.modules())
-    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules()) == n_bn > 0
-    assert not any(type(m) in (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d) for m in synced.modules())
+    bns = [m for m in synced.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns and all(m.sync for m in bns)
     ddp = DistributedDataParallel(synced, device_ids=[0], broadcast_buffers=False, find_unused_parameters=True)
 
     batch = _to(make_batch(**BATCHES["soco_fpn"], b=4), "cuda")
@@ -111,3 +111,39 @@ def test_pretrain_command_trains_on_cuda(scenes, tmp_path, extra):
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     assert (run / "checkpoints" / "last.pt").is_file()
+
+
+def test_synced_segment_bn_on_nccl_equals_separate_calls(nccl_group):
+    from soco_det.models.segment_bn import convert_segment_bn
+
+    torch.manual_seed(0)
+    parts = [torch.randn(8, 16, 7, 7, device="cuda") * (1 + k) + k for k in range(4)]
+    ref_bn = torch.nn.BatchNorm2d(16).cuda()
+    bn = convert_segment_bn(copy.deepcopy(ref_bn), sync=True)
+    ref_out = torch.cat([ref_bn(x) for x in parts])
+    out = bn._synced(torch.cat(parts).contiguous(memory_format=torch.channels_last), 4)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(bn.running_var, ref_bn.running_var, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_batched_calls_equal_separate_calls_on_cuda(amp):
+    import dataclasses
+
+    from soco_det.models import build_model
+    from test_models import BATCHES, make_batch, tiny
+
+    torch.manual_seed(0)
+    batched = build_model(tiny(channels_last=True)).cuda().to(memory_format=torch.channels_last)
+    separate = copy.deepcopy(batched)
+    separate.cfg = dataclasses.replace(batched.cfg, batched_calls=False)
+    batch = _to(make_batch(**BATCHES["soco_fpn"], b=4), "cuda")
+    with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
+        lb, ls = batched(batch)["loss"], separate(batch)["loss"]
+    tol = 1e-4 if amp is None else 3e-2
+    torch.testing.assert_close(lb, ls, rtol=tol, atol=tol)
+    lb.backward()
+    ls.backward()
+    for (name, p), q in zip(batched.named_parameters(), separate.parameters()):
+        if q.grad is not None:
+            assert (p.grad - q.grad).abs().max() <= (1e-3 if amp is None else 1e-1) * q.grad.abs().max() + 1e-5, name

@@ -47,10 +47,11 @@ def test_groups_follow_the_dimension_rule_and_skip_frozen_params():
     assert sorted(names[id(p)] for p in adapted["params"]) == ["0.weight", "4.weight"]
 
 
-def test_three_steps_match_the_reference_update():
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+def test_three_steps_match_the_reference_update(foreach):
     model = toy_model()
     ref = [p.detach().clone() for p in model.parameters() if p.requires_grad]
-    opt = build_lars(model, lr=0.5, weight_decay=1e-2)  # large wd so its effect is visible
+    opt = build_lars(model, lr=0.5, weight_decay=1e-2, foreach=foreach)  # large wd so its effect is visible
     bufs = [None] * len(ref)
     gen = torch.Generator().manual_seed(1)
     for step in range(3):

@@ -4,10 +4,12 @@
 the ``env://`` group (NCCL on CUDA, Gloo on CPU); without them it is a no-op, and ``rank()`` /
 ``world_size()`` answer 0 / 1, so single-process code needs no special case.
 
-BatchNorm across processes: on CUDA the model's BN layers become SyncBatchNorm (as in the
-official runs). PyTorch's SyncBatchNorm has no CPU path, so multi-process CPU runs keep per-process
-BN statistics; with ``train.freeze_bn=true`` BN uses its running statistics and the result no longer
-depends on how the global batch is split, which is what the 2-process equivalence test relies on.
+BatchNorm across processes: with ``model.sync_bn=true`` the model's BN layers are synchronised (as in
+the official runs) by :mod:`soco_det.models.segment_bn` over ``torch.distributed``, so on CPU (gloo)
+as well as CUDA (NCCL), with the per-call statistics of the official SyncBatchNorm also inside
+batched calls; then a 2-process run equals one process over the same global batch. Without it each
+process keeps its own BN statistics; ``train.freeze_bn=true`` (running statistics) also makes the
+result independent of how the global batch is split.
 """
 
 from __future__ import annotations

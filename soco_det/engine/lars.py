@@ -37,6 +37,11 @@ class LARS(torch.optim.Optimizer):
 
     Each param group carries ``lars`` (bool) and ``weight_decay``; build them with
     :func:`lars_param_groups`. The per-parameter state is SGD's ``momentum_buffer``.
+
+    ``foreach=True`` updates each group with a few multi-tensor ``torch._foreach_*`` kernels instead
+    of ~8 kernels per parameter (~1,700 launches per step for a ResNet-50 SoCo); ``False`` is the
+    per-parameter loop; ``None`` (default) uses foreach for CUDA parameters only (on the CPU the
+    loop is as fast: benchmarks/lars_step.py). Both compute the same update.
     """
 
     def __init__(
@@ -47,11 +52,13 @@ class LARS(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         eta: float = 0.001,
         eps: float = 1e-8,
+        foreach: bool | None = None,
     ) -> None:
         if lr < 0 or not (0 <= momentum < 1) or weight_decay < 0 or eta <= 0 or eps <= 0:
             raise ValueError(f"invalid LARS settings lr={lr} momentum={momentum} wd={weight_decay} eta={eta}")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, eps=eps, lars=True)
         super().__init__(params, defaults)
+        self.foreach = foreach
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch.optim signature
@@ -60,6 +67,10 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            params = group["params"]
+            if self.foreach or (self.foreach is None and params and params[0].is_cuda):
+                self._foreach_group(group)
+                continue
             for param in group["params"]:
                 if param.grad is None:
                     continue
@@ -81,6 +92,38 @@ class LARS(torch.optim.Optimizer):
         state["trust_ratio"] = ratio  # read by the training-dynamics metrics (no sync here)
         return grad.mul_(ratio)
 
+    def _foreach_group(self, group: dict) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        grads = [p.grad for p in params]
+        if group["lars"]:
+            if group["weight_decay"]:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            else:
+                grads = [g.clone() for g in grads]
+            w_norm = torch.stack(torch._foreach_norm(params))
+            g_norm = torch.stack(torch._foreach_norm(grads))
+            ratio = group["eta"] * w_norm / (g_norm + group["eps"])
+            ratio = torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))
+            torch._foreach_mul_(grads, list(ratio.to(grads[0].dtype).unbind()))
+        momentum = group["momentum"]
+        if momentum:
+            bufs = []
+            for param, grad in zip(params, grads):
+                state = self.state[param]
+                buf = state.get("momentum_buffer")
+                if buf is None:  # torch.optim.SGD starts the buffer at the first gradient
+                    state["momentum_buffer"] = grad.detach().clone()
+                else:
+                    bufs.append((buf, grad))
+            if bufs:
+                old = [b for b, _ in bufs]
+                torch._foreach_mul_(old, momentum)
+                torch._foreach_add_(old, [g for _, g in bufs])
+            grads = [self.state[p]["momentum_buffer"] for p in params]
+        torch._foreach_add_(params, grads, alpha=-group["lr"])
+
     def _sgd_update(self, param: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
         momentum = group["momentum"]
         if momentum:
@@ -96,6 +139,7 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_lars(model: nn.Module, lr: float, weight_decay: float, momentum: float = 0.9,
-               eta: float = 0.001, eps: float = 1e-8) -> LARS:
+               eta: float = 0.001, eps: float = 1e-8, foreach: bool | None = None) -> LARS:
     """LARS over ``model``'s trainable parameters with the rule-based groups."""
-    return LARS(lars_param_groups(model, weight_decay), lr=lr, momentum=momentum, eta=eta, eps=eps)
+    return LARS(lars_param_groups(model, weight_decay), lr=lr, momentum=momentum, eta=eta, eps=eps,
+                foreach=foreach)

@@ -22,6 +22,7 @@ from torch import nn
 from soco_det.engine import checkpoint as ckpt_io
 from soco_det.engine import distributed as dist_utils
 from soco_det.engine.metrics import MetricsWriter
+from soco_det.engine.prefetch import CopyStream
 from soco_det.engine.schedules import Schedule
 from soco_det.logs import Progress, get_logger
 
@@ -92,6 +93,7 @@ class Trainer:
         channels_last: bool = False,
         device_photometric: bool = False,
         hooks: Sequence[Hook] = (),
+        check_every: int = 1,
     ) -> None:
         self.model, self.forward_model, self.optimizer, self.scaler = model, forward_model, optimizer, scaler
         self.schedule, self.loader, self.sampler, self.dataset = schedule, loader, sampler, dataset
@@ -104,6 +106,12 @@ class Trainer:
         self.epoch = 0
         self.epoch_ended = False  # True right after the step that finished an epoch
         self.skipped_images = 0  # in this process since the start (or resume) of the run
+        # Non-finite losses are noted on the device (no host sync per step) and checked every
+        # ``check_every`` steps and before any checkpoint is written (:meth:`check_finite`).
+        self.check_every = max(1, int(check_every))
+        self._first_bad: torch.Tensor | None = None  # [step of the first non-finite loss or -1, that loss]
+        self._checked_step = -1
+        self._copies = CopyStream(device)  # the next batch's host-to-device copies (CUDA only)
 
     def prepare_batch(self, batch: dict) -> dict:
         """Move a collated batch to the device; with ``data.photometric=device`` the colour, blur,
@@ -139,8 +147,9 @@ class Trainer:
                                     enabled=self.amp_dtype is not None):
                     out = self.forward_model(batch)
                 loss = out["loss"].float() / len(micro_batches)
-                # 4. Stop before backward on a non-finite loss (same decision on every process).
-                self._check_finite(loss.detach())
+                # 4. Note a non-finite loss on the device, without a host sync: train() checks it
+                #    every check_every steps and before any checkpoint is saved (check_finite).
+                self._note_finite(loss.detach())
                 # 5. Backward (scaled for fp16; the scale is 1 and disabled otherwise).
                 self.scaler.scale(loss).backward()
             total_loss += loss.detach()
@@ -155,16 +164,39 @@ class Trainer:
         self.step += 1
         return {"loss": total_loss, "pair_losses": pair_losses, "lr": lr, "momentum": tau}
 
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        value = dist_utils.all_reduce_mean(loss.clone())
-        if not torch.isfinite(value).item():
-            last = ckpt_io.find_resume(self.run_dir) if self.run_dir is not None else None
-            raise NonFiniteLossError(
-                f"non-finite loss ({value.item()}) at step {self.step + 1} (epoch {self.epoch}); "
-                f"stopped without saving this state; last good checkpoint: {last or 'none'}"
-            )
+    def _note_finite(self, loss: torch.Tensor) -> None:
+        if self._first_bad is None:
+            self._first_bad = torch.tensor([-1.0, 0.0], device=loss.device)
+        first = self._first_bad
+        newly = ~torch.isfinite(loss) & (first[0] < 0)
+        self._first_bad = torch.where(newly, torch.stack([loss.new_tensor(float(self.step + 1)), loss]), first)
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteLossError` if a loss since the start was non-finite on any process
+        (one host sync; the same decision on every process). The state in memory is then bad, so the
+        run stops before any hook can save it."""
+        if self._first_bad is None or self._checked_step == self.step:
+            return
+        self._checked_step = self.step
+        first = self._first_bad.clone()
+        bad = dist_utils.all_reduce_mean((first[:1] >= 0).float())
+        if bad.item() == 0:
+            return
+        step, value = (int(first[0].item()), first[1].item()) if first[0] >= 0 else (self.step, float("nan"))
+        last = ckpt_io.find_resume(self.run_dir) if self.run_dir is not None else None
+        raise NonFiniteLossError(
+            f"non-finite loss ({value}) at step {step} (epoch {self.epoch}); "
+            f"stopped without saving this state; last good checkpoint: {last or 'none'}"
+        )
 
     # ------------------------------------------------------------------ the loop
+    def _fetch(self, iterator) -> list:  # noqa: ANN001
+        """The next ``accum_steps`` micro-batches; on CUDA their copies to the device have started."""
+        micro = [next(iterator) for _ in range(self.accum_steps)]
+        # bad images the dataset replaced (counted in the workers, reported here)
+        self.skipped_images += sum(int(b["skipped"].sum()) for b in micro if "skipped" in b)
+        return self._copies.start(micro, lambda b: move_to(b, self.device))
+
     def train(self) -> None:
         for hook in self.hooks:
             hook.before_train(self)
@@ -176,14 +208,18 @@ class Trainer:
             done_micro = self.sampler.position // batch_size
             if micro_per_epoch - done_micro >= self.accum_steps:
                 iterator = iter(self.loader)
+                pending = None  # the next step's micro-batches, already being copied to the device
                 while done_micro + self.accum_steps <= micro_per_epoch and self.step < self.stop_step:
-                    micro = [next(iterator) for _ in range(self.accum_steps)]
-                    # bad images the dataset replaced (counted in the workers, reported here)
-                    self.skipped_images += sum(int(b["skipped"].sum()) for b in micro if "skipped" in b)
-                    micro = [self.prepare_batch(b) for b in micro]
+                    micro = pending if pending is not None else self._fetch(iterator)
+                    micro = [self.prepare_batch(self._copies.arrived(b)) for b in micro]
                     for hook in self.hooks:
                         hook.before_step(self)
                     out = self.run_step(micro)
+                    # The step is queued on the device: load and start copying the next one meanwhile.
+                    more = done_micro + 2 * self.accum_steps <= micro_per_epoch and self.step < self.stop_step
+                    pending = self._fetch(iterator) if more and self._copies.enabled else None
+                    if self.step % self.check_every == 0 or self.step >= self.stop_step:
+                        self.check_finite()
                     done_micro += self.accum_steps
                     self.sampler.position = done_micro * batch_size
                     self.epoch_ended = done_micro + self.accum_steps > micro_per_epoch
@@ -235,6 +271,7 @@ class CheckpointHook(Hook):
     def _save(self, trainer: Trainer) -> None:
         if self.saved_step == trainer.step:
             return
+        trainer.check_finite()  # never save a state that a non-finite loss produced
         if dist_utils.is_main():
             ckpt_io.save_checkpoint(self.run_dir, trainer.state_dict(self.config), self.keep_last)
         dist_utils.barrier()
@@ -435,7 +472,7 @@ def pretrain(cfg: Any, out_dir: str | Path, resume: str | Path | None = None,
         )
 
         model = init_model(cfg.model, cfg.seed)
-        if device_type == "cuda" and world > 1 and cfg.model.sync_bn:
+        if world > 1 and cfg.model.sync_bn:  # gloo (CPU) or NCCL: soco_det.models.segment_bn
             model = convert_sync_bn(model)
         channels_last = bool(cfg.model.channels_last)
         model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
@@ -459,7 +496,7 @@ def pretrain(cfg: Any, out_dir: str | Path, resume: str | Path | None = None,
             loader=loader, sampler=sampler, dataset=dataset, device=device, amp_dtype=amp_dtype,
             accum_steps=train.accum_steps, steps_per_epoch=steps_per_epoch, stop_step=stop_step,
             images_per_step=images_per_step, run_dir=run_dir, channels_last=channels_last,
-            device_photometric=cfg.data.photometric == "device",
+            device_photometric=cfg.data.photometric == "device", check_every=train.log_every,
         )
         if resume_path is not None:
             # On the CPU: RNG states must stay CPU tensors; weights and optimizer state are copied

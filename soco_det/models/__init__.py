@@ -38,12 +38,14 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     return model
 
 
-def convert_sync_bn(model: nn.Module) -> nn.Module:
-    """Every BatchNorm (online, target, predictor) -> ``SyncBatchNorm``, as the official runs.
+def convert_sync_bn(model: nn.Module, process_group=None) -> nn.Module:  # noqa: ANN001
+    """Every BatchNorm (online, target, predictor) synchronised across processes, as the official runs.
 
-    Call it for distributed CUDA training before wrapping in DDP; parameters are kept (the same
-    ``Parameter`` objects), so the target/online pairing and state-dict names are unchanged.
+    The layers become :mod:`soco_det.models.segment_bn` modules with ``sync=True``: SyncBatchNorm
+    semantics per call *and per segment* of a batched call, over ``torch.distributed`` (gloo on
+    CPU, NCCL on CUDA). Call it before wrapping in DDP; parameters and buffers are kept (the same
+    objects), so the target/online pairing and state-dict names are unchanged.
     """
-    from torch import nn
+    from soco_det.models.segment_bn import convert_segment_bn
 
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return convert_segment_bn(model, sync=True, process_group=process_group)

@@ -30,9 +30,18 @@ class ModelConfig:
       (view, pair): about P times cheaper, with different BatchNorm statistics.
     * ``legacy``: scale normalised boxes by the feature-map size (official, SOCO_SPEC 9.6) instead
       of ``view size / stride``; the two agree when the view side is a multiple of 32.
-    * ``sync_bn``: the engine converts BatchNorm to SyncBatchNorm when training distributed on
-      CUDA (:func:`soco_det.models.convert_sync_bn`); the official runs did.
+    * ``sync_bn``: the engine synchronises BatchNorm across processes when training distributed
+      (:func:`soco_det.models.convert_sync_bn`; gloo or NCCL, per call and per segment as the
+      official SyncBatchNorm); the official runs did.
     * ``channels_last``: NHWC memory format for the convolutional parts (faster on tensor cores).
+    * ``batched_calls``: run the per-(pair, view, level) head/projector/predictor calls of
+      ``all_levels`` as one call, and the backbone/FPN once for consecutive views of one size, with
+      segment-wise BatchNorm (each original call keeps its own statistics; equal to separate calls
+      up to float rounding, :mod:`soco_det.models.segment_bn`). ``false``: one call each, as the
+      official code (slower; for tests and benchmarks).
+    * ``batched_backbone``: with ``batched_calls``, also batch the backbone/FPN over views of one
+      size (V1 + V2). Segment-wise BN costs two extra copies per BN layer there, which can outweigh
+      the gain of one larger call at a large per-GPU batch: ``false`` batches the RoI calls only.
     """
 
     variant: Literal["soco_fpn", "soco_star", "soco_c4", "image_byol"] = "soco_fpn"
@@ -49,6 +58,8 @@ class ModelConfig:
     zero_init_residual: bool = True
     sync_bn: bool = False
     channels_last: bool = False
+    batched_calls: bool = True
+    batched_backbone: bool = True
     # Not in the paper (README "Where we differ"): weight of a penalty on correlated channels of the
     # online box-head output (soco_det.losses.decorrelation_loss), which keeps small-budget runs from
     # collapsing onto a few directions. 0 = off (the paper recipes).

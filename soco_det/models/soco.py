@@ -18,6 +18,16 @@ level p), the layout of ``batch["corr"]``:
   per-call batches (SOCO_SPEC 3.4, 9.8);
 * ``assigned_level``: each box is pooled only on its assigned level and the head runs once per
   (pair, view); rows of other levels are zeros, which ``corr`` never selects.
+
+Calls and BatchNorm (``model.batched_calls``, default on). The official forward makes one call per
+(pair, view, level) of the head, projector and predictor, and one backbone/FPN call per view; BN
+statistics are per call. With ``batched_calls`` those calls are made as one batched call each, with
+segment-wise BatchNorm (:mod:`soco_det.models.segment_bn`): every original call is a segment with
+its own statistics, so losses, gradients and running statistics equal those of separate calls up to
+float rounding. The backbone/FPN batches consecutive views of the same size (V1 and V2). Either way
+the calls (segments) follow the official order, which fixes the running statistics after a step:
+sides sorted by (view, pair), i.e. V1-of-pair-12, V1-of-13, V2, V3 (four levels each), online and
+then target (SOCO_SPEC 3.4; the official ``SoCo_FPN.forward``).
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from soco_det.models.config import ModelConfig
 from soco_det.models.fpn import FPN
 from soco_det.models.mlp import MLP
 from soco_det.models.roi import pool_assigned_level, roi_align_boxes
+from soco_det.models.segment_bn import bn_segments, convert_segment_bn
 
 FPN_STRIDES = (4, 8, 16, 32)  # P2..P5
 
@@ -50,8 +61,9 @@ class MomentumModel(nn.Module):
     def __init__(self, cfg: ModelConfig, online: Mapping[str, nn.Module], predictor: nn.Module) -> None:
         super().__init__()
         self.cfg = cfg
-        self.online = nn.ModuleDict(online)
-        self.predictor = predictor
+        # Segment-wise BN is plain BN outside a batched call: same names, buffers and results.
+        self.online = convert_segment_bn(nn.ModuleDict(online))
+        self.predictor = convert_segment_bn(predictor)
         self.target = copy.deepcopy(self.online)
         self.target.requires_grad_(False)
         self.criterion = SoCoLoss()
@@ -125,6 +137,19 @@ def check_batch(batch: Mapping[str, Any], num_levels: int, need: Sequence[str] =
                 )
 
 
+def side_order(pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """``(view, pair, side)`` of every pair side, sorted by (view, pair): the official call order
+    (V1 of pair 1-2, V1 of 1-3, V2, V3 for SoCo_FPN; V1-12, V1-13, V1-14, V2, V3, V4 for SoCo*)."""
+    return sorted((v, k, s) for k, pair in enumerate(pairs) for s, v in enumerate(pair))
+
+
+def _split(out: Any, n: int, i: int) -> Any:
+    """Segment ``i`` of ``n`` equal segments along dim 0 of a tensor or a list/tuple of tensors."""
+    if isinstance(out, torch.Tensor):
+        return out.chunk(n)[i]
+    return type(out)(t.chunk(n)[i] for t in out)
+
+
 class BoxModel(MomentumModel):
     """A momentum model whose loss compares box embeddings of view pairs (FPN and C4 variants).
 
@@ -140,26 +165,16 @@ class BoxModel(MomentumModel):
         need = ("boxes", "corr", "levels") if self.uses_levels else ("boxes", "corr")
         check_batch(batch, self.num_levels, need)
         images, pairs = batch["images"], [tuple(int(v) for v in p) for p in batch["pairs"]]
-        views = sorted({v for pair in pairs for v in pair})
-        online_feats = {v: self.features(self.online, self._prepare(images[v])) for v in views}
+        sides = side_order(pairs)
+        views = sorted({v for v, _, _ in sides})
+        online = self.embed_sides(self.online, self.view_features(self.online, images, views), batch, sides,
+                                  self.predictor)
         with torch.no_grad():
-            target_feats = {v: self.features(self.target, self._prepare(images[v])) for v in views}
-
-        preds, targets = [], []
-        for k, pair in enumerate(pairs):
-            levels = batch["levels"][k] if self.uses_levels else (None, None)
-            sides = list(zip(pair, batch["boxes"][k], levels))
-            preds.append(tuple(
-                self.embed(self.online, online_feats[v], boxes, lev, tuple(images[v].shape[-2:]), self.predictor)
-                for v, boxes, lev in sides
-            ))
-            with torch.no_grad():
-                targets.append(tuple(
-                    self.embed(self.target, target_feats[v], boxes, lev, tuple(images[v].shape[-2:]), None)
-                    for v, boxes, lev in sides
-                ))
-        out = self.criterion(pairs, preds, targets, batch["corr"])
-        return self._add_regularisers(out)
+            target = self.embed_sides(self.target, self.view_features(self.target, images, views), batch, sides,
+                                      None)
+        preds = [(online[(k, 0)], online[(k, 1)]) for k in range(len(pairs))]
+        targets = [(target[(k, 0)], target[(k, 1)]) for k in range(len(pairs))]
+        return self._add_regularisers(self.criterion(pairs, preds, targets, batch["corr"]))
 
     def _add_regularisers(self, out: dict) -> dict:
         """Add ``model.head_decorrelation`` x the decorrelation of the online head outputs recorded
@@ -172,7 +187,40 @@ class BoxModel(MomentumModel):
             out["aux_losses"] = {"head_decorrelation": term.detach()}
         return out
 
-    _head_outputs: list = []
+    _head_outputs: list = []  # online head outputs of this forward pass, one tensor per call
+
+    def view_features(self, net: nn.ModuleDict, images: Sequence[torch.Tensor], views: Sequence[int]) -> dict:
+        """``{view: features(net, image)}`` in view order; with ``batched_calls`` consecutive views of the
+        same size go through the backbone in one call, one BN segment per view."""
+        groups: list[list[int]] = []
+        for v in views:
+            if (self.cfg.batched_calls and self.cfg.batched_backbone and groups
+                    and images[groups[-1][-1]].shape == images[v].shape and groups[-1][-1] == v - 1):
+                groups[-1].append(v)
+            else:
+                groups.append([v])
+        feats = {}
+        for group in groups:
+            if len(group) == 1:
+                feats[group[0]] = self.features(net, self._prepare(images[group[0]]))
+                continue
+            with bn_segments([net], len(group)):
+                out = self.features(net, self._prepare(torch.cat([images[v] for v in group])))
+            for i, v in enumerate(group):
+                feats[v] = _split(out, len(group), i)
+        return feats
+
+    def embed_sides(
+        self, net: nn.ModuleDict, feats: Mapping[int, Any], batch: Mapping[str, Any],
+        sides: Sequence[tuple[int, int, int]], predictor: nn.Module | None,
+    ) -> dict[tuple[int, int], torch.Tensor]:
+        """``{(pair, side): [B, P*K, D]}``: one :meth:`embed` per side, in the official order."""
+        out = {}
+        for v, k, s in sides:
+            levels = batch["levels"][k][s] if self.uses_levels else None
+            out[(k, s)] = self.embed(net, feats[v], batch["boxes"][k][s], levels,
+                                     tuple(batch["images"][v].shape[-2:]), predictor)
+        return out
 
     @property
     def uses_levels(self) -> bool:
@@ -204,13 +252,37 @@ class SoCoFPN(BoxModel):
         """``[P2..P5]`` of one view: the backbone and FPN run once per view and network."""
         return net["neck"](net["encoder"](image))
 
-    def project(self, net: nn.ModuleDict, rois: torch.Tensor, predictor: nn.Module | None) -> torch.Tensor:
-        """RoI features ``[R, C, s, s]`` -> head -> projector (-> predictor): ``[R, D]``."""
+    def embed_sides(
+        self, net: nn.ModuleDict, feats: Mapping[int, Any], batch: Mapping[str, Any],
+        sides: Sequence[tuple[int, int, int]], predictor: nn.Module | None,
+    ) -> dict[tuple[int, int], torch.Tensor]:
+        """``all_levels`` with ``batched_calls``: every (side, level) RoI batch in one head/projector/
+        predictor call, one BN segment each, in the official order (side-major, then level)."""
+        shapes = {tuple(batch["boxes"][k][s].shape) for _, k, s in sides}
+        if self.cfg.roi_mode != "all_levels" or not self.cfg.batched_calls or len(shapes) != 1:
+            return super().embed_sides(net, feats, batch, sides, predictor)
+        b, k_rows, _ = shapes.pop()
+        rois = [
+            roi_align_boxes(feats[v][p], batch["boxes"][k][s], tuple(batch["images"][v].shape[-2:]), stride,
+                            self.roi_output_size, self.cfg.legacy)
+            for v, k, s in sides for p, stride in enumerate(self.strides)
+        ]
+        with bn_segments([net, predictor], len(rois)):
+            vec = self.project(net, torch.cat(rois), predictor, segments=len(rois))
+        # [side, level, B, K, D] -> [side, B, level*K + row, D] (level-major rows, as ``corr``)
+        vec = vec.view(len(sides), self.num_levels, b, k_rows, -1).transpose(1, 2)
+        vec = vec.reshape(len(sides), b, self.num_levels * k_rows, -1)
+        return {(k, s): vec[i] for i, (_, k, s) in enumerate(sides)}
+
+    def project(self, net: nn.ModuleDict, rois: torch.Tensor, predictor: nn.Module | None,
+                segments: int = 1) -> torch.Tensor:
+        """RoI features ``[R, C, s, s]`` -> head -> projector (-> predictor): ``[R, D]``; ``segments``
+        equal row blocks stand for as many original calls (segment-wise BN, batched calls)."""
         if self.cfg.channels_last:
             rois = rois.contiguous(memory_format=torch.channels_last)
         head = net["head"](rois)
         if net is self.online and self.cfg.head_decorrelation > 0:
-            self._head_outputs = [*self._head_outputs, head]
+            self._head_outputs = [*self._head_outputs, *head.chunk(segments)]
         out = net["projector"](head)
         return predictor(out) if predictor is not None else out
 
