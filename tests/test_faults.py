@@ -340,3 +340,35 @@ def test_output_paths_that_cannot_be_written_are_one_line(sample_data, tmp_path,
     assert main(_cli_args(sample_data, a_file / "run", "train.max_steps=1")) == 2
     err = error_line(capsys.readouterr().err)
     assert "is a file" in err
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+def test_sigterm_during_finetuning_saves_a_checkpoint(tmp_path, monkeypatch):
+    import soco_det.synth as synth
+    from soco_det.config import build_config
+    from soco_det.engine.signals import Interrupted
+    from soco_det.transfer import FinetuneConfig, finetune
+    from soco_det.transfer import finetuning
+
+    from test_finetune import TINY
+
+    scenes = synth.generate(tmp_path / "scenes", n_unlabeled=0, n_train=4, n_val=1, short_side=96, seed=3)
+    extra = {"data": {"train_json": str(scenes["train"]), "train_images": str(scenes["images"]),
+                      "val_json": str(scenes["val"]), "val_images": str(scenes["images"])},
+             "model": {"init": "random"}, "device": "cpu"}
+    cfg = build_config(FinetuneConfig, "finetune_tiny_cpu", [*TINY, "checkpoint_period=100", "log_period=1"], extra=extra)
+    real_step, calls = finetuning.train_step, []
+
+    def step_then_signal(*args, **kwargs):
+        calls.append(1)
+        out = real_step(*args, **kwargs)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(finetuning, "train_step", step_then_signal)
+    run = tmp_path / "ft"
+    with pytest.raises(Interrupted, match="stopped by SIGTERM after iteration 3"):
+        finetune(cfg, run)
+    assert len(calls) == 3 and ckpt_io.load_checkpoint(run)["step"] == 3
+    assert _steps(run) == ["step_00000003.pt"]

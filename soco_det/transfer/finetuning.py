@@ -170,11 +170,20 @@ def finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: bool | str | Path
     continues from that checkpoint. Raises :class:`UserError` for bad data or init files.
     """
     from soco_det.engine import distributed as dist
+    from soco_det.engine.checkpoint import clean_temporary_files
+    from soco_det.runlock import FolderLock
 
     created_group = not dist.is_initialized()
+    # One run per folder: the main process holds its lock (torchrun ranks share the main's folder).
+    lock = FolderLock(out_dir, "run folder") if dist.rank() == 0 else None
     try:
+        if lock is not None:
+            lock.acquire()
+            clean_temporary_files(out_dir)
         return _finetune(cfg, Path(out_dir), resume)
     finally:
+        if lock is not None:
+            lock.release()
         if created_group:
             dist.cleanup()
 
@@ -182,6 +191,7 @@ def finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: bool | str | Path
 def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) -> Path:
     from soco_det.engine import distributed as dist
     from soco_det.engine.checkpoint import capture_rng, load_checkpoint, load_model_strict, restore_rng, save_checkpoint
+    from soco_det.engine.signals import GracefulStop, Interrupted
     from soco_det.transfer.coco_data import CocoInstances, TrainingSampler, collate
     from soco_det.transfer.evaluation import evaluate, format_metrics
     from soco_det.transfer.maskrcnn import build_from_config, load_init, resolve_widths
@@ -290,7 +300,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) 
         restore_rng(ckpt["rng"])
     else:
         torch.manual_seed(cfg.seed + rank)
-    with Progress(total=solver.iterations, desc="finetune", initial=start_iter) as bar:
+    with Progress(total=solver.iterations, desc="finetune", initial=start_iter) as bar, GracefulStop() as stop:
         for iteration in range(start_iter, solver.iterations):
             lr = solver.base_lr * lr_factor(iteration, solver)
             for group in optimizer.param_groups:
@@ -314,6 +324,11 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) 
                 checkpoint(done)
             if cfg.eval_period and done % cfg.eval_period == 0 and done != solver.iterations:
                 run_eval(done)
+            if done != solver.iterations and stop.requested():  # SIGINT/SIGTERM: save, then stop
+                if not (cfg.checkpoint_period and done % cfg.checkpoint_period == 0):
+                    checkpoint(done)
+                raise Interrupted(f"{out}: stopped by {stop.name} after iteration {done}; checkpoint saved; "
+                                  "continue with --resume", stop.signum or 15)
     final = run_eval(solver.iterations)
     if rank == 0 and final is not None:
         from soco_det.atomic import atomic_write_json
