@@ -4,6 +4,7 @@ runs and damaged files. Each test asserts that nothing is lost and that the mess
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -31,8 +32,10 @@ def _fresh_log_handler():
 
     logger = logging.getLogger("soco_det")
     logger.handlers = [h for h in logger.handlers if not getattr(h, "_soco_det", False)]
+    propagate, logger.propagate = logger.propagate, True  # caplog sees the records
     yield
     logger.handlers = [h for h in logger.handlers if not getattr(h, "_soco_det", False)]
+    logger.propagate = propagate
 
 
 def error_line(err: str) -> str:
@@ -372,3 +375,272 @@ def test_sigterm_during_finetuning_saves_a_checkpoint(tmp_path, monkeypatch):
         finetune(cfg, run)
     assert len(calls) == 3 and ckpt_io.load_checkpoint(run)["step"] == 3
     assert _steps(run) == ["step_00000003.pt"]
+
+
+# ------------------------------------------------------------------ stores: 4, 5, 7, 9, 10, 13
+
+STORE_FILES = ["paths.npy", "path_offsets.npy", "sizes.npy", "offsets.npy", "boxes.npy", "status.npy", "stage.npy",
+               "raw_counts.npy", "failures.json", "summary.json"]
+
+
+@pytest.fixture
+def store_copy(sample_data, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(sample_data["proposals"], tmp_path / "store"))
+
+
+def _npy_data_offset(path: Path) -> int:
+    import numpy as np
+
+    with open(path, "rb") as f:
+        np.lib.format.read_magic(f)
+        np.lib.format.read_array_header_1_0(f)
+        return f.tell()
+
+
+@pytest.mark.parametrize("name", STORE_FILES)
+def test_a_damaged_store_file_is_never_read(store_copy, name, capsys):
+    from soco_det.proposals import ProposalStore
+
+    path = store_copy / name
+    size = path.stat().st_size
+    offset = _npy_data_offset(path) if name.endswith(".npy") else 0
+    assert size > offset, "nothing to damage"
+    _corrupt(path, offset=offset + (size - offset) // 2, n=min(4, size - offset))
+    with pytest.raises(UserError, match=rf"{store_copy}: proposal store is damaged \({name} differs"):
+        ProposalStore.open(store_copy)
+    assert main(["proposals", "info", str(store_copy)]) == 2
+    assert "recompute it" in error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("what", ["npy_header", "meta", "summary_unchecked", "offsets_unchecked"])
+def test_damaged_headers_and_metadata_are_one_line(store_copy, what, capsys):
+    """Without checksums (a store of an older version) the structure is still checked."""
+    import numpy as np
+
+    from soco_det.proposals import ProposalStore
+
+    meta = json.loads((store_copy / "meta.json").read_text())
+    if what == "npy_header":
+        data = bytearray((store_copy / "boxes.npy").read_bytes())
+        data[10:40] = b"{'descr': <i4', 'fortran_o!!!!"
+        (store_copy / "boxes.npy").write_bytes(bytes(data))
+    elif what == "meta":
+        (store_copy / "meta.json").write_text('{"format": "soco-det-proposals/1", "root": ')
+    else:
+        del meta["checksums"]
+        (store_copy / "meta.json").write_text(json.dumps(meta))
+        if what == "summary_unchecked":
+            (store_copy / "summary.json").write_text("{not json")
+            with pytest.raises(UserError, match="damaged .summary.json"):
+                ProposalStore.open(store_copy).summary
+        else:
+            offsets = np.load(store_copy / "offsets.npy")
+            offsets[-1] += 1000  # points past the end of boxes
+            np.save(store_copy / "offsets.npy", offsets)
+    assert main(["proposals", "info", str(store_copy)]) == 2
+    assert "proposal store is damaged" in error_line(capsys.readouterr().err)
+
+
+def test_pretraining_refuses_a_damaged_store(sample_data, store_copy):
+    _corrupt(store_copy / "boxes.npy", offset=_npy_data_offset(store_copy / "boxes.npy") + 8, n=8)
+    cfg = tiny_config({"images": sample_data["images"], "proposals": store_copy}, "train.max_steps=1")
+    with pytest.raises(UserError, match="proposal store is damaged"):
+        pretrain(cfg, store_copy.parent / "run")
+
+
+def test_store_paths_outside_the_images_root_are_refused(tmp_path):
+    from soco_det.proposals import ProposalStore
+    from soco_det.proposals.store import ProposalTable, write_store
+
+    table = ProposalTable()
+    table.append("../outside.jpg", (10, 10), 0, "", 0, 1, [[0, 0, 5, 5]])
+    write_store(tmp_path / "store", table, {"root": str(tmp_path / "images"), "method": "x"})
+    with pytest.raises(UserError, match=r"'../outside.jpg' is not a relative path inside the images root"):
+        ProposalStore.open(tmp_path / "store")
+
+
+def test_merge_import_and_export_never_replace_an_output_silently(sample_data, store_copy, tmp_path, capsys):
+    from soco_det.proposals import ProposalStore
+
+    images = str(sample_data["images"])
+    exported = tmp_path / "props.json"
+    assert main(["proposals", "export", str(store_copy), "-o", str(exported)]) == 0
+    first = exported.read_bytes()
+    other = tmp_path / "other_store"
+    assert main(["proposals", "import", str(exported), "--images", images, "-o", str(other)]) == 0
+    meta_before = (other / "meta.json").read_bytes()
+
+    cases = [  # (argv, expected words in the error)
+        (["proposals", "import", str(exported), "--images", images, "-o", str(other)], "--overwrite"),
+        (["proposals", "merge", str(store_copy), "-o", str(other)], "--overwrite"),
+        (["proposals", "export", str(store_copy), "-o", str(exported)], "--overwrite"),
+        (["proposals", "export", str(store_copy), "-o", str(tmp_path)], "is a folder"),
+        (["proposals", "import", str(exported), "--images", images, "-o", str(exported)], "not a folder"),
+        (["proposals", "merge", str(store_copy), "-o", str(exported / "x")], "is a file"),
+    ]
+    for argv, words in cases:
+        assert main(argv) == 2, argv
+        assert words in error_line(capsys.readouterr().err), argv
+    assert exported.read_bytes() == first and (other / "meta.json").read_bytes() == meta_before
+
+    assert main(["proposals", "merge", str(store_copy), "-o", str(other), "--overwrite"]) == 0
+    assert ProposalStore.open(other).meta["method"] == "selective_search"
+    assert main(["proposals", "export", str(store_copy), "--format", "coco", "-o", str(exported), "--overwrite"]) == 0
+    assert "annotations" in json.loads(exported.read_text())
+
+
+def test_proposal_settings_file_cannot_get_a_job_stuck(sample_data, tmp_path, caplog):
+    from soco_det.proposals import ProposalStore, compute_store
+
+    out = tmp_path / "store"
+    (out / "parts").mkdir(parents=True)
+    (out / "parts" / "settings.json").write_bytes(b"")  # what a full disk left behind before
+    compute_store(sample_data["images"], out, method="random")
+    assert len(ProposalStore.open(out)) == 8 and "rewriting it" in caplog.text
+    # With partial results the settings cannot be checked: a clear error that says what to do.
+    out2 = tmp_path / "store2"
+    (out2 / "parts").mkdir(parents=True)
+    (out2 / "parts" / "settings.json").write_bytes(b"")
+    (out2 / "parts" / "chunk_000000.npz").write_bytes(b"x")
+    with pytest.raises(UserError, match=r"settings.json: unreadable .* delete .*parts to start again"):
+        compute_store(sample_data["images"], out2, method="random")
+
+
+def test_settings_file_is_written_atomically(sample_data, tmp_path, monkeypatch):
+    """A write that fails (full disk) leaves no settings.json at all, never a torn one."""
+    import soco_det.atomic as atomic
+    from soco_det.proposals import compute_store
+
+    out = tmp_path / "store"
+    real_fsync = os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "fsync", full)
+    with pytest.raises(OSError):
+        compute_store(sample_data["images"], out, method="random")
+    monkeypatch.setattr(atomic.os, "fsync", real_fsync)
+    assert not (out / "parts" / "settings.json").exists()
+    compute_store(sample_data["images"], out, method="random")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--max-side", "-5"], "--max-side -5: must be a whole number >= 1"),
+    (["--workers", "-3"], "--workers -3: must be"),
+    (["--chunk-size", "0"], "--chunk-size 0: must be"),
+    (["--chunk-size", "-1"], "--chunk-size -1: must be"),
+    (["--max-pixels", "-1"], "--max-pixels -1"),
+    (["--param", "scale=abc"], "scale='abc' must be a number"),
+    (["--param", "min_size=2.5"], "min_size=2.5 must be a whole number"),
+])
+def test_bad_proposal_options_are_refused(sample_data, tmp_path, capsys, argv, words):
+    out = tmp_path / "store"
+    assert main(["proposals", str(sample_data["images"]), "-o", str(out), *argv]) == 2
+    assert words in error_line(capsys.readouterr().err)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("entry, words", [
+    ([0, 0, 10, 10, 5, 5, 20, 20], "is not a list of [x, y, w, h] rects"),
+    ([[0, 0, 1e30, 10]], "outside int32"),
+    ([[0, 0, 10.5, 10]], "not a whole number"),
+    ([[0, 0, "10", 10]], "not a number"),
+    ("oops", "is not a list"),
+])
+def test_imported_rects_that_cannot_be_right_are_errors(sample_data, tmp_path, entry, words):
+    from soco_det.proposals.interchange import import_official_json
+
+    stem = Path(sorted(p.name for p in sample_data["images"].iterdir())[0]).stem
+    (tmp_path / "p.json").write_text(json.dumps({stem: entry}))
+    with pytest.raises(UserError, match=rf"p.json: entry '{stem}' .*{__import__('re').escape(words)}"):
+        import_official_json(tmp_path / "p.json", sample_data["images"], tmp_path / "store")
+
+
+def test_imported_rects_are_clipped_or_dropped_and_counted(sample_data, tmp_path):
+    from PIL import Image
+
+    from soco_det.proposals import ProposalStore
+    from soco_det.proposals.interchange import import_official_json
+
+    name = sorted(p.name for p in sample_data["images"].iterdir())[0]
+    w, h = Image.open(sample_data["images"] / name).size
+    rects = [[0, 0, 10, 10], [-5, 2, 20, 10], [w - 5, h - 5, 20, 20], [3, 3, -4, 5], [w + 10, 0, 5, 5], [2, 2, 0, 0]]
+    (tmp_path / "p.json").write_text(json.dumps({Path(name).stem: rects}))
+    store = ProposalStore.open(import_official_json(tmp_path / "p.json", sample_data["images"], tmp_path / "store"))
+    boxes = store.boxes(store.index(name)).tolist()
+    assert boxes == [[0, 0, 10, 10], [0, 2, 15, 10], [w - 5, h - 5, 4, 4], [2, 2, 0, 0]]
+    assert store.summary["import_clipped"] == 2 and store.summary["import_dropped"] == 2
+
+
+ORPHAN_SCRIPT = """
+import os, sys, time
+import numpy as np
+from soco_det.proposals.methods import register_method
+
+def slow_boxes(image, params):
+    time.sleep(0.7)
+    return np.array([[0, 0, 40, 40]], np.int32)
+
+register_method("slow_orphan", slow_boxes, {})
+
+if __name__ == "__main__":
+    from soco_det.proposals import compute_store
+    compute_store(sys.argv[1], sys.argv[2], method="slow_orphan", workers=2, chunk_size=1, filter="raw")
+"""
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_killing_the_parent_of_a_worker_pool_stops_the_workers(tmp_path):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(40):
+        Image.new("RGB", (64, 64), (i * 5, 0, 0)).save(images / f"{i:03d}.png")
+    script = tmp_path / "job.py"
+    script.write_text(ORPHAN_SCRIPT)
+    out = tmp_path / "store"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(script), str(images), str(out)], env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((out / "parts").glob("chunk_*.npz")):
+        time.sleep(0.1)
+    workers = [c for c in _children(proc.pid) if "multiprocessing" in Path(f"/proc/{c}/cmdline").read_text()]
+    assert workers, "no pool workers found"
+    proc.kill()
+    proc.wait()
+    time.sleep(3)
+
+    def alive() -> list[int]:
+        found = []
+        for w in workers:
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    found.append(w)
+        return found
+
+    try:
+        survivors = alive()
+        n_chunks = len(list((out / "parts").glob("chunk_*.npz")))
+        time.sleep(2)
+        assert not survivors, f"workers {survivors} outlived their parent"
+        assert len(list((out / "parts").glob("chunk_*.npz"))) == n_chunks  # nobody writes any more
+    finally:
+        for w in alive():  # do not leave them running when the test fails
+            with contextlib.suppress(OSError):
+                os.kill(w, signal.SIGKILL)
