@@ -312,12 +312,12 @@ def test_disk_full_during_a_checkpoint_is_an_oserror_naming_the_file(tmp_path, m
 
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    """A 2 MiB tmpfs (needs root; skipped otherwise)."""
+    """A 300 MiB tmpfs (needs root; skipped otherwise)."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300m", "tmpfs", str(mnt)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here")
     try:
         yield mnt
@@ -327,11 +327,15 @@ def small_tmpfs(tmp_path):
 
 def test_full_disk_in_pretrain_is_one_line_and_keeps_the_previous_checkpoint(sample_data, small_tmpfs, capsys):
     run = small_tmpfs / "run"
-    # tiny checkpoints are ~1.5 MB: the first fits, the second (and last.pt) do not.
+    # A tiny-config checkpoint is about 135 MB: step 1 and its last.pt copy fit, step 2 does not.
     assert main(_cli_args(sample_data, run, "train.max_steps=3", "train.ckpt_every=1")) == 1
     err = error_line(capsys.readouterr().err)
     assert "No space left on device" in err and str(run / "checkpoints") in err
     assert "unexpected pos" not in err
+    # What was saved before the disk filled up is intact, and no temporary file takes the space.
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    assert _steps(run) and all(ckpt_io.damage(p) is None for p in (run / "checkpoints").glob("step_*.pt"))
+    assert ckpt_io.load_checkpoint(run)["step"] >= 1
 
 
 def test_output_paths_that_cannot_be_written_are_one_line(sample_data, tmp_path, capsys):
@@ -644,3 +648,112 @@ def test_killing_the_parent_of_a_worker_pool_stops_the_workers(tmp_path):
         for w in alive():  # do not leave them running when the test fails
             with contextlib.suppress(OSError):
                 os.kill(w, signal.SIGKILL)
+
+
+# ------------------------------------------------------------------ 11, 13. COCO annotations
+
+
+@pytest.fixture(scope="module")
+def coco_scenes(tmp_path_factory):
+    import soco_det.synth as synth
+
+    return synth.generate(tmp_path_factory.mktemp("coco_scenes"), n_unlabeled=0, n_train=3, n_val=0, short_side=64, seed=5)
+
+
+def _edited(scenes, tmp_path, edit) -> Path:
+    data = json.loads(Path(scenes["train"]).read_text())
+    edit(data)
+    out = tmp_path / "edited.json"
+    out.write_text(json.dumps(data))
+    return out
+
+
+COCO_ERRORS = {
+    "unknown category": (lambda d: d["annotations"][0].update(category_id=999), "category_id 999 is not in 'categories'"),
+    "bbox not numbers": (lambda d: d["annotations"][0].update(bbox="oops"), "'bbox' must be [x, y, width, height] numbers"),
+    "bbox with NaN": (lambda d: d["annotations"][0].update(bbox=[1, 2, float("nan"), 3]), "'bbox' must be"),
+    "duplicate image id": (lambda d: d["images"][1].update(id=d["images"][0]["id"]), "is listed twice (one image would be lost)"),
+    "duplicate category id": (lambda d: d["categories"].append(dict(d["categories"][0])), "is listed twice"),
+    "duplicate annotation id": (lambda d: d["annotations"][1].update(id=d["annotations"][0]["id"]), "is used twice"),
+    "negative image size": (lambda d: d["images"][0].update(width=-5), "width/height must be positive"),
+    "file_name outside root": (lambda d: d["images"][0].update(file_name="../../etc/passwd"), "is not a relative path inside"),
+    "absolute file_name": (lambda d: d["images"][0].update(file_name="/etc/passwd"), "is not a relative path inside"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(COCO_ERRORS))
+def test_coco_annotations_that_cannot_be_right_are_one_line_errors(coco_scenes, tmp_path, case):
+    from torch import nn
+
+    from soco_det.transfer.coco_data import CocoInstances
+    from soco_det.transfer.evaluation import evaluate
+
+    edit, words = COCO_ERRORS[case]
+    bad = _edited(coco_scenes, tmp_path, edit)
+    with pytest.raises(UserError, match=__import__("re").escape(words)) as info:
+        CocoInstances(bad, coco_scenes["images"], train=True)
+    assert str(info.value).startswith(f"{bad}: ") and "\n" not in str(info.value)
+    with pytest.raises(UserError, match=__import__("re").escape(words)):  # evaluation checks its ground truth too
+        evaluate(nn.Linear(1, 1), bad, coco_scenes["images"])
+
+
+def test_coco_boxes_that_are_dropped_or_clipped_are_counted_and_never_trained_on(coco_scenes, tmp_path, caplog):
+    from soco_det.transfer.coco_data import CocoInstances
+
+    def edit(data):
+        img = data["images"][0]
+        w, h = img["width"], img["height"]
+        base = dict(data["annotations"][0], image_id=img["id"], iscrowd=0)
+        base.pop("segmentation", None)
+        extra = [
+            dict(base, id=9001, image_id=123456),                        # image not listed
+            dict(base, id=9002, bbox=[5, 5, -3, 10]),                    # negative width
+            dict(base, id=9003, bbox=[w + 10, 0, 20, 20]),               # wholly outside
+            dict(base, id=9004, bbox=[w - 10, h - 10, 30, 30]),          # reaches outside: clipped
+        ]
+        for a in data["annotations"]:
+            a.pop("segmentation", None)
+        data["annotations"] += extra
+
+    path = _edited(coco_scenes, tmp_path, edit)
+    dataset = CocoInstances(path, coco_scenes["images"], train=False)
+    assert dataset.coco.validation == {"orphans": 1, "degenerate": 1, "outside": 1, "clipped": 1}
+    assert "dropped 1 annotation(s) of images that are not listed" in caplog.text
+    index = dataset.ids.index(json.loads(path.read_text())["images"][0]["id"])
+    image, target = dataset[index]
+    boxes = target["boxes"]
+    h, w = image.shape[1:]
+    assert len(boxes) >= 1 and (boxes[:, 2] - boxes[:, 0] >= 1).all() and (boxes[:, 3] - boxes[:, 1] >= 1).all()
+    assert (boxes[:, 0::2] <= w).all() and (boxes[:, 1::2] <= h).all() and (boxes >= 0).all()
+    assert [w - 10, h - 10, w, h] in boxes.tolist()
+
+
+@pytest.fixture
+def readonly_dir(tmp_path):
+    """A read-only tmpfs (needs root; skipped otherwise)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_read_only_outputs_are_one_line_in_every_command(sample_data, readonly_dir, tmp_path, capsys):
+    exported = tmp_path / "props.json"
+    assert main(["proposals", "export", str(sample_data["proposals"]), "-o", str(exported)]) == 0
+    cases = [
+        _cli_args(sample_data, readonly_dir / "run", "train.max_steps=1"),
+        ["proposals", str(sample_data["images"]), "-o", str(readonly_dir / "store"), "--method", "random"],
+        ["proposals", "export", str(sample_data["proposals"]), "-o", str(readonly_dir / "p.json")],
+        ["proposals", "import", str(exported), "--images", str(sample_data["images"]), "-o", str(readonly_dir / "s")],
+        ["synth", "-o", str(readonly_dir / "synth"), "--unlabeled", "1", "--train", "0", "--val", "0"],
+    ]
+    for argv in cases:
+        assert main(argv) == 1, argv
+        err = error_line(capsys.readouterr().err)
+        assert str(readonly_dir) in err and "Read-only file system" in err, argv
