@@ -757,3 +757,16 @@ def test_read_only_outputs_are_one_line_in_every_command(sample_data, readonly_d
         assert main(argv) == 1, argv
         err = error_line(capsys.readouterr().err)
         assert str(readonly_dir) in err and "Read-only file system" in err, argv
+
+
+def test_export_of_a_run_skips_a_damaged_last_checkpoint(sample_data, tmp_path, caplog):
+    from soco_det.export.source import resolve_checkpoint_path
+
+    run = tmp_path / "run"
+    pretrain(tiny_config(sample_data, "train.max_steps=2", "train.ckpt_every=1"), run)
+    assert resolve_checkpoint_path(run) == run / "checkpoints" / "last.pt"
+    _corrupt(run / "checkpoints" / "last.pt")
+    assert resolve_checkpoint_path(run) == run / "checkpoints" / "step_00000002.pt"
+    assert "damaged" in caplog.text
+    with pytest.raises(UserError, match="last.pt: checkpoint is damaged"):
+        resolve_checkpoint_path(run / "checkpoints" / "last.pt")
