@@ -508,8 +508,9 @@ def pretrain(cfg: Any, out_dir: str | Path, resume: str | Path | None = None,
             writer.close()
         if trainer.stopped:
             saved = ckpt_io.find_resume(run_dir)
-            raise Interrupted(f"{run_dir}: stopped by {stop.name or 'a signal'} after step {trainer.step}; "
-                              f"checkpoint {saved} saved; continue with --resume auto", stop.signum or 15)
+            what = f"checkpoint {saved} saved; continue with --resume auto" if saved else "no step was done"
+            raise Interrupted(f"{run_dir}: stopped by {stop.name or 'a signal'} after step {trainer.step}; {what}",
+                              stop.signum or 15)
         return run_dir
     finally:
         if lock is not None:

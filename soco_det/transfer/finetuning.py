@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -175,7 +176,8 @@ def finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: bool | str | Path
 
     created_group = not dist.is_initialized()
     # One run per folder: the main process holds its lock (torchrun ranks share the main's folder).
-    lock = FolderLock(out_dir, "run folder") if dist.rank() == 0 else None
+    rank = dist.rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))  # torchrun sets RANK
+    lock = FolderLock(out_dir, "run folder") if rank == 0 else None
     try:
         if lock is not None:
             lock.acquire()
