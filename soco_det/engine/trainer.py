@@ -405,10 +405,10 @@ def pretrain(cfg: Any, out_dir: str | Path, resume: str | Path | None = None,
     created_group = not dist_utils.is_initialized()
     device = dist_utils.init_distributed(device_type)
     world, rank = dist_utils.world_size(), dist_utils.rank()
-    lock = FolderLock(run_dir, "run folder") if dist_utils.is_main() else None
+    lock: FolderLock | None = None
     try:
-        if lock is not None:
-            lock.acquire()
+        if dist_utils.is_main():  # one run per folder; the other ranks follow the main process
+            lock = FolderLock(run_dir, "run folder").acquire()
             _prepare_run_folder(run_dir, resume, overwrite)
         # The checkpoint to resume from, read (and checked) before anything is written.
         ckpt = None

@@ -177,10 +177,10 @@ def finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: bool | str | Path
     created_group = not dist.is_initialized()
     # One run per folder: the main process holds its lock (torchrun ranks share the main's folder).
     rank = dist.rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))  # torchrun sets RANK
-    lock = FolderLock(out_dir, "run folder") if rank == 0 else None
+    lock: FolderLock | None = None
     try:
-        if lock is not None:
-            lock.acquire()
+        if rank == 0:
+            lock = FolderLock(out_dir, "run folder").acquire()
             clean_temporary_files(out_dir)
         return _finetune(cfg, Path(out_dir), resume)
     finally:
