@@ -150,10 +150,10 @@ def _resume_path(out: Path, resume: bool | str | Path | None, check_fresh: bool 
             raise UserError(f"{out}: run folder already has checkpoints; resume it (--resume) or choose another folder")
         return None
     if resume is True or resume == "auto":
-        found = find_resume(out)
-        if found is None:
+        if find_resume(out) is None:
             log.info("%s: no checkpoint to resume from; starting fresh", out)
-        return found
+            return None
+        return out  # load_checkpoint of the folder: its newest intact checkpoint
     return resolve_checkpoint(resume)
 
 
@@ -251,7 +251,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) 
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start_iter = int(ckpt["step"])
-        log.info("resumed from %s at iteration %d", ckpt_path, start_iter)
+        log.info("resumed from %s at iteration %d", ckpt["path"], start_iter)
     train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
 
     if rank == 0:
