@@ -2,12 +2,15 @@
 
 Each sub-command lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
 this file only lists them, so ``soco-det --help`` stays fast (heavy imports happen inside ``run``).
-Errors that are the user's (:class:`~soco_det.errors.UserError`) print one line and exit 2.
+Errors that are the user's (:class:`~soco_det.errors.UserError`) print one line and exit 2; I/O errors
+(disk full, read-only file system, a file where a folder belongs) print one line naming the path and
+exit 1; a run stopped by SIGINT/SIGTERM after saving its state exits 128 + the signal.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -74,6 +77,31 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         logging.getLogger("soco_det").warning("interrupted")
         return 130
+    except OSError as exc:
+        # Disk full, read-only or missing folders, a file where a folder is expected: one line, with the path.
+        get_logger(__name__).debug("I/O error", exc_info=True)
+        print(f"soco-det {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        interrupted = _interrupted_type()
+        if interrupted is not None and isinstance(exc, interrupted):
+            print(f"soco-det {args.command}: {exc}", file=sys.stderr)
+            return int(exc.exit_code)
+        raise
+
+
+def _interrupted_type() -> type | None:
+    module = sys.modules.get("soco_det.engine.signals")
+    return getattr(module, "Interrupted", None)
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``PATH: reason`` for an I/O error (``PATH -> PATH2`` for a rename), with a hint for a full disk."""
+    where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.ENOSPC:
+        reason += " (free some space or write elsewhere; finished checkpoints and results are kept)"
+    return f"{where}: {reason}" if where else reason
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from soco_det.errors import ImageError
+from soco_det.errors import ImageError, UserError
 
 # Pillow warns at 89 Mpx and refuses at 179 Mpx by default; we refuse anything above this many
 # pixels with a clear message (ImageNet's largest train image is ~ 20 Mpx).
@@ -87,3 +87,11 @@ def list_images(root: str | Path) -> list[str]:
         for p in root.rglob("*")
         if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".")
     )
+
+
+def check_relative_path(relpath: str, where: str) -> None:
+    """Refuse an image path (from a proposal store or a COCO ``file_name``) that could point outside
+    the images root: absolute, or with a ``..`` component. ``where`` names the file it came from."""
+    parts = relpath.replace("\\", "/").split("/")
+    if not relpath or relpath.startswith(("/", "\\")) or ".." in parts:
+        raise UserError(f"{where}: image path {relpath!r} is not a relative path inside the images root")

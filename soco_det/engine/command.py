@@ -6,7 +6,9 @@
 The recipe (a shipped name or a YAML file) sets every value; ``key=value`` overrides adjust it
 (``train.epochs=10 data.batch_size=32 model.roi_mode=assigned_level``); the resolved config is
 written to ``RUN/config.yaml``. ``--resume auto`` continues ``RUN`` from its last checkpoint
-(exactly: step, schedules, sampler position, RNG), or starts fresh when there is none.
+(exactly: step, schedules, sampler position, RNG), or starts fresh when there is none; a run folder
+that holds checkpoints is never started over without ``--overwrite``. Ctrl-C or SIGTERM finishes
+the current step and saves a checkpoint first (a second signal exits at once).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--out", required=True, help="run folder (config.yaml, metrics.jsonl, checkpoints/)")
     parser.add_argument("--resume", default=None,
                         help="'auto' (the run folder's last checkpoint, if any) or a checkpoint file / run folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in a run folder that holds one: the old run is moved to RUN.old-<time>")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                         help="sets train.device (default: the recipe's, auto = CUDA when available)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
@@ -45,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         extra.setdefault("train", {})["device"] = args.device
     cfg = build_config(PretrainConfig, args.recipe, args.overrides, extra=extra)
     try:
-        out = pretrain(cfg, args.out, resume=args.resume)
+        out = pretrain(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     except NonFiniteLossError as exc:
         get_logger(__name__).error("%s", exc)
         return 1

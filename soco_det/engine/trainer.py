@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -112,6 +112,13 @@ class Trainer:
         self._first_bad: torch.Tensor | None = None  # [step of the first non-finite loss or -1, that loss]
         self._checked_step = -1
         self._copies = CopyStream(device)  # the next batch's host-to-device copies (CUDA only)
+        # Asked before each step; True ends the loop early (a stop signal, see engine/signals.py).
+        self.should_stop: Callable[[], bool] = lambda: False
+        self.stopped = False
+
+    def _stop_now(self) -> bool:
+        self.stopped = self.stopped or self.should_stop()
+        return self.stopped
 
     def prepare_batch(self, batch: dict) -> dict:
         """Move a collated batch to the device; with ``data.photometric=device`` the colour, blur,
@@ -202,14 +209,15 @@ class Trainer:
             hook.before_train(self)
         micro_per_epoch = self.steps_per_epoch * self.accum_steps
         batch_size = self.loader.batch_size
-        while self.step < self.stop_step:
+        while self.step < self.stop_step and not self._stop_now():
             self.sampler.set_epoch(self.epoch, self.sampler.position)
             self.dataset.set_epoch(self.epoch)
             done_micro = self.sampler.position // batch_size
             if micro_per_epoch - done_micro >= self.accum_steps:
                 iterator = iter(self.loader)
                 pending = None  # the next step's micro-batches, already being copied to the device
-                while done_micro + self.accum_steps <= micro_per_epoch and self.step < self.stop_step:
+                while (done_micro + self.accum_steps <= micro_per_epoch and self.step < self.stop_step
+                       and not self._stop_now()):
                     micro = pending if pending is not None else self._fetch(iterator)
                     micro = [self.prepare_batch(self._copies.arrived(b)) for b in micro]
                     for hook in self.hooks:
@@ -409,14 +417,38 @@ def _config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
+def _prepare_run_folder(run_dir: Path, resume: str | Path | None, overwrite: bool) -> None:
+    """Main process, holding the run folder's lock: clean up after killed writes, and refuse to
+    start a new run over an old one (``overwrite`` moves the old one aside instead)."""
+    from soco_det.errors import UserError
+    from soco_det.runlock import move_aside
+
+    ckpt_io.clean_temporary_files(run_dir)
+    existing = ckpt_io.checkpoint_candidates(run_dir)
+    if resume is not None or not existing:
+        return
+    if overwrite:
+        aside = move_aside(run_dir)
+        log.warning("--overwrite: moved the previous run of %s to %s", run_dir, aside)
+        return
+    raise UserError(
+        f"{run_dir}: already holds the checkpoints of a run ({existing[0].name}, ...); continue it with "
+        "--resume auto, write to a new -o folder, or pass --overwrite to move the old run aside"
+    )
+
+
 def pretrain(cfg: Any, out_dir: str | Path, resume: str | Path | None = None,
-             hooks: Sequence[Hook] = ()) -> Path:
+             hooks: Sequence[Hook] = (), overwrite: bool = False) -> Path:
     """Train SoCo with ``cfg`` (a :class:`~soco_det.engine.config.PretrainConfig`) into ``out_dir``.
 
-    ``resume``: ``None`` (start fresh), ``"auto"`` (continue from ``out_dir``'s last checkpoint if
-    there is one) or a checkpoint file / run folder. Works in one process or under ``torchrun``
-    (``env://``). Writes ``config.yaml``, ``metrics.jsonl``, ``tensorboard/`` and
-    ``checkpoints/`` in ``out_dir`` and returns it.
+    ``resume``: ``None`` (start fresh; refused if ``out_dir`` holds checkpoints, unless
+    ``overwrite``, which moves the old run to ``OUT.old-<time>``), ``"auto"`` (continue from
+    ``out_dir``'s newest intact checkpoint if there is one) or a checkpoint file / run folder.
+    Works in one process or under ``torchrun`` (``env://``). The main process holds an exclusive
+    lock on ``out_dir`` for the whole run. The checkpoint is checked against the config (names and
+    shapes) before anything is written. Writes ``config.yaml``, ``metrics.jsonl``, ``tensorboard/``
+    and ``checkpoints/`` in ``out_dir`` and returns it. On SIGINT/SIGTERM the current step is
+    finished, a checkpoint saved and :class:`~soco_det.engine.signals.Interrupted` raised.
     """
     import random
 
@@ -427,7 +459,9 @@ def pretrain(cfg: Any, out_dir: str | Path, resume: str | Path | None = None,
     from soco_det.engine.dynamics import TrainingDynamics  # imports this module
     from soco_det.engine.lars import build_lars
     from soco_det.errors import UserError
+    from soco_det.engine.signals import GracefulStop, Interrupted, ignore_stop_signals
     from soco_det.models import convert_sync_bn
+    from soco_det.runlock import FolderLock
 
     run_dir = Path(out_dir)
     train = cfg.train
@@ -437,16 +471,20 @@ def pretrain(cfg: Any, out_dir: str | Path, resume: str | Path | None = None,
     created_group = not dist_utils.is_initialized()
     device = dist_utils.init_distributed(device_type)
     world, rank = dist_utils.world_size(), dist_utils.rank()
+    lock: FolderLock | None = None
     try:
-        resume_path = ckpt_io.find_resume(run_dir) if resume == "auto" else resume
-        if resume == "auto" and resume_path is None:
-            log.info("no checkpoint in %s; starting a new run", run_dir)
-        elif resume is None and ckpt_io.find_resume(run_dir) is not None:
-            log.warning("%s already holds checkpoints; starting a new run over them (use --resume auto to continue)",
-                        run_dir)
-        if dist_utils.is_main():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir)
+        if dist_utils.is_main():  # one run per folder; the other ranks follow the main process
+            lock = FolderLock(run_dir, "run folder").acquire()
+            _prepare_run_folder(run_dir, resume, overwrite)
+        # The checkpoint to resume from, read (and checked) before anything is written.
+        ckpt = None
+        if resume == "auto":
+            if ckpt_io.checkpoint_candidates(run_dir):
+                ckpt = ckpt_io.load_checkpoint(run_dir, map_location="cpu")  # newest intact one
+            else:
+                log.info("no checkpoint in %s; starting a new run", run_dir)
+        elif resume is not None:
+            ckpt = ckpt_io.load_checkpoint(resume, map_location="cpu")
         config_dict = to_dict(cfg)
 
         # Same initial weights on every process (DDP also broadcasts them from rank 0).
@@ -469,6 +507,8 @@ def pretrain(cfg: Any, out_dir: str | Path, resume: str | Path | None = None,
             # Its own generator: starting a loader iterator must not consume the global RNG, whose
             # state the checkpoint restores (samples draw from their own per-sample generators).
             generator=torch.Generator().manual_seed(cfg.seed),
+            # Ctrl-C reaches the whole process group: the workers leave it to the main process.
+            worker_init_fn=ignore_stop_signals if cfg.data.num_workers > 0 else None,
         )
 
         model = init_model(cfg.model, cfg.seed)
@@ -498,16 +538,21 @@ def pretrain(cfg: Any, out_dir: str | Path, resume: str | Path | None = None,
             images_per_step=images_per_step, run_dir=run_dir, channels_last=channels_last,
             device_photometric=cfg.data.photometric == "device", check_every=train.log_every,
         )
-        if resume_path is not None:
+        if ckpt is not None:
             # On the CPU: RNG states must stay CPU tensors; weights and optimizer state are copied
             # to the parameters' device by load_state_dict.
-            ckpt = ckpt_io.load_checkpoint(resume_path, map_location="cpu")
             diffs = [d for d in _config_differences(ckpt.get("config", {}), config_dict)
                      if not d.startswith("train.max_steps")]
             if diffs:
                 log.warning("config differs from the checkpoint's: %s", "; ".join(diffs))
-            trainer.load_state_dict(ckpt)
+            try:
+                trainer.load_state_dict(ckpt)
+            except (RuntimeError, ValueError, KeyError) as exc:  # e.g. optimizer state of other shapes
+                raise UserError(f"{ckpt['path']}: cannot resume from it with this config "
+                                f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
             log.info("resumed from %s at step %d (epoch %d)", ckpt["path"], trainer.step, trainer.epoch)
+        if dist_utils.is_main():
+            save_config(cfg, run_dir)  # only now: a rejected resume leaves the folder as it was
 
         writer = MetricsWriter(run_dir, enabled=dist_utils.is_main(), tensorboard=train.tensorboard,
                                resume_step=trainer.step)
@@ -531,10 +576,19 @@ def pretrain(cfg: Any, out_dir: str | Path, resume: str | Path | None = None,
             train.lr_scaling, lars_eta, train.budget, schedule.peak_lr * lars_eta, amp_dtype,
         )
         try:
-            trainer.train()
+            with GracefulStop() as stop:
+                trainer.should_stop = stop.requested
+                trainer.train()
         finally:
             writer.close()
+        if trainer.stopped:
+            saved = ckpt_io.find_resume(run_dir)
+            what = f"checkpoint {saved} saved; continue with --resume auto" if saved else "no step was done"
+            raise Interrupted(f"{run_dir}: stopped by {stop.name or 'a signal'} after step {trainer.step}; {what}",
+                              stop.signum or 15)
         return run_dir
     finally:
+        if lock is not None:
+            lock.release()
         if created_group:
             dist_utils.cleanup()

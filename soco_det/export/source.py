@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import math
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,20 +89,34 @@ class ExportSource:
 def resolve_checkpoint_path(src: str | Path) -> Path:
     """The checkpoint file of ``src``: the file itself, or ``src/checkpoints/last.pt`` for a run
     folder. Raises :class:`UserError` naming the path when there is nothing to read."""
+    from soco_det.engine import checkpoint as ckpt_io
+
     path = Path(src)
     if path.is_dir():
-        last = path / "checkpoints" / "last.pt"
-        if not last.is_file():
+        candidates = ckpt_io.checkpoint_candidates(path)
+        if not candidates:
             raise UserError(
                 f"{path}: is a folder but has no checkpoints/last.pt (expected a soco-det run folder, "
                 f"a checkpoint .pt or an official ckpt_epoch_*.pth)"
             )
-        return last
+        # The newest intact file: a damaged last.pt falls back to the step file it copies.
+        for candidate in candidates:
+            reason = ckpt_io.damage(candidate)
+            if reason is None:
+                if candidate != candidates[0]:
+                    log.warning("exporting %s: the newer checkpoint file(s) of %s are damaged", candidate, path)
+                return candidate
+            log.warning("%s: checkpoint is damaged (%s); trying an older one", candidate, reason)
+        raise UserError(f"{path}: every checkpoint in {path / 'checkpoints'} is damaged")
     if not path.exists():
         raise UserError(
             f"{path}: no such file or folder (expected a soco-det run folder, a checkpoint .pt or an "
             f"official ckpt_epoch_*.pth)"
         )
+    if zipfile.is_zipfile(path):  # torch's format; a legacy pickle has no checksums to check
+        reason = ckpt_io.damage(path)
+        if reason is not None:
+            raise UserError(f"{path}: checkpoint is damaged ({reason})")
     return path
 
 

@@ -75,6 +75,11 @@ def _merge_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None
     p.add_argument("--allow-missing", action="store_true", help="merge even if some shards K/N are missing")
 
 
+def _overwrite_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing store (merge, import) or file (export) at -o")
+
+
 def _import_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     p.add_argument("--images", default=None, metavar="DIR", help="images folder the JSON's basenames refer to")
 
@@ -89,9 +94,11 @@ def _export_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> Non
 _FORMS: dict[str, tuple[str, str, str, tuple[Callable, ...], str]] = {
     "compute": ("IMAGES", "1", "folder of images (searched recursively)", (_compute_options, _decode_options),
                 "store folder to write (resumed if it holds partial results)"),
-    "merge": ("SHARD_STORE", "+", "partial stores written with --shard K/N", (_merge_options,), "merged store folder"),
-    "import": ("FILE.json", "1", "official proposals JSON", (_import_options, _decode_options), "store folder to write"),
-    "export": ("STORE", "1", "store folder", (_export_options,), "JSON file to write"),
+    "merge": ("SHARD_STORE", "+", "partial stores written with --shard K/N", (_merge_options, _overwrite_option),
+              "merged store folder"),
+    "import": ("FILE.json", "1", "official proposals JSON", (_import_options, _decode_options, _overwrite_option),
+               "store folder to write"),
+    "export": ("STORE", "1", "store folder", (_export_options, _overwrite_option), "JSON file to write"),
     "info": ("STORE", "1", "store folder", (), "(unused)"),
 }
 
@@ -150,6 +157,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _compute_options(parser.add_argument_group("compute options (IMAGES form)"))
     _decode_options(parser.add_argument_group("decoding options (IMAGES and import forms)"))
     _merge_options(parser.add_argument_group("merge options"))
+    _overwrite_option(parser.add_argument_group("output options (merge, import, export)"))
     _import_options(parser.add_argument_group("import options"))
     _export_options(parser.add_argument_group("export options"))
 
@@ -207,17 +215,18 @@ def run(args: argparse.Namespace) -> int:
     elif form == "merge":
         from soco_det.proposals.runner import merge_stores
 
-        merge_stores(rest, args.output, allow_missing=args.allow_missing)
+        merge_stores(rest, args.output, allow_missing=args.allow_missing, overwrite=args.overwrite)
     elif form == "import":
         from soco_det.proposals.interchange import import_official_json
 
         if not args.images:
             raise UserError("`soco-det proposals import` needs --images DIR (the folder the JSON's basenames refer to)")
-        import_official_json(rest[0], args.images, args.output, exif_transpose=args.exif_transpose, max_pixels=max_pixels)
+        import_official_json(rest[0], args.images, args.output, exif_transpose=args.exif_transpose, max_pixels=max_pixels,
+                             overwrite=args.overwrite)
     elif form == "export":
         from soco_det.proposals.interchange import export_coco, export_official_json
 
-        (export_coco if args.format == "coco" else export_official_json)(rest[0], args.output)
+        (export_coco if args.format == "coco" else export_official_json)(rest[0], args.output, overwrite=args.overwrite)
         print(f"wrote {args.output} ({args.format})")
     else:
         from soco_det.proposals.store import ProposalStore, format_summary

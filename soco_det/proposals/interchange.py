@@ -34,6 +34,8 @@ from soco_det.proposals.store import (
     STATUS_OK,
     ProposalStore,
     ProposalTable,
+    check_new_file,
+    check_new_output,
     format_summary,
     write_store,
 )
@@ -64,13 +66,22 @@ def import_official_json(
     out: str | Path,
     exif_transpose: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    overwrite: bool = False,
 ) -> Path:
     """Build a store from an official proposals JSON for the images under ``images``.
 
-    Boxes are stored as they are in the file (already filtered by the official pipeline). Images
-    without an entry get status ``missing`` (no boxes); entries that match no image are reported.
+    Boxes are stored as they are in the file (already filtered by the official pipeline), after
+    checks: an entry that is not a list of ``[x, y, w, h]`` whole numbers is an error naming it;
+    rects that reach outside their image are clipped to it, and rects with a negative side (or
+    wholly outside) are dropped; both are counted in the log and in ``summary.json``
+    (``import_clipped``, ``import_dropped``). Images without an entry get status ``missing`` (no
+    boxes); entries that match no image are reported. An existing store at ``out`` is replaced
+    only with ``overwrite``.
     """
     json_file, root = Path(json_file), Path(images).resolve()
+    check_new_output(out, overwrite)
+    if not root.is_dir():
+        raise UserError(f"{root}: images folder not found")
     max_pixels = max_pixels or None  # 0 means no limit, as for compute_store
     try:
         data = json.loads(json_file.read_text())
@@ -88,6 +99,7 @@ def import_official_json(
         raise UserError(f"{root}: {len(ambiguous)} basename(s) of {json_file.name} match several images, "
                         f"e.g. {s!r} -> {ps[:3]}; the official JSON is keyed by basename only")
     table = ProposalTable()
+    clipped = dropped = 0
     for relpath in relpaths:
         key = _stem(relpath)
         try:
@@ -98,13 +110,11 @@ def import_official_json(
         if key not in data:
             table.append(relpath, size, STATUS_MISSING, f"no entry in {json_file.name}", STAGE_NONE, -1, np.zeros((0, 4)))
             continue
-        try:
-            boxes = np.asarray(data[key], dtype=np.int64).reshape(-1, 4)
-        except (TypeError, ValueError) as exc:
-            raise UserError(f"{json_file}: entry {key!r} is not a list of [x, y, w, h] ({exc})") from None
-        if len(boxes) and (boxes.min() < np.iinfo(np.int32).min or boxes.max() > np.iinfo(np.int32).max):
-            raise UserError(f"{json_file}: entry {key!r} has coordinates outside int32")
-        table.append(relpath, size, STATUS_OK, "", STAGE_NONE, -1, boxes.astype(np.int32))
+        boxes = _parse_rects(data[key], f"{json_file}: entry {key!r}")
+        boxes, n_clipped, n_dropped = clip_rects(boxes, *size)
+        clipped += n_clipped
+        dropped += n_dropped
+        table.append(relpath, size, STATUS_OK, "", STAGE_NONE, -1, boxes)
     unmatched = sorted(set(data) - set(by_stem))
     if unmatched:
         log.warning("%d of %d entries of %s match no image under %s, e.g. %s", len(unmatched), len(data),
@@ -116,14 +126,53 @@ def import_official_json(
     meta = {"method": "imported", "params": {"source": str(json_file.resolve())}, "filter": "imported",
             "max_side": None, "exif_transpose": bool(exif_transpose), "keep_raw": False,
             "max_pixels": int(max_pixels) if max_pixels else None, "root": str(root), "shard": None}
-    extra = {"unmatched_entries": len(unmatched), "unmatched_examples": unmatched[:20]}
+    if clipped or dropped:
+        log.warning("%s: clipped %d rect(s) that reached outside their image, dropped %d with a negative side or "
+                    "wholly outside it", json_file.name, clipped, dropped)
+    extra = {"unmatched_entries": len(unmatched), "unmatched_examples": unmatched[:20],
+             "import_clipped": clipped, "import_dropped": dropped}
     write_store(out, table, meta, extra)
     log.info("imported %s into %s\n%s", json_file, out, format_summary(json.loads((Path(out) / "summary.json").read_text())))
     return Path(out)
 
 
-def export_official_json(store: str | Path | ProposalStore, out: str | Path) -> Path:
-    """Write ``{basename without extension: [[x, y, w, h], ...]}`` for every image of the store."""
+def _parse_rects(entry: Any, where: str) -> np.ndarray:
+    """``int32 [n, 4]`` from a JSON list of ``[x, y, w, h]`` whole numbers; anything else is an error."""
+    if not isinstance(entry, list) or not all(isinstance(r, list) and len(r) == 4 for r in entry):
+        raise UserError(f"{where} is not a list of [x, y, w, h] rects")
+    values = [v for r in entry for v in r]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise UserError(f"{where} holds a value that is not a number")
+    array = np.asarray(values, dtype=np.float64).reshape(-1, 4)
+    if len(array) and not np.isfinite(array).all():
+        raise UserError(f"{where} holds a non-finite value")
+    if len(array) and (np.abs(array).max() > np.iinfo(np.int32).max):
+        raise UserError(f"{where} has coordinates outside int32")
+    if not np.array_equal(array, np.round(array)):
+        raise UserError(f"{where} holds a coordinate that is not a whole number (rects are pixel indices)")
+    return array.astype(np.int32)
+
+
+def clip_rects(rects: np.ndarray, width: int, height: int) -> tuple[np.ndarray, int, int]:
+    """Clip official rects ``(x, y, w, h)`` (pixels ``x..x+w``) to a ``width`` x ``height`` image;
+    drop the ones with a negative side or wholly outside. Returns ``(rects, n_clipped, n_dropped)``."""
+    if not len(rects):
+        return rects.reshape(0, 4).astype(np.int32), 0, 0
+    x1, y1 = rects[:, 0].astype(np.int64), rects[:, 1].astype(np.int64)
+    x2, y2 = x1 + rects[:, 2], y1 + rects[:, 3]
+    valid = (rects[:, 2] >= 0) & (rects[:, 3] >= 0)
+    cx1, cy1 = np.clip(x1, 0, width - 1), np.clip(y1, 0, height - 1)
+    cx2, cy2 = np.clip(x2, 0, width - 1), np.clip(y2, 0, height - 1)
+    inside = valid & (x2 >= 0) & (y2 >= 0) & (x1 <= width - 1) & (y1 <= height - 1)
+    out = np.stack([cx1, cy1, cx2 - cx1, cy2 - cy1], axis=1)[inside]
+    changed = inside & ((cx1 != x1) | (cy1 != y1) | (cx2 != x2) | (cy2 != y2))
+    return out.astype(np.int32), int(changed.sum()), int((~inside).sum())
+
+
+def export_official_json(store: str | Path | ProposalStore, out: str | Path, overwrite: bool = False) -> Path:
+    """Write ``{basename without extension: [[x, y, w, h], ...]}`` for every image of the store
+    (an existing file ``out`` is replaced only with ``overwrite``)."""
+    check_new_file(out, overwrite)
     st = store if isinstance(store, ProposalStore) else ProposalStore.open(store)
     result: dict[str, list] = {}
     for i, relpath in enumerate(st.paths):
@@ -136,8 +185,10 @@ def export_official_json(store: str | Path | ProposalStore, out: str | Path) -> 
     return Path(out)
 
 
-def export_coco(store: str | Path | ProposalStore, out: str | Path) -> Path:
-    """Write a COCO-style JSON of the filtered proposals (conventions in the module docstring)."""
+def export_coco(store: str | Path | ProposalStore, out: str | Path, overwrite: bool = False) -> Path:
+    """Write a COCO-style JSON of the filtered proposals (conventions in the module docstring;
+    an existing file ``out`` is replaced only with ``overwrite``)."""
+    check_new_file(out, overwrite)
     st = store if isinstance(store, ProposalStore) else ProposalStore.open(store)
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []

@@ -59,6 +59,20 @@ def resolve_params(name: str, params: dict | None = None) -> dict:
         raise UserError(
             f"proposal method {name!r} has no parameter(s) {sorted(unknown)}; it takes {sorted(method.defaults)}"
         )
+    for key, value in params.items():
+        default = method.defaults[key]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, (int, float)):
+            ok = number and bool(np.isfinite(value)) and (not isinstance(default, int) or float(value).is_integer())
+        else:
+            ok = True
+        if not ok:
+            kind = "true/false" if isinstance(default, bool) else "a whole number" if isinstance(default, int) else "a number"
+            raise UserError(f"proposal method {name!r}: parameter {key}={value!r} must be {kind} (default {default!r})")
+        if isinstance(default, int) and not isinstance(default, bool):
+            params[key] = int(value)
     return {**method.defaults, **params}
 
 

@@ -20,6 +20,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -28,16 +29,19 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from soco_det.atomic import atomic_write_json
 from soco_det.errors import ImageError, UserError
 from soco_det.imageio import DEFAULT_MAX_PIXELS, list_images, load_rgb
 from soco_det.logs import Progress, get_logger
 from soco_det.proposals.filters import STAGE_EMPTY, STAGE_NONE, parse_filter
 from soco_det.proposals.methods import get_method, resolve_params, run_method
+from soco_det.runlock import FolderLock, check_output_folder
 from soco_det.proposals.store import (
     STATUS_FAILED,
     STATUS_OK,
     ProposalStore,
     ProposalTable,
+    check_new_output,
     format_summary,
     paths_digest,
     write_store,
@@ -146,7 +150,7 @@ def _load_parts(parts: Path) -> tuple[list[ProposalTable], int]:
         next_id = max(next_id, int(f.stem.split("_")[1]) + 1)
         try:
             tables.append(ProposalTable.load_npz(f))
-        except (OSError, ValueError, KeyError) as exc:  # not expected (atomic writes), but never fatal
+        except Exception as exc:  # noqa: BLE001 - not expected (atomic writes), but never fatal
             log.warning("ignoring unreadable partial result %s (%s); its images are recomputed", f, exc)
             f.unlink(missing_ok=True)
     return tables, next_id
@@ -158,6 +162,19 @@ def _check_settings(where: Path, recorded: dict[str, Any], settings: dict[str, A
         detail = ", ".join(f"{k}: {recorded.get(k)!r} there, {settings.get(k)!r} now" for k in diff)
         raise UserError(f"{where} was computed with other settings ({detail}); use another output folder, "
                         "or delete it to start again")
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Pool-worker initializer: a thread that ends the worker when its parent process is gone (a
+    killed ``soco-det proposals`` must not leave workers computing, and writing chunks, behind)."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _run_chunks(tasks: list[tuple[str, list[str]]], root: str, settings: dict[str, Any], workers: int,
@@ -186,7 +203,8 @@ def _run_chunks(tasks: list[tuple[str, list[str]]], root: str, settings: dict[st
     ctx = multiprocessing.get_context("spawn")  # safe with threads (torch, OpenCV) and on every OS
     while pending:
         try:
-            with _single_threaded_children(), ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            with _single_threaded_children(), ProcessPoolExecutor(
+                    max_workers=workers, mp_context=ctx, initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
                 futures = [pool.submit(compute_chunk, f, root, r, settings) for f, r in pending]
                 for future in as_completed(futures):
                     done(future.result())
@@ -231,7 +249,15 @@ def compute_store(
     """
     t0 = time.perf_counter()
     root = Path(images).resolve()
-    out = Path(out)
+    out = check_output_folder(out, "proposal store")
+    _check_positive("--workers", workers)
+    _check_positive("--chunk-size", chunk_size)
+    if max_side is not None:
+        _check_positive("--max-side", max_side)
+    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 0):
+        raise UserError(f"--max-pixels {max_pixels!r}: must be a whole number >= 0 (0: no limit)")
+    if not root.is_dir():
+        raise UserError(f"{root}: images folder not found")
     shard_kn = parse_shard(shard)
     spec = parse_filter(filter)
     get_method(method)
@@ -239,7 +265,7 @@ def compute_store(
         "method": method,
         "params": resolve_params(method, params),
         "filter": spec.name,
-        "max_side": int(max_side) if max_side else None,
+        "max_side": int(max_side) if max_side is not None else None,
         "exif_transpose": bool(exif_transpose),
         "keep_raw": bool(keep_raw),
         "max_pixels": int(max_pixels) if max_pixels else None,
@@ -261,12 +287,39 @@ def compute_store(
             return out
         sources.append(existing.table())
     parts = out / "parts"
-    parts.mkdir(parents=True, exist_ok=True)
+    # One process per job: a second one on the same folder gets an error naming the first.
+    with FolderLock(parts, "proposal job folder"):
+        return _compute(out, parts, root, relpaths, settings, sources, workers, chunk_size, keep_raw, keep_parts, t0)
+
+
+def _check_positive(option: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{option} {value!r}: must be a whole number >= 1")
+
+
+def _read_settings(parts: Path, settings: dict[str, Any]) -> None:
+    """Check (or, for a new job, write atomically) ``parts/settings.json``."""
     settings_file = parts / "settings.json"
     if settings_file.is_file():
-        _check_settings(parts, json.loads(settings_file.read_text()), settings)
-    else:
-        settings_file.write_text(json.dumps(settings, indent=1))
+        try:
+            recorded = json.loads(settings_file.read_text())
+            if not isinstance(recorded, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            if any(parts.glob("chunk_*.npz")):
+                raise UserError(f"{settings_file}: unreadable ({exc}), so the partial results next to it cannot be "
+                                f"checked against the settings; delete {parts} to start again") from None
+            log.warning("%s was unreadable (%s) and there are no partial results: rewriting it", settings_file, exc)
+        else:
+            _check_settings(parts, recorded, settings)
+            return
+    atomic_write_json(settings_file, settings, indent=1)
+
+
+def _compute(out: Path, parts: Path, root: Path, relpaths: list[str], settings: dict[str, Any],
+             sources: list[ProposalTable], workers: int, chunk_size: int, keep_raw: bool, keep_parts: bool,
+             t0: float) -> Path:
+    _read_settings(parts, settings)
     tables, next_id = _load_parts(parts)
     sources += tables
     have = {p for t in sources for p in t.paths}
@@ -294,10 +347,13 @@ def compute_store(
     return out
 
 
-def merge_stores(shards: Sequence[str | Path], out: str | Path, allow_missing: bool = False) -> Path:
-    """Combine the partial stores of a sharded job (``--shard K/N``, K = 0..N-1) into one store."""
+def merge_stores(shards: Sequence[str | Path], out: str | Path, allow_missing: bool = False,
+                 overwrite: bool = False) -> Path:
+    """Combine the partial stores of a sharded job (``--shard K/N``, K = 0..N-1) into one store.
+    An existing store at ``out`` is replaced only with ``overwrite``."""
     if not shards:
         raise UserError("merge: no shard stores given")
+    check_new_output(out, overwrite)
     stores = [ProposalStore.open(s) for s in shards]
     first = stores[0].meta
     base = {k: first.get(k) for k in _SETTING_KEYS if k != "shard"}

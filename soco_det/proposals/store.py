@@ -4,8 +4,9 @@ Layout of a store folder (all arrays are ``.npy``, opened with ``mmap_mode="r"``
 workers share the pages instead of copying them)::
 
     meta.json          format, images root, method + params, filter, exif_transpose, max_side,
-                       max_pixels, shard, image count; written LAST: a folder without it is not a
-                       finished store (the writer removes it first when it rewrites a store)
+                       max_pixels, shard, image count, and ``checksums`` (size and CRC32 of every
+                       other file); written LAST: a folder without it is not a finished store (the
+                       writer removes it first when it rewrites a store)
     paths.npy          uint8 [B]      the relative image paths, utf-8, concatenated (sorted)
     path_offsets.npy   int64 [N + 1]  path i is paths[path_offsets[i]:path_offsets[i + 1]]
     sizes.npy          int32 [N, 2]   decoded RGB (W, H) (after EXIF transpose if recorded); 0 if failed
@@ -19,12 +20,18 @@ workers share the pages instead of copying them)::
     summary.json       the run summary (counts, boxes per image, fallbacks, bytes per image)
 
 Label maps are never stored. The read API is the one of ``docs/architecture.md``.
+
+Opening a store checks it once per process (the loader workers that re-open a pickled store skip
+it): every file against its recorded size and CRC32, the arrays' shapes and offsets against each
+other, and every image path (relative, inside the images root). A store that fails is "damaged,
+recompute it" (a :class:`~soco_det.errors.UserError`), never read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +41,7 @@ import numpy as np
 
 from soco_det.atomic import atomic_open, atomic_write_json
 from soco_det.errors import UserError
+from soco_det.imageio import check_relative_path
 from soco_det.proposals.filters import STAGE_NAMES, STAGE_NONE
 
 FORMAT = "soco-det-proposals/1"
@@ -218,6 +226,54 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
 
 
+def file_checksum(path: str | Path, chunk: int = 1 << 22) -> dict[str, int]:
+    """``{"size", "crc32"}`` of a file (zlib's CRC32, about 1 GB/s)."""
+    crc, size = 0, 0
+    with open(path, "rb") as handle:
+        while data := handle.read(chunk):
+            crc = zlib.crc32(data, crc)
+            size += len(data)
+    return {"size": size, "crc32": crc}
+
+
+def check_new_output(out: str | Path, overwrite: bool, what: str = "proposal store") -> Path:
+    """Before a merge / import writes ``out``: refuse to replace an existing store (or to write
+    into a folder that holds other things) unless ``overwrite``; refuse a file where the folder goes."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder (a {what} is a folder)")
+    if out.is_dir():
+        entries = [e.name for e in out.iterdir()]
+        if (out / "meta.json").is_file() or (out / "parts").is_dir():
+            if not overwrite:
+                raise UserError(f"{out}: a proposal store is already there; pass --overwrite to replace it, "
+                                "or choose another -o")
+        elif entries:
+            raise UserError(f"{out}: folder is not empty ({len(entries)} entries, e.g. {sorted(entries)[0]!r}) and "
+                            f"is not a proposal store; choose another -o")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{out}: {parent} is a file, not a folder")
+            break
+    return out
+
+
+def check_new_file(out: str | Path, overwrite: bool) -> Path:
+    """Before an export writes the file ``out``: not a folder, and not an existing file unless ``overwrite``."""
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"{out}: is a folder; give a file name for the JSON (e.g. {out / 'proposals.json'})")
+    if out.exists() and not overwrite:
+        raise UserError(f"{out}: file exists; pass --overwrite to replace it, or choose another -o")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{out}: {parent} is a file, not a folder")
+            break
+    return out
+
+
 def write_store(out: str | Path, table: ProposalTable, meta: dict[str, Any], extra_summary: dict | None = None) -> Path:
     """Write ``table`` (rows already in the wanted order) as a store folder.
 
@@ -241,13 +297,18 @@ def write_store(out: str | Path, table: ProposalTable, meta: dict[str, Any], ext
     summary = summarize(table, nbytes)
     summary.update(extra_summary or {})
     atomic_write_json(out / "summary.json", summary, indent=1)
+    files = [f"{name}.npy" for name in arrays] + ["failures.json", "summary.json"]
     meta = {**meta, "format": FORMAT, "n_images": len(table), "keep_raw": table.raw_boxes is not None,
-            "images_sha1": paths_digest(table.paths)}
+            "images_sha1": paths_digest(table.paths), "checksums": {f: file_checksum(out / f) for f in files}}
     atomic_write_json(out / "meta.json", meta, indent=1)
     return out
 
 
 # --- reading -----------------------------------------------------------------------------------
+
+
+# (file, size, mtime_ns) -> the checksum it was verified against, in this process.
+_VERIFIED: dict[tuple[str, int, int], dict[str, int]] = {}
 
 
 class _PathList(Sequence):
@@ -278,25 +339,91 @@ class ProposalStore:
     location, and the copy re-opens it.
     """
 
-    def __init__(self, path: Path, meta: dict[str, Any], root: str | None = None) -> None:
+    def __init__(self, path: Path, meta: dict[str, Any], root: str | None = None, verify: bool = True) -> None:
         self.path = path
         self.meta = meta
-        self._root = str(root) if root is not None else meta["root"]
+        try:
+            self._root = str(root) if root is not None else str(meta["root"])
+            n = int(meta["n_images"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise self.damaged(f"meta.json lacks a valid {exc}") from None
         arrays = _ARRAYS + (_RAW_ARRAYS if meta.get("keep_raw") else ())
+        if verify:
+            self._verify_checksums(arrays)
         try:
             self._a = {name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in arrays}
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{path}: proposal store is damaged ({exc}); recompute it") from exc
-        if len(self._a["status"]) != meta["n_images"] or len(self._a["offsets"]) != meta["n_images"] + 1:
-            raise UserError(f"{path}: proposal store arrays do not match meta.json; recompute it")
+        except Exception as exc:  # noqa: BLE001 - a damaged .npy header raises many types
+            raise self.damaged(f"{type(exc).__name__}: {exc}") from exc
+        self._check_arrays(n, verify)
         self._paths = _PathList(self._a["paths"], self._a["path_offsets"])
+        if verify:
+            for relpath in self._paths:
+                check_relative_path(relpath, str(path))
         self._index: dict[str, int] | None = None
         self._failures: dict[str, str] | None = None
 
+    def damaged(self, reason: str) -> UserError:
+        return UserError(f"{self.path}: proposal store is damaged ({reason}); recompute it")
+
+    def _verify_checksums(self, arrays: Sequence[str]) -> None:
+        """Every file against the size and CRC32 recorded in meta.json (stores written before
+        checksums were recorded are only checked for structure)."""
+        recorded = self.meta.get("checksums")
+        if recorded is None:
+            return
+        if not isinstance(recorded, dict) or not all(f"{a}.npy" in recorded for a in arrays):
+            raise self.damaged("meta.json's checksums do not list every array")
+        for name, want in recorded.items():
+            file = self.path / name
+            try:
+                st = file.stat()
+                key = (str(file.resolve()), st.st_size, st.st_mtime_ns)
+                if _VERIFIED.get(key) != want:
+                    got = file_checksum(file) if st.st_size == want.get("size") else {"size": st.st_size}
+                    if got != want:
+                        raise self.damaged(f"{name} differs from the file that was written "
+                                           f"({'size' if got.get('size') != want.get('size') else 'CRC32'} mismatch)")
+                    _VERIFIED[key] = want
+            except OSError as exc:
+                raise self.damaged(f"{name}: {exc.strerror}") from exc
+            except AttributeError:
+                raise self.damaged("meta.json's checksums are malformed") from None
+
+    def _check_arrays(self, n: int, full: bool) -> None:
+        """Shapes, dtypes and CSR offsets agree with each other and with meta.json."""
+        a = self._a
+
+        def csr_ok(offsets: np.ndarray, rows: int, count: int) -> bool:
+            if offsets.ndim != 1 or len(offsets) != rows + 1 or offsets.dtype.kind not in "iu":
+                return False
+            if not len(offsets):
+                return False
+            if int(offsets[0]) != 0 or int(offsets[-1]) != count:
+                return False
+            return not full or bool(np.all(np.diff(np.asarray(offsets)) >= 0))
+
+        problems = []
+        if not csr_ok(a["path_offsets"], n, len(a["paths"])) or a["paths"].dtype != np.uint8:
+            problems.append("paths / path_offsets")
+        if a["boxes"].ndim != 2 or a["boxes"].shape[1:] != (4,) or not csr_ok(a["offsets"], n, len(a["boxes"])):
+            problems.append("boxes / offsets")
+        if a["sizes"].shape != (n, 2):
+            problems.append("sizes")
+        for name in ("status", "stage", "raw_counts"):
+            if a[name].shape != (n,):
+                problems.append(name)
+        if full and len(a["status"]) and not np.isin(np.asarray(a["status"]), list(STATUS_NAMES)).all():
+            problems.append("status values")
+        if "raw_boxes" in a and (a["raw_boxes"].ndim != 2 or not csr_ok(a["raw_offsets"], n, len(a["raw_boxes"]))):
+            problems.append("raw_boxes / raw_offsets")
+        if problems:
+            raise self.damaged(f"{', '.join(problems)} do not match each other or meta.json ({n} images)")
+
     @classmethod
-    def open(cls, path: str | Path, root: str | Path | None = None) -> "ProposalStore":
+    def open(cls, path: str | Path, root: str | Path | None = None, verify: bool = True) -> "ProposalStore":
         """Open the store folder ``path`` (or its ``meta.json``); ``root`` overrides the recorded
-        images root (for a dataset that was moved)."""
+        images root (for a dataset that was moved). ``verify``: check the files' checksums and the
+        arrays' structure (once per process and file; see the module docstring)."""
         path = Path(path)
         if path.name == "meta.json":
             path = path.parent
@@ -306,16 +433,22 @@ class ProposalStore:
                 raise UserError(f"{path}: proposal run is not finished (only partial results in parts/); rerun the same "
                                 "`soco-det proposals` command to resume it")
             raise UserError(f"{path}: not a proposal store (no meta.json)")
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{path}: proposal store is damaged (meta.json: {exc}); recompute it") from exc
+        if not isinstance(meta, dict):
+            raise UserError(f"{path}: proposal store is damaged (meta.json is not an object); recompute it")
         if meta.get("format") != FORMAT:
             raise UserError(f"{path}: unknown proposal store format {meta.get('format')!r} (expected {FORMAT})")
-        return cls(path, meta, root)
+        return cls(path, meta, root, verify=verify)
 
     def __getstate__(self) -> dict:
         return {"path": self.path, "root": self._root}
 
     def __setstate__(self, state: dict) -> None:
-        other = ProposalStore.open(state["path"], state["root"])
+        # A copy sent to a loader worker: the parent has checked the store already.
+        other = ProposalStore.open(state["path"], state["root"], verify=False)
         self.__dict__.update(other.__dict__)
 
     def __len__(self) -> int:
@@ -369,7 +502,7 @@ class ProposalStore:
 
     def reason(self, i: int) -> str:
         if self._failures is None:
-            self._failures = json.loads((self.path / "failures.json").read_text())
+            self._failures = self._read_json("failures.json")
         return self._failures.get(self._paths[i], "")
 
     def stage(self, i: int) -> str:
@@ -381,7 +514,16 @@ class ProposalStore:
 
     @property
     def summary(self) -> dict[str, Any]:
-        return json.loads((self.path / "summary.json").read_text())
+        return self._read_json("summary.json")
+
+    def _read_json(self, name: str) -> dict[str, Any]:
+        try:
+            data = json.loads((self.path / name).read_text())
+        except (OSError, ValueError) as exc:
+            raise self.damaged(f"{name}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise self.damaged(f"{name} is not a JSON object")
+        return data
 
     def settings(self) -> dict[str, Any]:
         """What produced the boxes (method, params, filter, max_side, exif_transpose, max_pixels)."""

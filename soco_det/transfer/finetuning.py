@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -199,10 +200,10 @@ def _resume_path(out: Path, resume: bool | str | Path | None, check_fresh: bool 
             raise UserError(f"{out}: run folder already has checkpoints; resume it (--resume) or choose another folder")
         return None
     if resume is True or resume == "auto":
-        found = find_resume(out)
-        if found is None:
+        if find_resume(out) is None:
             log.info("%s: no checkpoint to resume from; starting fresh", out)
-        return found
+            return None
+        return out  # load_checkpoint of the folder: its newest intact checkpoint
     return resolve_checkpoint(resume)
 
 
@@ -220,11 +221,21 @@ def finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: bool | str | Path
     continues from that checkpoint. Raises :class:`UserError` for bad data or init files.
     """
     from soco_det.engine import distributed as dist
+    from soco_det.engine.checkpoint import clean_temporary_files
+    from soco_det.runlock import FolderLock
 
     created_group = not dist.is_initialized()
+    # One run per folder: the main process holds its lock (torchrun ranks share the main's folder).
+    rank = dist.rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))  # torchrun sets RANK
+    lock: FolderLock | None = None
     try:
+        if rank == 0:
+            lock = FolderLock(out_dir, "run folder").acquire()
+            clean_temporary_files(out_dir)
         return _finetune(cfg, Path(out_dir), resume)
     finally:
+        if lock is not None:
+            lock.release()
         if created_group:
             dist.cleanup()
 
@@ -232,6 +243,7 @@ def finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: bool | str | Path
 def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) -> Path:
     from soco_det.engine import distributed as dist
     from soco_det.engine.checkpoint import capture_rng, load_checkpoint, load_model_strict, restore_rng, save_checkpoint
+    from soco_det.engine.signals import GracefulStop, Interrupted
     from soco_det.transfer.coco_data import CocoInstances, TrainingSampler, collate
     from soco_det.transfer.evaluation import evaluate, format_metrics
     from soco_det.transfer.maskrcnn import build_from_config, load_init, resolve_widths
@@ -291,7 +303,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) 
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start_iter = int(ckpt["step"])
-        log.info("resumed from %s at iteration %d", ckpt_path, start_iter)
+        log.info("resumed from %s at iteration %d", ckpt["path"], start_iter)
     train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
 
     if rank == 0:
@@ -360,7 +372,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) 
         restore_rng(ckpt["rng"])
     else:
         torch.manual_seed(cfg.seed + rank)
-    with Progress(total=solver.iterations, desc="finetune", initial=start_iter) as bar:
+    with Progress(total=solver.iterations, desc="finetune", initial=start_iter) as bar, GracefulStop() as stop:
         for iteration in range(start_iter, solver.iterations):
             lr = peak_lr(solver) * lr_factor(iteration, solver)
             for group in optimizer.param_groups:
@@ -384,6 +396,11 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) 
                 checkpoint(done)
             if cfg.eval_period and done % cfg.eval_period == 0 and done != solver.iterations:
                 run_eval(done)
+            if done != solver.iterations and stop.requested():  # SIGINT/SIGTERM: save, then stop
+                if not (cfg.checkpoint_period and done % cfg.checkpoint_period == 0):
+                    checkpoint(done)
+                raise Interrupted(f"{out}: stopped by {stop.name} after iteration {done}; checkpoint saved; "
+                                  "continue with --resume", stop.signum or 15)
     final = run_eval(solver.iterations)
     if rank == 0 and final is not None:
         from soco_det.atomic import atomic_write_json
