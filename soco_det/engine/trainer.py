@@ -406,6 +406,10 @@ def pretrain(cfg: Any, out_dir: str | Path, resume: str | Path | None = None,
         )
 
         model = build_model(cfg.model)
+        if cfg.model.init and resume_path is None:
+            from soco_det.models.init_weights import apply_init
+
+            apply_init(model, cfg.model, run_dir if dist_utils.is_main() else None)
         if device_type == "cuda" and world > 1 and cfg.model.sync_bn:
             model = convert_sync_bn(model)
         channels_last = bool(cfg.model.channels_last)
