@@ -49,11 +49,12 @@ def annotation_kind(dataset: Any) -> str:
 
 
 def has_mask_branch(model_or_state: Any) -> bool:
-    """Whether a detector (module or state dict) has a mask head."""
+    """Whether a detector (module or state dict) has a mask head; a module that is not a
+    torchvision R-CNN (no ``roi_heads.has_mask``) is assumed to predict masks, as before."""
     if isinstance(model_or_state, Mapping):
         return any(k.startswith("roi_heads.mask_head.") for k in model_or_state)
-    roi_heads = getattr(model_or_state, "roi_heads", None)
-    return bool(roi_heads is not None and roi_heads.has_mask())
+    has_mask = getattr(getattr(model_or_state, "roi_heads", None), "has_mask", None)
+    return bool(has_mask()) if callable(has_mask) else True
 
 
 def iou_types(model: Any) -> tuple[str, ...]:
