@@ -29,7 +29,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from soco_det.errors import ImageError, UserError
-from soco_det.imageio import DEFAULT_MAX_PIXELS, list_images, load_rgb
+from soco_det.data.archives import list_sources
+from soco_det.imageio import DEFAULT_MAX_PIXELS, load_rgb
 from soco_det.logs import Progress, get_logger
 from soco_det.proposals.filters import STAGE_EMPTY, STAGE_NONE, parse_filter
 from soco_det.proposals.methods import get_method, resolve_params, run_method
@@ -230,7 +231,7 @@ def compute_store(
     uses the same); ``max_pixels``: refuse larger images. Returns the store folder.
     """
     t0 = time.perf_counter()
-    root = Path(images).resolve()
+    root, listed = list_sources(images)  # loose images and ARCHIVE::MEMBER keys (soco_det.data.archives)
     out = Path(out)
     shard_kn = parse_shard(shard)
     spec = parse_filter(filter)
@@ -246,7 +247,7 @@ def compute_store(
         "root": str(root),
         "shard": f"{shard_kn[0]}/{shard_kn[1]}" if shard_kn else None,
     }
-    relpaths = shard_paths(list_images(root), shard_kn)
+    relpaths = shard_paths(listed, shard_kn)
     if not relpaths:
         raise UserError(f"{root}: no images found" + (f" for shard {settings['shard']}" if shard_kn else ""))
     digest = paths_digest(relpaths)
