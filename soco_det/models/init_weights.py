@@ -250,6 +250,26 @@ def match_format(tensors: Mapping[str, torch.Tensor], rules: Mapping[str, Mappin
     return best, dict(rules[best])
 
 
+def file_depth(path: str | Path) -> int:
+    """The ResNet depth of the backbone in a weights file (any format :func:`read_weights` reads)."""
+    from soco_det.export.source import infer_depth
+    from soco_det.models import build_model
+
+    tensors, _, rule = read_weights(path)
+    if rule is None:
+        probe = build_model(ModelConfig(variant="image_byol", depth=18, proj_hidden_dim=8, proj_dim=8))
+        _, names = match_format(tensors, format_rules(probe, "image_byol"))
+        rule = names.get
+    encoder = {}
+    for key in tensors:
+        mine = rule(key)
+        if mine is not None and mine.startswith("encoder."):
+            encoder[mine[len("encoder."):]] = tensors[key]
+    if not encoder:
+        raise UserError(f"{path}: no backbone weights in the file")
+    return infer_depth(encoder, path)
+
+
 # ----------------------------------------------------------------------------- loading
 def init_from_weights(model: nn.Module, path: str | Path, cfg: ModelConfig) -> InitReport:
     """Load what matches from ``path`` into ``model.online`` and copy online -> target.
