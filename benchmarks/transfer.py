@@ -13,7 +13,9 @@ On the sample scenes:
    seeds), and write ``transfer.json`` and ``transfer.png`` into ``--out``.
 
 The paper's claim (SOCO_SPEC 8.1) is SoCo > image-level > random; this script reports what it
-measures either way. Presets::
+measures either way. ``--inits ... soco_from_byol`` adds SoCo pretrained from the image-level BYOL
+run's weights (``model.init=<BYOL run>``, the same SoCo budget on top of the BYOL one): does SoCo
+improve a backbone one already has? Presets::
 
     python benchmarks/transfer.py --preset smoke --out /tmp/transfer_smoke   # ~3 min on CPU, tests the script
     python benchmarks/transfer.py --preset cpu --out /tmp/transfer_cpu       # ~19 min on 2 CPU cores (measured)
@@ -37,8 +39,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-INITS = ("random", "image_byol", "soco")
-VARIANT = {"image_byol": "image_byol", "soco": "soco_fpn"}
+INITS = ("random", "image_byol", "soco", "soco_from_byol")
+DEFAULT_INITS = ("random", "image_byol", "soco")
+VARIANT = {"image_byol": "image_byol", "soco": "soco_fpn", "soco_from_byol": "soco_fpn"}
 METRICS = (("bbox", "AP"), ("bbox", "AP50"), ("bbox", "AP75"), ("segm", "AP"), ("segm", "AP50"), ("segm", "AP75"))
 
 # Each preset: scenes, pretraining (recipe tiny_cpu + overrides, same for both methods) and
@@ -101,7 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the preset's, >= 2 for a std)")
     parser.add_argument("--data", default=None, help="reuse a `soco-det synth` folder instead of generating scenes")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
-    parser.add_argument("--inits", nargs="+", choices=INITS, default=list(INITS), help="which inits to compare")
+    parser.add_argument("--inits", nargs="+", choices=INITS, default=list(DEFAULT_INITS),
+                        help="which inits to compare (soco_from_byol: SoCo started from the image_byol run)")
     parser.add_argument("--workers", type=int, default=2, help="processes for scenes and proposals")
     return parser.parse_args(argv)
 
@@ -119,9 +123,11 @@ def prepare_data(args: argparse.Namespace, preset: dict[str, Any], out: Path) ->
     return synth.generate(out / "data", seed=0, workers=args.workers, **preset["scenes"])
 
 
-def pretrain_and_export(method: str, seed: int, proposals: Path, preset: dict[str, Any], device: str, out: Path) -> Path:
-    """Pretrain ``method`` (``soco`` or ``image_byol``) with the tiny_cpu recipe + the preset's budget;
-    returns its torchvision export. Reuses a finished export (the benchmark can be re-run)."""
+def pretrain_and_export(method: str, seed: int, proposals: Path, preset: dict[str, Any], device: str, out: Path,
+                        init: Path | None = None) -> Path:
+    """Pretrain ``method`` (``soco``, ``image_byol`` or ``soco_from_byol``) with the tiny_cpu recipe + the
+    preset's budget, from ``init`` (``model.init``) when given; returns its torchvision export.
+    Reuses a finished export (the benchmark can be re-run)."""
     from soco_det.config import build_config
     from soco_det.engine import PretrainConfig, pretrain
     from soco_det.export import export_checkpoint
@@ -131,6 +137,8 @@ def pretrain_and_export(method: str, seed: int, proposals: Path, preset: dict[st
         return export
     overrides = [f"data.proposals={proposals}", f"model.variant={VARIANT[method]}", f"seed={seed}",
                  f"train.device={device}", "train.progress=false", *preset["pretrain"]]
+    if init is not None:
+        overrides.append(f"model.init={init}")
     cfg = build_config(PretrainConfig, "tiny_cpu", overrides)
     run = pretrain(cfg, out / "pretrain" / f"{method}_seed{seed}", resume="auto")
     return export_checkpoint(run, "torchvision", export)
@@ -172,11 +180,11 @@ def summarise(results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, dict[s
 
 
 def format_table(table: dict[str, dict[str, dict[str, float]]], seeds: list[int]) -> str:
-    head = f"{'init':<12}" + "".join(f"{k:>14}" for k in (f"{i}/{n}" for i, n in METRICS))
+    head = f"{'init':<15}" + "".join(f"{k:>14}" for k in (f"{i}/{n}" for i, n in METRICS))
     lines = [f"AP in percent, mean +- std over seeds {seeds}", head, "-" * len(head)]
     for init, row in table.items():
         cells = "".join(f"{row[k]['mean']:>8.2f} +-{row[k]['std']:>4.1f}" for k in (f"{i}/{n}" for i, n in METRICS))
-        lines.append(f"{init:<12}{cells}")
+        lines.append(f"{init:<15}{cells}")
     return "\n".join(lines)
 
 
@@ -228,16 +236,18 @@ def main(argv: list[str] | None = None) -> int:
 
     exports: dict[tuple[str, int], Path] = {}
     pre_seeds = seeds if preset["pretrain_per_seed"] else seeds[:1]
-    for method in (m for m in ("soco", "image_byol") if m in args.inits):
+    wanted = set(args.inits) | ({"image_byol"} if "soco_from_byol" in args.inits else set())
+    for method in (m for m in ("image_byol", "soco", "soco_from_byol") if m in wanted):
         t = time.perf_counter()
         for s in pre_seeds:
-            exports[(method, s)] = pretrain_and_export(method, s, store, preset, device, out)
+            start = out / "pretrain" / f"image_byol_seed{s}" if method == "soco_from_byol" else None
+            exports[(method, s)] = pretrain_and_export(method, s, store, preset, device, out, init=start)
         timings[f"pretrain {method}"] = time.perf_counter() - t
 
     # One architecture for every init: the widths of the SoCo export (FPN, box head).
     from soco_det.transfer.maskrcnn import read_weights, widths_of
 
-    reference = exports.get(("soco", pre_seeds[0]))
+    reference = exports.get(("soco", pre_seeds[0])) or exports.get(("soco_from_byol", pre_seeds[0]))
     widths = widths_of(read_weights(reference)) if reference else {}
     width_args = [f"model.{k}={list(v) if isinstance(v, tuple) else v}".replace(" ", "") for k, v in widths.items()]
 
