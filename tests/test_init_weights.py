@@ -248,3 +248,17 @@ def test_pretrain_with_init_logs_and_writes_the_report(soco_run, tmp_path, caplo
     # One LARS step (trust 0.001, warmup lr) moves a weight by far less than 1e-3 of its scale.
     assert torch.allclose(got, want, rtol=0, atol=1e-3 * want.abs().max().item())
     assert not torch.allclose(got, _fresh(dataclasses.replace(cfg.model, init=None)).online["encoder"].layer2[0].conv1.weight, atol=1e-2)
+
+
+def test_a_detectron2_c4_export_puts_res5_back_into_the_c4_encoder(tmp_path):
+    cfg = ModelConfig(variant="soco_c4", depth=50, proj_hidden_dim=32, proj_dim=16)
+    source = _randomise(_fresh(cfg, seed=8), seed=9)
+    (tmp_path / "c4" / "checkpoints").mkdir(parents=True)
+    torch.save({"format": "soco-det/1", "model": source.state_dict(), "step": 1,
+                "config": {"model": dataclasses.asdict(cfg)}}, tmp_path / "c4" / "checkpoints" / "last.pt")
+    out = export_checkpoint(tmp_path / "c4", "detectron2", tmp_path / "c4.pkl")
+    model = _fresh(cfg)
+    report = init_from_weights(model, out, cfg)
+    assert report.kind == "detectron2 C4" and report.unused == []
+    assert _equal(_part(model, "online", "encoder"), _part(source, "online", "encoder"))
+    assert _equal(_part(model, "target", "encoder"), _part(source, "online", "encoder"))
