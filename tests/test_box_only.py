@@ -70,6 +70,7 @@ def test_box_only_detector_is_the_mask_rcnn_without_its_mask_branch():
     assert mask_keys and shapes == {k: v.shape for k, v in full.state_dict().items() if k not in mask_keys}
 
 
+@pytest.mark.slow  # ~20 s on an idle core
 def test_box_only_finetune_trains_a_faster_rcnn_and_reports_bbox_ap_only(scenes, tmp_path):
     torch.set_num_threads(1)
     out = tmp_path / "run"

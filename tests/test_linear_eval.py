@@ -81,6 +81,7 @@ def test_bootstrap_interval_against_hand_values():
     assert np.quantile(slow, 0.975) == pytest.approx(fast[1], abs=0.015)
 
 
+@pytest.mark.slow  # ~20 s on an idle core
 def test_the_backbone_stays_frozen_and_the_classifier_learns(folders, tmp_path, monkeypatch):
     seen = {}
     real = le.load_backbone
