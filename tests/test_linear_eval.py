@@ -123,6 +123,19 @@ def test_command_line_helpers_and_bad_input(folders, tmp_path, capsys):
     assert le.run(args) == 0
     out = capsys.readouterr().out
     assert "top-1" in out and "95% CI" in out and (tmp_path / "cli" / "metrics.json").is_file()
+    # Beside the probe command's own options (--device, -o/--out, --seed, a positional source): shared.
+    probe = argparse.ArgumentParser()
+    probe.add_argument("sources", nargs="+")
+    probe.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    probe.add_argument("-o", "--out", default=None)
+    probe.add_argument("--seed", type=int, default=None)
+    le.add_arguments(probe)
+    args = probe.parse_args([str(folders["weights"]), "--train", str(folders["train"]), "--val", str(folders["val"]),
+                             "--device", "cpu", "--epochs", "1", "--batch-size", "32", "--image-size", "32",
+                             "--num-workers", "0", "--lr", "0.1", "--warmup-epochs", "0"])
+    assert le.run(args) == 0
+    with pytest.raises(UserError, match="needs --weights"):
+        le.run(probe.parse_args(["x", "--device", "cpu"]))
     # Depth mismatch, missing folder, different classes: clear errors.
     with pytest.raises(UserError, match="ResNet-18 backbone but model.depth=50"):
         le.load_backbone(folders["weights"], depth=50)

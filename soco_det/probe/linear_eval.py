@@ -259,40 +259,59 @@ def linear_eval(
 
 
 # ----------------------------------------------------------------------------- command line
+def _add(parser: argparse.ArgumentParser, *flags: str, **kwargs: Any) -> None:
+    """Add an option unless the parser already has one of its flags (the ``soco-det probe`` command
+    defines ``--device``, ``-o/--out`` and ``--seed`` for every task; those are then shared)."""
+    try:
+        parser.add_argument(*flags, **kwargs)
+    except argparse.ArgumentError:
+        pass
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of the classification probe (``soco-det probe --task classification``)."""
+    """Options of the classification probe (``soco-det probe --task classification``).
+
+    ``--weights`` may instead come as the probe command's first positional source; ``--train`` /
+    ``--val`` are checked by :func:`run` (not ``required``, so they can share a parser with tasks
+    that do not need them)."""
     d = LinearEvalSettings()
-    parser.add_argument("--weights", required=True,
-                        help="soco-det run folder or checkpoint, an export, an official SoCo checkpoint, a "
-                             "torchvision/timm ResNet or detector checkpoint (local), or 'random'")
-    parser.add_argument("--train", required=True, metavar="DIR", help="training ImageFolder (DIR/CLASS/IMAGE)")
-    parser.add_argument("--val", required=True, metavar="DIR", help="validation ImageFolder with the same classes")
-    parser.add_argument("-o", "--out", default=None, help="folder for metrics.json and linear.pt")
-    parser.add_argument("--depth", type=int, default=None, help="ResNet depth (default: read from the weights)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda ...")
-    parser.add_argument("--epochs", type=int, default=d.epochs, help="official: 100")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="total batch; official: 256")
-    parser.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate (not scaled); official: 30")
-    parser.add_argument("--momentum", type=float, default=d.momentum)
-    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    parser.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warmup from lr/100; official: 5")
-    parser.add_argument("--image-size", type=int, default=d.image_size)
-    parser.add_argument("--crop-min-scale", type=float, default=d.crop_min_scale, help="RandomResizedCrop scale floor; official: 0.08")
-    parser.add_argument("--bn-train-mode", action="store_true",
-                        help="BatchNorm in train mode as the official script (batch statistics, running stats updated)")
-    parser.add_argument("--num-workers", type=int, default=d.num_workers)
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--bootstrap", type=int, default=d.bootstrap, help="bootstrap resamples of the top-1 interval")
+    _add(parser, "--weights", default=None,
+         help="soco-det run folder or checkpoint, an export, an official SoCo checkpoint, a torchvision/timm "
+              "ResNet or detector checkpoint (local), or 'random'")
+    _add(parser, "--train", default=None, metavar="DIR", help="training ImageFolder (DIR/CLASS/IMAGE)")
+    _add(parser, "--val", default=None, metavar="DIR", help="validation ImageFolder with the same classes")
+    _add(parser, "-o", "--out", default=None, help="folder for metrics.json and linear.pt")
+    _add(parser, "--depth", type=int, default=None, help="ResNet depth (default: read from the weights)")
+    _add(parser, "--device", default="auto", help="auto (CUDA if available), cpu, cuda ...")
+    _add(parser, "--epochs", type=int, default=d.epochs, help="official: 100")
+    _add(parser, "--batch-size", type=int, default=d.batch_size, help="total batch; official: 256")
+    _add(parser, "--lr", type=float, default=d.lr, help="SGD learning rate (not scaled); official: 30")
+    _add(parser, "--momentum", type=float, default=d.momentum)
+    _add(parser, "--weight-decay", type=float, default=d.weight_decay)
+    _add(parser, "--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warmup from lr/100; official: 5")
+    _add(parser, "--image-size", type=int, default=d.image_size)
+    _add(parser, "--crop-min-scale", type=float, default=d.crop_min_scale, help="RandomResizedCrop scale floor; official: 0.08")
+    _add(parser, "--bn-train-mode", action="store_true",
+         help="BatchNorm in train mode as the official script (batch statistics, running stats updated)")
+    _add(parser, "--num-workers", type=int, default=d.num_workers)
+    _add(parser, "--seed", type=int, default=d.seed)
+    _add(parser, "--bootstrap", type=int, default=d.bootstrap, help="bootstrap resamples of the top-1 interval")
 
 
 def run(args: argparse.Namespace) -> int:
+    d = LinearEvalSettings()
+    weights = getattr(args, "weights", None) or (getattr(args, "sources", None) or [None])[0]
+    if not weights or not getattr(args, "train", None) or not getattr(args, "val", None):
+        raise UserError("linear evaluation needs --weights (or a source), --train DIR and --val DIR (ImageFolders)")
+    seed = getattr(args, "seed", None)
+    resamples = getattr(args, "bootstrap", None) or getattr(args, "resamples", None) or d.bootstrap
     settings = LinearEvalSettings(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, image_size=args.image_size,
         crop_min_scale=args.crop_min_scale, bn_train_mode=args.bn_train_mode, num_workers=args.num_workers,
-        seed=args.seed, bootstrap=args.bootstrap,
+        seed=d.seed if seed is None else seed, bootstrap=resamples,
     )
-    result = linear_eval(args.weights, args.train, args.val, out_dir=args.out, depth=args.depth,
+    result = linear_eval(weights, args.train, args.val, out_dir=args.out, depth=args.depth,
                          device=args.device, settings=settings)
     lo, hi = result["top1_ci95"]
     print(f"top-1 {100 * result['top1']:.2f}% (95% CI {100 * lo:.2f}-{100 * hi:.2f}) on {result['num_val']} images, "
