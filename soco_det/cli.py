@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "proposals": ("soco_det.proposals.command", "selective-search proposals: compute, merge, import, export"),
     "pretrain": ("soco_det.engine.command", "SoCo pretraining (one CPU to many GPUs with torchrun)"),
     "export": ("soco_det.export.command", "export a pretrained model to torchvision/detectron2/mmdet/timm"),
+    "probe": ("soco_det.probe.command", "object-level probe of frozen features (linear, k-NN, localisation, retrieval, rank)"),
     "finetune": ("soco_det.transfer.finetune_command", "fine-tune a Mask R-CNN on a COCO-format dataset"),
     "evaluate": ("soco_det.transfer.evaluate_command", "COCO bbox/segm AP of a Mask R-CNN on a val set"),
     "viz": ("soco_det.viz", "pictures: sample scenes, proposals, views"),

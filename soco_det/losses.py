@@ -62,6 +62,30 @@ def byol_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return -2.0 * F.cosine_similarity(pred.float(), target.float(), dim=-1).mean()
 
 
+def decorrelation_loss(segments: Sequence[torch.Tensor], eps: float = 1e-4) -> torch.Tensor:
+    """Redundancy of feature channels: ``sum_{i != j} C_ij^2 / D`` (float32 scalar), with ``C`` the
+    ``D x D`` correlation matrix of the rows of every segment, each segment ``[R_s, D]`` standardised
+    over its own rows first (a segment is one network call, whose BatchNorm statistics are its own).
+
+    0 when the channels are uncorrelated, ``D - 1`` when they all carry the same direction: the
+    dimensional collapse that a BYOL-style loss alone allows at small batch and budget
+    (``model.head_decorrelation``; an option, not in the paper). Segments of one row are skipped.
+    """
+    parts = []
+    with torch.autocast(device_type=segments[0].device.type, enabled=False):
+        for x in segments:
+            if x.shape[0] < 2:
+                continue
+            x = x.float()
+            parts.append((x - x.mean(0)) / (x.std(0) + eps))
+        if not parts:
+            return segments[0].new_zeros((), dtype=torch.float32)
+        z = torch.cat(parts)
+        corr = z.T @ z / z.shape[0]
+        off = corr.pow(2).sum() - corr.diagonal().pow(2).sum()
+        return off / corr.shape[0]
+
+
 def pair_name(a: int, b: int) -> str:
     """``"1-2"`` for views 0 and 1: the 1-based view numbers used in logs and metrics."""
     return f"{a + 1}-{b + 1}"

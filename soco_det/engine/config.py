@@ -25,6 +25,11 @@ class TrainConfig:
     epochs: int = 100
     base_lr: float = 1.0  # scaled by effective_batch / lr_batch_denominator
     lr_batch_denominator: int = 256
+    lr_scaling: Literal["linear", "sqrt"] = "linear"  # linear: the paper's rule
+    # paper: lars_eta as given. auto: eta raised so that peak_lr * eta >= target_update (a conv weight's
+    # relative step per optimizer step); see README "Budget-aware pretraining" and docs/results.md.
+    budget: Literal["paper", "auto"] = "paper"
+    target_update: float = 1.25e-3
     warmup_epochs: float = 10.0  # linear warmup from lr/warmup_multiplier, per iteration
     warmup_multiplier: float = 100.0
     min_lr: float = 1e-6  # cosine floor
@@ -46,6 +51,14 @@ class TrainConfig:
     keep_last: int = 3  # step checkpoints kept (last.pt is always kept)
     tensorboard: bool = True
     progress: bool = True
+    # Online object probe (soco_det/probe/online.py): every probe_every steps (0: off; a multiple of
+    # log_every), linear/k-NN/rank read-outs of the frozen online features on a small labeled COCO set.
+    probe_every: int = 0
+    probe_train_json: Optional[str] = None
+    probe_val_json: Optional[str] = None
+    probe_images: Optional[str] = None
+    probe_max_images: Optional[int] = 100
+    probe_tasks: list[str] = field(default_factory=lambda: ["linear", "knn", "rank"])
 
     def validate(self) -> None:
         positive = {
@@ -56,6 +69,8 @@ class TrainConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"{name}: must be >= 1, got {value}")
+        if not self.target_update > 0:
+            raise ValueError(f"target_update: must be > 0, got {self.target_update}")
         if self.base_lr <= 0:
             raise ValueError(f"base_lr: must be > 0, got {self.base_lr}")
         if not (0 <= self.warmup_epochs < self.epochs):
@@ -70,6 +85,17 @@ class TrainConfig:
             raise ValueError(f"target_momentum: must lie in [0, 1], got {self.target_momentum}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads: must be >= 1 (or null), got {self.cpu_threads}")
+        if self.probe_every < 0:
+            raise ValueError(f"probe_every: must be >= 0 (0: off), got {self.probe_every}")
+        if self.probe_every:
+            if self.probe_every % self.log_every:
+                raise ValueError(f"probe_every: must be a multiple of log_every={self.log_every}, got {self.probe_every}")
+            missing = [k for k in ("probe_train_json", "probe_val_json", "probe_images") if not getattr(self, k)]
+            if missing:
+                raise ValueError(f"probe_every={self.probe_every} needs {', '.join(missing)}")
+            unknown = sorted(set(self.probe_tasks) - {"linear", "knn", "loc", "retrieval", "rank"})
+            if unknown or not self.probe_tasks:
+                raise ValueError(f"probe_tasks: choose from linear knn loc retrieval rank, got {self.probe_tasks}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps: must be >= 1 (or null), got {self.max_steps}")
 

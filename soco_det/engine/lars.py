@@ -65,12 +65,12 @@ class LARS(torch.optim.Optimizer):
                     continue
                 grad = param.grad
                 if group["lars"]:
-                    grad = self._adapt(param, grad, group)
+                    grad = self._adapt(param, grad, group, self.state[param])
                 self._sgd_update(param, grad, group)
         return loss
 
     @staticmethod
-    def _adapt(param: torch.Tensor, grad: torch.Tensor, group: dict) -> torch.Tensor:
+    def _adapt(param: torch.Tensor, grad: torch.Tensor, group: dict, state: dict) -> torch.Tensor:
         # Weight decay first, then the trust ratio on the decayed gradient (official order).
         grad = grad.add(param, alpha=group["weight_decay"])
         w_norm = torch.linalg.vector_norm(param)
@@ -78,6 +78,7 @@ class LARS(torch.optim.Optimizer):
         ratio = group["eta"] * w_norm / (g_norm + group["eps"])
         # A zero-norm weight or gradient keeps the decayed gradient unscaled; stays on device (no sync).
         ratio = torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))
+        state["trust_ratio"] = ratio  # read by the training-dynamics metrics (no sync here)
         return grad.mul_(ratio)
 
     def _sgd_update(self, param: torch.Tensor, grad: torch.Tensor, group: dict) -> None:

@@ -17,8 +17,13 @@ import math
 from dataclasses import dataclass
 
 
-def scaled_lr(base_lr: float, effective_batch: int, denominator: int = 256) -> float:
-    """The linear scaling rule: ``base_lr * effective_batch / denominator``."""
+def scaled_lr(base_lr: float, effective_batch: int, denominator: int = 256, rule: str = "linear") -> float:
+    """The peak learning rate for a batch: ``base_lr * effective_batch / denominator`` (``linear``,
+    the paper's rule) or ``base_lr * sqrt(effective_batch / denominator)`` (``sqrt``)."""
+    if rule == "sqrt":
+        return base_lr * math.sqrt(effective_batch / denominator)
+    if rule != "linear":
+        raise ValueError(f"lr scaling rule must be linear or sqrt, got {rule!r}")
     return base_lr * effective_batch / denominator
 
 
@@ -55,7 +60,8 @@ class Schedule:
     def from_config(cls, train, steps_per_epoch: int, effective_batch: int) -> "Schedule":  # noqa: ANN001
         """From a :class:`~soco_det.engine.config.TrainConfig` and the loader's steps per epoch."""
         return cls(
-            peak_lr=scaled_lr(train.base_lr, effective_batch, train.lr_batch_denominator),
+            peak_lr=scaled_lr(train.base_lr, effective_batch, train.lr_batch_denominator,
+                              getattr(train, "lr_scaling", "linear")),
             warmup_steps=int(round(train.warmup_epochs * steps_per_epoch)),
             total_steps=train.epochs * steps_per_epoch,
             min_lr=train.min_lr,

@@ -144,7 +144,8 @@ class Trainer:
                 # 5. Backward (scaled for fp16; the scale is 1 and disabled otherwise).
                 self.scaler.scale(loss).backward()
             total_loss += loss.detach()
-            for name, value in out.get("pair_losses", {}).items():
+            # pair losses and auxiliary terms (e.g. model.head_decorrelation), logged as loss/<name>
+            for name, value in {**out.get("pair_losses", {}), **out.get("aux_losses", {})}.items():
                 pair_losses[name] = pair_losses.get(name, 0) + value.detach().float() / len(micro_batches)
 
         # 6. LARS/SGD step at lr(step); GradScaler skips it if fp16 gradients overflowed.
@@ -250,8 +251,9 @@ class CheckpointHook(Hook):
 class MetricsHook(Hook):
     """Every ``every`` steps: JSONL + TensorBoard record, a log line, and the progress bar."""
 
-    def __init__(self, writer: MetricsWriter, every: int, show_progress: bool) -> None:
+    def __init__(self, writer: MetricsWriter, every: int, show_progress: bool, sources: Sequence[Any] = ()) -> None:
         self.writer, self.every, self.show_progress = writer, every, show_progress
+        self.sources = list(sources)  # objects with .metrics(trainer) -> dict, merged into each record
         self.bar: Progress | None = None
 
     def before_train(self, trainer: Trainer) -> None:
@@ -280,13 +282,17 @@ class MetricsHook(Hook):
             "img_per_s": (trainer.step - self._step0) * trainer.images_per_step / max(elapsed, 1e-9),
             "skipped_images": trainer.skipped_images,
         }
+        for source in self.sources:
+            record.update(source.metrics(trainer))
         if trainer.device.type == "cuda":
             record["gpu_mem_mib"] = torch.cuda.max_memory_allocated(trainer.device) / 2**20
             torch.cuda.reset_peak_memory_stats(trainer.device)
         self.writer.write(trainer.step, record)
         self.bar.set_postfix(f"loss {values[0]:.4f} lr {out['lr']:.4g}")
-        log.info("step %d/%d epoch %d loss %.4f lr %.4g tau %.5f %.1f img/s", trainer.step, trainer.stop_step,
-                 trainer.epoch, values[0], out["lr"], out["momentum"], record["img_per_s"])
+        dynamics = "".join(f" {key.split('/', 1)[1]} {record[key]:.3g}"
+                           for key in ("move/encoder", "collapse/head_rank") if key in record)
+        log.info("step %d/%d epoch %d loss %.4f lr %.4g tau %.5f %.1f img/s%s", trainer.step, trainer.stop_step,
+                 trainer.epoch, values[0], out["lr"], out["momentum"], record["img_per_s"], dynamics)
         self._t0, self._step0 = time.perf_counter(), trainer.step
 
     def after_train(self, trainer: Trainer) -> None:
@@ -313,6 +319,28 @@ def resolve_amp(choice: str, device_type: str) -> torch.dtype | None:
             return torch.bfloat16
         return None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[choice]
+
+
+def init_model(model_cfg: Any, seed: int) -> nn.Module:
+    """The model a run with ``model_cfg`` and ``seed`` starts from: torch's RNG seeded with ``seed``
+    right before the model is built, so the untrained baseline of a probe or benchmark
+    (:mod:`soco_det.probe`) is exactly the network step 1 of the run starts from."""
+    from soco_det.models import build_model
+
+    torch.manual_seed(seed)
+    return build_model(model_cfg)
+
+
+def resolve_lars_eta(train: Any, schedule: Schedule) -> float:
+    """LARS trust coefficient of a run. ``train.budget=paper``: ``train.lars_eta`` as given.
+    ``train.budget=auto``: large enough that a conv weight moves by ``train.target_update`` of its
+    norm per step at the peak learning rate (``peak_lr * eta``), never below ``train.lars_eta``:
+    the paper's batch 2048 (lr 8, eta 0.001: 8e-3 per step) is left as it is, while batch 16 (lr
+    0.0625) gets eta 0.02 instead of a step of 6e-5 that leaves the features untrained
+    (docs/results.md, "Budget-aware pretraining")."""
+    if train.budget == "paper":
+        return train.lars_eta
+    return max(train.lars_eta, train.target_update / schedule.peak_lr)
 
 
 def find_unused_parameters(train: Any, model_cfg: Any) -> bool:
@@ -359,9 +387,10 @@ def pretrain(cfg: Any, out_dir: str | Path, resume: str | Path | None = None,
 
     from soco_det.config import save_config, to_dict
     from soco_det.data import build_pretrain_dataset, collate_views
+    from soco_det.engine.dynamics import TrainingDynamics  # imports this module
     from soco_det.engine.lars import build_lars
     from soco_det.errors import UserError
-    from soco_det.models import build_model, convert_sync_bn
+    from soco_det.models import convert_sync_bn
 
     run_dir = Path(out_dir)
     train = cfg.train
@@ -405,7 +434,7 @@ def pretrain(cfg: Any, out_dir: str | Path, resume: str | Path | None = None,
             generator=torch.Generator().manual_seed(cfg.seed),
         )
 
-        model = build_model(cfg.model)
+        model = init_model(cfg.model, cfg.seed)
         if cfg.model.init and resume_path is None:
             from soco_det.models.init_weights import apply_init
 
@@ -423,8 +452,8 @@ def pretrain(cfg: Any, out_dir: str | Path, resume: str | Path | None = None,
 
         images_per_step = batch_size * world * train.accum_steps
         schedule = Schedule.from_config(train, steps_per_epoch, images_per_step)
-        optimizer = build_lars(model, schedule.peak_lr, train.weight_decay, train.sgd_momentum,
-                               train.lars_eta, train.lars_eps)
+        lars_eta = resolve_lars_eta(train, schedule)
+        optimizer = build_lars(model, schedule.peak_lr, train.weight_decay, train.sgd_momentum, lars_eta, train.lars_eps)
         amp_dtype = resolve_amp(train.amp, device_type)
         scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
         stop_step = schedule.total_steps if train.max_steps is None else min(train.max_steps, schedule.total_steps)
@@ -449,15 +478,24 @@ def pretrain(cfg: Any, out_dir: str | Path, resume: str | Path | None = None,
 
         writer = MetricsWriter(run_dir, enabled=dist_utils.is_main(), tensorboard=train.tensorboard,
                                resume_step=trainer.step)
+        dynamics = TrainingDynamics(train.log_every, schedule.warmup_steps, cfg.model, cfg.seed)
+        sources: list[Any] = [dynamics]
+        if train.probe_every and dist_utils.is_main():
+            from soco_det.probe.online import OnlineProbe
+
+            sources.append(OnlineProbe(cfg))
         trainer.hooks = [
-            MetricsHook(writer, train.log_every, show_progress=train.progress and dist_utils.is_main()),
+            dynamics,
+            MetricsHook(writer, train.log_every, show_progress=train.progress and dist_utils.is_main(),
+                        sources=sources),
             CheckpointHook(run_dir, train.ckpt_every, train.keep_last, config_dict),
             *hooks,
         ]
         log.info(
             "pretraining on %s x %d: %d images, %d steps/epoch, %d epochs, batch %d (%d per process), "
-            "peak lr %.4g, amp %s", device_type, world, len(dataset), steps_per_epoch, train.epochs,
-            images_per_step, batch_size, schedule.peak_lr, amp_dtype,
+            "peak lr %.4g (%s scaling), LARS eta %.4g (budget %s: peak relative step %.2g), amp %s", device_type,
+            world, len(dataset), steps_per_epoch, train.epochs, images_per_step, batch_size, schedule.peak_lr,
+            train.lr_scaling, lars_eta, train.budget, schedule.peak_lr * lars_eta, amp_dtype,
         )
         try:
             trainer.train()

@@ -53,6 +53,10 @@ class ModelConfig:
     zero_init_residual: bool = True
     sync_bn: bool = False
     channels_last: bool = False
+    # Not in the paper (README "Where we differ"): weight of a penalty on correlated channels of the
+    # online box-head output (soco_det.losses.decorrelation_loss), which keeps small-budget runs from
+    # collapsing onto a few directions. 0 = off (the paper recipes).
+    head_decorrelation: float = 0.0
     init: Optional[str] = None
 
     def validate(self) -> None:
@@ -69,6 +73,8 @@ class ModelConfig:
         for name, value in widths.items():
             if value < 1:
                 raise ValueError(f"{name}: must be >= 1, got {value}")
+        if self.head_decorrelation < 0:
+            raise ValueError(f"head_decorrelation: must be >= 0, got {self.head_decorrelation}")
         if self.roi_output_size is not None and self.roi_output_size < 1:
             raise ValueError(f"roi_output_size: must be >= 1 (or null), got {self.roi_output_size}")
         if self.variant == "soco_c4" and self.resolved_roi_output_size() % 2:

@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from soco_det.losses import SoCoLoss
+from soco_det.losses import SoCoLoss, decorrelation_loss
 from soco_det.models.backbone import ResNetTrunk
 from soco_det.models.box_head import ConvFCHead
 from soco_det.models.config import ModelConfig
@@ -158,7 +158,21 @@ class BoxModel(MomentumModel):
                     self.embed(self.target, target_feats[v], boxes, lev, tuple(images[v].shape[-2:]), None)
                     for v, boxes, lev in sides
                 ))
-        return self.criterion(pairs, preds, targets, batch["corr"])
+        out = self.criterion(pairs, preds, targets, batch["corr"])
+        return self._add_regularisers(out)
+
+    def _add_regularisers(self, out: dict) -> dict:
+        """Add ``model.head_decorrelation`` x the decorrelation of the online head outputs recorded
+        during this forward pass (an option off in the paper recipes) as ``aux_losses``."""
+        recorded, self._head_outputs = self._head_outputs, []
+        weight = getattr(self.cfg, "head_decorrelation", 0.0)
+        if weight > 0 and recorded:
+            term = decorrelation_loss(recorded)
+            out["loss"] = out["loss"] + weight * term
+            out["aux_losses"] = {"head_decorrelation": term.detach()}
+        return out
+
+    _head_outputs: list = []
 
     @property
     def uses_levels(self) -> bool:
@@ -194,7 +208,10 @@ class SoCoFPN(BoxModel):
         """RoI features ``[R, C, s, s]`` -> head -> projector (-> predictor): ``[R, D]``."""
         if self.cfg.channels_last:
             rois = rois.contiguous(memory_format=torch.channels_last)
-        out = net["projector"](net["head"](rois))
+        head = net["head"](rois)
+        if net is self.online and self.cfg.head_decorrelation > 0:
+            self._head_outputs = [*self._head_outputs, head]
+        out = net["projector"](head)
         return predictor(out) if predictor is not None else out
 
     def embed(

@@ -1,9 +1,10 @@
 """Sample scenes: a seeded generator of multi-object images with COCO annotations.
 
 Nothing can be downloaded in the test and demo environments, so every stage is exercised on these
-scenes: 1-8 silhouettes of ten classes (circle, square, triangle, star, ring, cross, crescent,
-ellipse, hexagon, L-shape), textured with crops of scikit-image's bundled photos, on a background
-made the same way, with rotation, scale, colour jitter and occlusion.
+scenes: 1-5 silhouettes of ten classes (circle, square, triangle, star, ring, cross, crescent,
+ellipse, hexagon, L-shape), textured with crops of scikit-image's bundled photos chosen by class
+(each class has its own materials and colour, with variation and some confusers), on a background
+made from any photo, with rotation, scale, colour jitter and occlusion.
 
 ``generate`` writes ``out_dir/images/<split>/<NNNNNN>.jpg`` and ``out_dir/<split>.json`` for the
 splits ``unlabeled`` (images only), ``train`` and ``val``; ``render_scenes`` draws a few of them

@@ -1,4 +1,5 @@
-"""Compose one sample scene: a textured background and 1-8 textured, rotated, occluding objects.
+"""Compose one sample scene: a textured background and 1-5 textured, rotated, occluding objects
+whose texture and colour follow their class (:mod:`soco_det.synth.appearance`).
 
 A scene is a pure function of its random generator, and the generator of scene ``index`` of a
 split is ``numpy.random.default_rng([seed, SPLIT_CODES[split], index])`` (:func:`scene_rng`), so
@@ -12,15 +13,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from soco_det.synth.appearance import object_appearance
 from soco_det.synth.shapes import SHAPES, Placement, rasterize
 from soco_det.synth.textures import sample_texture
 
 SPLITS: tuple[str, ...] = ("unlabeled", "train", "val")
 SPLIT_CODES: dict[str, int] = {name: code for code, name in enumerate(SPLITS)}
 
-MIN_OBJECTS, MAX_OBJECTS = 1, 8
-MIN_DIAMETER = 16.0        # pixels, whatever the scene size
-MAX_DIAMETER_FRAC = 0.6    # of the scene's short side
+MIN_OBJECTS, MAX_OBJECTS = 1, 5
+# Object sizes, as diameters (of the disc the silhouette fills) in units of the scene's short side:
+# a mixture of large objects (what the paper's size-filtered proposals can find) and smaller ones,
+# few under ~24 px in a 256-px scene; never under MIN_DIAMETER pixels.
+LARGE_FRACTION = 0.6
+LARGE_DIAMETER = (0.3, 0.75)
+SMALL_DIAMETER = (0.1, 0.3)
+MIN_DIAMETER = 12.0  # pixels
 ASPECT_RANGE = (3 / 4, 4 / 3)  # width / height
 # An object occluded below either limit is dropped from the annotations (its pixels stay).
 MIN_VISIBLE_PIXELS = 16
@@ -90,12 +97,16 @@ def _background(rng: np.random.Generator, width: int, height: int) -> tuple[np.n
 
 
 def _placements(rng: np.random.Generator, width: int, height: int) -> list[tuple[int, Placement]]:
-    """``(class index, placement)`` of 1-8 objects in drawing order. Diameters are log-uniform in
-    [16 px, 0.6 * short side]; large objects tend to be drawn first (so small ones are rarely
-    hidden), with enough noise in the order that big objects still cover smaller ones at times."""
+    """``(class index, placement)`` of 1-5 objects in drawing order. Diameters are log-uniform in
+    :data:`LARGE_DIAMETER` (with probability :data:`LARGE_FRACTION`) or :data:`SMALL_DIAMETER`
+    times the short side; large objects tend to be drawn first (so small ones are rarely hidden),
+    with enough noise in the order that big objects still cover smaller ones at times."""
     count = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
     short = min(width, height)
-    diameters = np.exp(rng.uniform(math.log(MIN_DIAMETER), math.log(MAX_DIAMETER_FRAC * short), size=count))
+    large = rng.random(count) < LARGE_FRACTION
+    lo = np.where(large, LARGE_DIAMETER[0], SMALL_DIAMETER[0])
+    hi = np.where(large, LARGE_DIAMETER[1], SMALL_DIAMETER[1])
+    diameters = np.maximum(short * np.exp(rng.uniform(np.log(lo), np.log(hi))), MIN_DIAMETER)
     order = np.argsort(-diameters * np.exp(rng.normal(0.0, 0.5, size=count)), kind="stable")
     objects = []
     for i in order:
@@ -126,7 +137,9 @@ def compose_scene(rng: np.random.Generator, short_side: int = 256) -> Scene:
         x0, y0, x1, y1 = window
         if not mask.any():
             continue
-        texture, _ = sample_texture(rng, y1 - y0, x1 - x0, exclude=background_sources)
+        look = object_appearance(rng, cls)
+        texture, _ = sample_texture(rng, y1 - y0, x1 - x0, exclude=background_sources, sources=look.photos,
+                                    prior=look.colour)
         image[y0:y1, x0:x1][mask] = texture[mask]
         owner[y0:y1, x0:x1][mask] = k
         drawn.append((k, cls, window, int(mask.sum())))

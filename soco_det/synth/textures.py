@@ -78,26 +78,50 @@ def _hue_rotation(theta: float) -> np.ndarray:
     return math.cos(theta) * np.eye(3) + math.sin(theta) * kx + (1 - math.cos(theta)) * np.outer(k, k)
 
 
-def colour_matrix(rng: np.random.Generator, grey: bool) -> np.ndarray:
+@dataclass(frozen=True)
+class ColourPrior:
+    """Where a texture's colour transform is drawn from: a hue shift of ``hue +- hue_spread``
+    radians, and for greyscale photos a tint of that hue (``tint`` strength in [0, 1])."""
+
+    hue: float = 0.0
+    hue_spread: float = math.pi / 2
+    tint: float | None = None  # None: a random tint (greyscale photos only)
+
+
+def colour_matrix(rng: np.random.Generator, grey: bool, prior: ColourPrior = ColourPrior()) -> np.ndarray:
     """A random 3x3 colour transform (row-vector convention: ``rgb_out = rgb_in @ M``): hue shift
-    of up to +-90 degrees, saturation and brightness in [0.6, 1.4]; a tint for greyscale photos."""
+    drawn from ``prior`` (default: up to +-90 degrees), saturation and brightness in [0.6, 1.4];
+    greyscale photos get a tint (random, or the prior's hue)."""
     luma = np.array([0.299, 0.587, 0.114])
     sat = rng.uniform(0.6, 1.4)
     saturation = sat * np.eye(3) + (1 - sat) * np.outer(np.ones(3), luma)  # column-vector form
-    m = rng.uniform(0.6, 1.4) * _hue_rotation(rng.uniform(-math.pi / 2, math.pi / 2)) @ saturation
+    hue = prior.hue + rng.uniform(-prior.hue_spread, prior.hue_spread)
+    m = rng.uniform(0.6, 1.4) * _hue_rotation(hue) @ saturation
     if grey:
-        tint = rng.uniform(0.45, 1.0, size=3)
+        if prior.tint is None:
+            tint = rng.uniform(0.45, 1.0, size=3)
+        else:
+            # a colour of the prior's hue: red rotated about the grey axis, mixed with grey
+            red = _hue_rotation(hue) @ np.array([1.0, 0.0, 0.0])
+            tint = (1 - prior.tint) + prior.tint * (red - red.min()) / max(np.ptp(red), 1e-6)
         m = np.diag(tint / tint.max()) @ m
     return m.T.astype(np.float32)
 
 
 def sample_texture(
-    rng: np.random.Generator, height: int, width: int, exclude: tuple[int, ...] = ()
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    exclude: tuple[int, ...] = (),
+    sources: tuple[int, ...] | None = None,
+    prior: ColourPrior = ColourPrior(),
 ) -> tuple[np.ndarray, int]:
     """A jittered texture ``uint8 [height, width, 3]`` and the index (into :func:`texture_bank`) of
-    the photo it was cut from, never one listed in ``exclude``."""
+    the photo it was cut from: one of ``sources`` (default: any photo), never one listed in
+    ``exclude`` unless that leaves nothing; its colour is drawn from ``prior``."""
     bank = texture_bank()
-    choices = [i for i in range(len(bank)) if i not in exclude] or list(range(len(bank)))
+    pool = range(len(bank)) if sources is None else sources
+    choices = [i for i in pool if i not in exclude] or list(pool)
     source = int(choices[rng.integers(len(choices))])
     photo = bank[source]
     best, best_std = None, -1.0
@@ -110,6 +134,6 @@ def sample_texture(
             break
     # PIL applies the matrix in C on one thread (a numpy matmul would wake every BLAS thread for a
     # 3x3 product) and rounds and clips to uint8.
-    m = colour_matrix(rng, photo.grey)
+    m = colour_matrix(rng, photo.grey, prior)
     affine = tuple(float(v) for column in m.T for v in (*column, 0.0))
     return np.array(best.convert("RGB", affine)), source

@@ -1,0 +1,181 @@
+"""The object probe: read-outs on features whose answer is known, geometry, the untrained baseline,
+bootstrap intervals, and the command end to end on generated scenes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from soco_det.probe import tasks
+from soco_det.probe.objects import ObjectSet, augmented_views, box_iou, jittered_boxes, with_background_boxes
+from soco_det.probe.probe import ProbeResult, combined_paired_difference, paired_difference, summarise
+
+
+def _blobs(n: int, d: int, classes: int, sep: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(99).normal(size=(classes, d)) * sep
+    y = rng.integers(0, classes, size=n)
+    return centres[y] + rng.normal(size=(n, d)), y
+
+
+def test_linear_and_knn_read_separable_classes_and_not_noise():
+    xt, yt = _blobs(300, 16, 4, sep=3.0, seed=0)
+    xv, yv = _blobs(200, 16, 4, sep=3.0, seed=1)
+    assert tasks.linear_probe(xt, yt, xv, yv).mean() > 0.95
+    assert tasks.knn_probe(xt, yt, xv, yv).mean() > 0.95
+    rng = np.random.default_rng(2)
+    noise_t, noise_v = rng.normal(size=(300, 16)), rng.normal(size=(200, 16))
+    assert tasks.linear_probe(noise_t, yt, noise_v, yv).mean() < 0.45  # chance is 0.25
+    assert tasks.knn_probe(noise_t, yt, noise_v, yv).mean() < 0.45
+
+
+def test_localisation_probe_recovers_a_linear_target():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=8)
+    xt, xv = rng.normal(size=(400, 8)), rng.normal(size=(200, 8))
+    yt, yv = xt @ w * 0.05 + 0.5, xv @ w * 0.05 + 0.5
+    owner_t, owner_v = np.repeat(np.arange(100), 4), np.repeat(np.arange(50), 4)
+    err, dev = tasks.localisation_probe(xt, yt, owner_t, xv, yv, owner_v, 50)
+    assert err.shape == dev.shape == (50,)
+    assert 1 - err.sum() / dev.sum() > 0.95
+    err, dev = tasks.localisation_probe(rng.normal(size=(400, 8)), yt, owner_t, rng.normal(size=(200, 8)), yv,
+                                        owner_v, 50)
+    assert 1 - err.sum() / dev.sum() < 0.2
+
+
+def test_retrieval_finds_the_same_object_and_marks_invalid_ones():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(50, 32))
+    b = a + 0.1 * rng.normal(size=a.shape)
+    valid = np.ones(50, bool)
+    valid[:5] = False
+    hits = tasks.retrieval_probe(a, b, valid, rng.normal(size=(100, 32)))
+    assert np.isnan(hits[:5]).all() and np.nanmean(hits) == 1.0
+    shuffled = tasks.retrieval_probe(a, rng.normal(size=a.shape), valid, rng.normal(size=(100, 32)))
+    assert np.nanmean(shuffled) < 0.2
+
+
+def test_effective_rank_of_collapsed_and_spread_features():
+    rng = np.random.default_rng(0)
+    direction = rng.normal(size=(1, 64))
+    collapsed = rng.normal(size=(200, 1)) * direction + 1e-4 * rng.normal(size=(200, 64))
+    assert tasks.effective_rank(collapsed) < 1.5
+    assert tasks.effective_rank(rng.normal(size=(200, 64))) > 40
+
+
+def test_bootstrap_interval_covers_the_value_and_narrows_with_n():
+    rng = np.random.default_rng(0)
+    small, large = rng.random(50) < 0.7, rng.random(2000) < 0.7
+    e_small = tasks.bootstrap(tasks.mean_stat(small.astype(float)), len(small), 500)
+    e_large = tasks.bootstrap(tasks.mean_stat(large.astype(float)), len(large), 500)
+    for e in (e_small, e_large):
+        assert e.lo <= e.value <= e.hi
+    assert (e_large.hi - e_large.lo) < (e_small.hi - e_small.lo) / 3
+
+
+def _result(name: str, hits: np.ndarray) -> ProbeResult:
+    return ProbeResult(name, 10, len(hits), scores={"roi": {"linear_top1": hits.astype(float)}})
+
+
+def test_paired_difference_is_tighter_than_the_unpaired_spread():
+    rng = np.random.default_rng(0)
+    base = rng.random(400) < 0.5
+    better = base | (rng.random(400) < 0.1)  # the same objects, a few more right
+    diff = paired_difference(_result("b", better), _result("a", base), 500)["roi"]["linear_top1"]
+    assert diff["ci95"][0] > 0
+    assert diff["mean"] == pytest.approx(better.mean() - base.mean())
+    combined = combined_paired_difference([(_result("b", better), _result("a", base))] * 2, 300)
+    assert combined["roi"]["linear_top1"]["mean"] == pytest.approx(diff["mean"])
+    assert summarise(_result("a", base), 200)["roi"]["linear_top1"]["mean"] == pytest.approx(base.mean())
+
+
+def _objects(n_images: int = 4) -> ObjectSet:
+    boxes = np.array([[0.1, 0.1, 0.4, 0.5], [0.5, 0.2, 0.9, 0.9]] * n_images, np.float32)
+    return ObjectSet([f"img{i}.jpg" for i in range(n_images)], np.repeat(np.arange(n_images), 2), boxes,
+                     np.zeros(2 * n_images, np.int64), [1])
+
+
+def test_jittered_boxes_report_their_iou():
+    objects = _objects()
+    boxes, owner, iou = jittered_boxes(objects, 5, seed=0)
+    assert boxes.shape == (40, 4) and (owner == np.repeat(np.arange(8), 5)).all()
+    np.testing.assert_allclose(iou, box_iou(boxes, objects.boxes[owner]), rtol=1e-6)
+    assert iou.min() >= 0 and iou.max() <= 1 and iou.std() > 0.05
+    assert ((boxes >= 0) & (boxes <= 1)).all()
+
+
+def test_augmented_views_map_boxes_into_the_crop_and_flip():
+    objects = _objects()
+    views, boxes, valid = augmented_views(objects, seed=3)
+    for k, (flip, (x0, y0, x1, y1)) in enumerate(np.asarray(views, dtype=object)[objects.image_index]):
+        b = objects.boxes[k]
+        expect = np.clip([(b[0] - x0) / (x1 - x0), (b[1] - y0) / (y1 - y0),
+                          (b[2] - x0) / (x1 - x0), (b[3] - y0) / (y1 - y0)], 0, 1)
+        if flip:
+            expect = [1 - expect[2], expect[1], 1 - expect[0], expect[3]]
+        np.testing.assert_allclose(boxes[k], expect, atol=1e-6)
+    assert valid.dtype == bool
+
+
+def test_background_boxes_stay_away_from_objects():
+    objects = _objects()
+    both = with_background_boxes(objects, seed=0)
+    bg = both.labels == 1
+    assert bg.sum() >= 1 and both.categories[-1] == -1
+    for box, image in zip(both.boxes[bg], both.image_index[bg]):
+        own = objects.boxes[objects.image_index == image]
+        assert box_iou(np.repeat(box[None], len(own), 0), own).max() < 0.3
+
+
+def test_untrained_network_is_the_one_pretraining_starts_from():
+    from soco_det.config import build_config
+    from soco_det.engine.config import PretrainConfig
+    from soco_det.engine.trainer import init_model
+    from soco_det.probe.network import load_probe_network
+
+    cfg = build_config(PretrainConfig, "tiny_cpu", ["model.fpn_channels=16", "model.head_conv_dim=16",
+                                                     "model.head_fc_dim=32", "seed=5"])
+    torch.manual_seed(123)  # whatever the global RNG holds before
+    net = load_probe_network("untrained", cfg.model, cfg.seed)
+    model = init_model(cfg.model, cfg.seed)
+    for part in ("encoder", "neck", "head"):
+        a, b = getattr(net, part).state_dict(), model.online[part].state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    other = load_probe_network("untrained", cfg.model, cfg.seed + 1)
+    assert not torch.equal(other.encoder.conv1.weight, net.encoder.conv1.weight)
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    from soco_det.synth import generate
+
+    return generate(tmp_path_factory.mktemp("probe_scenes"), n_unlabeled=0, n_train=12, n_val=8, short_side=96)
+
+
+def test_probe_command_end_to_end(scenes, tmp_path):
+    from soco_det.cli import main
+
+    out = tmp_path / "probe.json"
+    rc = main(["probe", "untrained", "untrained", "--config", "tiny_cpu", "--train-json", str(scenes["train"]),
+               "--val-json", str(scenes["val"]), "--images", str(scenes["images"]), "--resamples", "50",
+               "-o", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    roi = report["results"]["untrained"]["roi"]
+    for name in ("linear_top1", "knn_top1", "loc_r2", "retrieval_top1", "effective_rank"):
+        lo, hi = roi[name]["ci95"]
+        assert lo <= hi and np.isfinite(roi[name]["mean"])
+    # the same network twice: every paired difference is exactly 0
+    diff = report["paired"]["untrained - untrained"]["roi"]
+    assert all(d["mean"] == 0 and d["ci95"] == [0, 0] for d in diff.values())
+
+
+def test_probe_command_refuses_untrained_alone(scenes, capsys):
+    from soco_det.cli import main
+
+    rc = main(["probe", "untrained", "--train-json", str(scenes["train"]), "--val-json", str(scenes["val"]),
+               "--images", str(scenes["images"])])
+    assert rc == 2 and "--config" in capsys.readouterr().err
