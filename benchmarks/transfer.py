@@ -40,8 +40,10 @@ from typing import Any
 
 import numpy as np
 
-METHODS = {"soco": "soco_fpn", "byol": "image_byol"}
+METHODS = {"soco": "soco_fpn", "byol": "image_byol", "soco_from_byol": "soco_fpn"}
 PAIRS = (("soco", "random"), ("soco", "byol"), ("byol", "random"))
+# --soco-from-byol: SoCo started from the BYOL run's weights (model.init), the same SoCo budget on top
+FROM_BYOL_PAIRS = (("soco_from_byol", "byol"), ("soco_from_byol", "soco"), ("soco_from_byol", "random"))
 PROBE_SCORES = ("linear_top1", "knn_top1", "loc_r2", "retrieval_top1")
 AP_KEYS = (("bbox", "AP", "box_ap"), ("bbox", "AP50", "box_ap50"), ("segm", "AP", "mask_ap"))
 
@@ -97,6 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-finetune", action="store_true", help="probe only")
     parser.add_argument("--torchvision-random", action="store_true",
                         help="also fine-tune from torchvision's default init (the old 'random')")
+    parser.add_argument("--soco-from-byol", action="store_true",
+                        help="also pretrain SoCo from the BYOL run's weights (model.init): does SoCo improve a "
+                             "backbone one already has?")
     parser.add_argument("--pretrain", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra pretraining overrides for both methods (e.g. model.head_decorrelation=0)")
     return parser.parse_args(argv)
@@ -136,7 +141,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def pretrain_run(method: str, seed: int, data: dict[str, Path], store: Path, preset: dict[str, Any],
-                 extra: list[str], device: str, out: Path) -> Path:
+                 extra: list[str], device: str, out: Path, init: Path | None = None) -> Path:
     from soco_det.config import build_config
     from soco_det.engine import PretrainConfig, pretrain
 
@@ -145,6 +150,8 @@ def pretrain_run(method: str, seed: int, data: dict[str, Path], store: Path, pre
                  *preset["pretrain"], *extra]
     if method == "byol":
         overrides = [o for o in overrides if not o.startswith("model.head_decorrelation")]
+    if init is not None:
+        overrides.append(f"model.init={init}")
     cfg = build_config(PretrainConfig, preset["recipe"], overrides)
     run = out / "pretrain" / f"{method}_seed{seed}"
     done = run / "checkpoints" / "last.pt"
@@ -227,11 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     timings["data+proposals"] = time.perf_counter() - t
 
     # ---- pretraining (both methods, every seed) and the untrained baseline
+    methods = [m for m in METHODS if m != "soco_from_byol" or args.soco_from_byol]
+    pairs = PAIRS + (FROM_BYOL_PAIRS if args.soco_from_byol else ())
     runs: dict[tuple[str, int], Path] = {}
     for seed in preset["pretrain_seeds"]:
-        for method in METHODS:
+        for method in methods:
             t = time.perf_counter()
-            runs[(method, seed)] = pretrain_run(method, seed, data, store, preset, args.pretrain, device, out)
+            init = runs[("byol", seed)] if method == "soco_from_byol" else None
+            runs[(method, seed)] = pretrain_run(method, seed, data, store, preset, args.pretrain, device, out, init)
             timings[f"pretrain {method} seed {seed}"] = time.perf_counter() - t
     cfg = build_config(PretrainConfig, preset["recipe"], [*preset["pretrain"], *args.pretrain])
     preset["depth"] = cfg.model.depth
@@ -241,9 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     spec = spec_from_config(cfg, preset["probe_size"])
     train_objs = read_objects(data["train"], data["images"])
     val_objs = read_objects(data["val"], data["images"], categories=train_objs.categories)
-    probes: dict[str, dict[int, Any]] = {"random": {}, "soco": {}, "byol": {}}
+    probes: dict[str, dict[int, Any]] = {name: {} for name in ("random", *methods)}
     for seed in preset["pretrain_seeds"]:
-        sources = {"random": "untrained", "soco": runs[("soco", seed)], "byol": runs[("byol", seed)]}
+        sources = {"random": "untrained", **{m: runs[(m, seed)] for m in methods}}
         for name, src in sources.items():
             net = load_probe_network(src, cfg.model, seed)
             probes[name][seed] = run_probe(net, train_objs, val_objs, spec, device, seed=0, copy_network=False)
@@ -251,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = preset["pretrain_seeds"]
     summaries = {f"{name} (seed {s})": summarise(r, preset["resamples"]) for name, by in probes.items() for s, r in by.items()}
     paired: dict[str, dict[str, Any]] = {}
-    for a, b in PAIRS:
+    for a, b in pairs:
         diff = combined_paired_difference([(probes[a][s], probes[b][s]) for s in seeds], preset["resamples"])
         # The headline is the box head's output (what SoCo's loss trains and what becomes the detector's box
         # head); the FPN RoI features are reported beside it as probe_roi_*.
@@ -265,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- collapse and localisation checks: when may a pretrained model count as a gain?
     gains: dict[str, dict[str, Any]] = {}
-    for method in METHODS:
+    for method in methods:
         checks = []
         for s in seeds:
             rank = probes[method][s].ranks["head"]
@@ -296,12 +306,15 @@ def main(argv: list[str] | None = None) -> int:
                  "byol": export_checkpoint(runs[("byol", s0)], "torchvision", out / "exports" / f"byol_seed{s0}.pth")}
         widths = widths_of(read_weights(inits["soco"]))
         width_args = [f"model.{k}={list(v) if isinstance(v, tuple) else v}".replace(" ", "") for k, v in widths.items()]
+        if args.soco_from_byol:
+            inits["soco_from_byol"] = export_checkpoint(runs[("soco_from_byol", s0)], "torchvision",
+                                                        out / "exports" / f"soco_from_byol_seed{s0}.pth")
         if args.torchvision_random:
             inits["torchvision_random"] = "random"
         for name, init in inits.items():
             finetuned[name] = {f: finetune_one(name, str(init), f, width_args, data, preset, device, out)
                                for f in preset["finetune_seeds"]}
-        for a, b in PAIRS:
+        for a, b in pairs:
             for iou, key, label in AP_KEYS:
                 diffs = [100 * ((finetuned[a][f][iou][key] or 0.0) - (finetuned[b][f][iou][key] or 0.0))
                          for f in preset["finetune_seeds"]]

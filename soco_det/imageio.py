@@ -9,6 +9,7 @@ the store's setting, so boxes and pixels always agree.
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -47,17 +48,27 @@ def load_rgb(
     """Decode ``path`` into an RGB PIL image (fully loaded, file closed).
 
     Grayscale, palette, RGBA (alpha dropped, as ``convert('RGB')`` does), CMYK and 16-bit images
-    are accepted. Raises :class:`~soco_det.errors.ImageError` naming the file for a missing,
+    are accepted. ``path`` may address a member of a tar or zip archive, ``ARCHIVE::MEMBER``
+    (:mod:`soco_det.data.archives`). Raises :class:`~soco_det.errors.ImageError` naming the file for a missing,
     unreadable, truncated or non-image file, and for images above ``max_pixels`` pixels
     (decompression bombs).
     """
-    path = Path(path)
-    if not path.is_file():
+    from soco_det.data import archives
+
+    source: Path | io.BytesIO = Path(path)
+    if archives.is_member_path(path):  # ARCHIVE::MEMBER, read without extracting
+        try:
+            source = io.BytesIO(archives.read_bytes(path))
+        except FileNotFoundError as exc:
+            raise ImageError(path, f"no such file ({exc})") from None
+        except OSError as exc:
+            raise ImageError(path, f"unreadable: {exc}") from exc
+    elif not source.is_file():
         raise ImageError(path, "no such file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 w, h = img.size
                 if max_pixels is not None and w * h > max_pixels:
                     raise ImageError(

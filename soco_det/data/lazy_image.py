@@ -24,6 +24,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from soco_det.errors import ImageError
+from soco_det.data.archives import read_bytes
 from soco_det.imageio import DEFAULT_MAX_PIXELS, _to_rgb, load_rgb
 
 
@@ -70,7 +71,7 @@ class LazyImage:
     def _open(self) -> Image.Image:
         """The opened (header parsed, pixels not decoded) image, from the file's bytes read at once."""
         try:
-            data = self.path.read_bytes()
+            data = read_bytes(self.path)  # a loose file or an ARCHIVE::MEMBER
         except FileNotFoundError:
             raise ImageError(self.path, "no such file") from None
         except IsADirectoryError:

@@ -2,7 +2,8 @@
 
 Sources (labels are never read):
 
-* a folder of images, recursive (:func:`soco_det.imageio.list_images`);
+* a folder of images, recursive, with the images inside its ``.tar`` / ``.zip`` archives, or a
+  single archive (:func:`soco_det.data.archives.list_sources`; members are ``ARCHIVE::MEMBER``);
 * a text file listing images, one per line (the first tab-separated field, as in the official
   ``train_map.txt``; blank lines and ``#`` comments skipped), relative to the images root;
 * a COCO JSON: its ``images[].file_name``, relative to the images root.
@@ -23,8 +24,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from soco_det.data.archives import list_sources
 from soco_det.errors import UserError
-from soco_det.imageio import IMAGE_EXTENSIONS, list_images
+from soco_det.imageio import IMAGE_EXTENSIONS
 from soco_det.logs import get_logger
 
 log = get_logger(__name__)
@@ -43,8 +45,12 @@ def _items(root: Path, keys: Sequence[str]) -> list[ImageItem]:
 
 
 def folder_items(root: str | Path) -> list[ImageItem]:
-    root = Path(root)
-    keys = list_images(root)
+    """Images under a folder (loose files and the members of its .tar / .zip archives) or in one
+    archive; keys as :func:`soco_det.data.archives.list_sources` makes them (the proposal job's)."""
+    given = root
+    root, keys = list_sources(root)
+    if Path(given).is_dir():
+        root = Path(given)  # keep the root as given (join_with_store compares resolved paths)
     if not keys:
         raise UserError(f"{root}: no image files found (extensions: {', '.join(IMAGE_EXTENSIONS)})")
     return _items(root, keys)

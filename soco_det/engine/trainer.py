@@ -512,6 +512,10 @@ def pretrain(cfg: Any, out_dir: str | Path, resume: str | Path | None = None,
         )
 
         model = init_model(cfg.model, cfg.seed)
+        if cfg.model.init and ckpt is None:
+            from soco_det.models.init_weights import apply_init
+
+            apply_init(model, cfg.model, run_dir if dist_utils.is_main() else None)
         if world > 1 and cfg.model.sync_bn:  # gloo (CPU) or NCCL: soco_det.models.segment_bn
             model = convert_sync_bn(model)
         channels_last = bool(cfg.model.channels_last)

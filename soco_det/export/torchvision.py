@@ -108,6 +108,7 @@ def build_maskrcnn_v2(
     box_fc_dims: Sequence[int] = (1024,),
     box_roi_size: int = 7,
     trainable_layers: int = 5,
+    masks: bool = True,
     **kwargs: Any,
 ) -> nn.Module:
     """torchvision Mask R-CNN "v2" on a ResNet-``depth`` (18/34/50/101/152), no weights loaded.
@@ -120,11 +121,13 @@ def build_maskrcnn_v2(
     ``roi_output_size``. ``trainable_layers`` (0-5) freezes the stem and first stages like
     torchvision does (5: everything trains, the SoCo transfer setting ``FREEZE_AT 0``).
     ``kwargs`` go to ``MaskRCNN`` (``min_size``, ``max_size``, ``box_detections_per_img``...).
+    ``masks=False`` builds the same network without the mask branch (torchvision's ``FasterRCNN``,
+    same names for every other module), for box-only fine-tuning.
     """
     import torchvision
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.backbone_utils import BackboneWithFPN
-    from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, RPNHead
+    from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, FasterRCNN, RPNHead
     from torchvision.models.detection.mask_rcnn import MaskRCNN, MaskRCNNHeads, MaskRCNNPredictor
     from torchvision.ops import MultiScaleRoIAlign
 
@@ -156,15 +159,20 @@ def build_maskrcnn_v2(
     box_roi_pool = None
     if box_roi_size != 7:
         box_roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=box_roi_size, sampling_ratio=2)
-    mask_dims = [256, 256, 256, 256]
-    return MaskRCNN(
-        backbone,
+    common = dict(
         num_classes=None,  # the predictors are given
         rpn_anchor_generator=anchors,
         rpn_head=RPNHead(fpn_channels, anchors.num_anchors_per_location()[0], conv_depth=2),
         box_roi_pool=box_roi_pool,
         box_head=box_head,
         box_predictor=FastRCNNPredictor(list(box_fc_dims)[-1], num_classes),
+    )
+    if not masks:
+        return FasterRCNN(backbone, **common, **kwargs)
+    mask_dims = [256, 256, 256, 256]
+    return MaskRCNN(
+        backbone,
+        **common,
         mask_head=MaskRCNNHeads(fpn_channels, mask_dims, 1, norm_layer=nn.BatchNorm2d),
         mask_predictor=MaskRCNNPredictor(mask_dims[-1], 256, num_classes),
         **kwargs,

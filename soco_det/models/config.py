@@ -42,6 +42,10 @@ class ModelConfig:
     * ``batched_backbone``: with ``batched_calls``, also batch the backbone/FPN over views of one
       size (V1 + V2). Segment-wise BN costs two extra copies per BN layer there, which can outweigh
       the gain of one larger call at a large per-GPU batch: ``false`` batches the RoI calls only.
+    * ``init``: a local weights file (or soco-det run folder) to start the online network from:
+      a torchvision/timm ResNet, a torchvision Mask R-CNN v2, a detectron2 or mmdetection
+      checkpoint, one of our exports, a soco-det or official SoCo checkpoint. What matches is
+      loaded, the target starts as a copy (:mod:`soco_det.models.init_weights`); ignored on resume.
     """
 
     variant: Literal["soco_fpn", "soco_star", "soco_c4", "image_byol"] = "soco_fpn"
@@ -64,6 +68,7 @@ class ModelConfig:
     # online box-head output (soco_det.losses.decorrelation_loss), which keeps small-budget runs from
     # collapsing onto a few directions. 0 = off (the paper recipes).
     head_decorrelation: float = 0.0
+    init: Optional[str] = None
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field for a value the model cannot be built with."""
@@ -90,6 +95,8 @@ class ModelConfig:
             )
         if self.roi_mode not in ("all_levels", "assigned_level"):
             raise ValueError(f"roi_mode: must be all_levels or assigned_level, got {self.roi_mode!r}")
+        if self.init is not None and "://" in str(self.init):
+            raise ValueError(f"init: must be a local file or run folder (nothing is downloaded), got {self.init!r}")
         # The FPN is built on C2..C5, so it has exactly four outputs (P2..P5, no P6: SOCO_SPEC 3.2).
         if self.variant in FPN_VARIANTS and self.num_levels != 4:
             raise ValueError(f"num_levels: the FPN outputs P2..P5, so it must be 4, got {self.num_levels}")

@@ -7,6 +7,11 @@ localisation probe, cross-view retrieval and the effective rank, each with a boo
 plus paired differences against the first network::
 
     soco-det probe runs/soco untrained --train-json train.json --val-json val.json --images imgs/ -o probe.json
+
+``--task classification`` is the official linear evaluation instead (:mod:`soco_det.probe.linear_eval`:
+frozen backbone, linear classifier on pooled C5, ImageFolder layout)::
+
+    soco-det probe runs/soco --task classification --train imagenet/train --val imagenet/val -o runs/linear
 """
 
 from __future__ import annotations
@@ -22,12 +27,15 @@ log = get_logger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("sources", nargs="+",
+    parser.add_argument("sources", nargs="*",
                         help="run folders, checkpoints, official checkpoints, or 'untrained' (the architecture's "
                              "init with the config's seed); the first is compared with each other one")
-    parser.add_argument("--train-json", required=True, help="COCO file whose objects fit the read-outs")
-    parser.add_argument("--val-json", required=True, help="COCO file whose objects score them")
-    parser.add_argument("--images", required=True, help="folder the COCO file_name entries are relative to")
+    parser.add_argument("--task", choices=["objects", "classification"], default="objects",
+                        help="objects: the object-level probe on a COCO set; classification: the official linear "
+                             "evaluation on ImageFolders (--train/--val)")
+    parser.add_argument("--train-json", help="objects: COCO file whose objects fit the read-outs")
+    parser.add_argument("--val-json", help="objects: COCO file whose objects score them")
+    parser.add_argument("--images", help="objects: folder the COCO file_name entries are relative to")
     parser.add_argument("--config", default=None,
                         help="pretraining recipe or config.yaml giving the architecture, view size and seed "
                              "(default: the first run folder's config.yaml)")
@@ -40,7 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="subset of linear knn loc retrieval rank (default: all)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
-    parser.add_argument("-o", "--out", default=None, help="write the results as JSON here")
+    parser.add_argument("-o", "--out", default=None,
+                        help="objects: write the results as JSON here; classification: output folder")
+    from soco_det.probe import linear_eval
+
+    linear_eval.add_arguments(parser)  # the classification task's options (shared ones are not repeated)
 
 
 def _config(args: argparse.Namespace):  # noqa: ANN202
@@ -59,6 +71,14 @@ def _config(args: argparse.Namespace):  # noqa: ANN202
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.task == "classification":
+        from soco_det.probe import linear_eval
+
+        return linear_eval.run(args)
+    missing = [f"--{k.replace('_', '-')}" for k in ("train_json", "val_json", "images") if not getattr(args, k)]
+    if missing or not args.sources:
+        raise UserError(f"the object probe needs sources and {', '.join(missing) or 'them'}"
+                        if missing else "the object probe needs at least one source (a run, a checkpoint or 'untrained')")
     import torch
 
     from soco_det.engine.trainer import resolve_device

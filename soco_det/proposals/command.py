@@ -92,7 +92,7 @@ def _export_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> Non
 
 # form -> (positional metavar, nargs, positional help, option adders, -o help)
 _FORMS: dict[str, tuple[str, str, str, tuple[Callable, ...], str]] = {
-    "compute": ("IMAGES", "1", "folder of images (searched recursively)", (_compute_options, _decode_options),
+    "compute": ("IMAGES", "1", "folder of images (searched recursively, images inside its .tar/.zip archives included) or one .tar/.zip", (_compute_options, _decode_options),
                 "store folder to write (resumed if it holds partial results)"),
     "merge": ("SHARD_STORE", "+", "partial stores written with --shard K/N", (_merge_options, _overwrite_option),
               "merged store folder"),

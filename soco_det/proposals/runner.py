@@ -31,7 +31,8 @@ import numpy as np
 
 from soco_det.atomic import atomic_write_json
 from soco_det.errors import ImageError, UserError
-from soco_det.imageio import DEFAULT_MAX_PIXELS, list_images, load_rgb
+from soco_det.data.archives import list_sources
+from soco_det.imageio import DEFAULT_MAX_PIXELS, load_rgb
 from soco_det.logs import Progress, get_logger
 from soco_det.proposals.filters import STAGE_EMPTY, STAGE_NONE, parse_filter
 from soco_det.proposals.methods import get_method, resolve_params, run_method
@@ -248,7 +249,6 @@ def compute_store(
     uses the same); ``max_pixels``: refuse larger images. Returns the store folder.
     """
     t0 = time.perf_counter()
-    root = Path(images).resolve()
     out = check_output_folder(out, "proposal store")
     _check_positive("--workers", workers)
     _check_positive("--chunk-size", chunk_size)
@@ -256,8 +256,9 @@ def compute_store(
         _check_positive("--max-side", max_side)
     if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 0):
         raise UserError(f"--max-pixels {max_pixels!r}: must be a whole number >= 0 (0: no limit)")
-    if not root.is_dir():
-        raise UserError(f"{root}: images folder not found")
+    if not Path(images).exists():
+        raise UserError(f"{images}: images folder (or archive) not found")
+    root, listed = list_sources(images)  # loose images and ARCHIVE::MEMBER keys (soco_det.data.archives)
     shard_kn = parse_shard(shard)
     spec = parse_filter(filter)
     get_method(method)
@@ -272,7 +273,7 @@ def compute_store(
         "root": str(root),
         "shard": f"{shard_kn[0]}/{shard_kn[1]}" if shard_kn else None,
     }
-    relpaths = shard_paths(list_images(root), shard_kn)
+    relpaths = shard_paths(listed, shard_kn)
     if not relpaths:
         raise UserError(f"{root}: no images found" + (f" for shard {settings['shard']}" if shard_kn else ""))
     digest = paths_digest(relpaths)

@@ -124,7 +124,10 @@ def _model_from_checkpoint(path: str | Path, device: torch.device) -> tuple[nn.M
     if ckpt.get("kind") != "maskrcnn":
         raise UserError(f"{ckpt['path']}: not a fine-tuning checkpoint (kind {ckpt.get('kind')!r}); evaluate takes `soco-det finetune` runs")
     cfg = from_dict(FinetuneConfig, ckpt["config"])
-    model = build_from_config(cfg.model, cfg.input, num_classes=len(ckpt["cat_ids"]) + 1)
+    from soco_det.transfer.box_only import has_mask_branch
+
+    model = build_from_config(cfg.model, cfg.input, num_classes=len(ckpt["cat_ids"]) + 1,
+                              masks=has_mask_branch(ckpt["model"]))
     load_model_strict(model, ckpt["model"], source=ckpt["path"])
     return model.to(device), [int(c) for c in ckpt["cat_ids"]]
 
@@ -148,7 +151,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """COCO bbox and segm AP of a Mask R-CNN (a model object, or a fine-tuning checkpoint / run folder).
 
-    Returns ``{"bbox": {AP, AP50, ...}, "segm": {...}, "num_images": n}`` (fractions) and, with
+    Returns ``{"bbox": {AP, AP50, ...}, "segm": {...}, "num_images": n}`` (fractions; no ``segm``
+    for a box-only Faster R-CNN) and, with
     ``out_dir``, writes ``metrics.json`` and the raw results there. A model object is evaluated on
     its current device with labels mapped through the dataset's categories; a checkpoint must have
     been trained on the same category ids as ``coco_json`` holds.
@@ -164,12 +168,16 @@ def evaluate(
         model, cat_ids = _model_from_checkpoint(model_or_ckpt, device)
         if cat_ids != dataset.cat_ids:
             raise UserError(f"{coco_json}: category ids {dataset.cat_ids} differ from the ones the model was trained on {cat_ids}")
+    from soco_det.transfer.box_only import iou_types
+
     results = predict(model, dataset, device, batch_size=batch_size, show_progress=show_progress)
-    metrics: dict[str, Any] = {t: coco_metrics(dataset.coco, results[t], t, dataset.ids) for t in IOU_TYPES}
+    # A box-only detector (no mask branch) is scored on boxes only.
+    kinds = iou_types(model)
+    metrics: dict[str, Any] = {t: coco_metrics(dataset.coco, results[t], t, dataset.ids) for t in kinds}
     metrics["num_images"] = len(dataset)
     if out_dir is not None:
         out = Path(out_dir)
-        for t in IOU_TYPES:
+        for t in kinds:
             atomic_write_json(out / f"{t}_results.json", results[t])
         atomic_write_json(out / "metrics.json", metrics, indent=2)
     log.info("%s", format_metrics(metrics))
@@ -179,7 +187,7 @@ def evaluate(
 def format_metrics(metrics: dict[str, Any]) -> str:
     """One line per IoU type, values in percent, e.g. ``bbox: AP 41.2 AP50 ...``."""
     lines = []
-    for t in IOU_TYPES:
+    for t in (t for t in IOU_TYPES if t in metrics):
         values = " ".join(f"{k} {'-' if v is None else f'{100 * v:.1f}'}" for k, v in metrics[t].items())
         lines.append(f"{t}: {values}")
     return "; ".join(lines)

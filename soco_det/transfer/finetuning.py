@@ -275,7 +275,9 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) 
 
     # Model: same initial weights on every rank (seeded), then per-rank randomness for sampling.
     torch.manual_seed(cfg.seed)
-    model = build_from_config(cfg.model, cfg.input, num_classes)
+    from soco_det.transfer.box_only import annotation_kind
+
+    model = build_from_config(cfg.model, cfg.input, num_classes, masks=annotation_kind(train_set) == "masks")
     # Only rank 0 refuses a used folder: other ranks may look after rank 0 wrote checkpoints.
     ckpt_path = _resume_path(out, resume, check_fresh=rank == 0)
     if ckpt_path is None and cfg.model.init != "random":
@@ -353,7 +355,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) 
         if rank == 0:
             result = evaluate(model, cfg.data.val_json, cfg.data.val_images, out / "eval" / f"step_{iteration:08d}",
                               max_images=cfg.data.max_val_images, show_progress=False)
-            metrics.write({"iter": iteration, "bbox": result["bbox"], "segm": result["segm"]})
+            metrics.write({"iter": iteration, **{t: result[t] for t in ("bbox", "segm") if t in result}})
         dist.barrier()
         return result
 

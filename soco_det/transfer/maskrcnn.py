@@ -126,9 +126,10 @@ def build_maskrcnn(
     return model
 
 
-def build_from_config(model_cfg: Any, input_cfg: Any, num_classes: int) -> nn.Module:
+def build_from_config(model_cfg: Any, input_cfg: Any, num_classes: int, masks: bool = True) -> nn.Module:
     """:func:`build_maskrcnn` from a ``FinetuneConfig``'s ``model`` and ``input`` sections (no weights
-    loaded; widths left 0/empty in the config are taken from the init file or the defaults)."""
+    loaded; widths left 0/empty in the config are taken from the init file or the defaults).
+    ``masks=False``: the box-only Faster R-CNN (:mod:`soco_det.transfer.box_only`)."""
     m = model_cfg
     return build_maskrcnn(
         m.depth,
@@ -143,6 +144,7 @@ def build_from_config(model_cfg: Any, input_cfg: Any, num_classes: int) -> nn.Mo
         rpn_post_nms_top_n=(m.rpn_post_nms_top_n_train, m.rpn_post_nms_top_n_test),
         detections_per_img=m.detections_per_img,
         score_thresh=m.score_thresh,
+        masks=masks,
         **resolve_widths(m),
     )
 

@@ -1,0 +1,322 @@
+"""Linear evaluation: a linear classifier on the frozen backbone's pooled C5, on an ImageFolder.
+
+The image-level counterpart of the detection transfer, as the official ``main_linear.py`` runs it
+(hologerry/SoCo ``main_linear.py``, ``contrast/option.py`` with ``stage='linear'``,
+``contrast/lr_scheduler.py``, ``contrast/data/transform.py``). Defaults are that recipe:
+
+==========================  ===============================================================
+classifier                  ``Linear(C5 channels -> classes)`` on global-average-pooled C5
+                            (``head_type='reduce'``); only it is trained
+optimiser                   SGD, lr **30** (not scaled by the batch), momentum 0.9,
+                            weight decay 0, total batch 256
+schedule                    per iteration: linear warmup over 5 epochs from lr/100, then a
+                            cosine to 1e-6 over the remaining epochs; 100 epochs
+train views                 RandomResizedCrop(224, scale=(0.08, 1)), horizontal flip
+val views                   Resize(224 + 32) (shorter side), CenterCrop(224)
+normalisation               ImageNet mean/std
+==========================  ===============================================================
+
+One deliberate difference: the backbone runs in eval mode (BatchNorm uses and keeps its running
+statistics), so it is really frozen. The official script calls ``model.train()``, so its BN layers
+normalise with batch statistics and update their running averages while the "frozen" backbone is
+probed; ``bn_train_mode=True`` reproduces that.
+
+The score is top-1 (and top-5 with at least 5 classes) on the val folder, with a 95 % bootstrap
+interval for top-1 (:func:`bootstrap_ci`). Any weights :mod:`soco_det.models.init_weights` reads
+can be probed (a soco-det run or checkpoint, an export, an official SoCo checkpoint, a torchvision
+or timm ResNet, a detector checkpoint), or ``random`` for the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from soco_det.errors import UserError
+from soco_det.logs import get_logger
+
+log = get_logger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class LinearEvalSettings:
+    """The recipe; defaults are the official ``main_linear.py`` values (module docstring)."""
+
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 30.0
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    warmup_epochs: float = 5.0
+    warmup_multiplier: float = 100.0
+    min_lr: float = 1e-6
+    image_size: int = 224
+    crop_min_scale: float = 0.08
+    bn_train_mode: bool = False
+    num_workers: int = 4
+    seed: int = 0
+    bootstrap: int = 1000
+
+    def validate(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.image_size < 8:
+            raise UserError("linear eval: epochs and batch_size must be >= 1 and image_size >= 8")
+        if self.lr <= 0 or not 0 <= self.momentum < 1 or self.weight_decay < 0:
+            raise UserError("linear eval: lr must be > 0, momentum in [0, 1), weight_decay >= 0")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise UserError(f"linear eval: warmup_epochs must lie in [0, epochs={self.epochs})")
+        if not 0 < self.crop_min_scale <= 1:
+            raise UserError("linear eval: crop_min_scale must lie in (0, 1]")
+
+
+def bootstrap_ci(correct: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the accuracy of 0/1 outcomes ``correct`` ``[N]``.
+
+    Resampling N outcomes with replacement and averaging is exactly a Binomial(N, acc) / N draw, so
+    the ``n_boot`` resamples are drawn that way (the same distribution, without an N x n_boot array).
+    """
+    correct = np.asarray(correct, dtype=bool)
+    n = len(correct)
+    if n == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = rng.binomial(n, correct.mean(), size=n_boot) / n
+    alpha = (1 - level) / 2
+    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+def load_backbone(weights: str | Path, depth: int | None = None) -> tuple[Any, str]:
+    """``(ResNet trunk returning C2..C5, description)`` for a weights file/run folder or ``random``.
+
+    ``depth``: the ResNet depth; ``None`` reads it from the file (50 for ``random``).
+    """
+    import torch
+
+    from soco_det.models import ModelConfig, build_model
+    from soco_det.models.init_weights import file_depth, init_from_weights
+
+    if str(weights) == "random":
+        d = depth or 50
+        torch.manual_seed(0)
+        cfg = ModelConfig(variant="image_byol", depth=d, proj_hidden_dim=8, proj_dim=8)
+        return build_model(cfg).online["encoder"], f"random ResNet-{d}"
+    d = depth or file_depth(weights)
+    cfg = ModelConfig(variant="image_byol", depth=d, proj_hidden_dim=8, proj_dim=8, init=str(weights))
+    model = build_model(cfg)
+    report = init_from_weights(model, weights, cfg)
+    return model.online["encoder"], f"{weights} ({report.kind}, ResNet-{d}, {len(report.loaded)} backbone tensors)"
+
+
+def _datasets(train_dir: str | Path, val_dir: str | Path, s: LinearEvalSettings) -> tuple[Any, Any]:
+    from torchvision import datasets, transforms
+
+    from soco_det.imageio import load_rgb
+
+    normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train_tf = transforms.Compose([
+        transforms.RandomResizedCrop(s.image_size, scale=(s.crop_min_scale, 1.0)),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        normalize,
+    ])
+    val_tf = transforms.Compose([
+        transforms.Resize(s.image_size + 32),
+        transforms.CenterCrop(s.image_size),
+        transforms.ToTensor(),
+        normalize,
+    ])
+    out = []
+    for folder, tf in ((train_dir, train_tf), (val_dir, val_tf)):
+        if not Path(folder).is_dir():
+            raise UserError(f"{folder}: not a folder (ImageFolder layout: ROOT/CLASS/IMAGE)")
+        try:
+            out.append(datasets.ImageFolder(str(folder), transform=tf, loader=load_rgb))
+        except (FileNotFoundError, RuntimeError) as exc:
+            raise UserError(f"{folder}: {exc}") from exc
+    if out[0].classes != out[1].classes:
+        raise UserError(f"class folders differ: train {out[0].classes} vs val {out[1].classes}")
+    return out[0], out[1]
+
+
+def linear_eval(
+    weights: str | Path,
+    train_dir: str | Path,
+    val_dir: str | Path,
+    out_dir: str | Path | None = None,
+    depth: int | None = None,
+    device: str = "auto",
+    settings: LinearEvalSettings | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Train a linear classifier on the frozen backbone of ``weights`` and score it on ``val_dir``.
+
+    ``train_dir`` / ``val_dir``: ImageFolder layouts (``ROOT/CLASS/IMAGE``) with the same classes.
+    ``settings`` (or keyword ``overrides`` of its fields) default to the official recipe.
+    Returns ``{"top1", "top1_ci95": [lo, hi], "top5", "num_classes", "num_train", "num_val",
+    "iterations", "final_loss" (mean over the last epoch), "backbone", "settings", "seconds"}`` (accuracies as fractions) and, with
+    ``out_dir``, writes ``metrics.json`` and the classifier (``linear.pt``) there.
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from soco_det.engine.schedules import learning_rate
+
+    s = settings or LinearEvalSettings()
+    if overrides:
+        s = LinearEvalSettings(**{**asdict(s), **overrides})
+    s.validate()
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    t0 = time.perf_counter()
+    train_set, val_set = _datasets(train_dir, val_dir, s)
+    backbone, described = load_backbone(weights, depth)
+    backbone.requires_grad_(False)
+    backbone.to(dev).train(s.bn_train_mode)
+    classifier = nn.Linear(backbone.channels[3], len(train_set.classes)).to(dev)
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+
+    gen = torch.Generator().manual_seed(s.seed)
+    torch.manual_seed(s.seed)  # the random crops and flips (torchvision draws from the global RNG)
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=s.batch_size, shuffle=True, drop_last=len(train_set) >= s.batch_size,
+        num_workers=s.num_workers, generator=gen, pin_memory=dev.type == "cuda",
+    )
+    steps_per_epoch = len(loader)
+    total = s.epochs * steps_per_epoch
+    warmup = int(round(s.warmup_epochs * steps_per_epoch))
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return backbone(x.to(dev, non_blocking=True))[-1].mean(dim=(2, 3))  # pooled C5 [B, C]
+
+    step, loss_value = 0, float("nan")
+    for epoch in range(s.epochs):
+        classifier.train()
+        losses = []
+        for images, labels in loader:
+            # 1. Learning rate of this iteration (warmup, then cosine), as the official scheduler.
+            lr = learning_rate(step, s.lr, warmup, total, s.min_lr, s.warmup_multiplier)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # 2. Frozen features, linear logits, cross-entropy; only the classifier gets gradients.
+            loss = F.cross_entropy(classifier(features(images)), labels.to(dev))
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"non-finite loss at iteration {step}; lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step = step + 1
+            losses.append(loss.item())
+        loss_value = float(np.mean(losses))  # the epoch's mean training loss
+        log.info("linear eval: epoch %d/%d, loss %.4f, lr %.4g", epoch + 1, s.epochs, loss_value, lr)
+
+    # Score: top-1 / top-5 over the val folder.
+    backbone.eval()
+    classifier.eval()
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=s.batch_size, shuffle=False, num_workers=s.num_workers)
+    correct1, correct5 = [], []
+    k = min(5, len(train_set.classes))
+    with torch.no_grad():
+        for images, labels in val_loader:
+            logits = classifier(features(images)).cpu()
+            top = logits.topk(k, dim=1).indices
+            correct1.append((top[:, 0] == labels).numpy())
+            correct5.append((top == labels[:, None]).any(dim=1).numpy())
+    hits1 = np.concatenate(correct1)
+    lo, hi = bootstrap_ci(hits1, s.bootstrap, seed=s.seed)
+    result = {
+        "top1": float(hits1.mean()),
+        "top1_ci95": [lo, hi],
+        "top5": float(np.concatenate(correct5).mean()) if len(train_set.classes) >= 5 else None,
+        "num_classes": len(train_set.classes),
+        "num_train": len(train_set),
+        "num_val": len(val_set),
+        "iterations": step,
+        "final_loss": loss_value,
+        "backbone": described,
+        "settings": asdict(s),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    log.info("linear eval: top-1 %.2f%% (95%% CI %.2f-%.2f) on %d val images, %d classes",
+             100 * result["top1"], 100 * lo, 100 * hi, len(val_set), len(train_set.classes))
+    if out_dir is not None:
+        from soco_det.atomic import atomic_save, atomic_write_json
+
+        out = Path(out_dir)
+        atomic_write_json(out / "metrics.json", result, indent=2)
+        state = {"classifier": classifier.state_dict(), "classes": train_set.classes}
+        atomic_save(out / "linear.pt", lambda f: torch.save(state, f))
+    return result
+
+
+# ----------------------------------------------------------------------------- command line
+def _add(parser: argparse.ArgumentParser, *flags: str, **kwargs: Any) -> None:
+    """Add an option unless the parser already has one of its flags (the ``soco-det probe`` command
+    defines ``--device``, ``-o/--out`` and ``--seed`` for every task; those are then shared)."""
+    try:
+        parser.add_argument(*flags, **kwargs)
+    except argparse.ArgumentError:
+        pass
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the classification probe (``soco-det probe --task classification``).
+
+    ``--weights`` may instead come as the probe command's first positional source; ``--train`` /
+    ``--val`` are checked by :func:`run` (not ``required``, so they can share a parser with tasks
+    that do not need them)."""
+    d = LinearEvalSettings()
+    _add(parser, "--weights", default=None,
+         help="soco-det run folder or checkpoint, an export, an official SoCo checkpoint, a torchvision/timm "
+              "ResNet or detector checkpoint (local), or 'random'")
+    _add(parser, "--train", default=None, metavar="DIR", help="training ImageFolder (DIR/CLASS/IMAGE)")
+    _add(parser, "--val", default=None, metavar="DIR", help="validation ImageFolder with the same classes")
+    _add(parser, "-o", "--out", default=None, help="folder for metrics.json and linear.pt")
+    _add(parser, "--depth", type=int, default=None, help="ResNet depth (default: read from the weights)")
+    _add(parser, "--device", default="auto", help="auto (CUDA if available), cpu, cuda ...")
+    _add(parser, "--epochs", type=int, default=d.epochs, help="official: 100")
+    _add(parser, "--batch-size", type=int, default=d.batch_size, help="total batch; official: 256")
+    _add(parser, "--lr", type=float, default=d.lr, help="SGD learning rate (not scaled); official: 30")
+    _add(parser, "--momentum", type=float, default=d.momentum)
+    _add(parser, "--weight-decay", type=float, default=d.weight_decay)
+    _add(parser, "--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warmup from lr/100; official: 5")
+    _add(parser, "--image-size", type=int, default=d.image_size)
+    _add(parser, "--crop-min-scale", type=float, default=d.crop_min_scale, help="RandomResizedCrop scale floor; official: 0.08")
+    _add(parser, "--bn-train-mode", action="store_true",
+         help="BatchNorm in train mode as the official script (batch statistics, running stats updated)")
+    _add(parser, "--num-workers", type=int, default=d.num_workers)
+    _add(parser, "--seed", type=int, default=d.seed)
+    _add(parser, "--bootstrap", type=int, default=d.bootstrap, help="bootstrap resamples of the top-1 interval")
+
+
+def run(args: argparse.Namespace) -> int:
+    d = LinearEvalSettings()
+    weights = getattr(args, "weights", None) or (getattr(args, "sources", None) or [None])[0]
+    if not weights or not getattr(args, "train", None) or not getattr(args, "val", None):
+        raise UserError("linear evaluation needs --weights (or a source), --train DIR and --val DIR (ImageFolders)")
+    seed = getattr(args, "seed", None)
+    resamples = getattr(args, "bootstrap", None) or getattr(args, "resamples", None) or d.bootstrap
+    settings = LinearEvalSettings(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, image_size=args.image_size,
+        crop_min_scale=args.crop_min_scale, bn_train_mode=args.bn_train_mode, num_workers=args.num_workers,
+        seed=d.seed if seed is None else seed, bootstrap=resamples,
+    )
+    result = linear_eval(weights, args.train, args.val, out_dir=args.out, depth=args.depth,
+                         device=args.device, settings=settings)
+    lo, hi = result["top1_ci95"]
+    print(f"top-1 {100 * result['top1']:.2f}% (95% CI {100 * lo:.2f}-{100 * hi:.2f}) on {result['num_val']} images, "
+          f"{result['num_classes']} classes; backbone {result['backbone']}")
+    if result["top5"] is not None:
+        print(f"top-5 {100 * result['top5']:.2f}%")
+    print(json.dumps({k: result[k] for k in ("top1", "top1_ci95", "top5")}))
+    return 0
