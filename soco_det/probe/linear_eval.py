@@ -37,8 +37,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from soco_det.errors import UserError
 from soco_det.logs import get_logger
 
@@ -84,6 +82,8 @@ def bootstrap_ci(correct: np.ndarray, n_boot: int = 1000, level: float = 0.95, s
     Resampling N outcomes with replacement and averaging is exactly a Binomial(N, acc) / N draw, so
     the ``n_boot`` resamples are drawn that way (the same distribution, without an N x n_boot array).
     """
+    import numpy as np
+
     correct = np.asarray(correct, dtype=bool)
     n = len(correct)
     if n == 0:
@@ -165,6 +165,7 @@ def linear_eval(
     "iterations", "final_loss" (mean over the last epoch), "backbone", "settings", "seconds"}`` (accuracies as fractions) and, with
     ``out_dir``, writes ``metrics.json`` and the classifier (``linear.pt``) there.
     """
+    import numpy as np
     import torch
     import torch.nn.functional as F
     from torch import nn
