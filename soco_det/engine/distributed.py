@@ -6,8 +6,8 @@ the ``env://`` group (NCCL on CUDA, Gloo on CPU); without them it is a no-op, an
 
 BatchNorm across processes: on CUDA the model's BN layers become SyncBatchNorm (as in the
 official runs). PyTorch's SyncBatchNorm has no CPU path, so multi-process CPU runs keep per-process
-BN statistics; with ``train.freeze_bn=true`` BN uses its running statistics and the result no longer
-depends on how the global batch is split, which is what the 2-process equivalence test relies on.
+BN statistics: such a run equals one process accumulating one micro-batch per process, each holding
+that process's images (tests/test_ddp.py checks this with BN in training mode).
 """
 
 from __future__ import annotations
