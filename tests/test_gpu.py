@@ -4,6 +4,11 @@ SyncBatchNorm has no CPU path, so its conversion is checked here: on a one-proce
 synchronised statistics equal plain BatchNorm's, so the converted model (wrapped in DDP as the
 engine does) must give the plain model's loss and gradients. AMP (bf16, fp16 + GradScaler) and the
 device photometric path are checked through the real ``soco-det pretrain`` command.
+
+Each claim also has a CPU test that runs everywhere: the conversion in
+``test_models.py::test_converted_sync_bn_model_gives_the_plain_models_loss_and_gradients`` (without
+the synchronisation, which has no CPU path), autocast and the AMP/device-photometric pretraining
+paths in ``test_amp.py`` (CPU bf16 and fp16 autocast, fp16 with the GradScaler).
 """
 
 from __future__ import annotations
