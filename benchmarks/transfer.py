@@ -21,7 +21,7 @@ measures either way. Presets::
     python benchmarks/transfer.py --preset gpu --out /tmp/transfer_gpu       # ~5 min on one H100 (measured)
 
 The fine-tuning runs are far shorter than a real 1x schedule, so absolute APs are low (a few
-percent at most on the gpu preset); a 4-image overfit check of the same code reaches box AP ~99.
+percent at most on the gpu preset).
 
 ``--seeds 0 1 2`` sets the seeds (fine-tuning seeds; with ``pretrain_per_seed`` in the preset, the
 pretraining seeds too), ``--data DIR`` reuses a folder written by ``soco-det synth``.
