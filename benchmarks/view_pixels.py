@@ -29,7 +29,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from soco_det.data.config import ViewsConfig  # noqa: E402
+from soco_det.data.config import PixelOptions, ViewsConfig  # noqa: E402
 from soco_det.data.lazy_image import LazyImage  # noqa: E402
 from soco_det.data.sampler import ViewSampler  # noqa: E402
 
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         "resize(box=), numba, full decode": (None, "numba"),
         "default: numba, decode_reducing_gap=2": (2.0, "numba"),
     }
-    samplers = {name: ViewSampler(cfg, decode_reducing_gap=gap, photometric="device", resize_backend=backend)
+    samplers = {name: ViewSampler(cfg, PixelOptions(decode_reducing_gap=gap, photometric="device", resize_backend=backend))
                 for name, (gap, backend) in variants.items()}
     with tempfile.TemporaryDirectory() as tmp:
         for scale in args.sizes:

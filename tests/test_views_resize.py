@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from _views_data import photo_store
-from soco_det.data.config import ViewsConfig
+from soco_det.data.config import PixelOptions, ViewsConfig
 from soco_det.data.lazy_image import LazyImage
 from soco_det.data.resize import resize_into
 from soco_det.data.sampler import ViewSampler
@@ -136,8 +136,8 @@ def test_sampler_numba_backend_keeps_geometry_and_pixels(photos, recipe):
     n = len(ViewsConfig(recipe=recipe).resolved().view_kinds)
     plain = {k: v[:n] if isinstance(v, list) and k != "cutout_views" else v for k, v in NO_PHOTOMETRIC.items()}
     settings_ = {"device": ("device", {}), "cpu": ("cpu", {}), "cpu_plain": ("cpu", plain)}
-    samplers = {(name, backend): ViewSampler(ViewsConfig(recipe=recipe, **extra), photometric=mode,
-                                             decode_reducing_gap=1.0, resize_backend=backend)
+    samplers = {(name, backend): ViewSampler(ViewsConfig(recipe=recipe, **extra),
+                                             PixelOptions(photometric=mode, decode_reducing_gap=1.0, resize_backend=backend))
                 for name, (mode, extra) in settings_.items() for backend in ("numba", "pil")}
     std = min(ViewsConfig(recipe=recipe).resolved().std)
     same = total = 0
@@ -170,7 +170,20 @@ def test_data_config_selects_the_resize_backend():
     from soco_det.config import ConfigError, build_config
     from soco_det.data.config import DataConfig
 
+    # One default, wherever the sampler is built from.
+    assert build_config(DataConfig).pixels == DataConfig().pixels == PixelOptions() == ViewSampler(ViewsConfig()).pixels
     assert build_config(DataConfig).resize_backend == "numba"
     assert build_config(DataConfig, None, ["resize_backend=pil"]).resize_backend == "pil"
     with pytest.raises(ConfigError, match="resize_backend"):
         build_config(DataConfig, None, ["resize_backend=opencv"])
+
+
+def test_dataset_hands_the_data_configs_pixel_options_to_its_sampler(photos):
+    from soco_det.data.config import DataConfig
+    from soco_det.data.dataset import build_pretrain_dataset
+
+    images, store = photos
+    options = dict(decode_reducing_gap=None, photometric="device", resize_reducing_gap=1.5, resize_backend="pil")
+    ds = build_pretrain_dataset(DataConfig(images=str(images), proposals=str(store), **options), seed=0)
+    assert ds.sampler.pixels == PixelOptions(**options)
+    assert ds.views(0)[0].images[0].dtype == torch.uint8  # the device path's uint8 views

@@ -33,14 +33,13 @@ from PIL import Image
 
 from soco_det.data import boxes as B
 from soco_det.data import photometric
-from soco_det.data.config import ViewsConfig
+from soco_det.data.config import PixelOptions, ViewsConfig
 from soco_det.data.crops import random_resized_crop, whole_image
 from soco_det.data.lazy_image import LazyImage, draft_reduction
 from soco_det.data.levels import assign_levels
 from soco_det.data.resize import resize_into
 
 FLIP = Image.Transpose.FLIP_LEFT_RIGHT
-PHOTOMETRIC_MODES = ("cpu", "device")
 
 
 @dataclass
@@ -87,35 +86,15 @@ class _PairBoxes:
 class ViewSampler:
     """Makes the views of a sample according to a (resolved) :class:`ViewsConfig`."""
 
-    def __init__(
-        self,
-        cfg: ViewsConfig,
-        decode_reducing_gap: float | None = 2.0,
-        photometric: str = "cpu",
-        resize_reducing_gap: float | None = None,
-        resize_backend: str = "pil",
-    ) -> None:
-        """``decode_reducing_gap``: for a :class:`LazyImage`, decode JPEGs at a reduced scale
-        (1/2..1/8) while every crop stays at least this many times larger than its view
-        (None: always full size). ``photometric``: ``"cpu"`` (normalised float views) or
-        ``"device"`` (uint8 views plus the drawn parameters; same random draws, same geometry).
-        ``resize_reducing_gap``: PIL's ``resize(..., reducing_gap=g)`` (box-average by an integer
-        factor first, then bilinear): faster, slightly different pixels; None (default): the exact
-        torchvision-v1 bilinear resize. ``resize_backend``: see below."""
+    def __init__(self, cfg: ViewsConfig, pixels: PixelOptions | None = None) -> None:
+        """``pixels``: how the pixels are decoded, resized and coloured (default
+        ``PixelOptions()``, as ``DataConfig``'s defaults). With ``photometric="device"`` the
+        views are uint8 plus the drawn parameters, from the same random draws and the same
+        geometry as ``"cpu"``; ``resize_backend`` and the reducing gaps change pixels only."""
         cfg.validate()
-        if photometric not in PHOTOMETRIC_MODES:
-            raise ValueError(f"photometric: expected one of {PHOTOMETRIC_MODES}, got {photometric!r}")
-        self.photometric = photometric
-        self.resize_reducing_gap = resize_reducing_gap
-        # "pil" (default): Image.resize, the official pixels with the installed Pillow. "numba":
-        # soco_det.data.resize, ~2.5x faster, bit-identical to PIL's horizontal-then-vertical passes
-        # (every Pillow up to 12); Pillow 13 runs the vertical pass first for some shapes
-        # (python-pillow/Pillow#9549), where the two differ by rounding (<= 1 level). A
-        # resize_reducing_gap always uses PIL. tests/test_views_resize.py.
-        if resize_backend not in ("pil", "numba"):
-            raise ValueError(f"resize_backend: 'pil' or 'numba', got {resize_backend!r}")
-        self.resize_backend = resize_backend
-        self.decode_reducing_gap = decode_reducing_gap
+        pixels = PixelOptions() if pixels is None else pixels.pixels
+        pixels.validate()
+        self.pixels = pixels
         self.cfg = cfg.resolved()
         c = self.cfg
         self.num_views = len(c.view_kinds)
@@ -197,7 +176,7 @@ class ViewSampler:
     def _view_buffer(self, size: int):
         """``(out, chw)``: what a view is returned as (device path: the uint8 ``[3, S, S]`` tensor;
         CPU path: uint8 ``[S, S, 3]`` for the colour kernels) and its channel-first view to write."""
-        if self.photometric == "cpu":
+        if self.pixels.photometric == "cpu":
             out = np.empty((size, size, 3), dtype=np.uint8)
             return out, out.transpose(2, 0, 1)
         out = torch.empty((3, size, size), dtype=torch.uint8)
@@ -236,7 +215,7 @@ class ViewSampler:
             top, left, h, w = crops[v]
             size = (c.view_sizes[v], c.view_sizes[v])
             box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-            resized[v] = pixels.resize(size, Image.Resampling.BILINEAR, box=box, reducing_gap=self.resize_reducing_gap)
+            resized[v] = pixels.resize(size, Image.Resampling.BILINEAR, box=box, reducing_gap=self.pixels.resize_reducing_gap)
         for v, kind in enumerate(c.view_kinds):
             if kind.startswith("down:"):  # before view m's flip and colour
                 resized[v] = resized[self.source[v]].resize((c.view_sizes[v],) * 2, Image.Resampling.BILINEAR)
@@ -246,7 +225,7 @@ class ViewSampler:
             if flips[v]:  # a horizontal flip: the same pixels as PIL's FLIP_LEFT_RIGHT
                 arr = arr[:, ::-1]
             # CPU path: the colour kernels read any strides; device path: one channel-first copy
-            views.append(arr if self.photometric == "cpu" else torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))))
+            views.append(arr if self.pixels.photometric == "cpu" else torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))))
         return views
 
     # -- the sample -------------------------------------------------------------------------
@@ -287,13 +266,13 @@ class ViewSampler:
         direct = [v for v, kind in enumerate(c.view_kinds) if not kind.startswith("down:")]
         if isinstance(img, LazyImage):
             reduce = 1
-            if self.decode_reducing_gap:
+            if self.pixels.decode_reducing_gap:
                 crop_wh = [(crops[v][3], crops[v][2]) for v in direct]
-                reduce = draft_reduction(crop_wh, [c.view_sizes[v] for v in direct], self.decode_reducing_gap)
+                reduce = draft_reduction(crop_wh, [c.view_sizes[v] for v in direct], self.pixels.decode_reducing_gap)
             pixels, sx, sy = img.load(reduce)
         else:
             pixels, sx, sy = img, 1.0, 1.0
-        if self.resize_reducing_gap is None and self.resize_backend == "numba":
+        if self.pixels.resize_reducing_gap is None and self.pixels.resize_backend == "numba":
             views = self._resize_numba(pixels, sx, sy, crops, flips, direct)
         else:
             views = self._resize_pil(pixels, sx, sy, crops, flips, direct)
@@ -310,7 +289,7 @@ class ViewSampler:
                 solarize_prob=c.solarize_prob[v],
                 solarize_threshold=c.solarize_threshold,
             )
-            if self.photometric == "cpu":  # view: uint8 [S, S, 3], flipped already
+            if self.pixels.photometric == "cpu":  # view: uint8 [S, S, 3], flipped already
                 tensor = photometric.apply_params(view, p, c.mean, c.std)
             else:  # uint8 [3, S, S]; colour, blur, normalisation and cutout happen on the device
                 tensor = view
@@ -326,7 +305,7 @@ class ViewSampler:
                     pixel = self._cutout_pixel_boxes(norm[p_idx][1], size)
                     bound = size - 1
                 regions = photometric.cutout_regions(pixel, rng, c.cutout_prob, c.cutout_ratio, bound)
-                if self.photometric == "cpu":
+                if self.pixels.photometric == "cpu":
                     photometric.apply_cutout(tensor, regions)
             images.append(tensor)
             cutouts.append(regions)
