@@ -83,6 +83,22 @@ class _PairBoxes:
     fallback: bool
 
 
+@dataclass
+class _Geometry:
+    """Everything the geometry phase decides for one sample (per pair ``p``: ``(view 0, view v)``)."""
+
+    image_size: tuple[int, int]
+    crops: list[B.Crop]
+    flips: list[bool]
+    tries: int
+    norm_pre: list[tuple[np.ndarray, np.ndarray]]  # normalised boxes before the flips
+    norm: list[tuple[np.ndarray, np.ndarray]]  # after the flips: what the sample returns
+    ids: list[tuple[np.ndarray, np.ndarray]]
+    levels: list[tuple[np.ndarray, np.ndarray]]
+    padded: list[tuple[int, int]]
+    fallback: list[bool]
+
+
 class ViewSampler:
     """Makes the views of a sample according to a (resolved) :class:`ViewsConfig`."""
 
@@ -232,9 +248,35 @@ class ViewSampler:
     def __call__(self, img: Image.Image | LazyImage, rects: np.ndarray, rng: np.random.Generator) -> ViewSample:
         """Views of ``img`` (RGB PIL, or a :class:`LazyImage` decoded once the crops are known)
         with proposals ``rects`` (int ``[n, 4]`` x, y, w, h, store convention, in full-resolution
-        pixels; ``n == 0`` gives the whole-image fallback)."""
+        pixels; ``n == 0`` gives the whole-image fallback).
+
+        Three phases, in the order they draw from ``rng``: geometry (crops, boxes, levels, flips;
+        from the image size alone), pixels (decode once, resize and flip every view; no draws),
+        photometric (colour, blur, solarize, normalisation and cutout per view)."""
+        geo = self._geometry(img.size, rects, rng)
+        views = self._pixels(img, geo)
+        images, cutouts, params = self._photometric(views, geo, rng)
+        return ViewSample(
+            images=images,
+            pairs=list(self.pairs),
+            boxes=[(a.astype(np.float32), b.astype(np.float32)) for a, b in geo.norm],
+            ids=geo.ids,
+            levels=geo.levels,
+            crops=geo.crops,
+            flips=geo.flips,
+            cutouts=cutouts,
+            image_size=geo.image_size,
+            num_proposals=len(rects),
+            tries=geo.tries,
+            padded=geo.padded,
+            fallback=geo.fallback,
+            params=params,
+        )
+
+    def _geometry(self, size: tuple[int, int], rects: np.ndarray, rng: np.random.Generator) -> _Geometry:
+        """Crops, per-pair boxes (jitter, clip, padding), levels and flips: every geometric draw."""
         c = self.cfg
-        width, height = img.size
+        width, height = size
         props = B.rects_to_boxes(rects, c.legacy)
         if len(props) == 0:
             props = B.whole_image_box(width, height, c.legacy)
@@ -244,25 +286,27 @@ class ViewSampler:
         by_source: dict[int, _PairBoxes] = {
             v: self._pair_boxes(props, prop_ids, selected[v], crops[0], crops[v], rng) for v in selected
         }
-
-        pair_local, pair_ids, pair_levels, padded, fallback = [], [], [], [], []
-        for _, v in self.pairs:
-            pb = by_source[self.source[v]]
-            sizes = (c.view_sizes[0], c.view_sizes[v])
-            levels = tuple(self._levels(pb.local[s], crops[view], sizes[s]) for s, view in enumerate((0, v)))
-            pair_local.append(pb.local)
-            pair_ids.append(pb.ids)
-            pair_levels.append(levels)
-            padded.append(pb.padded)
-            fallback.append(pb.fallback)
-
-        flips = [bool(rng.random() < c.flip_prob) for _ in range(self.num_views)]
-        norm_pre = [tuple(B.normalise(pl[s], crops[view]) for s, view in enumerate(pair)) for pl, pair in zip(pair_local, self.pairs)]
-        norm = [
-            tuple(B.hflip(nb) if flips[view] else nb for nb, view in zip(nbs, pair)) for nbs, pair in zip(norm_pre, self.pairs)
+        pairs = [by_source[self.source[v]] for _, v in self.pairs]
+        levels = [
+            tuple(self._levels(pb.local[s], crops[view], c.view_sizes[view]) for s, view in enumerate(pair))
+            for pb, pair in zip(pairs, self.pairs)
         ]
+        flips = [bool(rng.random() < c.flip_prob) for _ in range(self.num_views)]
+        norm_pre = [tuple(B.normalise(pb.local[s], crops[view]) for s, view in enumerate(pair))
+                    for pb, pair in zip(pairs, self.pairs)]
+        norm = [tuple(B.hflip(nb) if flips[view] else nb for nb, view in zip(nbs, pair))
+                for nbs, pair in zip(norm_pre, self.pairs)]
+        return _Geometry(
+            image_size=(width, height), crops=crops, flips=flips, tries=tries, norm_pre=norm_pre, norm=norm,
+            ids=[pb.ids for pb in pairs], levels=levels, padded=[pb.padded for pb in pairs],
+            fallback=[pb.fallback for pb in pairs],
+        )
 
-        # Images: decode once, every crop/whole view resized straight from the original image.
+    def _pixels(self, img: Image.Image | LazyImage, geo: _Geometry) -> list:
+        """Every view's uint8 pixels, resized straight from the decoded image and flipped (decoded
+        once, at a reduced JPEG scale when every crop allows it)."""
+        c = self.cfg
+        crops = geo.crops
         direct = [v for v, kind in enumerate(c.view_kinds) if not kind.startswith("down:")]
         if isinstance(img, LazyImage):
             reduce = 1
@@ -273,10 +317,13 @@ class ViewSampler:
         else:
             pixels, sx, sy = img, 1.0, 1.0
         if self.pixels.resize_reducing_gap is None and self.pixels.resize_backend == "numba":
-            views = self._resize_numba(pixels, sx, sy, crops, flips, direct)
-        else:
-            views = self._resize_pil(pixels, sx, sy, crops, flips, direct)
+            return self._resize_numba(pixels, sx, sy, crops, geo.flips, direct)
+        return self._resize_pil(pixels, sx, sy, crops, geo.flips, direct)
 
+    def _photometric(self, views: list, geo: _Geometry, rng: np.random.Generator):
+        """``(images, cutouts, params)``: per view, the drawn colour parameters, applied here (CPU
+        path: normalised float32) or carried for the device (uint8 kept), and the cutout regions."""
+        c = self.cfg
         images, cutouts, params = [], [], []
         for v, view in enumerate(views):
             p = photometric.draw_params(
@@ -299,10 +346,10 @@ class ViewSampler:
                 size = c.view_sizes[v]
                 if c.cutout_mirrored:
                     # Official pre-fix placement: pre-flip integer boxes, bound hard-wired to V1's size.
-                    pixel = self._cutout_pixel_boxes(norm_pre[p_idx][1], size)
+                    pixel = self._cutout_pixel_boxes(geo.norm_pre[p_idx][1], size)
                     bound = c.view_sizes[0]
                 else:
-                    pixel = self._cutout_pixel_boxes(norm[p_idx][1], size)
+                    pixel = self._cutout_pixel_boxes(geo.norm[p_idx][1], size)
                     bound = size - 1
                 regions = photometric.cutout_regions(pixel, rng, c.cutout_prob, c.cutout_ratio, bound)
                 if self.pixels.photometric == "cpu":
@@ -310,20 +357,4 @@ class ViewSampler:
             images.append(tensor)
             cutouts.append(regions)
             params.append(p.astype(np.float32))
-
-        return ViewSample(
-            images=images,
-            pairs=list(self.pairs),
-            boxes=[(a.astype(np.float32), b.astype(np.float32)) for a, b in norm],
-            ids=pair_ids,
-            levels=pair_levels,
-            crops=crops,
-            flips=flips,
-            cutouts=cutouts,
-            image_size=(width, height),
-            num_proposals=len(rects),
-            tries=tries,
-            padded=padded,
-            fallback=fallback,
-            params=params,
-        )
+        return images, cutouts, params
