@@ -130,7 +130,9 @@ def test_two_processes_equal_one_process_with_the_same_batchnorm_groups(sample_d
     single, init = reference
     launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", "--master_addr=127.0.0.1",
                 f"--master_port={free_port()}"]
-    proc = run_cli(cli_args(sample_data, tmp_path / "ddp", f"data.batch_size={PER_PROCESS}"), launcher=launcher)
+    # A generous timeout: 4 steps in 2 processes take ~20 s on an idle machine, minutes on a loaded one.
+    proc = run_cli(cli_args(sample_data, tmp_path / "ddp", f"data.batch_size={PER_PROCESS}"), launcher=launcher,
+                   timeout=900)
     assert proc.returncode == 0, worker_errors(proc.stderr)
 
     a, b = model_state(single), model_state(tmp_path / "ddp")
@@ -168,7 +170,7 @@ def test_two_nodes_on_loopback_train(sample_data, tmp_path):
                *cli_args(sample_data, tmp_path / "run", "data.batch_size=2", "train.max_steps=2")]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
         procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=180) for p in procs]
+    outs = [p.communicate(timeout=900) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, worker_errors(err)
     ckpt = model_state(tmp_path / "run")
