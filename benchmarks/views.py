@@ -232,7 +232,7 @@ def stage_times(ds, n: int) -> dict:
             views.append(out.transpose(1, 2, 0))
         return views
 
-    own, other = (numba_resize, pil_resize) if ds.sampler.resize_backend == "numba" else (pil_resize, numba_resize)
+    own, other = (numba_resize, pil_resize) if ds.sampler.pixels.resize_backend == "numba" else (pil_resize, numba_resize)
     spent = {"header": 0.0, "decode": 0.0, "resize": 0.0, "photometric": 0.0}
     other_resize = total = 0.0
     for i, path in enumerate(items):
@@ -256,7 +256,7 @@ def stage_times(ds, n: int) -> dict:
     out = {k: round(v / n * 1e3, 3) for k, v in spent.items()}
     out["total"] = round(total / n * 1e3, 3)
     out["geometry_and_rest"] = round(out["total"] - sum(out[k] for k in spent), 3)
-    out["resize_backend"] = ds.sampler.resize_backend
+    out["resize_backend"] = ds.sampler.pixels.resize_backend
     out["resize_other_backend"] = round(other_resize / n * 1e3, 3)
     return out
 

@@ -1,7 +1,8 @@
 """Atomic file writes: write to a temporary file in the same folder, fsync, then rename.
 
 A reader (or a resumed run) therefore sees either the old file or the complete new one, never a
-half-written file, even when the writer is killed.
+half-written file, even when the writer is killed. The finished file gets the permissions any new
+file gets (``0o666`` less the process umask at the time of the write), as ``open(path, "w")`` would.
 """
 
 from __future__ import annotations
@@ -9,13 +10,27 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Callable, Iterator, IO
 
-# mkstemp creates files readable by the owner only; give finished files the usual permissions.
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
+
+def _create_sibling(path: Path) -> tuple[int, Path]:
+    """Create a new, uniquely named temporary file next to ``path``; ``(fd, its path)``.
+
+    Opened with mode ``0o666`` like ``open()``: the kernel applies the umask, so it never has to be
+    read (reading it means setting it, which is not thread-safe). ``tempfile.mkstemp`` would give
+    ``0o600``.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name next to {path}")
 
 
 @contextlib.contextmanager
@@ -26,13 +41,12 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
         raise ValueError(f"atomic_open supports 'w' and 'wb', not {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_sibling(path)
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

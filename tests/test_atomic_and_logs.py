@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import stat
+import sys
 
 import pytest
 
@@ -25,6 +28,22 @@ def test_atomic_write_creates_parent_folders(tmp_path):
     target = tmp_path / "a" / "b" / "x.json"
     atomic_write_json(target, {"k": [1, 2]})
     assert target.read_text() == '{"k": [1, 2]}'
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions")
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o027])
+def test_finished_file_gets_the_permissions_of_the_umask_at_write_time(tmp_path, umask):
+    # The umask is changed after soco_det.atomic was imported: the write must follow the current one.
+    previous = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "x.txt", "data")
+        with open(tmp_path / "plain.txt", "w") as handle:
+            handle.write("data")
+        assert os.umask(umask) == umask  # the write left the umask as it was
+    finally:
+        os.umask(previous)
+    mode = stat.S_IMODE((tmp_path / "x.txt").stat().st_mode)
+    assert mode == 0o666 & ~umask == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
 
 
 def test_progress_logs_rate_and_eta_when_not_a_tty(caplog):

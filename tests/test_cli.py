@@ -1,9 +1,13 @@
-"""The command line: every sub-command has --help, user errors print one line and exit 2."""
+"""The command line: every sub-command has --help, user errors print one line and exit 2; the
+installed ``soco-det`` console script runs ``soco_det.cli:main`` and its help imports no torch."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +47,44 @@ def test_unknown_command_is_an_argparse_error(capsys):
     assert exc.value.code == 2
 
 
-def test_console_entry_point_and_module_entry_point_agree():
-    module = subprocess.run([sys.executable, "-m", "soco_det", "--version"], capture_output=True, text=True)
-    assert module.returncode == 0 and module.stdout.startswith("soco-det ")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def console_script() -> Path:
+    """The installed ``soco-det`` script (beside this interpreter, where pip puts it)."""
+    try:
+        dist = importlib.metadata.distribution("soco-det")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("soco-det is not installed (pip install -e .): no console script to test")
+    (entry,) = [e for e in dist.entry_points if e.group == "console_scripts" and e.name == "soco-det"]
+    assert entry.value == "soco_det.cli:main"
+    script = Path(sys.executable).parent / ("soco-det.exe" if os.name == "nt" else "soco-det")
+    assert script.is_file(), f"soco-det is installed but {script} is missing"
+    return script
+
+
+def run_script(*args: str, **env: str) -> subprocess.CompletedProcess:
+    # PYTHONPATH: the script imports this checkout, whichever one was installed
+    env = dict(os.environ, PYTHONPATH=str(REPO), **env)
+    return subprocess.run([str(console_script()), *args], capture_output=True, text=True, env=env, cwd=REPO)
+
+
+def test_console_script_and_module_entry_point_agree():
+    script = run_script("--version")
+    module = subprocess.run([sys.executable, "-m", "soco_det", "--version"], capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO)
+    assert script.returncode == module.returncode == 0
+    assert script.stdout.startswith("soco-det ") and script.stdout == module.stdout
+    bad = run_script("no-such-command")
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+@pytest.mark.parametrize("args", [["--help"], ["pretrain", "--help"], ["proposals", "--help"]])
+def test_help_does_not_import_torch(args):
+    # PYTHONPROFILEIMPORTTIME makes Python list every module it imports, on stderr.
+    proc = run_script(*args, PYTHONPROFILEIMPORTTIME="1")
+    assert proc.returncode == 0 and proc.stdout.startswith("usage:") and "soco-det" in proc.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "soco_det.cli" in imported  # the listing works
+    heavy = sorted(m for m in imported if m.split(".")[0] in ("torch", "torchvision", "numpy", "skimage", "numba"))
+    assert not heavy, f"soco-det {' '.join(args)} imported {heavy[:5]}"

@@ -1,4 +1,5 @@
-"""COCO evaluation: agreement with pycocotools run directly, perfect predictions, category ids, bad input."""
+"""COCO evaluation: AP worked out by hand, agreement with pycocotools run directly, perfect predictions,
+category ids, bad input."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from torch import nn
 from soco_det.errors import UserError
 from soco_det.transfer import evaluate
 from soco_det.transfer.coco_data import CocoInstances, load_coco
-from soco_det.transfer.evaluation import METRIC_NAMES, coco_metrics
+from soco_det.transfer.evaluation import METRIC_NAMES, coco_metrics, to_coco_results
 
 # pycocotools 2.0 with NumPy 2 warns on every mask decode; it is harmless.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -115,6 +116,58 @@ def test_metrics_match_pycocotools_run_directly(gt_dataset, iou_type):
     # The set is not degenerate: shifted matches count at IoU 0.5 but not 0.75, so AP50 > AP75 > 0.
     assert ours["AP50"] > ours["AP75"] > 0
     assert ours["AP"] < 1
+
+
+def interpolated_ap(ranked_tp: list[bool], n_gt: int) -> float:
+    """COCO's 101-point AP of one category at one IoU threshold, from the detections' TP/FP flags
+    in score order: the mean over recall r in 0, 0.01, .., 1 of the best precision at recall >= r
+    (0 where that recall is never reached)."""
+    tp = np.cumsum(ranked_tp)
+    recall, precision = tp / n_gt, tp / np.arange(1, len(tp) + 1)
+    return float(np.mean([max((p for p, rc in zip(precision, recall) if rc >= r), default=0.0)
+                          for r in np.linspace(0, 1, 101)]))
+
+
+def test_ap_of_known_matches_equals_the_hand_computed_value(tmp_path):
+    # One 200 x 200 image; labels 1, 2, 3 are category ids 5, 9, 12 (12 has no ground truth, so
+    # COCO leaves it out of the mean). Box IoUs are chosen away from the 0.5:0.05:0.95 thresholds.
+    gt_boxes = {5: [(0, 0, 100, 100), (120, 120, 180, 180), (120, 0, 190, 50)], 9: [(20, 120, 80, 180)]}
+    anns = [{"id": k + 1, "image_id": 1, "category_id": cat, "iscrowd": 0, "bbox": [x1, y1, x2 - x1, y2 - y1],
+             "area": float((x2 - x1) * (y2 - y1))}
+            for k, (cat, (x1, y1, x2, y2)) in enumerate((c, b) for c, bs in gt_boxes.items() for b in bs)]
+    gt_json = tmp_path / "gt.json"
+    gt_json.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png", "width": 200, "height": 200}],
+                                   "annotations": anns,
+                                   "categories": [{"id": c, "name": str(c)} for c in (5, 9, 12)]}))
+    predictions = [  # (label, score, box): what each one matches
+        (1, 0.9, (0, 0, 100, 100)),      # GT 5a exactly: TP at every threshold
+        (1, 0.8, (0, 150, 40, 190)),     # nothing there: FP
+        (1, 0.7, (132, 120, 192, 180)),  # GT 5b shifted by 12 of 60: IoU 48/72 = 2/3, TP up to 0.65
+        (1, 0.6, (0, 0, 100, 100)),      # GT 5a again: a duplicate, FP
+        (2, 0.99, (0, 0, 100, 100)),     # no class-9 object there: FP ranked first
+        (2, 0.95, (26, 120, 86, 180)),   # GT 9 shifted by 6 of 60: IoU 54/66 = 0.818, TP up to 0.8
+        (3, 0.5, (10, 10, 50, 50)),      # category 12: no ground truth anywhere, ignored
+    ]                                    # GT 5c is missed
+    output = {"boxes": torch.tensor([p[2] for p in predictions], dtype=torch.float32),
+              "scores": torch.tensor([p[1] for p in predictions]),
+              "labels": torch.tensor([p[0] for p in predictions])}
+    bbox, segm = to_coco_results(output, image_id=1, cat_ids=[5, 9, 12])
+    assert segm == [] and [r["category_id"] for r in bbox] == [5, 5, 5, 5, 9, 9, 12]
+    assert bbox[2]["bbox"] == [132.0, 120.0, 60.0, 60.0]
+
+    thresholds = np.linspace(0.5, 0.95, 10)
+    ap_5 = [interpolated_ap([True, False, t < 2 / 3, False], n_gt=3) for t in thresholds]
+    ap_9 = [interpolated_ap([False, t < 54 / 66], n_gt=1) for t in thresholds]
+    # By hand: class 5 reaches recall 1/3 at precision 1 and, up to IoU 0.65, recall 2/3 at
+    # precision 2/3 -> (34 + 33 * 2/3) / 101 = 56/101, else 34/101. Class 9: precision 1/2 at every
+    # recall up to IoU 0.8, else nothing.
+    assert ap_5 == pytest.approx([56 / 101] * 4 + [34 / 101] * 6)
+    assert ap_9 == pytest.approx([0.5] * 7 + [0.0] * 3)
+    metrics = coco_metrics(load_coco(gt_json), bbox, "bbox")
+    assert metrics["AP"] == pytest.approx((4 * 56 / 101 + 6 * 34 / 101 + 7 * 0.5) / 20)
+    assert metrics["AP50"] == pytest.approx((56 / 101 + 0.5) / 2)
+    assert metrics["AP75"] == pytest.approx((34 / 101 + 0.5) / 2)
+    assert metrics["APs"] is None  # no ground truth smaller than 32 x 32
 
 
 class OracleModel(nn.Module):

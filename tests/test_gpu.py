@@ -5,6 +5,11 @@ statistics equal plain BatchNorm's, so the converted model (wrapped in DDP as th
 give the plain model's loss and gradients; the synced arithmetic itself is checked against separate
 calls on CUDA, and the batched calls against separate calls under bf16. AMP (bf16, fp16 + GradScaler) and the
 device photometric path are checked through the real ``soco-det pretrain`` command.
+
+Each claim also has a CPU test that runs everywhere: the conversion in
+``test_models.py::test_converted_sync_bn_model_gives_the_plain_models_loss_and_gradients`` (without
+the synchronisation, which has no CPU path), autocast and the AMP/device-photometric pretraining
+paths in ``test_amp.py`` (CPU bf16 and fp16 autocast, fp16 with the GradScaler).
 """
 
 from __future__ import annotations

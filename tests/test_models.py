@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -293,6 +294,24 @@ def test_convert_sync_bn_keeps_names_and_pairing():
     assert list(model.state_dict()) == keys
     model.update_target(0.0)
     assert torch.equal(model.target["neck"].fpn_convs[0].bn.weight, model.online["neck"].fpn_convs[0].bn.weight)
+
+
+def test_converted_sync_bn_model_gives_the_plain_models_loss_and_gradients():
+    # The CPU half of tests/test_gpu.py's SyncBN check: without a process group SyncBatchNorm
+    # normalises like BatchNorm, so equal results mean the conversion carried every weight and buffer.
+    torch.manual_seed(0)
+    plain = build_model(tiny())
+    synced = convert_sync_bn(copy.deepcopy(plain))
+    batch = make_batch(**BATCHES["soco_fpn"], b=4)
+    loss_plain, loss_sync = plain(batch)["loss"], synced(batch)["loss"]
+    torch.testing.assert_close(loss_sync, loss_plain, rtol=1e-5, atol=1e-6)
+    loss_plain.backward()
+    loss_sync.backward()
+    for (name, p), q in zip(plain.named_parameters(), synced.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    for (name, a), b in zip(plain.state_dict().items(), synced.state_dict().values()):
+        torch.testing.assert_close(b, a, msg=name)  # running statistics updated alike
 
 
 def test_config_validation_names_the_field():

@@ -1,6 +1,9 @@
 """Loading official ``ckpt_epoch_*.pth`` files: every key mapped or dropped, every model key filled.
 
-The fake checkpoints are written with the official key names (DDP ``module.`` prefix,
+``data/official_soco_fpn_state_dict_keys.tsv`` lists every key, shape and dtype of a real official
+SoCo_FPN state dict (hologerry/SoCo, ResNet-50, saved under DDP; a copy of
+``../shared/official/soco_fpn_state_dict_keys.tsv``): the first test loads a checkpoint made from that
+list alone, so it does not depend on our inverse mapping ``ours_to_official``. The other fake checkpoints are written with the official key names (DDP ``module.`` prefix,
 ``encoder_k``/``neck_k``/``head_k``/``projector_k`` targets, mmcv FPN names, ``mlps.MLP`` names
 ``linear1``/``bn1``/``linear2``), plus what the official script stores next to the weights.
 """
@@ -8,6 +11,8 @@ The fake checkpoints are written with the official key names (DDP ``module.`` pr
 from __future__ import annotations
 
 import argparse
+import ast
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +25,7 @@ from soco_det.models.official import (
     ours_to_official,
 )
 
+OFFICIAL_KEYS = Path(__file__).parent / "data" / "official_soco_fpn_state_dict_keys.tsv"
 TINY = dict(depth=18, fpn_channels=16, head_conv_dim=16, head_fc_dim=32, proj_hidden_dim=32, proj_dim=16)
 
 
@@ -41,6 +47,31 @@ def official_checkpoint(variant: str) -> tuple[dict, dict]:
         "epoch": 1,
     }
     return ckpt, ours
+
+
+def test_checkpoint_with_every_key_of_a_real_official_run_loads_completely():
+    rows = [line.split("\t") for line in OFFICIAL_KEYS.read_text().splitlines() if not line.startswith("#")]
+    assert len(rows) == 811 and all(key.startswith("module.") for key, _, _ in rows)
+    # Value i in every element of key i (a broadcast view: no memory), so each tensor is traceable.
+    model = {
+        key: torch.full((), i, dtype=getattr(torch, dtype)).expand(ast.literal_eval(shape))
+        for i, (key, shape, dtype) in enumerate(rows)
+    }
+    state, report = load_official_state_dict({"model": model, "epoch": 100}, "soco_fpn")
+    assert report.dropped == [] and sorted(report.mapping) == sorted(model)
+    fresh = build_model(ModelConfig(variant="soco_fpn"))
+    ours = fresh.state_dict()
+    assert set(state) == set(ours) and len(state) == len(rows)
+    for i, (key, _, _) in enumerate(rows):
+        name = report.mapping[key]
+        side = "target." if "_k." in key else "predictor." if key.startswith("module.predictor.") else "online."
+        assert name.startswith(side), (key, name)
+        assert state[name].dtype == ours[name].dtype and state[name].shape == ours[name].shape, name
+        assert int(state[name].reshape(-1)[0]) == i, (key, name)
+    fresh.load_state_dict(state, strict=True)
+    index = {key: i for i, (key, _, _) in enumerate(rows)}
+    assert (fresh.target["neck"].fpn_convs[3].conv.weight == index["module.neck_k.fpn_convs.3.conv.weight"]).all()
+    assert (fresh.predictor.linear2.bias == index["module.predictor.linear2.bias"]).all()
 
 
 def test_official_names_map_onto_ours():

@@ -38,6 +38,22 @@ def test_unknown_override_key_is_rejected_by_name(sample_data, tmp_path, capsys,
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("given", [["data.views.legacy=true"], ["model.legacy=true"]])
+def test_legacy_switches_must_agree(sample_data, tmp_path, capsys, given):
+    assert main(cli_args(sample_data, tmp_path / "run", *given)) == 2
+    err = capsys.readouterr().err
+    assert "data.views.legacy" in err and "model.legacy" in err and "must agree" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_legacy_switches_together_are_accepted():
+    from soco_det.config import build_config
+    from soco_det.engine.config import PretrainConfig
+
+    cfg = build_config(PretrainConfig, "tiny_cpu", ["data.views.legacy=true", "model.legacy=true"])
+    assert cfg.data.views.legacy and cfg.model.legacy
+
+
 def test_recipe_must_exist(tmp_path, capsys):
     assert main(["pretrain", "--recipe", "no_such_recipe", "-o", str(tmp_path / "run")]) == 2
     assert "no_such_recipe" in capsys.readouterr().err

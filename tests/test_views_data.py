@@ -14,7 +14,7 @@ from PIL import Image
 from _views_data import photo_store
 from soco_det.config import ConfigError, build_config
 from soco_det.data import boxes as B
-from soco_det.data.config import PRESETS, DataConfig, ViewsConfig
+from soco_det.data.config import PRESETS, DataConfig, PixelOptions, ViewsConfig
 from soco_det.data.dataset import PretrainDataset, build_pretrain_dataset, collate_views
 from soco_det.data.levels import correspondence
 from soco_det.data.sources import coco_items, folder_items, join_with_store, list_file_items
@@ -293,8 +293,8 @@ def test_large_jpeg_decoded_reduced_gives_the_same_views(photos, tmp_path):
     cfg = ViewsConfig(color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=[0, 0, 0], solarize_prob=[0, 0, 0], cutout_views=[])
     lazy = LazyImage(path)
     assert lazy.load(4)[0].size == (512, 512)  # decoded at 1/4 scale
-    fast = ViewSampler(cfg, decode_reducing_gap=2.0)(LazyImage(path), rects, np.random.default_rng(5))
-    full = ViewSampler(cfg, decode_reducing_gap=None)(Image.open(path).convert("RGB"), rects, np.random.default_rng(5))
+    fast = ViewSampler(cfg, PixelOptions(decode_reducing_gap=2.0))(LazyImage(path), rects, np.random.default_rng(5))
+    full = ViewSampler(cfg, PixelOptions(decode_reducing_gap=None))(Image.open(path).convert("RGB"), rects, np.random.default_rng(5))
     assert fast.crops == full.crops and fast.flips == full.flips
     for p in range(len(full.pairs)):
         for side in (0, 1):

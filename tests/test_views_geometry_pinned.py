@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from soco_det.data.config import ViewsConfig
+from soco_det.data.config import PixelOptions, ViewsConfig
 from soco_det.data.sampler import ViewSampler
 
 DATA = Path(__file__).parent / "data" / "views_geometry_pinned.npz"
@@ -67,7 +67,7 @@ def compute(case: str, size: str, rects: str, photometric: str = "device") -> np
     """All samples of one case as one float64 vector, each prefixed by its length."""
     width, height = SIZES[size]
     cfg = ViewsConfig(**CASES[case])
-    sampler = ViewSampler(cfg, photometric=photometric)
+    sampler = ViewSampler(cfg, PixelOptions(photometric=photometric))
     img = Image.new("RGB", (width, height), (90, 140, 200))
     out = []
     for seed in SEEDS:

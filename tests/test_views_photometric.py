@@ -1,4 +1,5 @@
-"""The fused colour kernels reproduce the PIL / torchvision-v1 colour operations on real photos."""
+"""The fused colour kernels reproduce the PIL / torchvision-v1 colour operations on real photos (the PIL
+reference pipeline is tests/_photometric_reference.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import skimage.data
 import torch
 from PIL import Image, ImageEnhance
 
+import _photometric_reference as pil_ref
 from soco_det.data import colour_kernels as ck
 from soco_det.data import photometric as ph
 
@@ -22,7 +24,7 @@ def photo():
 @pytest.mark.parametrize("op,factor", [(0, 1.3), (0, 0.7), (1, 1.35), (1, 0.6), (2, 1.2), (2, 0.8), (3, 0.08), (3, -0.1)])
 def test_single_ops_match_pil(photo, op, factor):
     pil_ops = [ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color]
-    ref = pil_ops[op](photo).enhance(factor) if op < 3 else ph._adjust_hue(photo, factor)
+    ref = pil_ops[op](photo).enhance(factor) if op < 3 else pil_ref._adjust_hue(photo, factor)
     factors = np.ones(4)
     factors[op] = factor
     enabled = np.zeros(4, bool)
@@ -41,7 +43,7 @@ def test_grayscale_and_solarize_normalise_match_pil(photo):
     from PIL import ImageOps
 
     out = ck.solarize_normalise(np.asarray(photo), 128, True, scale, offset)
-    ref = ph.to_normalised_tensor(ImageOps.solarize(photo, 128), MEAN, STD)
+    ref = pil_ref.to_normalised_tensor(ImageOps.solarize(photo, 128), MEAN, STD)
     torch.testing.assert_close(torch.from_numpy(out), ref, atol=1e-5, rtol=0)
 
 
@@ -49,8 +51,8 @@ def test_grayscale_and_solarize_normalise_match_pil(photo):
 def test_fused_pipeline_matches_pil_pipeline(photo, seed):
     kw = dict(jitter=(0.4, 0.4, 0.2, 0.1), jitter_prob=0.8, grayscale_prob=0.2, blur_prob=0.5, blur_sigma=(0.1, 2.0),
               solarize_prob=0.5, solarize_threshold=128)
-    ref = ph.to_normalised_tensor(ph.augment(photo, np.random.default_rng(seed), **kw), MEAN, STD)
-    out = ph.augment_tensor(photo, np.random.default_rng(seed), mean=MEAN, std=STD, **kw)
+    ref = pil_ref.to_normalised_tensor(pil_ref.augment(photo, np.random.default_rng(seed), **kw), MEAN, STD)
+    out = pil_ref.augment_tensor(photo, np.random.default_rng(seed), mean=MEAN, std=STD, **kw)
     diff = (out - ref).abs() * torch.tensor(STD).view(3, 1, 1) * 255  # in uint8 levels
     assert diff.max() <= 2.01 and (diff > 0.5).float().mean() < 0.01
 

@@ -82,13 +82,22 @@ def _check_sample(ds, index: int, epoch: int) -> None:
         np.testing.assert_array_equal(ids_a[:n_a], ids_b[:n_b])
         common = set(ids_a[:n_a].tolist()) & set(ids_b[:n_b].tolist())
         assert set(ids_a[n_a:].tolist()) <= common and set(ids_b[n_b:].tolist()) <= common
-        corr = correspondence(ids_a, sample.levels[p][0], ids_b, sample.levels[p][1], ds.num_levels)
+        lev_a, lev_b = sample.levels[p]
+        corr = correspondence(ids_a, lev_a, ids_b, lev_b, ds.num_levels)
         P = ds.num_levels
-        for row, col in zip(*np.nonzero(corr)):
-            assert ids_a[row % K] == ids_b[col % K]
-            assert sample.levels[p][0][row % K] == row // K and sample.levels[p][1][col % K] == col // K
-        # every box assigned to a level has a partner for the same proposal (the other view has it too)
-        assert corr.shape == (P * K, P * K)
+        # the definition, entry by entry (SOCO_SPEC 2.7-2.8): row p*K+i matches column q*K+j iff the
+        # ids are equal and box i of a sits on level p, box j of b on level q
+        expected = np.zeros((P * K, P * K))
+        for i in range(K):
+            for j in range(K):
+                if ids_a[i] == ids_b[j] and lev_a[i] >= 0 and lev_b[j] >= 0:
+                    expected[lev_a[i] * K + i, lev_b[j] * K + j] = 1
+        np.testing.assert_array_equal(corr, expected)
+        # no box is larger than its view, and the last threshold is the view size, so every box has a
+        # level; hence every box row has a partner for the same proposal in the other view
+        assert np.all(lev_a >= 0) and np.all(lev_b >= 0)
+        assert np.all(corr[lev_a * K + np.arange(K)].sum(axis=1) >= 1)
+        assert np.all(corr[:, lev_b * K + np.arange(K)].sum(axis=0) >= 1)
 
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -13,7 +13,7 @@ from PIL import Image, ImageFilter
 from _views_data import photo_store
 from soco_det.data import box_blur
 from soco_det.data import device_photometric as dp
-from soco_det.data.config import DataConfig, ViewsConfig
+from soco_det.data.config import DataConfig, PixelOptions, ViewsConfig
 from soco_det.data.dataset import build_pretrain_dataset, collate_views
 
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -105,7 +105,7 @@ def test_resize_reducing_gap_is_opt_in_and_close():
 
     photo = Image.fromarray(skimage.data.astronaut()).convert("RGB")  # 512 px: views downsample >= 2x
     rects = np.array([[40, 60, 200, 180], [250, 20, 200, 300], [100, 300, 150, 120]], dtype=np.int32)
-    mk = lambda gap: ViewSampler(ViewsConfig(recipe="soco_fpn"), photometric="device", resize_reducing_gap=gap)
+    mk = lambda gap: ViewSampler(ViewsConfig(recipe="soco_fpn"), PixelOptions(photometric="device", resize_reducing_gap=gap))
     exact, approx = mk(None), mk(1.0)
     for seed in range(3):
         e = exact(photo, rects, np.random.default_rng(seed))

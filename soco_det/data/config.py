@@ -15,13 +15,19 @@ A view is described by ``view_kinds[v]``:
   colour (SoCo*'s V4, the paper's V3). It shares ``m``'s proposals and boxes.
 
 Pairs are always ``(0, v)`` for every view ``v >= 1`` (SOCO_SPEC 2.2).
+
+:class:`PixelOptions` holds the four options that change how the views' pixels are made (decoding,
+resize, where the colour runs) but never their geometry; :class:`DataConfig` has them as its own
+fields (``data.photometric`` etc.) and hands them on as one object (:attr:`DataConfig.pixels`) to
+the dataset and the view sampler, so their defaults live here only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 RECIPES = ("soco_fpn", "soco_fpn_400", "soco_star", "soco_c4", "paper")
 
@@ -223,12 +229,55 @@ class ViewsConfig:
 
 
 @dataclass
-class DataConfig:
+class PixelOptions:
+    """How the views' pixels are made; none of these changes a crop, a flip or a box."""
+
+    # Decode large JPEGs at 1/2..1/8 scale while every crop stays >= this many times its view size
+    # (soco_det.data.lazy_image); null: always decode at full size (README, "Where we differ").
+    decode_reducing_gap: Optional[float] = 2.0
+    # Where the colour jitter, grayscale, blur, solarize, normalisation and cutout run: "cpu" (in the
+    # loader workers) or "device" (the loader emits uint8 views + the drawn parameters and the engine
+    # calls soco_det.data.device_photometric.apply_device_photometric on the batch on the GPU).
+    photometric: Literal["cpu", "device"] = "cpu"
+    # Speed option, off by default: PIL resize(..., reducing_gap=g) box-averages by an integer factor
+    # before the bilinear resize when the view is >= g times smaller than its crop. Different pixels
+    # from the official bilinear resize (measured on 500-px photos: g=1 -> ~30% faster resize, mean
+    # |diff| ~0.7 uint8 levels; g=1.5 -> ~10% faster, ~0.2 levels; tests/test_views_speed_paths.py);
+    # null keeps the exact torchvision-v1 resize. Always runs PIL's resize.
+    resize_reducing_gap: Optional[float] = None
+    # Bilinear resize of the views: "numba" (soco_det.data.resize, ~2.5x faster than PIL and
+    # bit-identical to PIL's horizontal-then-vertical passes, i.e. every Pillow up to 12, which the
+    # official runs used; Pillow 13 runs the vertical pass first for some shapes
+    # (python-pillow/Pillow#9549), where the two differ by rounding, <= 1 level) or "pil"
+    # (Image.resize of the installed Pillow). tests/test_views_resize.py.
+    resize_backend: Literal["numba", "pil"] = "numba"
+
+    @property
+    def pixels(self) -> "PixelOptions":
+        """These options as a plain :class:`PixelOptions` (also on a :class:`DataConfig`)."""
+        return PixelOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(PixelOptions)})
+
+    def validate(self) -> None:
+        hints = typing.get_type_hints(PixelOptions)
+        for f in dataclasses.fields(PixelOptions):
+            value, tp = getattr(self, f.name), hints[f.name]
+            if typing.get_origin(tp) is Literal and value not in typing.get_args(tp):
+                raise ValueError(f"{f.name}: one of {', '.join(map(repr, typing.get_args(tp)))}, got {value!r}")
+        for name in ("decode_reducing_gap", "resize_reducing_gap"):
+            gap = getattr(self, name)
+            if gap is not None and gap < 1.0:
+                raise ValueError(f"{name}: must be >= 1 or null, got {gap}")
+
+
+@dataclass
+class DataConfig(PixelOptions):
     """Where the pretraining images and proposals are, and how they are loaded.
 
     The image list comes from exactly one of ``coco_json`` (images only, labels ignored),
     ``list_file`` (one image path per line, relative to ``images``), a folder ``images``
-    (recursive), or, when none is given, the proposal store's own image list.
+    (recursive), or, when none is given, the proposal store's own image list. The pixel options
+    (``decode_reducing_gap``, ``photometric``, ``resize_reducing_gap``, ``resize_backend``) are the
+    fields of :class:`PixelOptions`; :attr:`pixels` gives them as one object.
     """
 
     images: Optional[str] = None  # images root folder (default: the proposal store's root)
@@ -240,23 +289,6 @@ class DataConfig:
     strict: bool = False  # raise on a bad image instead of skipping it
     min_side: int = 32  # images with a smaller side are bad input (proposals need >= 32 px)
     max_replacements: int = 16  # draws of a replacement index before giving up on a bad image
-    # Decode large JPEGs at 1/2..1/8 scale while every crop stays >= this many times its view size
-    # (soco_det.data.lazy_image); null: always decode at full size.
-    decode_reducing_gap: Optional[float] = 2.0
-    # Where the colour jitter, grayscale, blur, solarize, normalisation and cutout run: "cpu" (in the
-    # loader workers) or "device" (the loader emits uint8 views + the drawn parameters and the engine
-    # calls soco_det.data.device_photometric.apply_device_photometric on the batch on the GPU).
-    photometric: str = "cpu"
-    # Speed option, off by default: PIL resize(..., reducing_gap=g) box-averages by an integer factor
-    # before the bilinear resize when the view is >= g times smaller than its crop. Different pixels
-    # from the official bilinear resize (measured on 500-px photos: g=1 -> ~30% faster resize, mean
-    # |diff| ~0.7 uint8 levels; g=1.5 -> ~10% faster, ~0.2 levels; tests/test_views_speed_paths.py); null keeps the exact torchvision-v1 resize.
-    resize_reducing_gap: Optional[float] = None
-    # Bilinear resize of the views: "numba" (soco_det.data.resize, ~2.5x faster than PIL and
-    # bit-identical to PIL's horizontal-then-vertical passes, i.e. every Pillow up to 12, which the
-    # official runs used; Pillow 13 runs the vertical pass first for some shapes, where the two
-    # differ by rounding, <= 1 level) or "pil" (Image.resize of the installed Pillow).
-    resize_backend: str = "numba"
     views: ViewsConfig = field(default_factory=ViewsConfig)
 
     def validate(self) -> None:
@@ -268,14 +300,7 @@ class DataConfig:
             raise ValueError(f"num_workers: must be >= 0, got {self.num_workers}")
         if self.min_side < 1:
             raise ValueError(f"min_side: must be >= 1, got {self.min_side}")
-        if self.decode_reducing_gap is not None and self.decode_reducing_gap < 1.0:
-            raise ValueError(f"decode_reducing_gap: must be >= 1 or null, got {self.decode_reducing_gap}")
-        if self.photometric not in ("cpu", "device"):
-            raise ValueError(f"photometric: 'cpu' or 'device', got {self.photometric!r}")
-        if self.resize_reducing_gap is not None and self.resize_reducing_gap < 1.0:
-            raise ValueError(f"resize_reducing_gap: must be >= 1 or null, got {self.resize_reducing_gap}")
-        if self.resize_backend not in ("numba", "pil"):
-            raise ValueError(f"resize_backend: 'numba' or 'pil', got {self.resize_backend!r}")
         if self.max_replacements < 1:
             raise ValueError(f"max_replacements: must be >= 1, got {self.max_replacements}")
+        super().validate()
         self.views.validate()

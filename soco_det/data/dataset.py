@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from soco_det.data.config import DataConfig, ViewsConfig
+from soco_det.data.config import DataConfig, PixelOptions, ViewsConfig
 from soco_det.data.lazy_image import LazyImage
 from soco_det.data.levels import correspondence
 from soco_det.data.sampler import ViewSample, ViewSampler
@@ -51,6 +51,7 @@ class PretrainDataset(torch.utils.data.Dataset):
             opened lazily in each process (memory-mapped stores are cheap to reopen), or None.
         views: the view recipe.
         seed: the run's seed.
+        pixels: decoding / resize / photometric options (default: ``PixelOptions()``).
     """
 
     def __init__(
@@ -63,10 +64,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         strict: bool = False,
         min_side: int = 32,
         max_replacements: int = 16,
-        decode_reducing_gap: float | None = 2.0,
-        photometric: str = "cpu",
-        resize_reducing_gap: float | None = None,
-        resize_backend: str = "numba",
+        pixels: PixelOptions | None = None,
     ) -> None:
         if len(items) == 0:
             raise UserError("the pretraining dataset has no images")
@@ -74,11 +72,8 @@ class PretrainDataset(torch.utils.data.Dataset):
         self.store_indices = np.asarray(store_indices, dtype=np.int64)
         self._store_path = str(store) if isinstance(store, (str, Path)) else None
         self._store = None if self._store_path else store
-        self.sampler = ViewSampler(
-            views, decode_reducing_gap=decode_reducing_gap, photometric=photometric,
-            resize_reducing_gap=resize_reducing_gap, resize_backend=resize_backend,
-        )
-        self.photometric = photometric
+        self.sampler = ViewSampler(views, pixels)
+        self.photometric = self.sampler.pixels.photometric
         self.num_levels = self.sampler.num_levels
         self.seed = int(seed)
         self.epoch = 0
@@ -264,8 +259,5 @@ def build_pretrain_dataset(cfg: DataConfig, seed: int) -> PretrainDataset:
         strict=cfg.strict,
         min_side=cfg.min_side,
         max_replacements=cfg.max_replacements,
-        decode_reducing_gap=cfg.decode_reducing_gap,
-        photometric=cfg.photometric,
-        resize_reducing_gap=cfg.resize_reducing_gap,
-        resize_backend=cfg.resize_backend,
+        pixels=cfg.pixels,
     )

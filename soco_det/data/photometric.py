@@ -1,6 +1,7 @@
 """Photometric augmentations of the views (BYOL-style asymmetric, SOCO_SPEC 2.5) and cutout (2.6).
 
-Same semantics as the official torchvision-v1 / PIL composition, without its per-op overhead:
+Same semantics as the official torchvision-v1 / PIL composition, without its per-op overhead (the
+PIL composition itself, the reference these are tested against, is ``tests/_photometric_reference.py``):
 
 * ColorJitter(b, c, s, h) with probability ``color_jitter_prob``: the four adjustments in a random
   order, factors ``U(max(0, 1-b), 1+b)`` etc. and hue shift ``U(-h, h)``, applied with the same PIL
@@ -20,32 +21,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance, ImageFilter, ImageOps
-
-
-def _adjust_hue(img: Image.Image, hue: float) -> Image.Image:
-    """torchvision's PIL hue rotation: shift the uint8 H channel by ``hue * 255`` with wrap-around."""
-    h, s, v = img.convert("HSV").split()
-    shift = int(hue * 255) % 256
-    h_arr = (np.asarray(h, dtype=np.uint8) + np.uint8(shift)).astype(np.uint8)  # uint8 wraps
-    return Image.merge("HSV", (Image.fromarray(h_arr, "L"), s, v)).convert("RGB")
-
-
-def color_jitter(img: Image.Image, strengths: Sequence[float], rng: np.random.Generator) -> Image.Image:
-    """ColorJitter(brightness, contrast, saturation, hue) on an RGB PIL image, random op order."""
-    b, c, s, h = strengths
-    factors, order = _draw_jitter(strengths, rng)
-    for op in order:
-        f = factors[op]
-        if op == 0 and b > 0:
-            img = ImageEnhance.Brightness(img).enhance(f)
-        elif op == 1 and c > 0:
-            img = ImageEnhance.Contrast(img).enhance(f)
-        elif op == 2 and s > 0:
-            img = ImageEnhance.Color(img).enhance(f)
-        elif op == 3 and h > 0:
-            img = _adjust_hue(img, f)
-    return img
 
 
 def _draw_jitter(strengths: Sequence[float], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -82,7 +57,8 @@ def draw_params(
 ) -> np.ndarray:
     """The random photometric parameters of one view, float64 ``[NUM_PARAMS]`` (``PARAM_NAMES``).
 
-    The draws (and their order) are exactly those of :func:`augment`: jitter coin, factors and
+    The draws (and their order) are exactly those of the PIL reference pipeline
+    (``tests/_photometric_reference.py``): jitter coin, factors and
     permutation (only when jittering), grayscale coin, blur coin, sigma (only when blurring),
     solarize coin. Both the CPU path and the device path use this function, so the rest of the
     sample (cutout placement) sees the same generator state in both.
@@ -133,67 +109,6 @@ def apply_params(arr: np.ndarray, p: np.ndarray, mean: Sequence[float], std: Seq
     out = np.empty((3, arr.shape[0], arr.shape[1]), dtype=np.float32)
     ck.table_normalise(arr, ck.normalise_table(int(p[17]), bool(p[16]), scale, offset), out)
     return torch.from_numpy(out)
-
-
-def augment_tensor(
-    img: Image.Image | np.ndarray,
-    rng: np.random.Generator,
-    *,
-    jitter: Sequence[float],
-    jitter_prob: float,
-    grayscale_prob: float,
-    blur_prob: float,
-    blur_sigma: Sequence[float],
-    solarize_prob: float,
-    solarize_threshold: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-) -> torch.Tensor:
-    """The colour pipeline of one view straight to the normalised float32 ``[3, H, W]`` tensor.
-
-    Same ops, order and random draws as :func:`augment` + :func:`to_normalised_tensor`, but the
-    colour jitter, grayscale, solarize and normalisation run as two fused numba passes
-    (:mod:`soco_det.data.colour_kernels`) and the Gaussian blur is PIL's algorithm re-implemented
-    bit for bit (:mod:`soco_det.data.box_blur`), with no PIL round trip.
-    """
-    p = draw_params(
-        rng, jitter=jitter, jitter_prob=jitter_prob, grayscale_prob=grayscale_prob, blur_prob=blur_prob,
-        blur_sigma=blur_sigma, solarize_prob=solarize_prob, solarize_threshold=solarize_threshold,
-    )
-    return apply_params(np.asarray(img, dtype=np.uint8), p, mean, std)
-
-
-def augment(
-    img: Image.Image,
-    rng: np.random.Generator,
-    *,
-    jitter: Sequence[float],
-    jitter_prob: float,
-    grayscale_prob: float,
-    blur_prob: float,
-    blur_sigma: Sequence[float],
-    solarize_prob: float,
-    solarize_threshold: int,
-) -> Image.Image:
-    """The colour pipeline of one view (RGB PIL in, RGB PIL out), with PIL operations only: the
-    reference for :func:`augment_tensor`."""
-    if rng.random() < jitter_prob:
-        img = color_jitter(img, jitter, rng)
-    if rng.random() < grayscale_prob:
-        img = img.convert("L").convert("RGB")
-    if rng.random() < blur_prob:
-        img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(blur_sigma[0], blur_sigma[1]))))
-    if rng.random() < solarize_prob:
-        img = ImageOps.solarize(img, threshold=solarize_threshold)
-    return img
-
-
-def to_normalised_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """RGB PIL ``H x W`` -> float32 ``[3, H, W]``, ``(x / 255 - mean) / std`` (ToTensor + Normalize)."""
-    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()
-    scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(3, 1, 1)
-    offset = torch.tensor([m / s for m, s in zip(mean, std)]).view(3, 1, 1)
-    return arr.mul_(scale).sub_(offset)
 
 
 def denormalise(tensor: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

@@ -5,7 +5,7 @@ Exactness: bit-identical to PIL's two separable passes run horizontal first, whi
 Pillow up to 12 does. Pillow 13 (python-pillow/Pillow#9549) runs the vertical pass first for some
 shapes (height reduced much more than width); the intermediate uint8 rounding then differs and
 single pixels can differ by one level. The sampler therefore keeps PIL by default
-(``ViewSampler.resize_backend``).
+(``PixelOptions.resize_backend``, ``data.resize_backend``).
 
 PIL (``libImaging/Resample.c``) filters each axis with the triangle filter widened by the
 downscale factor. Per output index ``i`` of an axis of ``in_size`` source pixels, box

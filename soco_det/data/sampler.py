@@ -33,14 +33,13 @@ from PIL import Image
 
 from soco_det.data import boxes as B
 from soco_det.data import photometric
-from soco_det.data.config import ViewsConfig
+from soco_det.data.config import PixelOptions, ViewsConfig
 from soco_det.data.crops import random_resized_crop, whole_image
 from soco_det.data.lazy_image import LazyImage, draft_reduction
 from soco_det.data.levels import assign_levels
 from soco_det.data.resize import resize_into
 
 FLIP = Image.Transpose.FLIP_LEFT_RIGHT
-PHOTOMETRIC_MODES = ("cpu", "device")
 
 
 @dataclass
@@ -84,38 +83,34 @@ class _PairBoxes:
     fallback: bool
 
 
+@dataclass
+class _Geometry:
+    """Everything the geometry phase decides for one sample (per pair ``p``: ``(view 0, view v)``)."""
+
+    image_size: tuple[int, int]
+    crops: list[B.Crop]
+    flips: list[bool]
+    tries: int
+    norm_pre: list[tuple[np.ndarray, np.ndarray]]  # normalised boxes before the flips
+    norm: list[tuple[np.ndarray, np.ndarray]]  # after the flips: what the sample returns
+    ids: list[tuple[np.ndarray, np.ndarray]]
+    levels: list[tuple[np.ndarray, np.ndarray]]
+    padded: list[tuple[int, int]]
+    fallback: list[bool]
+
+
 class ViewSampler:
     """Makes the views of a sample according to a (resolved) :class:`ViewsConfig`."""
 
-    def __init__(
-        self,
-        cfg: ViewsConfig,
-        decode_reducing_gap: float | None = 2.0,
-        photometric: str = "cpu",
-        resize_reducing_gap: float | None = None,
-        resize_backend: str = "pil",
-    ) -> None:
-        """``decode_reducing_gap``: for a :class:`LazyImage`, decode JPEGs at a reduced scale
-        (1/2..1/8) while every crop stays at least this many times larger than its view
-        (None: always full size). ``photometric``: ``"cpu"`` (normalised float views) or
-        ``"device"`` (uint8 views plus the drawn parameters; same random draws, same geometry).
-        ``resize_reducing_gap``: PIL's ``resize(..., reducing_gap=g)`` (box-average by an integer
-        factor first, then bilinear): faster, slightly different pixels; None (default): the exact
-        torchvision-v1 bilinear resize. ``resize_backend``: see below."""
+    def __init__(self, cfg: ViewsConfig, pixels: PixelOptions | None = None) -> None:
+        """``pixels``: how the pixels are decoded, resized and coloured (default
+        ``PixelOptions()``, as ``DataConfig``'s defaults). With ``photometric="device"`` the
+        views are uint8 plus the drawn parameters, from the same random draws and the same
+        geometry as ``"cpu"``; ``resize_backend`` and the reducing gaps change pixels only."""
         cfg.validate()
-        if photometric not in PHOTOMETRIC_MODES:
-            raise ValueError(f"photometric: expected one of {PHOTOMETRIC_MODES}, got {photometric!r}")
-        self.photometric = photometric
-        self.resize_reducing_gap = resize_reducing_gap
-        # "pil" (default): Image.resize, the official pixels with the installed Pillow. "numba":
-        # soco_det.data.resize, ~2.5x faster, bit-identical to PIL's horizontal-then-vertical passes
-        # (every Pillow up to 12); Pillow 13 runs the vertical pass first for some shapes
-        # (python-pillow/Pillow#9549), where the two differ by rounding (<= 1 level). A
-        # resize_reducing_gap always uses PIL. tests/test_views_resize.py.
-        if resize_backend not in ("pil", "numba"):
-            raise ValueError(f"resize_backend: 'pil' or 'numba', got {resize_backend!r}")
-        self.resize_backend = resize_backend
-        self.decode_reducing_gap = decode_reducing_gap
+        pixels = PixelOptions() if pixels is None else pixels.pixels
+        pixels.validate()
+        self.pixels = pixels
         self.cfg = cfg.resolved()
         c = self.cfg
         self.num_views = len(c.view_kinds)
@@ -197,7 +192,7 @@ class ViewSampler:
     def _view_buffer(self, size: int):
         """``(out, chw)``: what a view is returned as (device path: the uint8 ``[3, S, S]`` tensor;
         CPU path: uint8 ``[S, S, 3]`` for the colour kernels) and its channel-first view to write."""
-        if self.photometric == "cpu":
+        if self.pixels.photometric == "cpu":
             out = np.empty((size, size, 3), dtype=np.uint8)
             return out, out.transpose(2, 0, 1)
         out = torch.empty((3, size, size), dtype=torch.uint8)
@@ -236,7 +231,7 @@ class ViewSampler:
             top, left, h, w = crops[v]
             size = (c.view_sizes[v], c.view_sizes[v])
             box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-            resized[v] = pixels.resize(size, Image.Resampling.BILINEAR, box=box, reducing_gap=self.resize_reducing_gap)
+            resized[v] = pixels.resize(size, Image.Resampling.BILINEAR, box=box, reducing_gap=self.pixels.resize_reducing_gap)
         for v, kind in enumerate(c.view_kinds):
             if kind.startswith("down:"):  # before view m's flip and colour
                 resized[v] = resized[self.source[v]].resize((c.view_sizes[v],) * 2, Image.Resampling.BILINEAR)
@@ -246,16 +241,42 @@ class ViewSampler:
             if flips[v]:  # a horizontal flip: the same pixels as PIL's FLIP_LEFT_RIGHT
                 arr = arr[:, ::-1]
             # CPU path: the colour kernels read any strides; device path: one channel-first copy
-            views.append(arr if self.photometric == "cpu" else torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))))
+            views.append(arr if self.pixels.photometric == "cpu" else torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))))
         return views
 
     # -- the sample -------------------------------------------------------------------------
     def __call__(self, img: Image.Image | LazyImage, rects: np.ndarray, rng: np.random.Generator) -> ViewSample:
         """Views of ``img`` (RGB PIL, or a :class:`LazyImage` decoded once the crops are known)
         with proposals ``rects`` (int ``[n, 4]`` x, y, w, h, store convention, in full-resolution
-        pixels; ``n == 0`` gives the whole-image fallback)."""
+        pixels; ``n == 0`` gives the whole-image fallback).
+
+        Three phases, in the order they draw from ``rng``: geometry (crops, boxes, levels, flips;
+        from the image size alone), pixels (decode once, resize and flip every view; no draws),
+        photometric (colour, blur, solarize, normalisation and cutout per view)."""
+        geo = self._geometry(img.size, rects, rng)
+        views = self._pixels(img, geo)
+        images, cutouts, params = self._photometric(views, geo, rng)
+        return ViewSample(
+            images=images,
+            pairs=list(self.pairs),
+            boxes=[(a.astype(np.float32), b.astype(np.float32)) for a, b in geo.norm],
+            ids=geo.ids,
+            levels=geo.levels,
+            crops=geo.crops,
+            flips=geo.flips,
+            cutouts=cutouts,
+            image_size=geo.image_size,
+            num_proposals=len(rects),
+            tries=geo.tries,
+            padded=geo.padded,
+            fallback=geo.fallback,
+            params=params,
+        )
+
+    def _geometry(self, size: tuple[int, int], rects: np.ndarray, rng: np.random.Generator) -> _Geometry:
+        """Crops, per-pair boxes (jitter, clip, padding), levels and flips: every geometric draw."""
         c = self.cfg
-        width, height = img.size
+        width, height = size
         props = B.rects_to_boxes(rects, c.legacy)
         if len(props) == 0:
             props = B.whole_image_box(width, height, c.legacy)
@@ -265,39 +286,44 @@ class ViewSampler:
         by_source: dict[int, _PairBoxes] = {
             v: self._pair_boxes(props, prop_ids, selected[v], crops[0], crops[v], rng) for v in selected
         }
-
-        pair_local, pair_ids, pair_levels, padded, fallback = [], [], [], [], []
-        for _, v in self.pairs:
-            pb = by_source[self.source[v]]
-            sizes = (c.view_sizes[0], c.view_sizes[v])
-            levels = tuple(self._levels(pb.local[s], crops[view], sizes[s]) for s, view in enumerate((0, v)))
-            pair_local.append(pb.local)
-            pair_ids.append(pb.ids)
-            pair_levels.append(levels)
-            padded.append(pb.padded)
-            fallback.append(pb.fallback)
-
-        flips = [bool(rng.random() < c.flip_prob) for _ in range(self.num_views)]
-        norm_pre = [tuple(B.normalise(pl[s], crops[view]) for s, view in enumerate(pair)) for pl, pair in zip(pair_local, self.pairs)]
-        norm = [
-            tuple(B.hflip(nb) if flips[view] else nb for nb, view in zip(nbs, pair)) for nbs, pair in zip(norm_pre, self.pairs)
+        pairs = [by_source[self.source[v]] for _, v in self.pairs]
+        levels = [
+            tuple(self._levels(pb.local[s], crops[view], c.view_sizes[view]) for s, view in enumerate(pair))
+            for pb, pair in zip(pairs, self.pairs)
         ]
+        flips = [bool(rng.random() < c.flip_prob) for _ in range(self.num_views)]
+        norm_pre = [tuple(B.normalise(pb.local[s], crops[view]) for s, view in enumerate(pair))
+                    for pb, pair in zip(pairs, self.pairs)]
+        norm = [tuple(B.hflip(nb) if flips[view] else nb for nb, view in zip(nbs, pair))
+                for nbs, pair in zip(norm_pre, self.pairs)]
+        return _Geometry(
+            image_size=(width, height), crops=crops, flips=flips, tries=tries, norm_pre=norm_pre, norm=norm,
+            ids=[pb.ids for pb in pairs], levels=levels, padded=[pb.padded for pb in pairs],
+            fallback=[pb.fallback for pb in pairs],
+        )
 
-        # Images: decode once, every crop/whole view resized straight from the original image.
+    def _pixels(self, img: Image.Image | LazyImage, geo: _Geometry) -> list:
+        """Every view's uint8 pixels, resized straight from the decoded image and flipped (decoded
+        once, at a reduced JPEG scale when every crop allows it)."""
+        c = self.cfg
+        crops = geo.crops
         direct = [v for v, kind in enumerate(c.view_kinds) if not kind.startswith("down:")]
         if isinstance(img, LazyImage):
             reduce = 1
-            if self.decode_reducing_gap:
+            if self.pixels.decode_reducing_gap:
                 crop_wh = [(crops[v][3], crops[v][2]) for v in direct]
-                reduce = draft_reduction(crop_wh, [c.view_sizes[v] for v in direct], self.decode_reducing_gap)
+                reduce = draft_reduction(crop_wh, [c.view_sizes[v] for v in direct], self.pixels.decode_reducing_gap)
             pixels, sx, sy = img.load(reduce)
         else:
             pixels, sx, sy = img, 1.0, 1.0
-        if self.resize_reducing_gap is None and self.resize_backend == "numba":
-            views = self._resize_numba(pixels, sx, sy, crops, flips, direct)
-        else:
-            views = self._resize_pil(pixels, sx, sy, crops, flips, direct)
+        if self.pixels.resize_reducing_gap is None and self.pixels.resize_backend == "numba":
+            return self._resize_numba(pixels, sx, sy, crops, geo.flips, direct)
+        return self._resize_pil(pixels, sx, sy, crops, geo.flips, direct)
 
+    def _photometric(self, views: list, geo: _Geometry, rng: np.random.Generator):
+        """``(images, cutouts, params)``: per view, the drawn colour parameters, applied here (CPU
+        path: normalised float32) or carried for the device (uint8 kept), and the cutout regions."""
+        c = self.cfg
         images, cutouts, params = [], [], []
         for v, view in enumerate(views):
             p = photometric.draw_params(
@@ -310,7 +336,7 @@ class ViewSampler:
                 solarize_prob=c.solarize_prob[v],
                 solarize_threshold=c.solarize_threshold,
             )
-            if self.photometric == "cpu":  # view: uint8 [S, S, 3], flipped already
+            if self.pixels.photometric == "cpu":  # view: uint8 [S, S, 3], flipped already
                 tensor = photometric.apply_params(view, p, c.mean, c.std)
             else:  # uint8 [3, S, S]; colour, blur, normalisation and cutout happen on the device
                 tensor = view
@@ -320,31 +346,15 @@ class ViewSampler:
                 size = c.view_sizes[v]
                 if c.cutout_mirrored:
                     # Official pre-fix placement: pre-flip integer boxes, bound hard-wired to V1's size.
-                    pixel = self._cutout_pixel_boxes(norm_pre[p_idx][1], size)
+                    pixel = self._cutout_pixel_boxes(geo.norm_pre[p_idx][1], size)
                     bound = c.view_sizes[0]
                 else:
-                    pixel = self._cutout_pixel_boxes(norm[p_idx][1], size)
+                    pixel = self._cutout_pixel_boxes(geo.norm[p_idx][1], size)
                     bound = size - 1
                 regions = photometric.cutout_regions(pixel, rng, c.cutout_prob, c.cutout_ratio, bound)
-                if self.photometric == "cpu":
+                if self.pixels.photometric == "cpu":
                     photometric.apply_cutout(tensor, regions)
             images.append(tensor)
             cutouts.append(regions)
             params.append(p.astype(np.float32))
-
-        return ViewSample(
-            images=images,
-            pairs=list(self.pairs),
-            boxes=[(a.astype(np.float32), b.astype(np.float32)) for a, b in norm],
-            ids=pair_ids,
-            levels=pair_levels,
-            crops=crops,
-            flips=flips,
-            cutouts=cutouts,
-            image_size=(width, height),
-            num_proposals=len(rects),
-            tries=tries,
-            padded=padded,
-            fallback=fallback,
-            params=params,
-        )
+        return images, cutouts, params

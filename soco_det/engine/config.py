@@ -116,3 +116,10 @@ class PretrainConfig:
                 validate()
         if self.seed < 0:
             raise ValueError(f"seed: must be >= 0, got {self.seed}")
+        # The views' box values and the model's RoI scaling are one convention: a mix misplaces boxes.
+        if self.data.views.legacy != self.model.legacy:
+            raise ValueError(
+                f"data.views.legacy={str(self.data.views.legacy).lower()} and model.legacy="
+                f"{str(self.model.legacy).lower()} must agree: set both to true for the official box "
+                "conventions (inclusive ends, RoIs scaled by feature-map size) or both to false"
+            )

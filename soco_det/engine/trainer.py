@@ -149,7 +149,8 @@ class Trainer:
             no_sync = getattr(self.forward_model, "no_sync", None)
             sync_ctx = contextlib.nullcontext() if last or no_sync is None else no_sync()
             with sync_ctx:
-                # 3. Forward under autocast; the model keeps RoIAlign, BN and the loss in fp32.
+                # 3. Forward under autocast; RoIAlign and the loss run in fp32, BN accumulates its
+                #    statistics in fp32 (its input and output follow autocast; tests/test_amp.py).
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                     enabled=self.amp_dtype is not None):
                     out = self.forward_model(batch)
