@@ -25,12 +25,12 @@ class DemoContext:
 
     out: Path
     seed: int = 0
-    n_unlabeled: int = 200
+    n_unlabeled: int = 600
     n_train: int = 200
     n_val: int = 200
     short_side: int = 160
-    pretrain_steps: int = 160
-    finetune_iters: int = 30
+    pretrain_steps: int = 200
+    finetune_iters: int = 20
     finetune_val_images: int = 40
     probe_size: int = 128
     probe: dict = dataclasses.field(default_factory=dict)
@@ -206,7 +206,7 @@ def stage_probe(ctx: DemoContext) -> list[str]:
          " Its FPN RoI features are not ahead of the untrained network's: at this budget SoCo teaches the head "
          "what to keep rather than giving the backbone better features (docs/results.md)."),
         "",
-        "What this can and cannot show: a few minutes of CPU on 200 synthetic scenes show that pretraining moves "
+        "What this can and cannot show: a few minutes of CPU on a few hundred synthetic scenes show that pretraining moves "
         "the weights without collapsing the features, and what a frozen probe reads from them compared with the "
         "same network untrained; they say nothing about ImageNet-scale SoCo or about detection AP after a real "
         "fine-tuning schedule. `benchmarks/transfer.py` repeats the comparison with paired pretraining seeds, "
@@ -312,12 +312,12 @@ STAGES: list[tuple[str, Callable[[DemoContext], list[str]]]] = [
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--out", default="demo_out", help="output folder (report.md and every stage's files)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample scenes and of every stage")
-    parser.add_argument("--unlabeled", type=int, default=200, help="unlabeled scenes (pretraining)")
+    parser.add_argument("--unlabeled", type=int, default=600, help="unlabeled scenes (pretraining)")
     parser.add_argument("--train", type=int, default=200, help="labeled scenes (probe and fine-tuning)")
     parser.add_argument("--val", type=int, default=200, help="validation scenes (probe)")
     parser.add_argument("--size", type=int, default=160, help="short side of the scenes in pixels")
-    parser.add_argument("--pretrain-steps", type=int, default=160, help="SoCo pretraining steps (tiny_cpu recipe)")
-    parser.add_argument("--finetune-iters", type=int, default=30, help="Mask R-CNN fine-tuning iterations per init")
+    parser.add_argument("--pretrain-steps", type=int, default=200, help="SoCo pretraining steps (tiny_cpu recipe)")
+    parser.add_argument("--finetune-iters", type=int, default=20, help="Mask R-CNN fine-tuning iterations per init")
 
 
 def run(args: argparse.Namespace) -> int:
