@@ -22,7 +22,8 @@ from test_models import BATCHES, make_batch, tiny
 
 def test_batchnorm_under_cpu_bf16_autocast_computes_its_statistics_in_fp32():
     torch.manual_seed(0)
-    model = build_model(tiny())
+    # one backbone call per view (model.batched_calls=false), so that each call is one plain BN step
+    model = build_model(tiny(batched_calls=False))
     bn = model.online["encoder"].bn1
     calls = []  # (input, output, running stats before, after) of each call (one per view)
 

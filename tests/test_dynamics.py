@@ -89,3 +89,18 @@ def test_weight_groups_cover_every_trainable_matrix():
     assert set(groups) == {"encoder", "neck", "head", "projector", "predictor"}
     n = sum(len(v) for v in groups.values())
     assert n == sum(1 for p in model.parameters() if p.requires_grad and p.ndim > 1)
+
+
+def test_head_decorrelation_is_the_same_with_batched_and_separate_calls():
+    from test_models import BATCHES, make_batch, tiny
+
+    from soco_det.models import build_model
+
+    losses = {}
+    for batched in (True, False):
+        torch.manual_seed(0)
+        model = build_model(tiny(head_decorrelation=1.0, batched_calls=batched))
+        out = model(make_batch(**BATCHES["soco_fpn"], b=4))
+        losses[batched] = (out["loss"].item(), out["aux_losses"]["head_decorrelation"].item())
+    assert losses[True][1] > 0
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
