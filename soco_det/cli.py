@@ -64,9 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def normalize_argv(argv: list[str]) -> list[str]:
+    """``argv`` with the command's own ``normalize_argv(words)`` (if its module has one) applied to the words after
+    the command name: how ``soco-det proposals IMAGES -o STORE`` means ``soco-det proposals compute ...``."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):  # the global options: --log-level LEVEL, --version, -h
+        i += 2 if argv[i] == "--log-level" else 1
+    if i < len(argv) and argv[i] in COMMANDS:
+        normalize = getattr(importlib.import_module(COMMANDS[argv[i]][0]), "normalize_argv", None)
+        if normalize is not None:
+            return [*argv[: i + 1], *normalize(argv[i + 1:])]
+    return list(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else list(argv)))
     setup_logging(args.log_level)
     try:
         return int(args._run(args) or 0)

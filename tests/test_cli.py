@@ -88,3 +88,61 @@ def test_help_does_not_import_torch(args):
     assert "soco_det.cli" in imported  # the listing works
     heavy = sorted(m for m in imported if m.split(".")[0] in ("torch", "torchvision", "numpy", "skimage", "numba"))
     assert not heavy, f"soco-det {' '.join(args)} imported {heavy[:5]}"
+
+
+def test_proposals_help_lists_the_subcommands_and_the_default_form(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["proposals", "--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0
+    assert all(word in out for word in ("compute", "merge", "import", "export", "info"))
+    assert "soco-det proposals IMAGES -o STORE" in " ".join(out.split())
+
+
+@pytest.mark.parametrize("subcommand, words", [
+    ("compute", ["--workers", "--max-side", "--shard", "--chunk-size", "--exif-transpose"]),
+    ("merge", ["--allow-missing", "--overwrite"]),
+    ("import", ["--images", "--exif-transpose", "--overwrite"]),
+    ("export", ["--format", "--overwrite"]),
+    ("info", ["STORE"]),
+])
+def test_each_proposals_subcommand_has_help_with_exactly_its_options(subcommand, words, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["proposals", subcommand, "--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and out.startswith(f"usage: soco-det proposals {subcommand} ")
+    assert all(word in out for word in words)
+    others = {"--workers", "--allow-missing", "--images", "--format", "--overwrite"} - set(words)
+    assert not [word for word in others if word in out]
+
+
+def test_proposals_without_a_subcommand_word_is_compute(tmp_path, monkeypatch):
+    from soco_det.cli import build_parser, normalize_argv
+
+    argv = ["proposals", "/data/x", "-o", "s", "--workers", "3", "--max-side", "64", "--shard", "1/4",
+            "--param", "scale=500", "--exif-transpose", "--chunk-size", "8"]
+    implicit = build_parser().parse_args(normalize_argv(argv))
+    explicit = build_parser().parse_args(normalize_argv(["proposals", "compute", *argv[1:]]))
+    assert vars(implicit) == vars(explicit)
+    assert implicit.subcommand == "compute" and implicit.images == "/data/x" and implicit.workers == 3
+    # Options before the folder, and the global options before the command, too.
+    args = build_parser().parse_args(normalize_argv(["--log-level", "DEBUG", "proposals", "-o", "s", "/data/x"]))
+    assert (args.subcommand, args.images, args.output, args.log_level) == ("compute", "/data/x", "s", "DEBUG")
+    # A folder named like a sub-command: after the word, or as ./merge.
+    assert build_parser().parse_args(normalize_argv(["proposals", "compute", "merge", "-o", "s"])).images == "merge"
+    assert build_parser().parse_args(normalize_argv(["proposals", "./merge", "-o", "s"])).images == "./merge"
+
+
+@pytest.mark.parametrize("argv, wrong", [
+    (["proposals", "export", "STORE", "-o", "x.json", "--workers", "2"], "proposals export"),
+    (["proposals", "info", "STORE", "--format", "coco"], "proposals info"),
+    (["proposals", "merge", "a", "b", "-o", "s", "--images", "d"], "proposals merge"),
+    (["proposals", "IMAGES", "-o", "s", "--allow-missing"], "proposals compute"),
+    (["proposals", "IMAGES", "-o", "s", "--format", "coco"], "proposals compute"),
+])
+def test_an_option_of_another_proposals_subcommand_is_refused(argv, wrong, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2
+    assert err[-1].startswith(f"soco-det {wrong}: error: unrecognized arguments: --")

@@ -1,15 +1,15 @@
 """Compute, merge, import, export and inspect selective-search proposal stores.
 
-Five forms, told apart by the first positional argument (a word, or else the images folder):
+One argparse sub-command each; ``compute`` is the default, so its word may be left out:
 
-  soco-det proposals IMAGES -o STORE [--method M] [--workers N] [--max-side N] [--shard K/N] ...
+  soco-det proposals [compute] IMAGES -o STORE [--method M] [--workers N] [--max-side N] [--shard K/N] ...
   soco-det proposals merge SHARD_STORE... -o STORE
   soco-det proposals import FILE.json --images DIR -o STORE
   soco-det proposals export STORE --format official-json|coco -o FILE.json
   soco-det proposals info STORE
 
-``soco-det proposals WORD --help`` shows the options of one form. A folder literally named like one
-of the words can be given as ``./merge``.
+``soco-det proposals SUBCOMMAND --help`` shows the options of one sub-command. An images folder named
+like a sub-command can be given as ``./merge`` (or after the word: ``compute merge``).
 """
 
 from __future__ import annotations
@@ -17,30 +17,39 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable
 
-FORMS = ("merge", "import", "export", "info")
-_USAGE = """
-  %(prog)s IMAGES -o STORE [--method M] [--workers N] [--max-side N] [--shard K/N] [--filter F] [--keep-raw] [--exif-transpose]
-  %(prog)s merge SHARD_STORE... -o STORE [--allow-missing]
-  %(prog)s import FILE.json --images DIR -o STORE [--exif-transpose]
-  %(prog)s export STORE --format official-json|coco -o FILE.json
-  %(prog)s info STORE"""
-_EPILOG = """forms:
-  IMAGES            compute (or resume) the store for every image under the folder IMAGES
-  merge SHARDS...   combine the partial stores of a --shard K/N job (K = 0..N-1) into one store
-  import FILE.json  store the official proposals JSON {basename: [[x,y,w,h],...]} for the images in --images
-  export STORE      write the store as the official JSON or as COCO-style JSON (bbox = [x, y, w+1, h+1])
-  info STORE        print the store's settings and summary (images, failures, boxes per image, bytes per image)
-Use `soco-det proposals WORD --help` for one form's options. An interrupted run resumes when rerun
-with the same command; a finished store is left as it is."""
+SUBCOMMANDS = ("compute", "merge", "import", "export", "info")
+
+_EPILOG = ("Without a sub-command word the arguments are those of `compute` (`soco-det proposals IMAGES -o STORE` "
+           "is `soco-det proposals compute IMAGES -o STORE`). Use `soco-det proposals SUBCOMMAND --help` for its "
+           "options. An interrupted run resumes when rerun with the same command; a finished store is left as it is.")
 
 
-def _output(p: argparse.ArgumentParser | argparse._ArgumentGroup, what: str) -> None:
-    p.add_argument("-o", "--output", metavar="PATH", default=None, help=what)
+class _SubcommandParser(argparse.ArgumentParser):
+    """Refuses unknown arguments itself, so that the error names the sub-command and shows its usage
+    (argparse would otherwise leave them to the top parser, whose message names only ``soco-det``)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
 
 
-def _compute_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+def normalize_argv(words: list[str]) -> list[str]:
+    """The arguments after ``soco-det proposals``, with ``compute`` put first when they do not start with a
+    sub-command word (or with -h/--help, which lists the sub-commands)."""
+    if words and words[0] not in SUBCOMMANDS and words[0] not in ("-h", "--help"):
+        return ["compute", *words]
+    return list(words)
+
+
+def _add_compute(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", metavar="IMAGES",
+                   help="folder of images (searched recursively, images inside its .tar/.zip archives included) "
+                        "or one .tar/.zip")
+    p.add_argument("-o", "--output", metavar="STORE", required=True,
+                   help="store folder to write (resumed if it holds partial results)")
     p.add_argument("--method", default="selective_search",
                    help="proposal method: selective_search (faithful, official parameters), reference (slow "
                         "reference), opencv-single|opencv-fast|opencv-quality (needs `pip install soco-det[opencv]`), "
@@ -60,9 +69,10 @@ def _compute_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> No
                         "none (min side 32 only), raw (keep all)")
     p.add_argument("--keep-raw", action="store_true", help="also store the unfiltered rects")
     p.add_argument("--chunk-size", type=int, default=32, help="images per saved chunk (the unit of resumption)")
+    _add_decode_options(p)
 
 
-def _decode_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+def _add_decode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exif-transpose", action="store_true",
                    help="apply the EXIF orientation before computing (recorded in the store so that training does "
                         "the same). Default: no transpose, as the official code")
@@ -71,109 +81,64 @@ def _decode_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> Non
                         "0: no limit")
 
 
-def _merge_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+def _add_overwrite(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--overwrite", action="store_true", help=f"replace an existing {what} at -o")
+
+
+def _add_merge(p: argparse.ArgumentParser) -> None:
+    p.add_argument("shards", metavar="SHARD_STORE", nargs="+", help="partial stores written with --shard K/N")
+    p.add_argument("-o", "--output", metavar="STORE", required=True, help="merged store folder")
     p.add_argument("--allow-missing", action="store_true", help="merge even if some shards K/N are missing")
+    _add_overwrite(p, "store")
 
 
-def _overwrite_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing store (merge, import) or file (export) at -o")
+def _add_import(p: argparse.ArgumentParser) -> None:
+    p.add_argument("json_file", metavar="FILE.json", help="official proposals JSON")
+    p.add_argument("--images", required=True, metavar="DIR", help="images folder the JSON's basenames refer to")
+    p.add_argument("-o", "--output", metavar="STORE", required=True, help="store folder to write")
+    _add_decode_options(p)
+    _add_overwrite(p, "store")
 
 
-def _import_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    p.add_argument("--images", default=None, metavar="DIR", help="images folder the JSON's basenames refer to")
-
-
-def _export_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+def _add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", metavar="STORE", help="store folder")
+    p.add_argument("-o", "--output", metavar="FILE.json", required=True, help="JSON file to write")
     p.add_argument("--format", default="official-json", choices=["official-json", "coco"],
                    help="official-json: {basename: [[x,y,w,h],...]} (official convention w = max-min); "
                         "coco: COCO-style images/annotations with bbox = [x, y, w+1, h+1]")
+    _add_overwrite(p, "file")
 
 
-# form -> (positional metavar, nargs, positional help, option adders, -o help)
-_FORMS: dict[str, tuple[str, str, str, tuple[Callable, ...], str]] = {
-    "compute": ("IMAGES", "1", "folder of images (searched recursively, images inside its .tar/.zip archives included) or one .tar/.zip", (_compute_options, _decode_options),
-                "store folder to write (resumed if it holds partial results)"),
-    "merge": ("SHARD_STORE", "+", "partial stores written with --shard K/N", (_merge_options, _overwrite_option),
-              "merged store folder"),
-    "import": ("FILE.json", "1", "official proposals JSON", (_import_options, _decode_options, _overwrite_option),
-               "store folder to write"),
-    "export": ("STORE", "1", "store folder", (_export_options, _overwrite_option), "JSON file to write"),
-    "info": ("STORE", "1", "store folder", (), "(unused)"),
+def _add_info(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", metavar="STORE", help="store folder")
+
+
+# sub-command -> (one-line help, description, option adder)
+_SUBCOMMANDS = {
+    "compute": ("compute (or resume) the store of every image under IMAGES (the default sub-command)",
+                "Compute (or resume) the proposal store of every image under IMAGES. A killed run keeps its finished "
+                "chunks; rerunning the same command computes only the missing images. The word `compute` may be "
+                "left out: `soco-det proposals IMAGES -o STORE`.", _add_compute),
+    "merge": ("combine the partial stores of a --shard K/N job into one store",
+              "Combine the partial stores of a sharded job (--shard K/N, K = 0..N-1) into one store.", _add_merge),
+    "import": ("store the official proposals JSON {basename: [[x,y,w,h],...]}",
+               "Store the official proposals JSON {basename: [[x,y,w,h],...]} for the images under --images; "
+               "unmatched names on either side are reported.", _add_import),
+    "export": ("write a store as the official JSON or as COCO-style JSON",
+               "Write a store as the official JSON or as COCO-style JSON (bbox = [x, y, w+1, h+1]).", _add_export),
+    "info": ("print a store's settings and summary",
+             "Print a store's settings and summary (images, failures, boxes per image, fallbacks, bytes per image).",
+             _add_info),
 }
-
-
-_DESCRIPTIONS = {
-    "compute": "Compute (or resume) the proposal store of every image under IMAGES. A killed run keeps its finished "
-               "chunks; rerunning the same command computes only the missing images.",
-    "merge": "Combine the partial stores of a sharded job (--shard K/N, K = 0..N-1) into one store.",
-    "import": "Store the official proposals JSON {basename: [[x,y,w,h],...]} for the images under --images; "
-              "unmatched names on either side are reported.",
-    "export": "Write a store as the official JSON or as COCO-style JSON (bbox = [x, y, w+1, h+1]).",
-    "info": "Print a store's settings and summary (images, failures, boxes per image, fallbacks, bytes per image).",
-}
-
-
-def _form_parser(form: str, prog: str) -> argparse.ArgumentParser:
-    from soco_det.cli import HelpFormatter
-
-    metavar, nargs, pos_help, adders, out_help = _FORMS[form]
-    word = "" if form == "compute" else f" {form}"
-    p = argparse.ArgumentParser(prog=f"{prog}{word}", description=_DESCRIPTIONS[form],
-                                formatter_class=HelpFormatter)
-    p.add_argument(metavar.lower().replace(".", "_"), metavar=metavar, nargs=None if nargs == "1" else nargs, help=pos_help)
-    if form != "info":
-        _output(p, out_help)
-    for add in adders:
-        add(p)
-    return p
-
-
-class _FormHelp(argparse.Action):
-    """``-h``: the help of the form named by the first positional argument (if already parsed)."""
-
-    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
-        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        words = getattr(namespace, "args", None) or []
-        if words and words[0] in FORMS:
-            _form_parser(words[0], parser.prog).print_help()
-        else:
-            parser.print_help()
-        parser.exit()
+assert tuple(_SUBCOMMANDS) == SUBCOMMANDS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.usage = _USAGE.replace("%(prog)s", parser.prog)
     parser.epilog = _EPILOG
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    # Replace argparse's -h with the per-form help (the optionals group checks the conflicts).
-    parser._optionals.conflict_handler = "resolve"
-    parser.add_argument("-h", "--help", action=_FormHelp, help="show this help (after a form word: that form's help)")
-    parser.add_argument("args", nargs="+", metavar="IMAGES|WORD", help="the images folder, or merge/import/export/info "
-                        "followed by its arguments")
-    _output(parser, "output store folder (compute, merge, import) or JSON file (export)")
-    _compute_options(parser.add_argument_group("compute options (IMAGES form)"))
-    _decode_options(parser.add_argument_group("decoding options (IMAGES and import forms)"))
-    _merge_options(parser.add_argument_group("merge options"))
-    _overwrite_option(parser.add_argument_group("output options (merge, import, export)"))
-    _import_options(parser.add_argument_group("import options"))
-    _export_options(parser.add_argument_group("export options"))
-
-
-def _check_form_options(form: str, args: argparse.Namespace) -> None:
-    """Refuse options that do not belong to the form (they would be silently ignored)."""
-    from soco_det.errors import UserError
-
-    allowed = {a.dest for a in _form_parser(form, "soco-det proposals")._actions}
-    for p in (_form_parser(f, "soco-det proposals") for f in _FORMS):
-        for action in p._actions:
-            if action.dest in allowed or not action.option_strings or action.dest == "help":
-                continue
-            if getattr(args, action.dest, action.default) != action.default:
-                raise UserError(f"{action.option_strings[-1]} does not apply to "
-                                f"`soco-det proposals{'' if form == 'compute' else ' ' + form}`")
+    sub = parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True,
+                                parser_class=_SubcommandParser)
+    for name, (help_text, description, add) in _SUBCOMMANDS.items():
+        add(sub.add_parser(name, help=help_text, description=description, formatter_class=parser.formatter_class))
 
 
 def _parse_params(items: list[str]) -> dict:
@@ -191,47 +156,35 @@ def _parse_params(items: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from soco_det.errors import UserError
     from soco_det.imageio import DEFAULT_MAX_PIXELS
 
-    words = list(args.args)
-    form = words[0] if words[0] in FORMS else "compute"
-    rest = words[1:] if form != "compute" else words
-    _check_form_options(form, args)
-    nargs = _FORMS[form][1]
-    if (nargs == "1" and len(rest) != 1) or (nargs == "+" and not rest):
-        raise UserError(f"`soco-det proposals{'' if form == 'compute' else ' ' + form}` takes "
-                        f"{'one' if nargs == '1' else 'one or more'} {_FORMS[form][0]} (got {len(rest)}); see --help")
-    if form != "info" and not args.output:
-        raise UserError("-o/--output is required")
-    max_pixels = args.max_pixels if args.max_pixels is not None else DEFAULT_MAX_PIXELS
-
-    if form == "compute":
+    if args.subcommand == "compute":
         from soco_det.proposals.runner import compute_store
 
-        compute_store(rest[0], args.output, method=args.method, workers=args.workers, max_side=args.max_side,
+        max_pixels = args.max_pixels if args.max_pixels is not None else DEFAULT_MAX_PIXELS
+        compute_store(args.images, args.output, method=args.method, workers=args.workers, max_side=args.max_side,
                       shard=args.shard, filter=args.filter, keep_raw=args.keep_raw, params=_parse_params(args.param),
                       exif_transpose=args.exif_transpose, max_pixels=max_pixels, chunk_size=args.chunk_size)
-    elif form == "merge":
+    elif args.subcommand == "merge":
         from soco_det.proposals.runner import merge_stores
 
-        merge_stores(rest, args.output, allow_missing=args.allow_missing, overwrite=args.overwrite)
-    elif form == "import":
+        merge_stores(args.shards, args.output, allow_missing=args.allow_missing, overwrite=args.overwrite)
+    elif args.subcommand == "import":
         from soco_det.proposals.interchange import import_official_json
 
-        if not args.images:
-            raise UserError("`soco-det proposals import` needs --images DIR (the folder the JSON's basenames refer to)")
-        import_official_json(rest[0], args.images, args.output, exif_transpose=args.exif_transpose, max_pixels=max_pixels,
-                             overwrite=args.overwrite)
-    elif form == "export":
+        max_pixels = args.max_pixels if args.max_pixels is not None else DEFAULT_MAX_PIXELS
+        import_official_json(args.json_file, args.images, args.output, exif_transpose=args.exif_transpose,
+                             max_pixels=max_pixels, overwrite=args.overwrite)
+    elif args.subcommand == "export":
         from soco_det.proposals.interchange import export_coco, export_official_json
 
-        (export_coco if args.format == "coco" else export_official_json)(rest[0], args.output, overwrite=args.overwrite)
+        (export_coco if args.format == "coco" else export_official_json)(args.store, args.output,
+                                                                         overwrite=args.overwrite)
         print(f"wrote {args.output} ({args.format})")
     else:
         from soco_det.proposals.store import ProposalStore, format_summary
 
-        store = ProposalStore.open(rest[0])
+        store = ProposalStore.open(args.store)
         print(f"store: {store.path}\nimages root: {store.root}")
         print("settings: " + json.dumps(store.settings()))
         print(format_summary(store.summary))
