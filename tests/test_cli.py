@@ -79,7 +79,8 @@ def test_console_script_and_module_entry_point_agree():
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
 
 
-@pytest.mark.parametrize("args", [["--help"], ["pretrain", "--help"], ["proposals", "--help"]])
+@pytest.mark.parametrize("args", [["--help"], ["pretrain", "--help"], ["proposals", "--help"],
+                                  ["proposals", "compute", "--help"], ["proposals", "IMAGES", "--help"]])
 def test_help_does_not_import_torch(args):
     # PYTHONPROFILEIMPORTTIME makes Python list every module it imports, on stderr.
     proc = run_script(*args, PYTHONPROFILEIMPORTTIME="1")
@@ -116,7 +117,7 @@ def test_each_proposals_subcommand_has_help_with_exactly_its_options(subcommand,
     assert not [word for word in others if word in out]
 
 
-def test_proposals_without_a_subcommand_word_is_compute(tmp_path, monkeypatch):
+def test_proposals_without_a_subcommand_word_is_compute():
     from soco_det.cli import build_parser, normalize_argv
 
     argv = ["proposals", "/data/x", "-o", "s", "--workers", "3", "--max-side", "64", "--shard", "1/4",
