@@ -19,7 +19,6 @@ the same network untrained (same init scheme and seed), with the relative moveme
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

@@ -154,7 +154,7 @@ class Suite:
         text = self.sh("ceiling", [sys.executable, str(Path(self.args.official_dir) / "ceiling.py"),
                                    "--batch", "256", "--steps", "30", "--warmup", "10"], timeout)
         m = re.search(r"([\d.]+) ms/step, (\d+) img/s", text)
-        line = [l for l in text.splitlines() if "ceiling" in l][-1:]
+        line = [row for row in text.splitlines() if "ceiling" in row][-1:]
         return {"ms_per_step": float(m.group(1)) if m else None, "img_per_s": float(m.group(2)) if m else None,
                 "line": line[0] if line else None}
 
@@ -232,7 +232,7 @@ class Suite:
             try:
                 t0 = time.monotonic()
                 self.sh(f"e2e_{photometric}", cmd, share)
-                rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+                rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
                 rates = [r["img_per_s"] for r in rows if "img_per_s" in r]
                 # the first interval holds the workers' start and cuDNN autotuning
                 res[photometric] = {"img_per_s": median(rates[1:] or rates), "per_interval": rates,

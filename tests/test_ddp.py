@@ -51,7 +51,7 @@ def free_port() -> int:
 
 def worker_errors(stderr: str) -> str:
     """The workers' own error lines (torchrun's summary at the end hides them)."""
-    lines = [l for l in stderr.splitlines() if "Error" in l or "error:" in l or l.startswith("  File")]
+    lines = [line for line in stderr.splitlines() if "Error" in line or "error:" in line or line.startswith("  File")]
     return "\n".join(lines[-40:]) or stderr[-3000:]
 
 

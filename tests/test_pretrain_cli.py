@@ -27,7 +27,7 @@ def test_two_steps_write_config_metrics_and_checkpoints(sample_data, tmp_path):
 
     # --resume auto on a finished run: nothing left to do, the run stays at step 2.
     assert main(cli_args(sample_data, out, "train.max_steps=2", "--resume", "auto")) == 0
-    assert [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
 @pytest.mark.parametrize("key", ["train.bogus", "model.not_a_field", "nonsense"])

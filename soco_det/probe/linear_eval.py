@@ -35,7 +35,10 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy
 
 from soco_det.errors import UserError
 from soco_det.logs import get_logger
@@ -76,7 +79,7 @@ class LinearEvalSettings:
             raise UserError("linear eval: crop_min_scale must lie in (0, 1]")
 
 
-def bootstrap_ci(correct: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(correct: "numpy.ndarray", n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of the accuracy of 0/1 outcomes ``correct`` ``[N]``.
 
     Resampling N outcomes with replacement and averaging is exactly a Binomial(N, acc) / N draw, so
