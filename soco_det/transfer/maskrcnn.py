@@ -28,6 +28,7 @@ from torch import nn
 
 from soco_det.errors import UserError
 from soco_det.logs import get_logger
+from soco_det.torch_io import torch_load
 
 log = get_logger(__name__)
 
@@ -159,10 +160,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: init weights file not found (model.init takes 'random' or a weights file)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
-        raise UserError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from exc
+    obj = torch_load(path, what="cannot read weights")
     if isinstance(obj, dict):
         for key in ("model", "state_dict"):
             if isinstance(obj.get(key), dict):
