@@ -24,7 +24,7 @@ import yaml
 from soco_det.cli import main
 from soco_det.errors import UserError
 from soco_det.export import export, export_checkpoint
-from soco_det.export.torchvision import build_maskrcnn_v2
+from soco_det.models.maskrcnn import build_maskrcnn_v2
 from soco_det.models import ModelConfig, build_model
 
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")

@@ -119,7 +119,7 @@ def _model_from_checkpoint(path: str | Path, device: torch.device) -> tuple[nn.M
     from soco_det.config import from_dict
     from soco_det.engine.checkpoint import load_checkpoint, load_model_strict
     from soco_det.transfer.config import FinetuneConfig
-    from soco_det.transfer.maskrcnn import build_from_config
+    from soco_det.models.maskrcnn import build_from_config
 
     ckpt = load_checkpoint(path)
     if ckpt.get("kind") != "maskrcnn":

@@ -1,6 +1,6 @@
 """Mask R-CNN fine-tuning: an iteration-based loop with warmup + step decay, DDP, AMP and resume.
 
-``finetune(cfg, out_dir)`` trains the model of :mod:`soco_det.transfer.maskrcnn` on a COCO-format
+``finetune(cfg, out_dir)`` trains the model of :mod:`soco_det.models.maskrcnn` on a COCO-format
 train set and evaluates it on the val set (periodically and at the end). The run folder holds::
 
     config.yaml                resolved config (schedule presets expanded)
@@ -226,7 +226,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) 
     from soco_det.engine.signals import GracefulStop, Interrupted
     from soco_det.transfer.coco_data import CocoInstances, TrainingSampler, collate
     from soco_det.transfer.evaluation import evaluate, format_metrics
-    from soco_det.transfer.maskrcnn import build_from_config, load_init, resolve_widths
+    from soco_det.models.maskrcnn import build_from_config, load_init, resolve_widths
 
     try:
         cfg.check_data()
