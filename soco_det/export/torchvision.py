@@ -46,7 +46,8 @@ from torch import nn
 from soco_det.errors import UserError
 from soco_det.export.mapping import Mapping, map_parts
 from soco_det.export.source import ExportSource
-from soco_det.models.maskrcnn import build_maskrcnn_v2
+from soco_det.models.maskrcnn import DEFAULT_WIDTHS, build_maskrcnn_v2
+from soco_det.torch_io import torch_load
 
 # Parts of the Mask R-CNN that SoCo does not pretrain.
 NEW_PREFIXES = ("rpn.", "roi_heads.box_predictor.", "roi_heads.mask_head.", "roi_heads.mask_predictor.")
@@ -117,7 +118,7 @@ def build_target_for(source: ExportSource) -> tuple[nn.Module, str]:
         last = widths["box_conv_dims"][-1] if convs else widths.get("fpn_channels", 256)
         side = math.isqrt(int(source.head["fc1.weight"].shape[1]) // last)
         widths["box_roi_size"] = side
-    default = {"fpn_channels": 256, "box_conv_dims": (256,) * 4, "box_fc_dims": (1024,), "box_roi_size": 7}
+    default = DEFAULT_WIDTHS
     if source.depth == 50 and all(widths.get(k, v) == v for k, v in default.items()):
         from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
 
@@ -161,7 +162,7 @@ def load_torchvision_export(
     """
     if not isinstance(exported, TMapping):
         where = where or exported
-        exported = torch.load(exported, map_location="cpu", weights_only=True)
+        exported = torch_load(exported, what="cannot read the exported state dict")
     where = where or "exported state dict"
     model_state = model.state_dict()
     wrong_shape = [
