@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     finetuned: dict[str, dict[int, Any]] = {}
     if not args.no_finetune:
         from soco_det.export import export_checkpoint
-        from soco_det.transfer.maskrcnn import read_weights, widths_of
+        from soco_det.models.maskrcnn import read_weights, widths_of
 
         t = time.perf_counter()
         s0 = seeds[0]

@@ -235,7 +235,7 @@ def stage_transfer(ctx: DemoContext) -> list[str]:
     from soco_det.engine.metrics import read_metrics
     from soco_det.plots import metric_curve, plot_curves
     from soco_det.transfer import FinetuneConfig, finetune
-    from soco_det.transfer.maskrcnn import read_weights, widths_of
+    from soco_det.models.maskrcnn import read_weights, widths_of
 
     import json
     import os

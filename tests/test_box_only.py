@@ -16,7 +16,7 @@ from soco_det.cli import main
 from soco_det.errors import UserError
 from soco_det.transfer.box_only import annotation_kind, has_mask_branch
 from soco_det.transfer.coco_data import CocoInstances
-from soco_det.transfer.maskrcnn import build_maskrcnn
+from soco_det.models.maskrcnn import build_maskrcnn
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -59,6 +59,21 @@ def test_annotation_kind_and_the_mixed_set_message(scenes, tmp_path):
     assert 0 < with_seg < n
     with pytest.raises(UserError, match=rf"{with_seg} of {n} annotations have a segmentation and {n - with_seg} have none"):
         annotation_kind(CocoInstances(mixed, scenes["images"]))
+
+
+def test_settings_reach_torchvisions_constructor_for_both_detectors():
+    for masks in (True, False):
+        model = build_maskrcnn(18, 4, min_size_test=320, max_size_test=512, roi_batch_size=64, rpn_batch_size=32,
+                               rpn_pre_nms_top_n=(600, 300), rpn_post_nms_top_n=(500, 200), detections_per_img=17,
+                               score_thresh=0.3, fpn_channels=32, box_conv_dims=(32,) * 4, box_fc_dims=(64,), masks=masks)
+        model.train()
+        assert (model.rpn.pre_nms_top_n(), model.rpn.post_nms_top_n()) == (600, 500)
+        model.eval()
+        assert (model.rpn.pre_nms_top_n(), model.rpn.post_nms_top_n()) == (300, 200)
+        assert model.rpn.fg_bg_sampler.batch_size_per_image == 32
+        assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 64
+        assert (model.roi_heads.detections_per_img, model.roi_heads.score_thresh) == (17, 0.3)
+        assert (model.transform.min_size, model.transform.max_size) == ((320,), 512)
 
 
 def test_box_only_detector_is_the_mask_rcnn_without_its_mask_branch():

@@ -24,7 +24,7 @@ import yaml
 from soco_det.cli import main
 from soco_det.errors import UserError
 from soco_det.export import export, export_checkpoint
-from soco_det.export.torchvision import build_maskrcnn_v2
+from soco_det.models.maskrcnn import build_maskrcnn_v2
 from soco_det.models import ModelConfig, build_model
 
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -355,6 +355,27 @@ def test_target_network_is_selectable(r18, tmp_path):
     assert torch.equal(online[key], ours[f"online.encoder.{key}"])
     assert torch.equal(target[key], ours[f"target.encoder.{key}"])
     assert not torch.equal(online[key], target[key])
+
+
+def test_a_run_folder_of_step_files_exports_its_newest_intact_one(r18, tmp_path):
+    import shutil
+
+    from soco_det.export.source import resolve_checkpoint_path, load_source
+
+    run, _ = r18
+    folder = tmp_path / "steps"
+    (folder / "checkpoints").mkdir(parents=True)
+    shutil.copy(run / "checkpoints" / "last.pt", folder / "checkpoints" / "step_00000007.pt")  # no last.pt
+    assert resolve_checkpoint_path(folder).name == "step_00000007.pt"
+    assert load_source(folder).step == 7
+    # a newer but damaged step file is passed over for the older intact one
+    newer = folder / "checkpoints" / "step_00000009.pt"
+    data = bytearray((run / "checkpoints" / "last.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newer.write_bytes(bytes(data))
+    assert resolve_checkpoint_path(folder).name == "step_00000007.pt"
+    with pytest.raises(UserError, match="damaged"):
+        resolve_checkpoint_path(newer)
 
 
 def test_official_checkpoint_exports_like_ours(r18, tmp_path):

@@ -19,7 +19,7 @@ from soco_det.transfer import FinetuneConfig, finetune
 from soco_det.transfer.coco_data import CocoInstances, TrainingSampler, hflip, resize
 from soco_det.transfer.config import SolverConfig, resolve_schedule
 from soco_det.transfer.finetuning import lr_factor
-from soco_det.transfer.maskrcnn import build_maskrcnn, load_init
+from soco_det.models.maskrcnn import build_maskrcnn, load_init
 
 # pycocotools 2.0 with NumPy 2 warns on every mask decode; it is harmless.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

@@ -17,7 +17,7 @@ import torchvision
 
 from soco_det.errors import UserError
 from soco_det.export import export_checkpoint
-from soco_det.export.torchvision import build_maskrcnn_v2
+from soco_det.models.maskrcnn import build_maskrcnn_v2
 from soco_det.models import ModelConfig, build_model
 from soco_det.models.init_weights import init_from_weights
 from soco_det.models.official import ours_to_official

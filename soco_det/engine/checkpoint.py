@@ -33,6 +33,7 @@ from torch import nn
 from soco_det.atomic import atomic_open
 from soco_det.errors import UserError
 from soco_det.logs import get_logger
+from soco_det.torch_io import torch_load
 
 log = get_logger(__name__)
 
@@ -221,16 +222,35 @@ def find_resume(run_dir: str | Path) -> Path | None:
     return found[0] if found else None
 
 
-def resolve_checkpoint(src: str | Path) -> Path:
-    """A checkpoint file, or a run folder (its ``checkpoints/last.pt``)."""
+def resolve_checkpoint(src: str | Path, intact: bool = False, expected: str = "") -> Path:
+    """A checkpoint file, or a run folder (its ``checkpoints/last.pt``, else its newest ``step_*.pt``).
+
+    ``intact``: of a run folder, the newest checkpoint that is not damaged (a damaged ``last.pt``
+    falls back to the step file it copies, with a warning), and a zip-format file is checked too.
+    ``expected`` is added to the messages (what ``src`` should have been).
+    """
     src = Path(src)
+    hint = f" (expected {expected})" if expected else ""
     if src.is_dir():
-        found = find_resume(src)
-        if found is None:
-            raise UserError(f"{src}: run folder has no checkpoints/{LAST} or step_*.pt")
-        return found
+        candidates = checkpoint_candidates(src)
+        if not candidates:
+            raise UserError(f"{src}: run folder has no checkpoints/{LAST} or step_*.pt{hint}")
+        if not intact:
+            return candidates[0]
+        for candidate in candidates:
+            reason = damage(candidate)
+            if reason is None:
+                if candidate != candidates[0]:
+                    log.warning("using %s: the newer checkpoint file(s) of %s are damaged", candidate, src)
+                return candidate
+            log.warning("%s: checkpoint is damaged (%s); trying an older one", candidate, reason)
+        raise UserError(f"{src}: every checkpoint in {src / CKPT_DIR} is damaged")
     if not src.is_file():
-        raise UserError(f"{src}: checkpoint not found")
+        raise UserError(f"{src}: no such file or folder{hint}" if not src.exists() else f"{src}: not a checkpoint file{hint}")
+    if intact and zipfile.is_zipfile(src):  # torch's format; a legacy pickle has no checksums to check
+        reason = damage(src)
+        if reason is not None:
+            raise UserError(f"{src}: checkpoint is damaged ({reason})")
     return src
 
 
@@ -238,10 +258,7 @@ def _load_file(path: Path, map_location: str | torch.device) -> dict[str, Any]:
     reason = damage(path)
     if reason is not None:
         raise UserError(f"{path}: checkpoint is damaged ({reason})")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise UserError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
+    ckpt = torch_load(path, map_location=map_location, what="cannot read checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UserError(f"{path}: not a soco-det checkpoint (format {found!r}, expected {FORMAT!r})")

@@ -25,6 +25,7 @@ from soco_det.engine.metrics import MetricsWriter
 from soco_det.engine.prefetch import CopyStream
 from soco_det.engine.schedules import Schedule
 from soco_det.logs import Progress, get_logger
+from soco_det.torch_io import resolve_device
 
 log = get_logger(__name__)
 
@@ -348,16 +349,6 @@ class MetricsHook(Hook):
 
 
 # ---------------------------------------------------------------------- assembling a run
-def resolve_device(choice: str) -> str:
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda" and not torch.cuda.is_available():
-        from soco_det.errors import UserError
-
-        raise UserError("train.device=cuda (--device cuda) but no CUDA device is available")
-    return choice
-
-
 def resolve_amp(choice: str, device_type: str) -> torch.dtype | None:
     """``auto``: bf16 on CUDA (when supported), full precision on CPU."""
     if choice == "auto":
@@ -468,7 +459,7 @@ def pretrain(cfg: Any, out_dir: str | Path, resume: str | Path | None = None,
     train = cfg.train
     if train.cpu_threads is not None:
         torch.set_num_threads(train.cpu_threads)
-    device_type = resolve_device(train.device)
+    device_type = resolve_device(train.device, "train.device")
     created_group = not dist_utils.is_initialized()
     device = dist_utils.init_distributed(device_type)
     world, rank = dist_utils.world_size(), dist_utils.rank()

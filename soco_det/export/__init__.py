@@ -5,7 +5,7 @@
 head for the target framework, checks the result against that framework's layout and writes it:
 
 * ``torchvision``: a state dict for ``maskrcnn_resnet50_fpn_v2`` (other depths:
-  :func:`soco_det.export.torchvision.build_maskrcnn_v2`); checked by loading it into a fresh
+  :func:`soco_det.models.maskrcnn.build_maskrcnn_v2`); checked by loading it into a fresh
   model, where exactly the RPN, box predictor and mask branch must stay new;
 * ``detectron2``: a ``.pkl`` with fully qualified detectron2 names (+ shipped configs);
 * ``mmdet``: ``{"state_dict", "meta"}`` for mmdetection's ``load_from`` (+ a shipped config);

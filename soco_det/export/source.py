@@ -15,11 +15,8 @@ is the default; ``network="target"`` picks the momentum network instead.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import math
 import re
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +25,7 @@ import torch
 
 from soco_det.errors import UserError
 from soco_det.logs import get_logger
+from soco_det.torch_io import torch_load
 
 log = get_logger(__name__)
 
@@ -87,37 +85,15 @@ class ExportSource:
 
 
 def resolve_checkpoint_path(src: str | Path) -> Path:
-    """The checkpoint file of ``src``: the file itself, or ``src/checkpoints/last.pt`` for a run
-    folder. Raises :class:`UserError` naming the path when there is nothing to read."""
-    from soco_det.engine import checkpoint as ckpt_io
+    """The checkpoint file of ``src``: the file itself, or the newest intact checkpoint of a run
+    folder (``checkpoints/last.pt``, else the newest ``step_*.pt``). Raises :class:`UserError`
+    naming the path when there is nothing to read."""
+    from soco_det.engine.checkpoint import resolve_checkpoint
 
-    path = Path(src)
-    if path.is_dir():
-        candidates = ckpt_io.checkpoint_candidates(path)
-        if not candidates:
-            raise UserError(
-                f"{path}: is a folder but has no checkpoints/last.pt (expected a soco-det run folder, "
-                f"a checkpoint .pt or an official ckpt_epoch_*.pth)"
-            )
-        # The newest intact file: a damaged last.pt falls back to the step file it copies.
-        for candidate in candidates:
-            reason = ckpt_io.damage(candidate)
-            if reason is None:
-                if candidate != candidates[0]:
-                    log.warning("exporting %s: the newer checkpoint file(s) of %s are damaged", candidate, path)
-                return candidate
-            log.warning("%s: checkpoint is damaged (%s); trying an older one", candidate, reason)
-        raise UserError(f"{path}: every checkpoint in {path / 'checkpoints'} is damaged")
-    if not path.exists():
-        raise UserError(
-            f"{path}: no such file or folder (expected a soco-det run folder, a checkpoint .pt or an "
-            f"official ckpt_epoch_*.pth)"
-        )
-    if zipfile.is_zipfile(path):  # torch's format; a legacy pickle has no checksums to check
-        reason = ckpt_io.damage(path)
-        if reason is not None:
-            raise UserError(f"{path}: checkpoint is damaged ({reason})")
-    return path
+    return resolve_checkpoint(src, intact=True, expected=_EXPECTED)
+
+
+_EXPECTED = "a soco-det run folder, a checkpoint .pt or an official ckpt_epoch_*.pth"
 
 
 def load_source(src: str | Path, network: str = "online") -> ExportSource:
@@ -181,29 +157,9 @@ def infer_depth(encoder: dict[str, torch.Tensor], where: object = "encoder") -> 
 
 
 def _torch_load(path: Path) -> Any:
-    # weights_only: a checkpoint is a pickle, and only tensors and plain containers are allowed in,
-    # plus the argparse.Namespace of the official checkpoints' options.
-    allow = [argparse.Namespace]
-    if not hasattr(torch.serialization, "safe_globals"):  # torch < 2.5
-        torch.serialization.add_safe_globals(allow)
-    try:
-        with _allowing(allow):
-            try:
-                # mmap: only the tensors of the exported network are read from disk, not the
-                # other network, the optimizer state or the RNG states.
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as exc:
-                if "mmap" not in str(exc):
-                    raise
-                return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except Exception as exc:  # torch raises many types (UnpicklingError, RuntimeError, EOFError)
-        raise UserError(f"{path}: cannot be read as a PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
-
-
-def _allowing(allow: list) -> Any:
-    if hasattr(torch.serialization, "safe_globals"):
-        return torch.serialization.safe_globals(allow)
-    return contextlib.nullcontext()
+    # mmap: only the tensors of the exported network are read from disk, not the other network,
+    # the optimizer state or the RNG states.
+    return torch_load(path, mmap=True)
 
 
 def _from_official(path: Path, ckpt: dict) -> tuple[dict[str, torch.Tensor], str]:

@@ -23,7 +23,8 @@ without neck / head, e.g. C4).
 
 The file is a plain state dict (``torch.save``). To fine-tune::
 
-    from soco_det.export.torchvision import build_maskrcnn_v2, load_torchvision_export
+    from soco_det.export.torchvision import load_torchvision_export
+    from soco_det.models.maskrcnn import build_maskrcnn_v2
     model = build_maskrcnn_v2(depth=50, num_classes=81)   # == maskrcnn_resnet50_fpn_v2 for R50
     load_torchvision_export(model, "soco_torchvision.pth")  # checks the exact missing keys
 
@@ -45,6 +46,8 @@ from torch import nn
 from soco_det.errors import UserError
 from soco_det.export.mapping import Mapping, map_parts
 from soco_det.export.source import ExportSource
+from soco_det.models.maskrcnn import DEFAULT_WIDTHS, build_maskrcnn_v2
+from soco_det.torch_io import torch_load
 
 # Parts of the Mask R-CNN that SoCo does not pretrain.
 NEW_PREFIXES = ("rpn.", "roi_heads.box_predictor.", "roi_heads.mask_head.", "roi_heads.mask_predictor.")
@@ -99,86 +102,6 @@ def map_source(source: ExportSource) -> Mapping:
 
 
 # ----------------------------------------------------------------------------- target model
-def build_maskrcnn_v2(
-    depth: int = 50,
-    num_classes: int = 91,
-    *,
-    fpn_channels: int = 256,
-    box_conv_dims: Sequence[int] = (256, 256, 256, 256),
-    box_fc_dims: Sequence[int] = (1024,),
-    box_roi_size: int = 7,
-    trainable_layers: int = 5,
-    masks: bool = True,
-    **kwargs: Any,
-) -> nn.Module:
-    """torchvision Mask R-CNN "v2" on a ResNet-``depth`` (18/34/50/101/152), no weights loaded.
-
-    For ``depth=50`` and the default widths this has exactly the modules (names and shapes) of
-    ``torchvision.models.detection.maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None)``:
-    BatchNorm2d (not frozen) in the ResNet, FPN P2-P5 (+ max-pool P6) with BatchNorm, a 2-conv RPN
-    head, a 4conv1fc box head with BatchNorm and a 4-conv mask head with BatchNorm. The widths
-    follow a SoCo model built with other ``fpn_channels`` / ``head_conv_dim`` / ``head_fc_dim`` /
-    ``roi_output_size``. ``trainable_layers`` (0-5) freezes the stem and first stages like
-    torchvision does (5: everything trains, the SoCo transfer setting ``FREEZE_AT 0``).
-    ``kwargs`` go to ``MaskRCNN`` (``min_size``, ``max_size``, ``box_detections_per_img``...).
-    ``masks=False`` builds the same network without the mask branch (torchvision's ``FasterRCNN``,
-    same names for every other module), for box-only fine-tuning.
-    """
-    import torchvision
-    from torchvision.models.detection.anchor_utils import AnchorGenerator
-    from torchvision.models.detection.backbone_utils import BackboneWithFPN
-    from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, FasterRCNN, RPNHead
-    from torchvision.models.detection.mask_rcnn import MaskRCNN, MaskRCNNHeads, MaskRCNNPredictor
-    from torchvision.ops import MultiScaleRoIAlign
-
-    if depth not in (18, 34, 50, 101, 152):
-        raise ValueError(f"depth: must be 18, 34, 50, 101 or 152, got {depth}")
-    if not 0 <= trainable_layers <= 5:
-        raise ValueError(f"trainable_layers: must be in 0..5, got {trainable_layers}")
-    body = getattr(torchvision.models, f"resnet{depth}")(weights=None)  # BatchNorm2d throughout
-    trainable = ("layer4", "layer3", "layer2", "layer1", "conv1")[:trainable_layers]
-    if trainable_layers == 5:
-        trainable += ("bn1",)
-    for name, param in body.named_parameters():
-        if not name.startswith(trainable):
-            param.requires_grad_(False)
-    c2 = body.layer1[-1].conv1.in_channels if depth < 50 else body.layer1[-1].conv3.out_channels
-    backbone = BackboneWithFPN(
-        body,
-        return_layers={f"layer{k}": str(k - 1) for k in range(1, 5)},
-        in_channels_list=[c2 * 2**i for i in range(4)],
-        out_channels=fpn_channels,
-        norm_layer=nn.BatchNorm2d,
-    )
-    # torchvision's default FPN anchors: one size per level (P2..P6), three aspect ratios.
-    anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
-    box_head = FastRCNNConvFCHead(
-        (fpn_channels, box_roi_size, box_roi_size), list(box_conv_dims), list(box_fc_dims),
-        norm_layer=nn.BatchNorm2d,
-    )
-    box_roi_pool = None
-    if box_roi_size != 7:
-        box_roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=box_roi_size, sampling_ratio=2)
-    common = dict(
-        num_classes=None,  # the predictors are given
-        rpn_anchor_generator=anchors,
-        rpn_head=RPNHead(fpn_channels, anchors.num_anchors_per_location()[0], conv_depth=2),
-        box_roi_pool=box_roi_pool,
-        box_head=box_head,
-        box_predictor=FastRCNNPredictor(list(box_fc_dims)[-1], num_classes),
-    )
-    if not masks:
-        return FasterRCNN(backbone, **common, **kwargs)
-    mask_dims = [256, 256, 256, 256]
-    return MaskRCNN(
-        backbone,
-        **common,
-        mask_head=MaskRCNNHeads(fpn_channels, mask_dims, 1, norm_layer=nn.BatchNorm2d),
-        mask_predictor=MaskRCNNPredictor(mask_dims[-1], 256, num_classes),
-        **kwargs,
-    )
-
-
 def build_target_for(source: ExportSource) -> tuple[nn.Module, str]:
     """A fresh Mask R-CNN v2 shaped like ``source`` (widths read from its weights) and its name.
 
@@ -195,7 +118,7 @@ def build_target_for(source: ExportSource) -> tuple[nn.Module, str]:
         last = widths["box_conv_dims"][-1] if convs else widths.get("fpn_channels", 256)
         side = math.isqrt(int(source.head["fc1.weight"].shape[1]) // last)
         widths["box_roi_size"] = side
-    default = {"fpn_channels": 256, "box_conv_dims": (256,) * 4, "box_fc_dims": (1024,), "box_roi_size": 7}
+    default = DEFAULT_WIDTHS
     if source.depth == 50 and all(widths.get(k, v) == v for k, v in default.items()):
         from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
 
@@ -239,7 +162,7 @@ def load_torchvision_export(
     """
     if not isinstance(exported, TMapping):
         where = where or exported
-        exported = torch.load(exported, map_location="cpu", weights_only=True)
+        exported = torch_load(exported, what="cannot read the exported state dict")
     where = where or "exported state dict"
     model_state = model.state_dict()
     wrong_shape = [

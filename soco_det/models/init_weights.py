@@ -52,6 +52,7 @@ from torch import nn
 from soco_det.errors import UserError
 from soco_det.logs import get_logger
 from soco_det.models.config import ModelConfig
+from soco_det.torch_io import torch_load
 
 log = get_logger(__name__)
 
@@ -136,7 +137,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str, Callab
     ``head.*``, online network) and the rule is the identity; otherwise the rule is ``None`` and
     :func:`match_format` finds it.
     """
-    from soco_det.export.source import _torch_load, load_source
+    from soco_det.export.source import load_source
 
     p = _check_local(path)
     if p.is_dir():  # a soco-det run folder
@@ -149,7 +150,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str, Callab
         except Exception as exc:  # noqa: BLE001 - any failure means "not a weights pickle"
             raise UserError(f"model.init: {p}: cannot be read as a detectron2 .pkl ({type(exc).__name__}: {exc})") from exc
     else:
-        obj = _torch_load(p)
+        obj = torch_load(p, mmap=True)
     if _is_ours_or_official(obj):
         src = load_source(p, network="online")
         return _source_tensors(src), f"{src.origin} {src.variant} checkpoint", _identity

@@ -28,7 +28,6 @@ naming the keys.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -37,6 +36,7 @@ import torch
 
 from soco_det.errors import UserError
 from soco_det.models.config import ModelConfig
+from soco_det.torch_io import torch_load
 
 PREFIX_MAP = (
     ("encoder_k.", "target.encoder."),
@@ -97,16 +97,7 @@ def _read(src: str | Path | Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
     if not path.is_file():
         raise OfficialCheckpointError(f"{path}: no such checkpoint file")
     # weights_only keeps unpickling safe; the official file also stores its argparse options.
-    allow = [argparse.Namespace]
-    try:
-        if hasattr(torch.serialization, "safe_globals"):
-            with torch.serialization.safe_globals(allow):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-        else:  # torch < 2.5
-            torch.serialization.add_safe_globals(allow)
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure here means "not a readable checkpoint"
-        raise OfficialCheckpointError(f"{path}: cannot read as a torch checkpoint ({type(exc).__name__}: {exc})") from exc
+    obj = torch_load(path, error=OfficialCheckpointError, what="cannot read as a torch checkpoint")
     if not isinstance(obj, Mapping):
         raise OfficialCheckpointError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
     return obj, str(path)

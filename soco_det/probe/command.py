@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
                         if missing else "the object probe needs at least one source (a run, a checkpoint or 'untrained')")
     import torch
 
-    from soco_det.engine.trainer import resolve_device
+    from soco_det.torch_io import resolve_device
     from soco_det.probe.network import load_probe_network
     from soco_det.probe.objects import read_objects, spec_from_config, with_background_boxes
     from soco_det.probe.probe import TASKS, format_table, paired_difference, run_probe, summarise
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     seed = cfg.seed if args.seed is None else args.seed
     spec = spec_from_config(cfg, args.size)
-    device = torch.device(resolve_device(args.device))
+    device = torch.device(resolve_device(args.device, "--device"))
     train = read_objects(args.train_json, args.images, args.max_images)
     val = read_objects(args.val_json, args.images, args.max_images, categories=train.categories)
     if len(train.categories) == 1:

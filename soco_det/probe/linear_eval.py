@@ -174,12 +174,13 @@ def linear_eval(
     from torch import nn
 
     from soco_det.engine.schedules import learning_rate
+    from soco_det.torch_io import resolve_device
 
     s = settings or LinearEvalSettings()
     if overrides:
         s = LinearEvalSettings(**{**asdict(s), **overrides})
     s.validate()
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    dev = torch.device(resolve_device(device, "device"))
     t0 = time.perf_counter()
     train_set, val_set = _datasets(train_dir, val_dir, s)
     backbone, described = load_backbone(weights, depth)

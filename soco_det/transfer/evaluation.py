@@ -30,6 +30,7 @@ from torch import nn
 from soco_det.atomic import atomic_write_json
 from soco_det.errors import UserError
 from soco_det.logs import Progress, get_logger
+from soco_det.torch_io import resolve_device
 
 log = get_logger(__name__)
 
@@ -118,7 +119,7 @@ def _model_from_checkpoint(path: str | Path, device: torch.device) -> tuple[nn.M
     from soco_det.config import from_dict
     from soco_det.engine.checkpoint import load_checkpoint, load_model_strict
     from soco_det.transfer.config import FinetuneConfig
-    from soco_det.transfer.maskrcnn import build_from_config
+    from soco_det.models.maskrcnn import build_from_config
 
     ckpt = load_checkpoint(path)
     if ckpt.get("kind") != "maskrcnn":
@@ -130,13 +131,6 @@ def _model_from_checkpoint(path: str | Path, device: torch.device) -> tuple[nn.M
                               masks=has_mask_branch(ckpt["model"]))
     load_model_strict(model, ckpt["model"], source=ckpt["path"])
     return model.to(device), [int(c) for c in ckpt["cat_ids"]]
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``auto``/``None`` -> CUDA when available, else CPU."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def evaluate(
@@ -159,12 +153,13 @@ def evaluate(
     """
     from soco_det.transfer.coco_data import CocoInstances
 
+    if not isinstance(model_or_ckpt, nn.Module):
+        device = torch.device(resolve_device(device, "--device"))  # before any reading: fail fast
     dataset = CocoInstances(coco_json, images_dir, train=False, max_images=max_images)
     if isinstance(model_or_ckpt, nn.Module):
         model = model_or_ckpt
         device = next(model.parameters()).device
     else:
-        device = resolve_device(device)
         model, cat_ids = _model_from_checkpoint(model_or_ckpt, device)
         if cat_ids != dataset.cat_ids:
             raise UserError(f"{coco_json}: category ids {dataset.cat_ids} differ from the ones the model was trained on {cat_ids}")

@@ -1,6 +1,6 @@
 """Mask R-CNN fine-tuning: an iteration-based loop with warmup + step decay, DDP, AMP and resume.
 
-``finetune(cfg, out_dir)`` trains the model of :mod:`soco_det.transfer.maskrcnn` on a COCO-format
+``finetune(cfg, out_dir)`` trains the model of :mod:`soco_det.models.maskrcnn` on a COCO-format
 train set and evaluates it on the val set (periodically and at the end). The run folder holds::
 
     config.yaml                resolved config (schedule presets expanded)
@@ -21,7 +21,6 @@ the saved iteration with the same data stream, LR and RNG state.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -32,10 +31,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from soco_det.atomic import atomic_write_text
+from soco_det.atomic import atomic_save
 from soco_det.config import save_config, to_dict
+from soco_det.engine.metrics import MetricsWriter, read_metrics
 from soco_det.errors import UserError
 from soco_det.logs import Progress, get_logger
+from soco_det.torch_io import resolve_device
 from soco_det.transfer.config import FinetuneConfig, SolverConfig, resolve_schedule
 
 log = get_logger(__name__)
@@ -148,25 +149,6 @@ def train_step(
     return values
 
 
-class _Metrics:
-    """``metrics.jsonl`` writer (rank 0). On resume, lines past the resumed iteration (written by the
-    interrupted run after its last checkpoint) are dropped so the curve has no duplicates."""
-
-    def __init__(self, path: Path, start_iter: int, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
-        if enabled and path.exists():
-            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("iter", 0) <= start_iter]
-            atomic_write_text(path, "".join(line + "\n" for line in kept))
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-
-    def records(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()] if self.path.exists() else []
-
-
 def plot_losses(records: list[dict[str, Any]], out_png: Path) -> None:
     """Loss terms against the iteration, from ``metrics.jsonl`` records."""
     import matplotlib
@@ -186,10 +168,10 @@ def plot_losses(records: list[dict[str, Any]], out_png: Path) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out_png)
+    try:
+        atomic_save(out_png, lambda handle: fig.savefig(handle, format="png", dpi=100))
+    finally:
+        plt.close(fig)
 
 
 def _resume_path(out: Path, resume: bool | str | Path | None, check_fresh: bool = True) -> Path | None:
@@ -208,9 +190,7 @@ def _resume_path(out: Path, resume: bool | str | Path | None, check_fresh: bool 
 
 
 def _device(cfg: FinetuneConfig) -> str:
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(cfg.device).type
+    return torch.device(resolve_device(cfg.device, "device")).type
 
 
 def finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: bool | str | Path | None = None) -> Path:
@@ -246,7 +226,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) 
     from soco_det.engine.signals import GracefulStop, Interrupted
     from soco_det.transfer.coco_data import CocoInstances, TrainingSampler, collate
     from soco_det.transfer.evaluation import evaluate, format_metrics
-    from soco_det.transfer.maskrcnn import build_from_config, load_init, resolve_widths
+    from soco_det.models.maskrcnn import build_from_config, load_init, resolve_widths
 
     try:
         cfg.check_data()
@@ -310,7 +290,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) 
 
     if rank == 0:
         save_config(cfg, out)
-    metrics = _Metrics(out / "metrics.jsonl", start_iter, enabled=rank == 0)
+    metrics = MetricsWriter(out, enabled=rank == 0, tensorboard=False, resume_step=start_iter, step_key="iter")
     per_rank = solver.batch_size // world
     loader = torch.utils.data.DataLoader(
         train_set,
@@ -340,7 +320,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) 
                 "cat_ids": train_set.cat_ids, "rng": capture_rng(), "config": to_dict(cfg),
             }
             save_checkpoint(out, state, keep_last=cfg.keep_checkpoints or 10**9)
-            plot_losses(metrics.records(), out / "loss.png")
+            plot_losses(read_metrics(out), out / "loss.png")
         dist.barrier()
 
     def run_eval(iteration: int) -> dict[str, Any] | None:
@@ -355,7 +335,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) 
         if rank == 0:
             result = evaluate(model, cfg.data.val_json, cfg.data.val_images, out / "eval" / f"step_{iteration:08d}",
                               max_images=cfg.data.max_val_images, show_progress=False)
-            metrics.write({"iter": iteration, **{t: result[t] for t in ("bbox", "segm") if t in result}})
+            metrics.write(iteration, {t: result[t] for t in ("bbox", "segm") if t in result})
         dist.barrier()
         return result
 
@@ -390,9 +370,9 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) 
                 keys = list(window[-1])
                 means = torch.tensor([sum(w[k] for w in window) / len(window) for k in keys], device=device)
                 means = dist.all_reduce_mean(means).tolist()
-                record = {"iter": done, "lr": lr, **dict(zip(keys, means)), "time": round(time.perf_counter() - t0, 3)}
+                record = {"lr": lr, **dict(zip(keys, means)), "time": round(time.perf_counter() - t0, 3)}
                 bar.set_postfix(f"loss {record['loss']:.3f} lr {lr:.2e}")
-                metrics.write(record)
+                metrics.write(done, record)
                 window = []
             if (cfg.checkpoint_period and done % cfg.checkpoint_period == 0) or done == solver.iterations:
                 checkpoint(done)
@@ -408,7 +388,8 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) 
         from soco_det.atomic import atomic_write_json
 
         atomic_write_json(out / "metrics.json", final, indent=2)
-        plot_losses(metrics.records(), out / "loss.png")
+        plot_losses(read_metrics(out), out / "loss.png")
         log.info("final: %s", format_metrics(final))
+    metrics.close()
     return out
 
