@@ -28,8 +28,8 @@ class DemoContext:
     n_unlabeled: int = 600
     n_train: int = 200
     n_val: int = 200
-    short_side: int = 160
-    pretrain_steps: int = 200
+    short_side: int = 128
+    pretrain_epochs: int = 6
     finetune_iters: int = 20
     finetune_val_images: int = 40
     probe_size: int = 128
@@ -119,7 +119,10 @@ def stage_pretrain(ctx: DemoContext) -> list[str]:
     from soco_det.plots import metric_curve, plot_curves
 
     images = ctx.paths["scenes_images"] / "unlabeled"
-    overrides = [f"train.max_steps={ctx.pretrain_steps}", f"seed={ctx.seed}", "train.log_every=5"]
+    # A whole schedule (warmup, cosine to the end, target momentum to 1) in a few epochs: a run cut
+    # short at the peak learning rate leaves its features half-trained.
+    overrides = [f"train.epochs={ctx.pretrain_epochs}", "train.warmup_epochs=0.5", f"seed={ctx.seed}",
+                 "train.log_every=5"]
     extra = {"data": {"images": str(images), "proposals": str(ctx.paths["proposals"])}}
     cfg = build_config(PretrainConfig, "tiny_cpu", overrides, extra=extra)
     run = pretrain(cfg, ctx.out / "pretrain", resume="auto")
@@ -136,10 +139,10 @@ def stage_pretrain(ctx: DemoContext) -> list[str]:
         "## 4. SoCo pretraining",
         "",
         f"`soco-det pretrain --recipe tiny_cpu --images {images} --proposals {ctx.paths['proposals']} "
-        f"-o {run} train.max_steps={ctx.pretrain_steps}`",
+        f"-o {run} train.epochs={ctx.pretrain_epochs} train.warmup_epochs=0.5`",
         "",
         f"ResNet-18 + FPN + 4conv1fc head, views 64/64/32, batch {cfg.data.batch_size}, "
-        f"{ctx.pretrain_steps} steps on the CPU with the small-budget rule (`train.budget={cfg.train.budget}`, "
+        f"{records[-1]['step']} steps ({ctx.pretrain_epochs} epochs) on the CPU with the small-budget rule (`train.budget={cfg.train.budget}`, "
         f"`model.head_decorrelation={cfg.model.head_decorrelation}`): loss {first:.3f} at step "
         f"{records[0]['step']} -> {last:.3f} at step {records[-1]['step']}; the encoder's weights moved "
         f"{100 * records[-1].get('move/encoder', float('nan')):.1f} %.",
@@ -315,8 +318,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unlabeled", type=int, default=600, help="unlabeled scenes (pretraining)")
     parser.add_argument("--train", type=int, default=200, help="labeled scenes (probe and fine-tuning)")
     parser.add_argument("--val", type=int, default=200, help="validation scenes (probe)")
-    parser.add_argument("--size", type=int, default=160, help="short side of the scenes in pixels")
-    parser.add_argument("--pretrain-steps", type=int, default=200, help="SoCo pretraining steps (tiny_cpu recipe)")
+    parser.add_argument("--size", type=int, default=128, help="short side of the scenes in pixels")
+    parser.add_argument("--pretrain-epochs", type=int, default=6, help="SoCo pretraining epochs (tiny_cpu recipe)")
     parser.add_argument("--finetune-iters", type=int, default=20, help="Mask R-CNN fine-tuning iterations per init")
 
 
@@ -324,7 +327,7 @@ def run(args: argparse.Namespace) -> int:
     ctx = DemoContext(
         out=Path(args.out), seed=args.seed, n_unlabeled=args.unlabeled, n_train=args.train, n_val=args.val,
         short_side=args.size,
-        pretrain_steps=args.pretrain_steps, finetune_iters=args.finetune_iters,
+        pretrain_epochs=args.pretrain_epochs, finetune_iters=args.finetune_iters,
     )
     ctx.out.mkdir(parents=True, exist_ok=True)
     report = ["# soco-det demo report", "", "Every stage of the pipeline on generated sample scenes, on CPU.", ""]
