@@ -19,6 +19,8 @@ demo: $(STAMP)
 	$(VENV)/bin/soco-det demo -o $(DEMO_OUT)
 
 test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)

@@ -29,8 +29,16 @@ VARIANTS = {
     "auto+decorrelation": ["train.budget=auto", "model.head_decorrelation=1.0"],
     "byol auto": ["train.budget=auto", "model.variant=image_byol"],
 }
-COMMON = ["train.epochs=5", "train.warmup_epochs=1", "data.num_workers=1", "train.ckpt_every=1000",
-          "train.tensorboard=false", "train.progress=false", "train.cpu_threads=1", "train.log_every=10"]
+COMMON = [
+    "train.epochs=5",
+    "train.warmup_epochs=1",
+    "data.num_workers=1",
+    "train.ckpt_every=1000",
+    "train.tensorboard=false",
+    "train.progress=false",
+    "train.cpu_threads=1",
+    "train.log_every=10",
+]
 
 
 def movement(run: Path) -> dict[str, float]:
@@ -73,13 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     out = Path(args.out)
     t0 = time.perf_counter()
-    data = synth.generate(out / "data", n_unlabeled=1000, n_train=300, n_val=200, short_side=160,
-                          workers=args.workers)
+    data = synth.generate(out / "data", n_unlabeled=1000, n_train=300, n_val=200, short_side=160, workers=args.workers)
     store = compute_store(Path(data["images"]) / "unlabeled", out / "proposals", workers=args.workers)
     runs = {}
     for name in args.runs:
-        overrides = [f"data.images={Path(data['images']) / 'unlabeled'}", f"data.proposals={store}", *COMMON,
-                     *VARIANTS[name]]
+        overrides = [
+            f"data.images={Path(data['images']) / 'unlabeled'}",
+            f"data.proposals={store}",
+            *COMMON,
+            *VARIANTS[name],
+        ]
         run = out / "runs" / name.replace(" ", "_").replace("+", "_")
         if not (run / "checkpoints" / "last.pt").exists():
             pretrain(build_config(PretrainConfig, "tiny_cpu", overrides), run, resume="auto")
@@ -94,19 +105,27 @@ def main(argv: list[str] | None = None) -> int:
     for name, run in runs.items():
         result = run_probe(load_probe_network(run, cfg.model, cfg.seed), train, val, spec)
         summaries[name] = summarise(result, 500)
-        report[name] = {"movement_percent": movement(run), "probe": summaries[name],
-                        "minus_untrained": paired_difference(result, untrained, 500)}
+        report[name] = {
+            "movement_percent": movement(run),
+            "probe": summaries[name],
+            "minus_untrained": paired_difference(result, untrained, 500),
+        }
     print(format_table(summaries, "head"), "\n")
     print(format_table(summaries, "roi"), "\n")
     for name, r in report.items():
         mv = ", ".join(f"{k} {v:.2f} %" for k, v in r["movement_percent"].items())
         d = r["minus_untrained"]
-        print(f"{name}: moved {mv}; head linear {d['head']['linear_top1']['mean']:+.3f} "
-              f"[{d['head']['linear_top1']['ci95'][0]:+.3f}, {d['head']['linear_top1']['ci95'][1]:+.3f}], "
-              f"roi linear {d['roi']['linear_top1']['mean']:+.3f} "
-              f"[{d['roi']['linear_top1']['ci95'][0]:+.3f}, {d['roi']['linear_top1']['ci95'][1]:+.3f}]")
-    atomic_write_json(out / "budget.json", {"seconds": time.perf_counter() - t0, "untrained": summaries["untrained"],
-                                            "runs": report}, indent=2)
+        print(
+            f"{name}: moved {mv}; head linear {d['head']['linear_top1']['mean']:+.3f} "
+            f"[{d['head']['linear_top1']['ci95'][0]:+.3f}, {d['head']['linear_top1']['ci95'][1]:+.3f}], "
+            f"roi linear {d['roi']['linear_top1']['mean']:+.3f} "
+            f"[{d['roi']['linear_top1']['ci95'][0]:+.3f}, {d['roi']['linear_top1']['ci95'][1]:+.3f}]"
+        )
+    atomic_write_json(
+        out / "budget.json",
+        {"seconds": time.perf_counter() - t0, "untrained": summaries["untrained"], "runs": report},
+        indent=2,
+    )
     print(f"wrote {out / 'budget.json'}")
     return 0
 

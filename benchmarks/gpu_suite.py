@@ -63,10 +63,16 @@ class Suite:
         self.work = self.out / "work"
         self.work.mkdir(exist_ok=True)
         self.deadline = time.monotonic() + args.budget_s
-        self.record: dict = {"argv": sys.argv[1:], "device": args.device, "tiny": args.tiny,
-                             "official_dir": args.official_dir, "parts": {}}
-        self.env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                        PYTHONUNBUFFERED="1")
+        self.record: dict = {
+            "argv": sys.argv[1:],
+            "device": args.device,
+            "tiny": args.tiny,
+            "official_dir": args.official_dir,
+            "parts": {},
+        }
+        self.env = dict(
+            os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1"
+        )
         if args.device == "cpu":
             self.env.setdefault("OMP_NUM_THREADS", str(args.threads))
 
@@ -88,8 +94,9 @@ class Suite:
             f.write("$ " + " ".join(cmd) + "\n")
             f.flush()
             try:
-                proc = subprocess.run(cmd, cwd=REPO, env=env or self.env, stdout=f, stderr=subprocess.STDOUT,
-                                      timeout=timeout)
+                proc = subprocess.run(
+                    cmd, cwd=REPO, env=env or self.env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout
+                )
             except subprocess.TimeoutExpired:
                 raise TimeoutError(f"{name}: no result within {timeout:.0f} s (log: {log.name})") from None
         text = log.read_text(errors="replace")
@@ -113,8 +120,10 @@ class Suite:
             entry["status"] = "timeout" if isinstance(exc, TimeoutError) else "error"
             entry["error"] = f"{type(exc).__name__}: {exc}"[-4000:]
         entry["wall_s"] = round(time.monotonic() - t0, 1)
-        print(f"   {entry['status']} in {entry['wall_s']} s" + (f": {entry['error'][:300]}" if "error" in entry else ""),
-              flush=True)
+        print(
+            f"   {entry['status']} in {entry['wall_s']} s" + (f": {entry['error'][:300]}" if "error" in entry else ""),
+            flush=True,
+        )
         self.save()
 
     # ----------------------------------------------------------------- the official code
@@ -141,8 +150,12 @@ class Suite:
             cmd = ["--device", a.device, "--batch", str(a.batch), "--steps", str(a.steps), "--warmup", str(a.warmup)]
         if amp != "fp32":
             cmd += ["--amp", "--amp-dtype", amp]
-        self.sh(f"official_{amp}", [sys.executable, str(shared / "official_step.py"), *cmd, "--json", str(out)],
-                timeout, env)
+        self.sh(
+            f"official_{amp}",
+            [sys.executable, str(shared / "official_step.py"), *cmd, "--json", str(out)],
+            timeout,
+            env,
+        )
         res = json.loads(out.read_text())
         res.pop("runs", None)
         res["losses"] = res.get("losses", [])[-3:]
@@ -151,24 +164,68 @@ class Suite:
     def ceiling(self, timeout: float) -> dict:
         if self.args.device != "cuda":
             return {"skipped": "ceiling.py needs CUDA"}
-        text = self.sh("ceiling", [sys.executable, str(Path(self.args.official_dir) / "ceiling.py"),
-                                   "--batch", "256", "--steps", "30", "--warmup", "10"], timeout)
+        text = self.sh(
+            "ceiling",
+            [
+                sys.executable,
+                str(Path(self.args.official_dir) / "ceiling.py"),
+                "--batch",
+                "256",
+                "--steps",
+                "30",
+                "--warmup",
+                "10",
+            ],
+            timeout,
+        )
         m = re.search(r"([\d.]+) ms/step, (\d+) img/s", text)
         line = [row for row in text.splitlines() if "ceiling" in row][-1:]
-        return {"ms_per_step": float(m.group(1)) if m else None, "img_per_s": float(m.group(2)) if m else None,
-                "line": line[0] if line else None}
+        return {
+            "ms_per_step": float(m.group(1)) if m else None,
+            "img_per_s": float(m.group(2)) if m else None,
+            "line": line[0] if line else None,
+        }
 
     # ----------------------------------------------------------------- ours
-    def ours(self, timeout: float, batch: int | None = None, amps=("bf16", "fp16"),  # noqa: ANN001
-             modes=("all_levels", "assigned_level"), compare=True, name: str = "ours") -> dict:
+    def ours(
+        self,
+        timeout: float,
+        batch: int | None = None,
+        amps=("bf16", "fp16"),  # noqa: ANN001
+        modes=("all_levels", "assigned_level"),
+        compare=True,
+        name: str = "ours",
+    ) -> dict:
         a = self.args
         out = self.work / f"{name}.json"
         if a.tiny:
-            cmd = ["--recipe", "tiny_cpu", "--batch-size", "4", "--steps", "2", "--warmup", "1",
-                   "--amp", "none", "--threads", str(a.threads)]
+            cmd = [
+                "--recipe",
+                "tiny_cpu",
+                "--batch-size",
+                "4",
+                "--steps",
+                "2",
+                "--warmup",
+                "1",
+                "--amp",
+                "none",
+                "--threads",
+                str(a.threads),
+            ]
         else:
-            cmd = ["--recipe", "soco_fpn_r50_100ep", "--batch-size", str(batch or a.batch), "--steps", str(a.steps),
-                   "--warmup", str(a.warmup), "--amp", *amps]
+            cmd = [
+                "--recipe",
+                "soco_fpn_r50_100ep",
+                "--batch-size",
+                str(batch or a.batch),
+                "--steps",
+                str(a.steps),
+                "--warmup",
+                str(a.warmup),
+                "--amp",
+                *amps,
+            ]
         cmd += ["--device", a.device, "--roi-modes", *modes, "--json", str(out)]
         if compare:
             cmd.append("--compare-batched")
@@ -178,14 +235,31 @@ class Suite:
     def lars(self, timeout: float) -> dict:
         out = self.work / "lars.json"
         depth = "18" if self.args.tiny else "50"
-        self.sh("lars", [sys.executable, "benchmarks/lars_step.py", "--device", self.args.device, "--depth", depth,
-                         "--steps", "3" if self.args.tiny else "20", "--json", str(out)], timeout)
+        self.sh(
+            "lars",
+            [
+                sys.executable,
+                "benchmarks/lars_step.py",
+                "--device",
+                self.args.device,
+                "--depth",
+                depth,
+                "--steps",
+                "3" if self.args.tiny else "20",
+                "--json",
+                str(out),
+            ],
+            timeout,
+        )
         return json.loads(out.read_text())
 
     def gpu_tests(self, timeout: float) -> dict:
         try:
-            text = self.sh("gpu_tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
-                                         "tests/test_gpu.py"], timeout)
+            text = self.sh(
+                "gpu_tests",
+                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "tests/test_gpu.py"],
+                timeout,
+            )
             ok = True
         except RuntimeError as exc:  # failures: keep the counts and the tail
             text, ok = str(exc) + "\n" + (self.out / "gpu_tests.log").read_text(errors="replace"), False
@@ -204,29 +278,89 @@ class Suite:
             n, size, recipe, batch, steps, log_every = 48, 96, "tiny_cpu", 4, 6, 2
             extra = []
         else:
-            n, size, recipe, batch, steps, log_every = a.batch * (a.e2e_steps + 2), 375, "soco_fpn_r50_100ep", a.batch, \
-                a.e2e_steps, 5
+            n, size, recipe, batch, steps, log_every = (
+                a.batch * (a.e2e_steps + 2),
+                375,
+                "soco_fpn_r50_100ep",
+                a.batch,
+                a.e2e_steps,
+                5,
+            )
             extra = ["train.amp=bf16"]
         images = data / "images" / "unlabeled"
         if not (data / "props").exists():
             shutil.rmtree(data, ignore_errors=True)
-            self.sh("e2e_synth", [sys.executable, "-m", "soco_det", "synth", "-o", str(data), "--unlabeled", str(n),
-                                  "--train", "0", "--val", "0", "--size", str(size), "--workers", str(a.workers)],
-                    t_end - time.monotonic())
-            self.sh("e2e_proposals", [sys.executable, "-m", "soco_det", "proposals", str(images), "-o",
-                                      str(data / "props"), "--method", "random", "--workers", str(a.workers)],
-                    t_end - time.monotonic())
+            self.sh(
+                "e2e_synth",
+                [
+                    sys.executable,
+                    "-m",
+                    "soco_det",
+                    "synth",
+                    "-o",
+                    str(data),
+                    "--unlabeled",
+                    str(n),
+                    "--train",
+                    "0",
+                    "--val",
+                    "0",
+                    "--size",
+                    str(size),
+                    "--workers",
+                    str(a.workers),
+                ],
+                t_end - time.monotonic(),
+            )
+            self.sh(
+                "e2e_proposals",
+                [
+                    sys.executable,
+                    "-m",
+                    "soco_det",
+                    "proposals",
+                    str(images),
+                    "-o",
+                    str(data / "props"),
+                    "--method",
+                    "random",
+                    "--workers",
+                    str(a.workers),
+                ],
+                t_end - time.monotonic(),
+            )
         res: dict = {"images": n, "short_side": size, "batch": batch, "steps": steps, "workers": a.workers}
         modes = ("cpu", "device")
         for i, photometric in enumerate(modes):
             share = (t_end - time.monotonic()) / (len(modes) - i)  # each mode gets its share of the time
             run = self.work / f"e2e_run_{photometric}"
             shutil.rmtree(run, ignore_errors=True)
-            cmd = [sys.executable, "-m", "soco_det", "pretrain", "--recipe", recipe, "--images", str(images),
-                   "--proposals", str(data / "props"), "-o", str(run), "--device", a.device,
-                   f"data.batch_size={batch}", f"data.num_workers={a.workers}", f"data.photometric={photometric}",
-                   f"train.max_steps={steps}", f"train.log_every={log_every}", "train.ckpt_every=1000000",
-                   "train.progress=false", "train.tensorboard=false", "model.sync_bn=false", *extra]
+            cmd = [
+                sys.executable,
+                "-m",
+                "soco_det",
+                "pretrain",
+                "--recipe",
+                recipe,
+                "--images",
+                str(images),
+                "--proposals",
+                str(data / "props"),
+                "-o",
+                str(run),
+                "--device",
+                a.device,
+                f"data.batch_size={batch}",
+                f"data.num_workers={a.workers}",
+                f"data.photometric={photometric}",
+                f"train.max_steps={steps}",
+                f"train.log_every={log_every}",
+                "train.ckpt_every=1000000",
+                "train.progress=false",
+                "train.tensorboard=false",
+                "model.sync_bn=false",
+                *extra,
+            ]
             if a.tiny:
                 cmd.append(f"train.cpu_threads={a.threads}")
             try:
@@ -235,10 +369,13 @@ class Suite:
                 rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
                 rates = [r["img_per_s"] for r in rows if "img_per_s" in r]
                 # the first interval holds the workers' start and cuDNN autotuning
-                res[photometric] = {"img_per_s": median(rates[1:] or rates), "per_interval": rates,
-                                    "wall_s": round(time.monotonic() - t0, 1),
-                                    "gpu_mem_mib": max((r.get("gpu_mem_mib", 0) for r in rows), default=None),
-                                    "loss_last": rows[-1].get("loss") if rows else None}
+                res[photometric] = {
+                    "img_per_s": median(rates[1:] or rates),
+                    "per_interval": rates,
+                    "wall_s": round(time.monotonic() - t0, 1),
+                    "gpu_mem_mib": max((r.get("gpu_mem_mib", 0) for r in rows), default=None),
+                    "loss_last": rows[-1].get("loss") if rows else None,
+                }
             except Exception as exc:  # noqa: BLE001 - keep the other photometric mode
                 res[photometric] = {"error": f"{type(exc).__name__}: {exc}"[-2000:]}
         if all("error" in res[m] for m in modes):
@@ -247,8 +384,18 @@ class Suite:
 
     def parity(self, timeout: float) -> dict:
         out = self.work / "parity.json"
-        cmd = [sys.executable, "benchmarks/official_parity.py", "--device", self.args.device,
-               "--batch", "2" if self.args.tiny else "16", "--official-dir", self.args.official_dir, "--json", str(out)]
+        cmd = [
+            sys.executable,
+            "benchmarks/official_parity.py",
+            "--device",
+            self.args.device,
+            "--batch",
+            "2" if self.args.tiny else "16",
+            "--official-dir",
+            self.args.official_dir,
+            "--json",
+            str(out),
+        ]
         if self.args.device == "cpu":
             cmd += ["--threads", str(self.args.threads)]
         self.sh("parity", cmd, timeout)
@@ -261,13 +408,18 @@ class Suite:
         summary: dict = {}
         off16 = res("official_fp16").get("images_per_sec")
         off_bf16 = res("official_bf16").get("images_per_sec")
-        summary["official"] = {"fp16": off16, "bf16": off_bf16,
-                               "fp16_mem_gib": res("official_fp16").get("max_mem_gib"),
-                               "bf16_mem_gib": res("official_bf16").get("max_mem_gib")}
+        summary["official"] = {
+            "fp16": off16,
+            "bf16": off_bf16,
+            "fp16_mem_gib": res("official_fp16").get("max_mem_gib"),
+            "bf16_mem_gib": res("official_bf16").get("max_mem_gib"),
+        }
         ours = []
         for row in res("ours").get("rows", []) + res("ours_b256").get("rows", []):
-            item = {k: row.get(k) for k in ("roi_mode", "batched_calls", "batched_backbone", "amp", "batch", "img_per_s",
-                                            "peak_mem_mib")}
+            item = {
+                k: row.get(k)
+                for k in ("roi_mode", "batched_calls", "batched_backbone", "amp", "batch", "img_per_s", "peak_mem_mib")
+            }
             if off16:
                 item["x_official_fp16"] = row["img_per_s"] / off16
             if "batched_over_separate" in row:
@@ -275,18 +427,31 @@ class Suite:
             ours.append(item)
         summary["ours"] = ours
         summary["ceiling_img_per_s"] = res("ceiling").get("img_per_s")
-        synth = next((r["img_per_s"] for r in ours if r["roi_mode"] == "all_levels" and r["batched_backbone"]
-                      and r["amp"] in ("bf16", "none") and r["batch"] == (4 if self.args.tiny else self.args.batch)),
-                     None)
+        synth = next(
+            (
+                r["img_per_s"]
+                for r in ours
+                if r["roi_mode"] == "all_levels"
+                and r["batched_backbone"]
+                and r["amp"] in ("bf16", "none")
+                and r["batch"] == (4 if self.args.tiny else self.args.batch)
+            ),
+            None,
+        )
         e2e = res("end_to_end")
         summary["end_to_end"] = {
-            p: {"img_per_s": e2e.get(p, {}).get("img_per_s"),
-                "x_synthetic_step": (e2e.get(p, {}).get("img_per_s") or 0) / synth if synth else None}
-            for p in ("cpu", "device")}
+            p: {
+                "img_per_s": e2e.get(p, {}).get("img_per_s"),
+                "x_synthetic_step": (e2e.get(p, {}).get("img_per_s") or 0) / synth if synth else None,
+            }
+            for p in ("cpu", "device")
+        }
         summary["gpu_tests"] = res("gpu_tests").get("counts") or parts.get("gpu_tests", {}).get("error", "")[:500]
         summary["lars"] = res("lars")
-        summary["parity"] = [{k: r.get(k) for k in ("ours", "loss_abs_diff", "bn_stat_max_rel", "grad_max_rel")}
-                             for r in res("parity").get("rows", [])]
+        summary["parity"] = [
+            {k: r.get(k) for k in ("ours", "loss_abs_diff", "bn_stat_max_rel", "grad_max_rel")}
+            for r in res("parity").get("rows", [])
+        ]
         self.record["summary"] = summary
         self.save()
 
@@ -301,15 +466,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=4, help="untimed steps first")
     parser.add_argument("--e2e-steps", type=int, default=20, help="end-to-end pretraining steps per photometric mode")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="loader processes for the end-to-end runs (default: CPU count - 2, at most 14)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="loader processes for the end-to-end runs (default: CPU count - 2, at most 14)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (--device cpu)")
-    parser.add_argument("--official-dir", default=default_official_dir(),
-                        help="folder with SoCo-official-*.tar.gz, official_step.py, ceiling.py (default: the "
-                             "first of ../shared/official, shared/official, .official that has them)")
+    parser.add_argument(
+        "--official-dir",
+        default=default_official_dir(),
+        help="folder with SoCo-official-*.tar.gz, official_step.py, ceiling.py (default: the "
+        "first of ../shared/official, shared/official, .official that has them)",
+    )
     parser.add_argument("--parts", nargs="+", default=None, help="run only these parts (default: all)")
-    parser.add_argument("--cap-scale", type=float, default=None,
-                        help="multiply every part's time cap (default 1, 2 with --tiny; more on a busy CPU)")
+    parser.add_argument(
+        "--cap-scale",
+        type=float,
+        default=None,
+        help="multiply every part's time cap (default 1, 2 with --tiny; more on a busy CPU)",
+    )
     args = parser.parse_args(argv)
     if args.workers is None:
         args.workers = 2 if args.tiny else max(1, min(14, (os.cpu_count() or 4) - 2))
@@ -317,9 +493,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
 
-        suite.record["env"] = {"torch": torch.__version__, "cuda": torch.cuda.is_available(),
-                               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                               "cpus": os.cpu_count()}
+        suite.record["env"] = {
+            "torch": torch.__version__,
+            "cuda": torch.cuda.is_available(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "cpus": os.cpu_count(),
+        }
     except Exception as exc:  # noqa: BLE001
         suite.record["env"] = {"error": repr(exc)}
     big = not args.tiny
@@ -331,8 +510,13 @@ def main(argv: list[str] | None = None) -> int:
         ("gpu_tests", 150, suite.gpu_tests),
         ("end_to_end", 150, suite.end_to_end),
         ("lars", 30, suite.lars),
-        ("ours_b256", 60, lambda t: suite.ours(t, batch=2 * args.batch, amps=("bf16",), modes=("all_levels",),
-                                               compare=False, name="ours_b256")),
+        (
+            "ours_b256",
+            60,
+            lambda t: suite.ours(
+                t, batch=2 * args.batch, amps=("bf16",), modes=("all_levels",), compare=False, name="ours_b256"
+            ),
+        ),
         ("parity", 60, suite.parity),
     ]
     if args.tiny:  # the rehearsal: every part, tiny; b256 has nothing to add on a CPU

@@ -47,12 +47,17 @@ def main(argv: list[str] | None = None) -> int:
         if p.requires_grad:
             p.grad = torch.randn_like(p) * 1e-3
     n = sum(p.requires_grad for p in model.parameters())
-    res = {"device": args.device, "params": n,
-           "loop_ms": 1e3 * time_step(model, False, args.device, args.steps),
-           "foreach_ms": 1e3 * time_step(model, True, args.device, args.steps)}
+    res = {
+        "device": args.device,
+        "params": n,
+        "loop_ms": 1e3 * time_step(model, False, args.device, args.steps),
+        "foreach_ms": 1e3 * time_step(model, True, args.device, args.steps),
+    }
     res["speedup"] = res["loop_ms"] / res["foreach_ms"]
-    print(f"LARS step over {n} parameter tensors on {args.device}: loop {res['loop_ms']:.2f} ms, "
-          f"foreach {res['foreach_ms']:.2f} ms (x{res['speedup']:.2f})")
+    print(
+        f"LARS step over {n} parameter tensors on {args.device}: loop {res['loop_ms']:.2f} ms, "
+        f"foreach {res['foreach_ms']:.2f} ms (x{res['speedup']:.2f})"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

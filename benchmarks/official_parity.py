@@ -75,9 +75,12 @@ def main(argv: list[str] | None = None) -> int:
 
     official, data = official_batch_and_model(Path(args.official_dir), args.batch, args.device)
     im1, im2, im3, b1_12, b1_13, b2, b3, c12, c13 = data
-    batch = {"images": [im1, im2, im3], "pairs": [(0, 1), (0, 2)],
-             "boxes": [(b1_12[..., :4].float(), b2[..., :4].float()), (b1_13[..., :4].float(), b3[..., :4].float())],
-             "corr": [c12.float(), c13.float()]}
+    batch = {
+        "images": [im1, im2, im3],
+        "pairs": [(0, 1), (0, 2)],
+        "boxes": [(b1_12[..., :4].float(), b2[..., :4].float()), (b1_13[..., :4].float(), b3[..., :4].float())],
+        "corr": [c12.float(), c13.float()],
+    }
     state = {official_to_ours(k): v for k, v in official.state_dict().items() if official_to_ours(k) is not None}
     base = build_model(ModelConfig(legacy=True)).to(args.device)
     missing, unexpected = base.load_state_dict(state, strict=False)
@@ -90,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     grads_off = {official_to_ours(n): p.grad for n, p in official.named_parameters() if p.grad is not None}
 
     rows = []
-    for name, over in [("batched", {}), ("roi-only", {"batched_backbone": False}),
-                       ("separate", {"batched_calls": False})]:
+    for name, over in [
+        ("batched", {}),
+        ("roi-only", {"batched_backbone": False}),
+        ("separate", {"batched_calls": False}),
+    ]:
         ours = copy.deepcopy(base)
         ours.cfg = dataclasses.replace(base.cfg, **over)
         out = ours(batch)
@@ -101,22 +107,36 @@ def main(argv: list[str] | None = None) -> int:
         # Gradients that are zero up to rounding (a Linear bias followed by a BatchNorm) have no
         # relative precision: compare parameters whose gradient is not negligible.
         scale = max(float(g.abs().max()) for g in grads_off.values())
-        grad_diff = {n: max_rel(p.grad, grads_off[n]) for n, p in ours.named_parameters()
-                     if n in grads_off and grads_off[n].abs().max() > 1e-4 * scale}
+        grad_diff = {
+            n: max_rel(p.grad, grads_off[n])
+            for n, p in ours.named_parameters()
+            if n in grads_off and grads_off[n].abs().max() > 1e-4 * scale
+        }
         worst_stat = max(stat_diff, key=stat_diff.get)
         worst_grad = max(grad_diff, key=grad_diff.get)
         loss_ours, loss_ref = float(out["loss"].detach()), float(loss_off.detach())
-        row = {"ours": name, "loss_official": loss_ref, "loss_ours": loss_ours,
-               "loss_abs_diff": abs(loss_ours - loss_ref), "n_grads": len(grad_diff),
-               "bn_stat_max_rel": stat_diff[worst_stat], "bn_stat_worst": worst_stat,
-               "head_bn1_running_mean_rel": stat_diff["online.head.bn1.running_mean"],
-               "grad_max_rel": grad_diff[worst_grad], "grad_worst": worst_grad, "n_stats": len(stat_diff)}
+        row = {
+            "ours": name,
+            "loss_official": loss_ref,
+            "loss_ours": loss_ours,
+            "loss_abs_diff": abs(loss_ours - loss_ref),
+            "n_grads": len(grad_diff),
+            "bn_stat_max_rel": stat_diff[worst_stat],
+            "bn_stat_worst": worst_stat,
+            "head_bn1_running_mean_rel": stat_diff["online.head.bn1.running_mean"],
+            "grad_max_rel": grad_diff[worst_grad],
+            "grad_worst": worst_grad,
+            "n_stats": len(stat_diff),
+        }
         rows.append(row)
-        print(f"{name:9s} loss official {row['loss_official']:.6f} ours {row['loss_ours']:.6f} "
-              f"(|diff| {row['loss_abs_diff']:.2e}); BN running stats max rel diff {row['bn_stat_max_rel']:.2e} "
-              f"({worst_stat}); head.bn1.running_mean {row['head_bn1_running_mean_rel']:.2e}; "
-              f"grads max rel diff {row['grad_max_rel']:.2e} ({worst_grad}, {len(grad_diff)} of {len(grads_off)} "
-              f"tensors with a non-negligible gradient)", flush=True)
+        print(
+            f"{name:9s} loss official {row['loss_official']:.6f} ours {row['loss_ours']:.6f} "
+            f"(|diff| {row['loss_abs_diff']:.2e}); BN running stats max rel diff {row['bn_stat_max_rel']:.2e} "
+            f"({worst_stat}); head.bn1.running_mean {row['head_bn1_running_mean_rel']:.2e}; "
+            f"grads max rel diff {row['grad_max_rel']:.2e} ({worst_grad}, {len(grad_diff)} of {len(grads_off)} "
+            f"tensors with a non-negligible gradient)",
+            flush=True,
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({"device": args.device, "batch": args.batch, "rows": rows}, indent=1))
     return 0

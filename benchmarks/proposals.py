@@ -65,8 +65,10 @@ def load_ground_truth(coco_json: Path, split: str) -> dict[str, np.ndarray]:
     for ann in coco["annotations"]:
         x, y, w, h = ann["bbox"]
         boxes[ann["image_id"]].append([x, y, x + w, y + h])
-    return {im["file_name"].removeprefix(f"{split}/"): np.asarray(boxes[im["id"]], np.float64).reshape(-1, 4)
-            for im in coco["images"]}
+    return {
+        im["file_name"].removeprefix(f"{split}/"): np.asarray(boxes[im["id"]], np.float64).reshape(-1, 4)
+        for im in coco["images"]
+    }
 
 
 def main() -> None:
@@ -90,8 +92,10 @@ def main() -> None:
     for k in range(args.workers):  # 40 px: below the min side, no method call; only the pool start-up
         Image.fromarray(np.full((40, 40, 3), 127, np.uint8)).save(tiny / f"{k}.png")
     runs = [("selective_search", None), ("selective_search", args.max_side), ("opencv-fast", None), ("random", None)]
-    header = (f"{'method':<32} {'img/s 1 core':>12} {'img/s x' + str(args.workers):>12} {'w/o start':>9} {'raw/img':>8} {'kept/img':>8} "
-              f"{'med kept':>8} {'bytes/img':>9} {'recall@.5':>9} {'raw rec':>8}")
+    header = (
+        f"{'method':<32} {'img/s 1 core':>12} {'img/s x' + str(args.workers):>12} {'w/o start':>9} {'raw/img':>8} {'kept/img':>8} "
+        f"{'med kept':>8} {'bytes/img':>9} {'recall@.5':>9} {'raw rec':>8}"
+    )
     print(header)
     print("-" * len(header))
     for method, max_side in runs:
@@ -113,9 +117,11 @@ def main() -> None:
         s = store.summary
         # bytes per image of the store a user gets (without --keep-raw)
         lean = ProposalStore.open(work / f"{method}_{max_side}_{args.workers}").summary["bytes_per_image"]
-        print(f"{label:<32} {rates[0]:>12.2f} {rates[1]:>12.2f} {rates[2]:>9.2f} {s['raw_boxes_per_image']['mean']:>8.1f} "
-              f"{s['boxes_per_image']['mean']:>8.1f} {s['boxes_per_image']['median']:>8.1f} {lean:>9.1f} "
-              f"{recall(store, gt, raw=False):>9.3f} {recall(store, gt, raw=True):>8.3f}")
+        print(
+            f"{label:<32} {rates[0]:>12.2f} {rates[1]:>12.2f} {rates[2]:>9.2f} {s['raw_boxes_per_image']['mean']:>8.1f} "
+            f"{s['boxes_per_image']['mean']:>8.1f} {s['boxes_per_image']['median']:>8.1f} {lean:>9.1f} "
+            f"{recall(store, gt, raw=False):>9.3f} {recall(store, gt, raw=True):>8.3f}"
+        )
         print(f"{'':<32} filter stages: {s['stages']}")
 
     # Faithful vs reference, same images, same process.
@@ -133,9 +139,11 @@ def main() -> None:
         ref = run_method("reference", a, ss_params)
         t_ref += time.perf_counter() - t0
         same &= np.array_equal(np.sort(fast, axis=0), np.sort(ref, axis=0))
-    print(f"\nfaithful vs reference on {len(arrays)} images ({arrays[0].shape[1]}x{arrays[0].shape[0]}): "
-          f"{t_fast / len(arrays):.3f} s vs {t_ref / len(arrays):.3f} s per image -> speed-up x{t_ref / t_fast:.1f}; "
-          f"same rects: {same}")
+    print(
+        f"\nfaithful vs reference on {len(arrays)} images ({arrays[0].shape[1]}x{arrays[0].shape[0]}): "
+        f"{t_fast / len(arrays):.3f} s vs {t_ref / len(arrays):.3f} s per image -> speed-up x{t_ref / t_fast:.1f}; "
+        f"same rects: {same}"
+    )
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -75,14 +75,17 @@ def bench_set(images: dict[str, np.ndarray], repeat: int) -> dict:
     from soco_det.proposals.selective_search import group_regions, segment, selective_search
 
     params = dict(scale=300, sigma=0.9, min_size=100)
-    totals = {key: 0.0 for key in (
-        "ref_wall", "ref_cpu", "ref_felz_cpu", "fast_wall", "fast_cpu", "fast_felz_cpu", "fast_group_cpu")}
+    totals = {
+        key: 0.0
+        for key in ("ref_wall", "ref_cpu", "ref_felz_cpu", "fast_wall", "fast_cpu", "fast_felz_cpu", "fast_group_cpu")
+    }
     identical = 0
     rows = []
     for name, image in images.items():
         ref_wall, ref_cpu, ref_rects = best_time(lambda: reference_selective_search(image, **params), repeat)
         ref_felz = best_time(
-            lambda: skimage.segmentation.felzenszwalb(skimage.util.img_as_float(image), **params), repeat)[1]
+            lambda: skimage.segmentation.felzenszwalb(skimage.util.img_as_float(image), **params), repeat
+        )[1]
         fast_wall, fast_cpu, fast_rects = best_time(lambda: selective_search(image, **params), repeat)
         _, felz_cpu, labels = best_time(lambda: segment(image, **params), repeat)
         group_cpu = best_time(lambda: group_regions(image, labels), repeat)[1]
@@ -90,11 +93,23 @@ def bench_set(images: dict[str, np.ndarray], repeat: int) -> dict:
         identical += same
         for key, value in zip(totals, (ref_wall, ref_cpu, ref_felz, fast_wall, fast_cpu, felz_cpu, group_cpu)):
             totals[key] += value
-        rows.append({"image": name, "height": image.shape[0], "width": image.shape[1], "regions": len(fast_rects),
-                     "identical": same, "ref_cpu_s": ref_cpu, "fast_cpu_s": fast_cpu})
-        print(f"  {name:<28} {image.shape[1]:>4}x{image.shape[0]:<4} regions {len(fast_rects):>4}  "
-              f"reference {ref_cpu * 1e3:7.1f} ms  fast {fast_cpu * 1e3:6.1f} ms  "
-              f"x{ref_cpu / fast_cpu:5.1f}  {'identical' if same else 'DIFFERENT'}", flush=True)
+        rows.append(
+            {
+                "image": name,
+                "height": image.shape[0],
+                "width": image.shape[1],
+                "regions": len(fast_rects),
+                "identical": same,
+                "ref_cpu_s": ref_cpu,
+                "fast_cpu_s": fast_cpu,
+            }
+        )
+        print(
+            f"  {name:<28} {image.shape[1]:>4}x{image.shape[0]:<4} regions {len(fast_rects):>4}  "
+            f"reference {ref_cpu * 1e3:7.1f} ms  fast {fast_cpu * 1e3:6.1f} ms  "
+            f"x{ref_cpu / fast_cpu:5.1f}  {'identical' if same else 'DIFFERENT'}",
+            flush=True,
+        )
     n = len(images)
     summary = {
         "images": n,
@@ -110,16 +125,23 @@ def bench_set(images: dict[str, np.ndarray], repeat: int) -> dict:
         "felzenszwalb_ratio_cpu": totals["ref_felz_cpu"] / totals["fast_felz_cpu"],
         "rows": rows,
     }
-    print(f"  reference: {summary['reference_images_per_s_wall']:6.2f} img/s wall, "
-          f"{summary['reference_images_per_s_cpu']:6.2f} img/s cpu; Felzenszwalb "
-          f"{100 * summary['reference_felzenszwalb_share']:.0f}% of its time")
-    print(f"  fast:      {summary['fast_images_per_s_wall']:6.2f} img/s wall, "
-          f"{summary['fast_images_per_s_cpu']:6.2f} img/s cpu; Felzenszwalb "
-          f"{100 * summary['fast_felzenszwalb_share']:.0f}%, grouping "
-          f"{100 * (1 - summary['fast_felzenszwalb_share']):.0f}% of its time "
-          f"(Felzenszwalb alone x{summary['felzenszwalb_ratio_cpu']:.1f} faster than scikit-image's)")
-    print(f"  speed ratio fast/reference: x{summary['ratio_wall']:.1f} wall, x{summary['ratio_cpu']:.1f} cpu; "
-          f"identical rects on {identical}/{n} images", flush=True)
+    print(
+        f"  reference: {summary['reference_images_per_s_wall']:6.2f} img/s wall, "
+        f"{summary['reference_images_per_s_cpu']:6.2f} img/s cpu; Felzenszwalb "
+        f"{100 * summary['reference_felzenszwalb_share']:.0f}% of its time"
+    )
+    print(
+        f"  fast:      {summary['fast_images_per_s_wall']:6.2f} img/s wall, "
+        f"{summary['fast_images_per_s_cpu']:6.2f} img/s cpu; Felzenszwalb "
+        f"{100 * summary['fast_felzenszwalb_share']:.0f}%, grouping "
+        f"{100 * (1 - summary['fast_felzenszwalb_share']):.0f}% of its time "
+        f"(Felzenszwalb alone x{summary['felzenszwalb_ratio_cpu']:.1f} faster than scikit-image's)"
+    )
+    print(
+        f"  speed ratio fast/reference: x{summary['ratio_wall']:.1f} wall, x{summary['ratio_cpu']:.1f} cpu; "
+        f"identical rects on {identical}/{n} images",
+        flush=True,
+    )
     return summary
 
 

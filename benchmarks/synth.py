@@ -49,13 +49,22 @@ def main() -> None:
         for run, workers in enumerate(args.workers):
             base = _jpeg_baseline(root / "baseline", args.scenes, args.size)
             start, cpu = time.perf_counter(), time.process_time()
-            generate(root / f"run{run}", n_unlabeled=0, n_train=args.scenes, n_val=0,
-                     short_side=args.size, seed=0, workers=workers)
+            generate(
+                root / f"run{run}",
+                n_unlabeled=0,
+                n_train=args.scenes,
+                n_val=0,
+                short_side=args.size,
+                seed=0,
+                workers=workers,
+            )
             took, cpu = time.perf_counter() - start, time.process_time() - cpu
             by_cpu = f", {args.scenes / cpu:.1f} scenes per CPU-second" if workers == 1 else ""
-            print(f"generate workers={workers}: {args.scenes / took:7.1f} scenes/s ({took:.2f} s wall for "
-                  f"{args.scenes} scenes of {args.size} px{by_cpu}); JPEG-only baseline "
-                  f"{args.scenes / base:.1f} images/s -> ratio {took / base:.1f}x")
+            print(
+                f"generate workers={workers}: {args.scenes / took:7.1f} scenes/s ({took:.2f} s wall for "
+                f"{args.scenes} scenes of {args.size} px{by_cpu}); JPEG-only baseline "
+                f"{args.scenes / base:.1f} images/s -> ratio {took / base:.1f}x"
+            )
             shutil.rmtree(root / f"run{run}")
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -65,10 +65,20 @@ def measure(cfg: PretrainConfig, batch: dict, device: str, amp: str, steps: int,
     optimizer = build_lars(model, 1.0, cfg.train.weight_decay)
     amp_dtype = resolve_amp(amp, device)
     trainer = Trainer(
-        model=model, forward_model=model, optimizer=optimizer,
-        scaler=torch.amp.GradScaler(device, enabled=amp_dtype == torch.float16), schedule=schedule,
-        loader=None, sampler=None, dataset=None, device=dev, amp_dtype=amp_dtype, accum_steps=1,
-        steps_per_epoch=10_000, stop_step=10_000, images_per_step=batch["index"].numel(),
+        model=model,
+        forward_model=model,
+        optimizer=optimizer,
+        scaler=torch.amp.GradScaler(device, enabled=amp_dtype == torch.float16),
+        schedule=schedule,
+        loader=None,
+        sampler=None,
+        dataset=None,
+        device=dev,
+        amp_dtype=amp_dtype,
+        accum_steps=1,
+        steps_per_epoch=10_000,
+        stop_step=10_000,
+        images_per_step=batch["index"].numel(),
         channels_last=cfg.model.channels_last,
     )
     batch = move_to(batch, dev, cfg.model.channels_last)
@@ -87,21 +97,34 @@ def measure(cfg: PretrainConfig, batch: dict, device: str, amp: str, steps: int,
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:  # process peak RSS (Linux reports KiB)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"img_per_s": steps * batch["index"].numel() / elapsed, "s_per_step": elapsed / steps,
-            "peak_mem_mib": peak, "loss": float(out["loss"])}
+    return {
+        "img_per_s": steps * batch["index"].numel() / elapsed,
+        "s_per_step": elapsed / steps,
+        "peak_mem_mib": peak,
+        "loss": float(out["loss"]),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="tiny_cpu")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
-                        help="all: CPU, and CUDA when available")
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda", "all"], default="all", help="all: CPU, and CUDA when available"
+    )
     parser.add_argument("--roi-modes", nargs="+", default=["all_levels", "assigned_level"])
-    parser.add_argument("--amp", nargs="+", default=None, choices=["none", "bf16", "fp16"],
-                        help="precisions to time (default: none on CPU; none and bf16 on CUDA)")
-    parser.add_argument("--compare-batched", action="store_true",
-                        help="all_levels also with model.batched_calls=false (separate calls, as official)")
+    parser.add_argument(
+        "--amp",
+        nargs="+",
+        default=None,
+        choices=["none", "bf16", "fp16"],
+        help="precisions to time (default: none on CPU; none and bf16 on CUDA)",
+    )
+    parser.add_argument(
+        "--compare-batched",
+        action="store_true",
+        help="all_levels also with model.batched_calls=false (separate calls, as official)",
+    )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the CPU rows")
@@ -127,35 +150,57 @@ def main(argv: list[str] | None = None) -> int:
                 for amp in precisions:
                     batched_res = None
                     for batched in variants:
-                        extra = {None: [], True: ["model.batched_calls=true", "model.batched_backbone=true"],
-                                 "head": ["model.batched_calls=true", "model.batched_backbone=false"],
-                                 False: ["model.batched_calls=false"]}[batched]
-                        cfg = build_config(PretrainConfig, args.recipe,
-                                           [*args.overrides, f"model.roi_mode={mode}", *extra])
+                        extra = {
+                            None: [],
+                            True: ["model.batched_calls=true", "model.batched_backbone=true"],
+                            "head": ["model.batched_calls=true", "model.batched_backbone=false"],
+                            False: ["model.batched_calls=false"],
+                        }[batched]
+                        cfg = build_config(
+                            PretrainConfig, args.recipe, [*args.overrides, f"model.roi_mode={mode}", *extra]
+                        )
                         batch = sample_batch(cfg, args.batch_size, Path(tmp))
                         res = measure(cfg, batch, device, amp, args.steps, args.warmup)
                         base = base or res["img_per_s"]
-                        row = {"recipe": args.recipe, "device": device, "roi_mode": mode, "amp": amp,
-                               "batched_calls": cfg.model.batched_calls,
-                               "batched_backbone": cfg.model.batched_calls and cfg.model.batched_backbone,
-                               "batch": args.batch_size, **res,
-                               "ratio": res["img_per_s"] / base}
+                        row = {
+                            "recipe": args.recipe,
+                            "device": device,
+                            "roi_mode": mode,
+                            "amp": amp,
+                            "batched_calls": cfg.model.batched_calls,
+                            "batched_backbone": cfg.model.batched_calls and cfg.model.batched_backbone,
+                            "batch": args.batch_size,
+                            **res,
+                            "ratio": res["img_per_s"] / base,
+                        }
                         if batched is False and batched_res is not None:
                             row["batched_over_separate"] = batched_res["img_per_s"] / res["img_per_s"]
                         batched_res = res if batched is True else batched_res
                         if device == "cuda":
                             row["gpu"] = torch.cuda.get_device_name()
                         rows.append(row)
-                        calls = ("separate" if not cfg.model.batched_calls
-                                 else "batched" if cfg.model.batched_backbone else "roi-only")
-                        note = (f"  batched/separate x{row['batched_over_separate']:.2f}"
-                                if "batched_over_separate" in row else "")
-                        print(f"{device:5s} {mode:15s} {calls:8s} {amp:5s} batch {args.batch_size:4d}  "
-                              f"{res['img_per_s']:9.2f} img/s  {res['s_per_step']:8.3f} s/step  "
-                              f"peak {res['peak_mem_mib']:9.1f} MiB  x{row['ratio']:.2f}{note}", flush=True)
+                        calls = (
+                            "separate"
+                            if not cfg.model.batched_calls
+                            else "batched"
+                            if cfg.model.batched_backbone
+                            else "roi-only"
+                        )
+                        note = (
+                            f"  batched/separate x{row['batched_over_separate']:.2f}"
+                            if "batched_over_separate" in row
+                            else ""
+                        )
+                        print(
+                            f"{device:5s} {mode:15s} {calls:8s} {amp:5s} batch {args.batch_size:4d}  "
+                            f"{res['img_per_s']:9.2f} img/s  {res['s_per_step']:8.3f} s/step  "
+                            f"peak {res['peak_mem_mib']:9.1f} MiB  x{row['ratio']:.2f}{note}",
+                            flush=True,
+                        )
     if args.json:
-        args.json.write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
-                                         "rows": rows}, indent=2))
+        args.json.write_text(
+            json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, indent=2)
+        )
     return 0
 
 

@@ -54,56 +54,140 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
         "scenes": {"n_unlabeled": 48, "n_train": 16, "n_val": 12, "short_side": 96},
         "recipe": "tiny_cpu",
-        "pretrain": [*SMALL_BUDGET, "train.epochs=2", "train.warmup_epochs=0.5", "data.batch_size=8",
-                     "data.num_workers=0", "train.ckpt_every=1000", "train.tensorboard=false", "train.log_every=2"],
-        "pretrain_seeds": [0, 1], "finetune_seeds": [0, 1, 2], "probe_size": 96, "resamples": 200,
-        "finetune": ["solver.iterations=6", "solver.steps=[5]", "solver.warmup_iters=2", "solver.batch_size=2",
-                     "model.roi_batch_size=32", "model.detections_per_img=20", "model.precise_bn_images=4",
-                     "input.min_size_train=[96]", "input.max_size_train=160", "input.min_size_test=96",
-                     "input.max_size_test=160", "data.num_workers=0", "checkpoint_period=1000", "log_period=3"],
+        "pretrain": [
+            *SMALL_BUDGET,
+            "train.epochs=2",
+            "train.warmup_epochs=0.5",
+            "data.batch_size=8",
+            "data.num_workers=0",
+            "train.ckpt_every=1000",
+            "train.tensorboard=false",
+            "train.log_every=2",
+        ],
+        "pretrain_seeds": [0, 1],
+        "finetune_seeds": [0, 1, 2],
+        "probe_size": 96,
+        "resamples": 200,
+        "finetune": [
+            "solver.iterations=6",
+            "solver.steps=[5]",
+            "solver.warmup_iters=2",
+            "solver.batch_size=2",
+            "model.roi_batch_size=32",
+            "model.detections_per_img=20",
+            "model.precise_bn_images=4",
+            "input.min_size_train=[96]",
+            "input.max_size_train=160",
+            "input.min_size_test=96",
+            "input.max_size_test=160",
+            "data.num_workers=0",
+            "checkpoint_period=1000",
+            "log_period=3",
+        ],
     },
     "cpu": {
         "scenes": {"n_unlabeled": 600, "n_train": 300, "n_val": 200, "short_side": 128},
         "recipe": "tiny_cpu",
-        "pretrain": [*SMALL_BUDGET, "train.epochs=6", "train.warmup_epochs=0.5", "data.batch_size=16",
-                     "data.num_workers=1", "train.ckpt_every=1000", "train.tensorboard=false", "train.log_every=10"],
-        "pretrain_seeds": [0, 1], "finetune_seeds": [0, 1, 2], "probe_size": 128, "resamples": 1000,
-        "finetune": ["solver.iterations=40", "solver.steps=[30]", "solver.warmup_iters=8", "solver.batch_size=4",
-                     "model.roi_batch_size=64", "model.detections_per_img=30", "model.precise_bn_images=32",
-                     "input.min_size_train=[112,128,144]", "input.max_size_train=240", "input.min_size_test=128",
-                     "input.max_size_test=240", "data.num_workers=1", "checkpoint_period=1000", "log_period=10"],
+        "pretrain": [
+            *SMALL_BUDGET,
+            "train.epochs=6",
+            "train.warmup_epochs=0.5",
+            "data.batch_size=16",
+            "data.num_workers=1",
+            "train.ckpt_every=1000",
+            "train.tensorboard=false",
+            "train.log_every=10",
+        ],
+        "pretrain_seeds": [0, 1],
+        "finetune_seeds": [0, 1, 2],
+        "probe_size": 128,
+        "resamples": 1000,
+        "finetune": [
+            "solver.iterations=40",
+            "solver.steps=[30]",
+            "solver.warmup_iters=8",
+            "solver.batch_size=4",
+            "model.roi_batch_size=64",
+            "model.detections_per_img=30",
+            "model.precise_bn_images=32",
+            "input.min_size_train=[112,128,144]",
+            "input.max_size_train=240",
+            "input.min_size_test=128",
+            "input.max_size_test=240",
+            "data.num_workers=1",
+            "checkpoint_period=1000",
+            "log_period=10",
+        ],
     },
     "gpu": {
         # ResNet-50 at batch 64 with the paper's views (the regime in which SoCo is known to work).
         "scenes": {"n_unlabeled": 4000, "n_train": 600, "n_val": 300, "short_side": 256},
         "recipe": "soco_fpn_r50_100ep",
-        "pretrain": ["train.budget=auto", "model.head_decorrelation=1.0", "train.epochs=12", "train.warmup_epochs=1",
-                     "data.batch_size=64", "data.num_workers=12", "train.ckpt_every=100000", "train.tensorboard=false",
-                     "train.log_every=25", "data.photometric=device", "model.channels_last=true"],
-        "pretrain_seeds": [0, 1], "finetune_seeds": [0, 1, 2], "probe_size": 224, "resamples": 1000,
-        "finetune": ["solver.iterations=600", "solver.steps=[450,550]", "solver.warmup_iters=50", "solver.batch_size=16",
-                     "model.roi_batch_size=256", "model.precise_bn_images=200", "input.min_size_train=[224,256,288]",
-                     "input.max_size_train=480", "input.min_size_test=256", "input.max_size_test=480",
-                     "data.num_workers=8", "checkpoint_period=100000", "log_period=50", "amp=true"],
+        "pretrain": [
+            "train.budget=auto",
+            "model.head_decorrelation=1.0",
+            "train.epochs=12",
+            "train.warmup_epochs=1",
+            "data.batch_size=64",
+            "data.num_workers=12",
+            "train.ckpt_every=100000",
+            "train.tensorboard=false",
+            "train.log_every=25",
+            "data.photometric=device",
+            "model.channels_last=true",
+        ],
+        "pretrain_seeds": [0, 1],
+        "finetune_seeds": [0, 1, 2],
+        "probe_size": 224,
+        "resamples": 1000,
+        "finetune": [
+            "solver.iterations=600",
+            "solver.steps=[450,550]",
+            "solver.warmup_iters=50",
+            "solver.batch_size=16",
+            "model.roi_batch_size=256",
+            "model.precise_bn_images=200",
+            "input.min_size_train=[224,256,288]",
+            "input.max_size_train=480",
+            "input.min_size_test=256",
+            "input.max_size_test=480",
+            "data.num_workers=8",
+            "checkpoint_period=100000",
+            "log_period=50",
+            "amp=true",
+        ],
     },
 }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="size of the experiment")
     parser.add_argument("--out", default="transfer_out", help="working folder (data, runs, probes, fine-tunings)")
     parser.add_argument("--json", default=None, help="write the results here (default: OUT/transfer.json)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--workers", type=int, default=2, help="processes for scenes and proposals")
     parser.add_argument("--no-finetune", action="store_true", help="probe only")
-    parser.add_argument("--torchvision-random", action="store_true",
-                        help="also fine-tune from torchvision's default init (the old 'random')")
-    parser.add_argument("--soco-from-byol", action="store_true",
-                        help="also pretrain SoCo from the BYOL run's weights (model.init): does SoCo improve a "
-                             "backbone one already has?")
-    parser.add_argument("--pretrain", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="extra pretraining overrides for both methods (e.g. model.head_decorrelation=0)")
+    parser.add_argument(
+        "--torchvision-random",
+        action="store_true",
+        help="also fine-tune from torchvision's default init (the old 'random')",
+    )
+    parser.add_argument(
+        "--soco-from-byol",
+        action="store_true",
+        help="also pretrain SoCo from the BYOL run's weights (model.init): does SoCo improve a "
+        "backbone one already has?",
+    )
+    parser.add_argument(
+        "--pretrain",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra pretraining overrides for both methods (e.g. model.head_decorrelation=0)",
+    )
     return parser.parse_args(argv)
 
 
@@ -114,8 +198,9 @@ def proposal_recall(data: dict[str, Path], out: Path, workers: int) -> dict[str,
     from soco_det.proposals import compute_store
     from soco_det.proposals.store import ProposalStore
 
-    store = ProposalStore.open(compute_store(data["images"] / "val", out / "proposals_val", workers=workers,
-                                             keep_raw=True))
+    store = ProposalStore.open(
+        compute_store(data["images"] / "val", out / "proposals_val", workers=workers, keep_raw=True)
+    )
     objects = read_objects(data["val"], data["images"])
     found = {"kept": 0, "raw": 0}
     for i, path in enumerate(objects.images):
@@ -140,14 +225,30 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / (area(a)[:, None] + area(b)[None, :] - inter)
 
 
-def pretrain_run(method: str, seed: int, data: dict[str, Path], store: Path, preset: dict[str, Any],
-                 extra: list[str], device: str, out: Path, init: Path | None = None) -> Path:
+def pretrain_run(
+    method: str,
+    seed: int,
+    data: dict[str, Path],
+    store: Path,
+    preset: dict[str, Any],
+    extra: list[str],
+    device: str,
+    out: Path,
+    init: Path | None = None,
+) -> Path:
     from soco_det.config import build_config
     from soco_det.engine import PretrainConfig, pretrain
 
-    overrides = [f"data.images={data['images'] / 'unlabeled'}", f"data.proposals={store}",
-                 f"model.variant={METHODS[method]}", f"seed={seed}", f"train.device={device}", "train.progress=false",
-                 *preset["pretrain"], *extra]
+    overrides = [
+        f"data.images={data['images'] / 'unlabeled'}",
+        f"data.proposals={store}",
+        f"model.variant={METHODS[method]}",
+        f"seed={seed}",
+        f"train.device={device}",
+        "train.progress=false",
+        *preset["pretrain"],
+        *extra,
+    ]
     if method == "byol":
         overrides = [o for o in overrides if not o.startswith("model.head_decorrelation")]
     if init is not None:
@@ -179,16 +280,33 @@ def final_dynamics(run: Path) -> dict[str, float]:
     return {k: last[k] for k in last if k.startswith(("move/", "collapse/", "lars/"))}
 
 
-def finetune_one(name: str, init: str, seed: int, widths: list[str], data: dict[str, Path], preset: dict[str, Any],
-                 device: str, out: Path) -> dict[str, Any]:
+def finetune_one(
+    name: str,
+    init: str,
+    seed: int,
+    widths: list[str],
+    data: dict[str, Path],
+    preset: dict[str, Any],
+    device: str,
+    out: Path,
+) -> dict[str, Any]:
     from soco_det.config import build_config
     from soco_det.transfer import FinetuneConfig, finetune
 
     run = out / "finetune" / f"{name}_ft{seed}"
     if not (run / "metrics.json").exists():
-        overrides = [f"data.train_json={data['train']}", f"data.train_images={data['images']}",
-                     f"data.val_json={data['val']}", f"data.val_images={data['images']}", f"model.init={init}",
-                     f"seed={seed}", f"device={device}", "model.depth={depth}", *widths, *preset["finetune"]]
+        overrides = [
+            f"data.train_json={data['train']}",
+            f"data.train_images={data['images']}",
+            f"data.val_json={data['val']}",
+            f"data.val_images={data['images']}",
+            f"model.init={init}",
+            f"seed={seed}",
+            f"device={device}",
+            "model.depth={depth}",
+            *widths,
+            *preset["finetune"],
+        ]
         overrides = [o.replace("{depth}", str(preset["depth"])) for o in overrides]
         finetune(build_config(FinetuneConfig, "finetune_tiny_cpu", overrides), run, resume="auto")
     return json.loads((run / "metrics.json").read_text())
@@ -228,7 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     t_all, timings = time.perf_counter(), {}
 
     t = time.perf_counter()
-    data = {k: Path(v) for k, v in synth.generate(out / "data", seed=0, workers=args.workers, **preset["scenes"]).items()}
+    data = {
+        k: Path(v) for k, v in synth.generate(out / "data", seed=0, workers=args.workers, **preset["scenes"]).items()
+    }
     store = compute_store(data["images"] / "unlabeled", out / "proposals", workers=args.workers)
     recall = proposal_recall(data, out, args.workers)
     timings["data+proposals"] = time.perf_counter() - t
@@ -259,17 +379,19 @@ def main(argv: list[str] | None = None) -> int:
             probes[name][seed] = run_probe(net, train_objs, val_objs, spec, device, seed=0, copy_network=False)
     timings["probes"] = time.perf_counter() - t
     seeds = preset["pretrain_seeds"]
-    summaries = {f"{name} (seed {s})": summarise(r, preset["resamples"]) for name, by in probes.items() for s, r in by.items()}
+    summaries = {
+        f"{name} (seed {s})": summarise(r, preset["resamples"]) for name, by in probes.items() for s, r in by.items()
+    }
     paired: dict[str, dict[str, Any]] = {}
     for a, b in pairs:
         diff = combined_paired_difference([(probes[a][s], probes[b][s]) for s in seeds], preset["resamples"])
         # The headline is the box head's output (what SoCo's loss trains and what becomes the detector's box
         # head); the FPN RoI features are reported beside it as probe_roi_*.
         paired[f"{a}-{b}"] = {f"probe_{name}": diff["head"][name] for name in PROBE_SCORES if name in diff["head"]}
-        paired[f"{a}-{b}"].update({f"probe_roi_{name}": diff["roi"][name] for name in PROBE_SCORES
-                                   if name in diff["roi"]})
-        per_seed = [combined_paired_difference([(probes[a][s], probes[b][s])], preset["resamples"])
-                    for s in seeds]
+        paired[f"{a}-{b}"].update(
+            {f"probe_roi_{name}": diff["roi"][name] for name in PROBE_SCORES if name in diff["roi"]}
+        )
+        per_seed = [combined_paired_difference([(probes[a][s], probes[b][s])], preset["resamples"]) for s in seeds]
         paired[f"{a}-{b}"]["probe_linear_top1_per_seed"] = [d["head"]["linear_top1"]["mean"] for d in per_seed]
         paired[f"{a}-{b}"]["probe_roi_linear_top1_per_seed"] = [d["roi"]["linear_top1"]["mean"] for d in per_seed]
 
@@ -284,14 +406,28 @@ def main(argv: list[str] | None = None) -> int:
             base_loc = summarise(probes["random"][s], 200)["head"]["loc_r2"]["mean"]
             dyn = final_dynamics(runs[(method, s)])
             collapsed = rank < 0.05 * base_rank or dyn.get("collapse/head_rank", math.inf) < dyn.get(
-                "collapse/head_rank_limit", 0)
-            checks.append({"seed": s, "head_rank": rank, "untrained_head_rank": base_rank, "collapsed": bool(collapsed),
-                           "loc_r2": loc, "untrained_loc_r2": base_loc, "loc_below_untrained": bool(loc < base_loc),
-                           "dynamics": dyn})
+                "collapse/head_rank_limit", 0
+            )
+            checks.append(
+                {
+                    "seed": s,
+                    "head_rank": rank,
+                    "untrained_head_rank": base_rank,
+                    "collapsed": bool(collapsed),
+                    "loc_r2": loc,
+                    "untrained_loc_r2": base_loc,
+                    "loc_below_untrained": bool(loc < base_loc),
+                    "dynamics": dyn,
+                }
+            )
         lo = paired[f"{method}-random"]["probe_linear_top1"]["ci95"][0]
         ok = all(not c["collapsed"] and not c["loc_below_untrained"] for c in checks)
-        gains[method] = {"probe_linear_ci_excludes_0": lo > 0, "valid": ok, "counts_as_gain": bool(lo > 0 and ok),
-                         "checks": checks}
+        gains[method] = {
+            "probe_linear_ci_excludes_0": lo > 0,
+            "valid": ok,
+            "counts_as_gain": bool(lo > 0 and ok),
+            "checks": checks,
+        }
 
     # ---- fine-tuning (pretraining seed 0; paired fine-tuning seeds)
     finetuned: dict[str, dict[int, Any]] = {}
@@ -301,55 +437,82 @@ def main(argv: list[str] | None = None) -> int:
 
         t = time.perf_counter()
         s0 = seeds[0]
-        inits = {"random": untrained_export(cfg, s0, out),
-                 "soco": export_checkpoint(runs[("soco", s0)], "torchvision", out / "exports" / f"soco_seed{s0}.pth"),
-                 "byol": export_checkpoint(runs[("byol", s0)], "torchvision", out / "exports" / f"byol_seed{s0}.pth")}
+        inits = {
+            "random": untrained_export(cfg, s0, out),
+            "soco": export_checkpoint(runs[("soco", s0)], "torchvision", out / "exports" / f"soco_seed{s0}.pth"),
+            "byol": export_checkpoint(runs[("byol", s0)], "torchvision", out / "exports" / f"byol_seed{s0}.pth"),
+        }
         widths = widths_of(read_weights(inits["soco"]))
         width_args = [f"model.{k}={list(v) if isinstance(v, tuple) else v}".replace(" ", "") for k, v in widths.items()]
         if args.soco_from_byol:
-            inits["soco_from_byol"] = export_checkpoint(runs[("soco_from_byol", s0)], "torchvision",
-                                                        out / "exports" / f"soco_from_byol_seed{s0}.pth")
+            inits["soco_from_byol"] = export_checkpoint(
+                runs[("soco_from_byol", s0)], "torchvision", out / "exports" / f"soco_from_byol_seed{s0}.pth"
+            )
         if args.torchvision_random:
             inits["torchvision_random"] = "random"
         for name, init in inits.items():
-            finetuned[name] = {f: finetune_one(name, str(init), f, width_args, data, preset, device, out)
-                               for f in preset["finetune_seeds"]}
+            finetuned[name] = {
+                f: finetune_one(name, str(init), f, width_args, data, preset, device, out)
+                for f in preset["finetune_seeds"]
+            }
         for a, b in pairs:
             for iou, key, label in AP_KEYS:
-                diffs = [100 * ((finetuned[a][f][iou][key] or 0.0) - (finetuned[b][f][iou][key] or 0.0))
-                         for f in preset["finetune_seeds"]]
+                diffs = [
+                    100 * ((finetuned[a][f][iou][key] or 0.0) - (finetuned[b][f][iou][key] or 0.0))
+                    for f in preset["finetune_seeds"]
+                ]
                 paired[f"{a}-{b}"][label] = t_interval(diffs)
         timings["finetune"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_all
 
     # ---- report
-    print(f"\ntransfer benchmark v2, preset {args.preset}, device {device}; pretraining seeds {seeds}, "
-          f"fine-tuning seeds {preset['finetune_seeds']}")
+    print(
+        f"\ntransfer benchmark v2, preset {args.preset}, device {device}; pretraining seeds {seeds}, "
+        f"fine-tuning seeds {preset['finetune_seeds']}"
+    )
     print(f"proposal recall of the val objects at IoU 0.5: kept {recall['kept']:.3f}, raw {recall['raw']:.3f}\n")
     print(format_table(summaries, "roi"), "\n")
     print(format_table(summaries, "head"), "\n")
     print("paired differences (mean over pretraining seeds; bootstrap 95 % over the val objects):")
     for pair, values in paired.items():
-        cells = ", ".join(f"{k} {v['mean']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]"
-                          for k, v in values.items() if isinstance(v, dict))
+        cells = ", ".join(
+            f"{k} {v['mean']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]"
+            for k, v in values.items()
+            if isinstance(v, dict)
+        )
         print(f"  {pair}: {cells}")
     for method, g in gains.items():
-        print(f"  {method}: counts as a gain: {g['counts_as_gain']} (interval excludes 0: "
-              f"{g['probe_linear_ci_excludes_0']}; no collapse and localisation not below untrained: {g['valid']})")
+        print(
+            f"  {method}: counts as a gain: {g['counts_as_gain']} (interval excludes 0: "
+            f"{g['probe_linear_ci_excludes_0']}; no collapse and localisation not below untrained: {g['valid']})"
+        )
     if finetuned:
         print("\nfine-tuning AP (%), per fine-tuning seed:")
         for name, by in finetuned.items():
-            print(f"  {name:<18} box AP " + " ".join(f"{100 * (m['bbox']['AP'] or 0):.2f}" for m in by.values())
-                  + "   mask AP " + " ".join(f"{100 * (m['segm']['AP'] or 0):.2f}" for m in by.values()))
+            print(
+                f"  {name:<18} box AP "
+                + " ".join(f"{100 * (m['bbox']['AP'] or 0):.2f}" for m in by.values())
+                + "   mask AP "
+                + " ".join(f"{100 * (m['segm']['AP'] or 0):.2f}" for m in by.values())
+            )
     print("time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     report = {
-        "preset": args.preset, "device": device, "seconds": timings["total"], "timings_s": timings,
-        "settings": {k: v for k, v in preset.items()}, "extra_pretrain": args.pretrain,
+        "preset": args.preset,
+        "device": device,
+        "seconds": timings["total"],
+        "timings_s": timings,
+        "settings": {k: v for k, v in preset.items()},
+        "extra_pretrain": args.pretrain,
         "proposal_recall": recall,
-        "results": {"probe": summaries,
-                    "finetune": {n: {str(f): {"bbox": m["bbox"], "segm": m["segm"]} for f, m in by.items()}
-                                 for n, by in finetuned.items()}},
-        "paired": paired, "gains": gains,
+        "results": {
+            "probe": summaries,
+            "finetune": {
+                n: {str(f): {"bbox": m["bbox"], "segm": m["segm"]} for f, m in by.items()}
+                for n, by in finetuned.items()
+            },
+        },
+        "paired": paired,
+        "gains": gains,
     }
     path = Path(args.json) if args.json else out / "transfer.json"
     atomic_write_json(path, report, indent=2)

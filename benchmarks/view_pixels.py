@@ -70,8 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         "resize(box=), numba, full decode": (None, "numba"),
         "default: numba, decode_reducing_gap=2": (2.0, "numba"),
     }
-    samplers = {name: ViewSampler(cfg, PixelOptions(decode_reducing_gap=gap, photometric="device", resize_backend=backend))
-                for name, (gap, backend) in variants.items()}
+    samplers = {
+        name: ViewSampler(cfg, PixelOptions(decode_reducing_gap=gap, photometric="device", resize_backend=backend))
+        for name, (gap, backend) in variants.items()
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for scale in args.sizes:
             diffs: dict[str, list[np.ndarray]] = {name: [] for name in variants}
@@ -79,16 +81,27 @@ def main(argv: list[str] | None = None) -> int:
             reduced = 0
             for p, name in enumerate(PHOTOS):
                 photo = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
-                photo = photo.resize((round(photo.width * scale), round(photo.height * scale)), Image.Resampling.LANCZOS)
+                photo = photo.resize(
+                    (round(photo.width * scale), round(photo.height * scale)), Image.Resampling.LANCZOS
+                )
                 path = Path(tmp) / f"{name}_{scale}.jpg"
                 photo.save(path, quality=90)
                 full = Image.open(path).convert("RGB")
                 w, h = full.size
                 g = np.random.default_rng(p)
-                rects = np.stack([g.integers(0, w // 2, 30), g.integers(0, h // 2, 30),
-                                  g.integers(16, w // 2, 30), g.integers(16, h // 2, 30)], 1).astype(np.int32)
+                rects = np.stack(
+                    [
+                        g.integers(0, w // 2, 30),
+                        g.integers(0, h // 2, 30),
+                        g.integers(16, w // 2, 30),
+                        g.integers(16, h // 2, 30),
+                    ],
+                    1,
+                ).astype(np.int32)
                 for s in range(args.samples):
-                    outs = {n: smp(LazyImage(path), rects, np.random.default_rng([p, s])) for n, smp in samplers.items()}
+                    outs = {
+                        n: smp(LazyImage(path), rects, np.random.default_rng([p, s])) for n, smp in samplers.items()
+                    }
                     first = next(iter(outs.values()))
                     assert all(o.crops == first.crops and o.flips == first.flips for o in outs.values())
                     ref = official_views(full, first, cfg)
@@ -96,17 +109,27 @@ def main(argv: list[str] | None = None) -> int:
                         d = [np.abs(as_hwc(a).astype(np.int16) - b.astype(np.int16)) for a, b in zip(o.images, ref)]
                         diffs[n] += [x.ravel() for x in d]
                         inner[n] += [int(x[1:-1, 1:-1].max()) for x in d]
-                    mean_default = np.mean([np.abs(as_hwc(a).astype(np.int16) - as_hwc(b).astype(np.int16)).mean()
-                                            for a, b in zip(outs["default: numba, decode_reducing_gap=2"].images,
-                                                            outs["resize(box=), numba, full decode"].images)])
+                    mean_default = np.mean(
+                        [
+                            np.abs(as_hwc(a).astype(np.int16) - as_hwc(b).astype(np.int16)).mean()
+                            for a, b in zip(
+                                outs["default: numba, decode_reducing_gap=2"].images,
+                                outs["resize(box=), numba, full decode"].images,
+                            )
+                        ]
+                    )
                     reduced += bool(mean_default > 0)
             total = len(PHOTOS) * args.samples
             print(f"\nphotos x{scale:g} ({args.recipe}, {total} samples; reduced decoding used in {reduced}):")
-            print("  against the official crop-then-resize | mean |diff| | share differing | p99.9 | max | max inside the border")
+            print(
+                "  against the official crop-then-resize | mean |diff| | share differing | p99.9 | max | max inside the border"
+            )
             for n, d in diffs.items():
                 d = np.concatenate(d)
-                print(f"  {n:38s} | {d.mean():.3f} | {(d > 0).mean():.3f} | {np.percentile(d, 99.9):.0f} | {d.max()}"
-                      f" | {max(inner[n])}")
+                print(
+                    f"  {n:38s} | {d.mean():.3f} | {(d > 0).mean():.3f} | {np.percentile(d, 99.9):.0f} | {d.max()}"
+                    f" | {max(inner[n])}"
+                )
     return 0
 
 

@@ -38,8 +38,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 class NaiveOfficialViews:
     """The official FPN-100ep sample, step by step as the official code does it."""
 
-    def __init__(self, size=224, crop=0.5, k=4, max_tries=5, jitter_prob=0.5, jitter_ratio=0.1,
-                 aware_range=(48, 96, 192, 224, 0), cutout_prob=0.5, cutout_ratio=(0.1, 0.3)):
+    def __init__(
+        self,
+        size=224,
+        crop=0.5,
+        k=4,
+        max_tries=5,
+        jitter_prob=0.5,
+        jitter_ratio=0.1,
+        aware_range=(48, 96, 192, 224, 0),
+        cutout_prob=0.5,
+        cutout_ratio=(0.1, 0.3),
+    ):
         from torchvision import transforms as T
 
         self.size, self.crop, self.k, self.max_tries = size, crop, k, max_tries
@@ -52,8 +62,11 @@ class NaiveOfficialViews:
                 return x.filter(ImageFilter.GaussianBlur(radius=np.random.uniform(0.1, 2.0)))
 
         def post(blur_p, solarize):
-            ops = [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(p=0.2),
-                   T.RandomApply([Blur()], p=blur_p)]
+            ops = [
+                T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                T.RandomGrayscale(p=0.2),
+                T.RandomApply([Blur()], p=blur_p),
+            ]
             if solarize:
                 ops.append(T.RandomApply([ImageOps.solarize], p=0.2))
             return T.Compose(ops + [T.ToTensor(), normalize])
@@ -109,7 +122,9 @@ class NaiveOfficialViews:
         out = []
         for b in props:
             if r[0] < b[2] and b[0] < r[2] and r[1] < b[3] and b[1] < r[3]:
-                out.append([max(r[0], b[0]) - left, max(r[1], b[1]) - top, min(r[2], b[2]) - left, min(r[3], b[3]) - top, b[4]])
+                out.append(
+                    [max(r[0], b[0]) - left, max(r[1], b[1]) - top, min(r[2], b[2]) - left, min(r[3], b[3]) - top, b[4]]
+                )
         return np.array(out) if out else np.array([[0, 0, w - 1, h - 1, 1]])
 
     def pad(self, boxes, common):
@@ -165,7 +180,11 @@ class NaiveOfficialViews:
                 x1, y1, x2, y2 = (int(b[0] * size), int(b[1] * size), int(b[2] * size), int(b[3] * size))
                 s = int(round(math.sqrt(random.uniform(*self.cutout_ratio) * (x2 - x1 + 1) * (y2 - y1 + 1))))
                 cx, cy = random.randint(x1, x2), random.randint(y1, y2)
-                out[:, max(cy - s // 2, 0):min(cy + s // 2, self.size) + 1, max(cx - s // 2, 0):min(cx + s // 2, self.size) + 1] = 0.0
+                out[
+                    :,
+                    max(cy - s // 2, 0) : min(cy + s // 2, self.size) + 1,
+                    max(cx - s // 2, 0) : min(cx + s // 2, self.size) + 1,
+                ] = 0.0
         return out
 
     def __call__(self, path, rects):
@@ -220,9 +239,12 @@ def stage_times(ds, n: int) -> dict:
     known = [tuple(store.size(int(ds.store_indices[i % len(ds)]))) if store is not None else None for i in range(n)]
 
     def pil_resize(img, sample):
-        return [np.asarray(img.resize((c.view_sizes[v],) * 2, PILImage.Resampling.BILINEAR,
-                                      box=(left, top, left + w, top + h)))
-                for v, (top, left, h, w) in enumerate(sample.crops)]
+        return [
+            np.asarray(
+                img.resize((c.view_sizes[v],) * 2, PILImage.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+            )
+            for v, (top, left, h, w) in enumerate(sample.crops)
+        ]
 
     def numba_resize(img, sample):
         src, views = np.asarray(img), []
@@ -232,7 +254,9 @@ def stage_times(ds, n: int) -> dict:
             views.append(out.transpose(1, 2, 0))
         return views
 
-    own, other = (numba_resize, pil_resize) if ds.sampler.pixels.resize_backend == "numba" else (pil_resize, numba_resize)
+    own, other = (
+        (numba_resize, pil_resize) if ds.sampler.pixels.resize_backend == "numba" else (pil_resize, numba_resize)
+    )
     spent = {"header": 0.0, "decode": 0.0, "resize": 0.0, "photometric": 0.0}
     other_resize = total = 0.0
     for i, path in enumerate(items):
@@ -268,7 +292,9 @@ def device_rate(ds_device, batch_size: int, device: str, repeats: int = 5) -> fl
 
     n = len(ds_device)
     batch = collate_views([ds_device[(i // n, i % n)] for i in range(batch_size)])
-    moved = {k: ([t.to(device) for t in v] if k in ("images", "photometric", "cutout") else v) for k, v in batch.items()}
+    moved = {
+        k: ([t.to(device) for t in v] if k in ("images", "photometric", "cutout") else v) for k, v in batch.items()
+    }
     moved["norm"] = batch["norm"].to(device)
     apply_device_photometric(moved)  # warm-up
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -319,12 +345,17 @@ def main(argv=None) -> int:
         "cpu path, PIL resize": {"resize_backend": "pil"},
         "device path, CPU part": {"photometric": "device"},
         "device path, CPU part, PIL resize": {"photometric": "device", "resize_backend": "pil"},
-        "device path, CPU part, PIL resize_reducing_gap=1": {"photometric": "device", "resize_backend": "pil",
-                                                             "resize_reducing_gap": 1.0},
+        "device path, CPU part, PIL resize_reducing_gap=1": {
+            "photometric": "device",
+            "resize_backend": "pil",
+            "resize_reducing_gap": 1.0,
+        },
     }
     datasets = {
         name: build_pretrain_dataset(
-            DataConfig(images=args.images, proposals=args.proposals, views=ViewsConfig(recipe=args.recipe), **kw), seed=0)
+            DataConfig(images=args.images, proposals=args.proposals, views=ViewsConfig(recipe=args.recipe), **kw),
+            seed=0,
+        )
         for name, kw in variants.items()
     }
     ds, ds_dev = datasets["cpu path (default)"], datasets["device path, CPU part"]
@@ -350,7 +381,10 @@ def main(argv=None) -> int:
 
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(ds, [i % n_img for i in range(max(args.batch_size * 4, args.samples))]),
-        batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_views, drop_last=True,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        collate_fn=collate_views,
+        drop_last=True,
     )
     it = iter(loader)
     next(it)  # worker start-up and first batch excluded
@@ -366,8 +400,10 @@ def main(argv=None) -> int:
         "samples_per_s_per_core": round(ours, 2),
         "naive_official_samples_per_s_per_core": round(baseline, 2),
         "ratio_vs_naive_official": round(ours / baseline, 2),
-        "variants": {name: {"samples_per_s_per_core": round(r, 2), "ratio_vs_naive_official": round(r / baseline, 2)}
-                     for name, r in ours_by_name.items()},
+        "variants": {
+            name: {"samples_per_s_per_core": round(r, 2), "ratio_vs_naive_official": round(r / baseline, 2)}
+            for name, r in ours_by_name.items()
+        },
         "device_photometric_cpu_tensors_samples_per_s": round(dev_cpu, 1),
         "device_photometric_cuda_samples_per_s": None if dev_cuda is None else round(dev_cuda, 1),
         "cpu_path_stage_ms": stages,
@@ -391,6 +427,7 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, IO
 
 
-
 def _create_sibling(path: Path) -> tuple[int, Path]:
     """Create a new, uniquely named temporary file next to ``path``; ``(fd, its path)``.
 

@@ -25,7 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "proposals": ("soco_det.proposals.command", "selective-search proposals: compute, merge, import, export"),
     "pretrain": ("soco_det.engine.command", "SoCo pretraining (one CPU to many GPUs with torchrun)"),
     "export": ("soco_det.export.command", "export a pretrained model to torchvision/detectron2/mmdet/timm"),
-    "probe": ("soco_det.probe.command", "object-level probe of frozen features (linear, k-NN, localisation, retrieval, rank)"),
+    "probe": (
+        "soco_det.probe.command",
+        "object-level probe of frozen features (linear, k-NN, localisation, retrieval, rank)",
+    ),
     "finetune": ("soco_det.transfer.finetune_command", "fine-tune a Mask R-CNN on a COCO-format dataset"),
     "evaluate": ("soco_det.transfer.evaluate_command", "COCO bbox/segm AP of a Mask R-CNN on a val set"),
     "viz": ("soco_det.viz", "pictures: sample scenes, proposals, views"),
@@ -73,7 +76,7 @@ def normalize_argv(argv: list[str]) -> list[str]:
     if i < len(argv) and argv[i] in COMMANDS:
         normalize = getattr(importlib.import_module(COMMANDS[argv[i]][0]), "normalize_argv", None)
         if normalize is not None:
-            return [*argv[: i + 1], *normalize(argv[i + 1:])]
+            return [*argv[: i + 1], *normalize(argv[i + 1 :])]
     return list(argv)
 
 

@@ -121,8 +121,12 @@ def stage_pretrain(ctx: DemoContext) -> list[str]:
     images = ctx.paths["scenes_images"] / "unlabeled"
     # A whole schedule (warmup, cosine to the end, target momentum to 1) in a few epochs: a run cut
     # short at the peak learning rate leaves its features half-trained.
-    overrides = [f"train.epochs={ctx.pretrain_epochs}", "train.warmup_epochs=0.5", f"seed={ctx.seed}",
-                 "train.log_every=5"]
+    overrides = [
+        f"train.epochs={ctx.pretrain_epochs}",
+        "train.warmup_epochs=0.5",
+        f"seed={ctx.seed}",
+        "train.log_every=5",
+    ]
     extra = {"data": {"images": str(images), "proposals": str(ctx.paths["proposals"])}}
     cfg = build_config(PretrainConfig, "tiny_cpu", overrides, extra=extra)
     run = pretrain(cfg, ctx.out / "pretrain", resume="auto")
@@ -165,9 +169,12 @@ def stage_probe(ctx: DemoContext) -> list[str]:
     images = ctx.paths["scenes_images"]
     train = read_objects(ctx.paths["scenes_train"], images)
     val = read_objects(ctx.paths["scenes_val"], images, categories=train.categories)
-    results = {name: run_probe(load_probe_network(src, cfg.model, cfg.seed), train, val, spec, seed=ctx.seed,
-                               copy_network=False)
-               for name, src in (("untrained", "untrained"), ("SoCo", run))}
+    results = {
+        name: run_probe(
+            load_probe_network(src, cfg.model, cfg.seed), train, val, spec, seed=ctx.seed, copy_network=False
+        )
+        for name, src in (("untrained", "untrained"), ("SoCo", run))
+    }
     summary = {name: summarise(r) for name, r in results.items()}
     diff = paired_difference(results["SoCo"], results["untrained"])
     last = [r for r in read_metrics(run) if "move/encoder" in r][-1]
@@ -193,21 +200,31 @@ def stage_probe(ctx: DemoContext) -> list[str]:
         lines += ["| " + title + " | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for name, s in summary.items():
             lines.append(f"| {name} | " + " | ".join(cell(s[kind][n]) for n in names) + " |")
-        lines += ["| SoCo - untrained (paired) | " + " | ".join(cell(diff[kind][n]) if n in diff[kind] else ""
-                                                            for n in names) + " |", ""]
+        lines += [
+            "| SoCo - untrained (paired) | "
+            + " | ".join(cell(diff[kind][n]) if n in diff[kind] else "" for n in names)
+            + " |",
+            "",
+        ]
     head, roi = diff["head"]["linear_top1"], diff["roi"]["linear_top1"]
     lines += [
         f"Relative movement of the encoder's conv weights during pretraining: {100 * last['move/encoder']:.1f} % "
         f"(box-head effective rank {last['collapse/head_rank']:.0f} at the last step; collapse below "
         f"{last['collapse/head_rank_limit']:.0f}).",
         "",
-        (f"SoCo's box head is ahead of the untrained one on the linear probe by {100 * head['mean']:.1f} points, "
-         "with an interval that excludes 0." if head["ci95"][0] > 0 else
-         "SoCo's box head is **not** ahead of the untrained one on the linear probe in this run (the interval "
-         "includes 0)."),
-        (" Its FPN RoI features are ahead too." if roi["ci95"][0] > 0 else
-         " Its FPN RoI features are not ahead of the untrained network's: at this budget SoCo teaches the head "
-         "what to keep rather than giving the backbone better features (docs/results.md)."),
+        (
+            f"SoCo's box head is ahead of the untrained one on the linear probe by {100 * head['mean']:.1f} points, "
+            "with an interval that excludes 0."
+            if head["ci95"][0] > 0
+            else "SoCo's box head is **not** ahead of the untrained one on the linear probe in this run (the interval "
+            "includes 0)."
+        ),
+        (
+            " Its FPN RoI features are ahead too."
+            if roi["ci95"][0] > 0
+            else " Its FPN RoI features are not ahead of the untrained network's: at this budget SoCo teaches the head "
+            "what to keep rather than giving the backbone better features (docs/results.md)."
+        ),
         "",
         "What this can and cannot show: a few minutes of CPU on a few hundred synthetic scenes show that pretraining moves "
         "the weights without collapsing the features, and what a frozen probe reads from them compared with the "
@@ -223,13 +240,21 @@ def stage_export(ctx: DemoContext) -> list[str]:
     from soco_det.export import export_checkpoint
 
     lines = ["## 6. Export", "", "| format | file |", "|---|---|"]
-    for target, name in (("torchvision", "soco_torchvision.pth"), ("detectron2", "soco_detectron2.pkl"),
-                         ("mmdet", "soco_mmdet.pth"), ("timm", "soco_timm_backbone.pth")):
+    for target, name in (
+        ("torchvision", "soco_torchvision.pth"),
+        ("detectron2", "soco_detectron2.pkl"),
+        ("mmdet", "soco_mmdet.pth"),
+        ("timm", "soco_timm_backbone.pth"),
+    ):
         path = export_checkpoint(ctx.paths["pretrain"], target, ctx.out / "export" / name)
         ctx.paths[f"export_{target}"] = path
         lines.append(f"| {target} | `{path}` |")
-    return lines + ["", f"`soco-det export {ctx.paths['pretrain']} --to torchvision -o ...` (each export checks "
-                    "the key set its framework will find missing).", ""]
+    return lines + [
+        "",
+        f"`soco-det export {ctx.paths['pretrain']} --to torchvision -o ...` (each export checks "
+        "the key set its framework will find missing).",
+        "",
+    ]
 
 
 def stage_transfer(ctx: DemoContext) -> list[str]:
@@ -252,17 +277,30 @@ def stage_transfer(ctx: DemoContext) -> list[str]:
     torch.set_num_threads(os.cpu_count() or 1)
     export = ctx.paths["export_torchvision"]
     # "random" is the network SoCo started from (same architecture, init scheme and seed), untrained.
-    untrained = export_checkpoint(save_untrained(read_run_config(ctx.paths["pretrain"]), ctx.out / "untrained.pt"),
-                                  "torchvision", ctx.out / "export" / "untrained_torchvision.pth")
+    untrained = export_checkpoint(
+        save_untrained(read_run_config(ctx.paths["pretrain"]), ctx.out / "untrained.pt"),
+        "torchvision",
+        ctx.out / "export" / "untrained_torchvision.pth",
+    )
     # One architecture for both inits: the FPN / box-head widths of the (tiny) SoCo export.
     widths = {k: list(v) if isinstance(v, tuple) else v for k, v in widths_of(read_weights(export)).items()}
-    data = {"train_json": str(ctx.paths["scenes_train"]), "train_images": str(ctx.paths["scenes_images"]),
-            "val_json": str(ctx.paths["scenes_val"]), "val_images": str(ctx.paths["scenes_images"])}
+    data = {
+        "train_json": str(ctx.paths["scenes_train"]),
+        "train_images": str(ctx.paths["scenes_images"]),
+        "val_json": str(ctx.paths["scenes_val"]),
+        "val_images": str(ctx.paths["scenes_images"]),
+    }
     iters = ctx.finetune_iters
-    overrides = [f"solver.iterations={iters}", f"solver.steps=[{int(iters * 0.75)}]",
-                 f"solver.warmup_iters={max(1, iters // 10)}", f"seed={ctx.seed}", "device=cpu", "log_period=5",
-                 f"data.max_val_images={ctx.finetune_val_images}",
-                 "model.score_thresh=0.001"]  # keep the low-score detections of a short run for COCO AP
+    overrides = [
+        f"solver.iterations={iters}",
+        f"solver.steps=[{int(iters * 0.75)}]",
+        f"solver.warmup_iters={max(1, iters // 10)}",
+        f"seed={ctx.seed}",
+        "device=cpu",
+        "log_period=5",
+        f"data.max_val_images={ctx.finetune_val_images}",
+        "model.score_thresh=0.001",
+    ]  # keep the low-score detections of a short run for COCO AP
     rows, curves = [], {}
     for name, init in (("untrained", str(untrained)), ("SoCo", str(export))):
         extra = {"data": data, "model": {"init": init, "depth": 18, **widths}}
@@ -270,8 +308,9 @@ def stage_transfer(ctx: DemoContext) -> list[str]:
         run = finetune(cfg, ctx.out / f"finetune_{name.lower()}")
         rows.append((name, json.loads((run / "metrics.json").read_text())))
         curves[name] = metric_curve(read_metrics(run), "loss", x_key="iter")
-    picture = plot_curves(curves, ctx.out / "finetune_loss.png", title="Mask R-CNN fine-tuning loss",
-                          xlabel="iteration")
+    picture = plot_curves(
+        curves, ctx.out / "finetune_loss.png", title="Mask R-CNN fine-tuning loss", xlabel="iteration"
+    )
 
     def pct(v: float | None) -> str:
         return "-" if v is None or v < 0 else f"{100 * v:.2f}"
@@ -288,8 +327,10 @@ def stage_transfer(ctx: DemoContext) -> list[str]:
     ]
     for name, m in rows:
         b, sg = m["bbox"], m["segm"]
-        lines.append(f"| {name} | {pct(b['AP'])} | {pct(b['AP50'])} | {pct(b['AP75'])} | "
-                     f"{pct(sg['AP'])} | {pct(sg['AP50'])} | {pct(sg['AP75'])} |")
+        lines.append(
+            f"| {name} | {pct(b['AP'])} | {pct(b['AP50'])} | {pct(b['AP75'])} | "
+            f"{pct(sg['AP'])} | {pct(sg['AP50'])} | {pct(sg['AP75'])} |"
+        )
     return lines + [
         "",
         f"{iters} iterations cannot train a detector: these APs (near 0) show that the pipeline works end to "
@@ -325,9 +366,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     ctx = DemoContext(
-        out=Path(args.out), seed=args.seed, n_unlabeled=args.unlabeled, n_train=args.train, n_val=args.val,
+        out=Path(args.out),
+        seed=args.seed,
+        n_unlabeled=args.unlabeled,
+        n_train=args.train,
+        n_val=args.val,
         short_side=args.size,
-        pretrain_epochs=args.pretrain_epochs, finetune_iters=args.finetune_iters,
+        pretrain_epochs=args.pretrain_epochs,
+        finetune_iters=args.finetune_iters,
     )
     ctx.out.mkdir(parents=True, exist_ok=True)
     report = ["# soco-det demo report", "", "Every stage of the pipeline on generated sample scenes, on CPU.", ""]

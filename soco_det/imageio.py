@@ -35,7 +35,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
-        arr8 = np.zeros(arr.shape, np.uint8) if hi <= lo else np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+        arr8 = (
+            np.zeros(arr.shape, np.uint8) if hi <= lo else np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+        )
         return Image.fromarray(arr8, mode="L").convert("RGB")
     return img.convert("RGB")
 
@@ -72,7 +74,8 @@ def load_rgb(
                 w, h = img.size
                 if max_pixels is not None and w * h > max_pixels:
                     raise ImageError(
-                        path, f"image is {w}x{h} = {w * h} pixels, above the limit of {max_pixels} (decompression bomb?)"
+                        path,
+                        f"image is {w}x{h} = {w * h} pixels, above the limit of {max_pixels} (decompression bomb?)",
                     )
                 img.load()
                 if exif_transpose:

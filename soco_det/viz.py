@@ -19,8 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="viz_kind", metavar="KIND", required=True)
     for kind, (module_name, help_text) in KINDS.items():
         module = importlib.import_module(module_name)
-        p = sub.add_parser(kind, help=help_text, description=help_text,
-                           formatter_class=HelpFormatter)
+        p = sub.add_parser(kind, help=help_text, description=help_text, formatter_class=HelpFormatter)
         module.add_arguments(p)
         p.set_defaults(_viz_run=module.run)
 

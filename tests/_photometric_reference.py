@@ -90,7 +90,13 @@ def augment_tensor(
     colour passes, PIL's blur re-implemented bit for bit), to compare with :func:`augment` +
     :func:`to_normalised_tensor` on the same random draws."""
     p = draw_params(
-        rng, jitter=jitter, jitter_prob=jitter_prob, grayscale_prob=grayscale_prob, blur_prob=blur_prob,
-        blur_sigma=blur_sigma, solarize_prob=solarize_prob, solarize_threshold=solarize_threshold,
+        rng,
+        jitter=jitter,
+        jitter_prob=jitter_prob,
+        grayscale_prob=grayscale_prob,
+        blur_prob=blur_prob,
+        blur_sigma=blur_sigma,
+        solarize_prob=solarize_prob,
+        solarize_threshold=solarize_threshold,
     )
     return apply_params(np.asarray(img, dtype=np.uint8), p, mean, std)

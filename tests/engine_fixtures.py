@@ -21,16 +21,29 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Tiny but real: resnet18, 64/64/32 views, small FPN/head/MLPs; 2 images per process-batch.
 TINY_OVERRIDES = [
-    "model.depth=18", "model.fpn_channels=16", "model.head_conv_dim=16", "model.head_fc_dim=32",
-    "model.proj_hidden_dim=32", "model.proj_dim=16",
-    "data.views.view_sizes=[64,64,32]", "data.views.level_thresholds=[12,24,48,64]",
-    "data.batch_size=2", "data.num_workers=0",
-    "train.epochs=4", "train.warmup_epochs=1", "train.log_every=1", "train.ckpt_every=1000",
-    "train.tensorboard=false", "train.progress=false", "train.device=cpu", "seed=3",
+    "model.depth=18",
+    "model.fpn_channels=16",
+    "model.head_conv_dim=16",
+    "model.head_fc_dim=32",
+    "model.proj_hidden_dim=32",
+    "model.proj_dim=16",
+    "data.views.view_sizes=[64,64,32]",
+    "data.views.level_thresholds=[12,24,48,64]",
+    "data.batch_size=2",
+    "data.num_workers=0",
+    "train.epochs=4",
+    "train.warmup_epochs=1",
+    "train.log_every=1",
+    "train.ckpt_every=1000",
+    "train.tensorboard=false",
+    "train.progress=false",
+    "train.device=cpu",
+    "seed=3",
     # The engine tests check the engine (resume, DDP == one process, ...) with the paper's optimiser and
     # loss: the small-budget rule of tiny_cpu is tested in test_dynamics / test_training_trains (its
     # decorrelation term, like BN, is computed over each process's rows).
-    "train.budget=paper", "model.head_decorrelation=0",
+    "train.budget=paper",
+    "model.head_decorrelation=0",
 ]
 
 

@@ -47,8 +47,9 @@ def test_batchnorm_under_cpu_bf16_autocast_computes_its_statistics_in_fp32():
         torch.testing.assert_close(mean1.double(), 0.9 * mean0.double() + 0.1 * mean, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(var1.double(), 0.9 * var0.double() + 0.1 * var, rtol=1e-5, atol=1e-7)
         # ... and its output is the fp32 result rounded once to bf16 (half a bf16 ulp: 2**-9 relative).
-        ref = nn.functional.batch_norm(x.float(), None, None, bn.weight.detach(), bn.bias.detach(), training=True,
-                                       eps=bn.eps)
+        ref = nn.functional.batch_norm(
+            x.float(), None, None, bn.weight.detach(), bn.bias.detach(), training=True, eps=bn.eps
+        )
         torch.testing.assert_close(y.float(), ref, rtol=2**-8, atol=1e-3)
 
 
@@ -87,9 +88,22 @@ def test_model_loss_under_cpu_autocast_is_fp32_finite_and_close_to_full_precisio
 )
 def test_pretrain_command_with_amp_on_cpu(sample_data, tmp_path, extra):
     run = tmp_path / "run"
-    args = ["pretrain", "--recipe", "tiny_cpu", "--images", str(sample_data["images"]), "--proposals",
-            str(sample_data["proposals"]), "-o", str(run), "--device", "cpu", *TINY_OVERRIDES,
-            "train.max_steps=2", *extra]
+    args = [
+        "pretrain",
+        "--recipe",
+        "tiny_cpu",
+        "--images",
+        str(sample_data["images"]),
+        "--proposals",
+        str(sample_data["proposals"]),
+        "-o",
+        str(run),
+        "--device",
+        "cpu",
+        *TINY_OVERRIDES,
+        "train.max_steps=2",
+        *extra,
+    ]
     assert main(args) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert [r["step"] for r in rows] == [1, 2] and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)

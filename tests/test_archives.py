@@ -55,8 +55,12 @@ def packed(tmp_path_factory):
 
 
 def _expected_keys(loose):
-    return (["loose.jpg"] + [f"shards/shard-000.tar::{p.name}" for p in loose[:3]] + ["shards/shard-000.tar::broken.jpg"]
-            + [f"train.zip::imgs/{p.name}" for p in loose[3:5]])
+    return (
+        ["loose.jpg"]
+        + [f"shards/shard-000.tar::{p.name}" for p in loose[:3]]
+        + ["shards/shard-000.tar::broken.jpg"]
+        + [f"train.zip::imgs/{p.name}" for p in loose[3:5]]
+    )
 
 
 def test_listing_covers_loose_files_and_the_image_members_of_every_archive(packed):
@@ -110,8 +114,10 @@ def test_a_forked_worker_reopens_the_archive_instead_of_sharing_the_handle(packe
 @pytest.fixture(scope="module")
 def stores(packed, tmp_path_factory):
     out = tmp_path_factory.mktemp("stores")
-    return (ProposalStore.open(compute_store(packed["root"], out / "archives", workers=2, chunk_size=2)),
-            ProposalStore.open(compute_store(packed["plain"], out / "plain")))
+    return (
+        ProposalStore.open(compute_store(packed["root"], out / "archives", workers=2, chunk_size=2)),
+        ProposalStore.open(compute_store(packed["plain"], out / "plain")),
+    )
 
 
 def test_proposals_from_archives_equal_the_loose_files_and_count_the_bad_member(packed, stores):

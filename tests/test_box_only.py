@@ -21,11 +21,23 @@ from soco_det.models.maskrcnn import build_maskrcnn
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 TINY = [
-    "model.fpn_channels=64", "model.box_conv_dims=[64,64,64,64]", "model.box_fc_dims=[256]",
-    "solver.iterations=6", "solver.steps=[5]", "solver.warmup_iters=2", "solver.batch_size=2",
-    "model.roi_batch_size=16", "model.rpn_batch_size=64", "model.detections_per_img=10",
-    "input.min_size_train=[112]", "input.max_size_train=200", "input.min_size_test=128", "input.max_size_test=200",
-    "data.num_workers=0", "checkpoint_period=3", "log_period=3",
+    "model.fpn_channels=64",
+    "model.box_conv_dims=[64,64,64,64]",
+    "model.box_fc_dims=[256]",
+    "solver.iterations=6",
+    "solver.steps=[5]",
+    "solver.warmup_iters=2",
+    "solver.batch_size=2",
+    "model.roi_batch_size=16",
+    "model.rpn_batch_size=64",
+    "model.detections_per_img=10",
+    "input.min_size_train=[112]",
+    "input.max_size_train=200",
+    "input.min_size_test=128",
+    "input.max_size_test=200",
+    "data.num_workers=0",
+    "checkpoint_period=3",
+    "log_period=3",
 ]
 
 
@@ -57,15 +69,30 @@ def test_annotation_kind_and_the_mixed_set_message(scenes, tmp_path):
     n = len(data["annotations"])
     with_seg = sum(1 for a in data["annotations"] if "segmentation" in a)
     assert 0 < with_seg < n
-    with pytest.raises(UserError, match=rf"{with_seg} of {n} annotations have a segmentation and {n - with_seg} have none"):
+    with pytest.raises(
+        UserError, match=rf"{with_seg} of {n} annotations have a segmentation and {n - with_seg} have none"
+    ):
         annotation_kind(CocoInstances(mixed, scenes["images"]))
 
 
 def test_settings_reach_torchvisions_constructor_for_both_detectors():
     for masks in (True, False):
-        model = build_maskrcnn(18, 4, min_size_test=320, max_size_test=512, roi_batch_size=64, rpn_batch_size=32,
-                               rpn_pre_nms_top_n=(600, 300), rpn_post_nms_top_n=(500, 200), detections_per_img=17,
-                               score_thresh=0.3, fpn_channels=32, box_conv_dims=(32,) * 4, box_fc_dims=(64,), masks=masks)
+        model = build_maskrcnn(
+            18,
+            4,
+            min_size_test=320,
+            max_size_test=512,
+            roi_batch_size=64,
+            rpn_batch_size=32,
+            rpn_pre_nms_top_n=(600, 300),
+            rpn_post_nms_top_n=(500, 200),
+            detections_per_img=17,
+            score_thresh=0.3,
+            fpn_channels=32,
+            box_conv_dims=(32,) * 4,
+            box_fc_dims=(64,),
+            masks=masks,
+        )
         model.train()
         assert (model.rpn.pre_nms_top_n(), model.rpn.post_nms_top_n()) == (600, 500)
         model.eval()
@@ -89,9 +116,26 @@ def test_box_only_detector_is_the_mask_rcnn_without_its_mask_branch():
 def test_box_only_finetune_trains_a_faster_rcnn_and_reports_bbox_ap_only(scenes, tmp_path):
     torch.set_num_threads(1)
     out = tmp_path / "run"
-    argv = ["finetune", "--train-json", str(scenes["train_boxes"]), "--train-images", str(scenes["images"]),
-            "--val-json", str(scenes["val_boxes"]), "--val-images", str(scenes["images"]), "--init", "random",
-            "-o", str(out), "--recipe", "finetune_tiny_cpu", "--device", "cpu", *TINY]
+    argv = [
+        "finetune",
+        "--train-json",
+        str(scenes["train_boxes"]),
+        "--train-images",
+        str(scenes["images"]),
+        "--val-json",
+        str(scenes["val_boxes"]),
+        "--val-images",
+        str(scenes["images"]),
+        "--init",
+        "random",
+        "-o",
+        str(out),
+        "--recipe",
+        "finetune_tiny_cpu",
+        "--device",
+        "cpu",
+        *TINY,
+    ]
     assert main(argv) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
@@ -104,8 +148,23 @@ def test_box_only_finetune_trains_a_faster_rcnn_and_reports_bbox_ap_only(scenes,
     # `soco-det evaluate` rebuilds the box-only model from the checkpoint and scores boxes only,
     # also on a val file that has masks.
     ev = tmp_path / "eval"
-    assert main(["evaluate", str(out), "--json", str(scenes["val"]), "--images", str(scenes["images"]),
-                 "-o", str(ev), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(out),
+                "--json",
+                str(scenes["val"]),
+                "--images",
+                str(scenes["images"]),
+                "-o",
+                str(ev),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     again = json.loads((ev / "metrics.json").read_text())
     assert set(again) == {"bbox", "num_images"}
     assert not (ev / "segm_results.json").exists()

@@ -34,16 +34,20 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(sample_data, tmp_path):
     peak, warmup, total = 1.0 * 2 / 256, 4, 16  # base_lr * batch / 256; 1 warmup epoch; 4 epochs x 4 steps
     for ra, rb in zip(ma, mb):
         t = rb["step"] - 1  # the record of step s used the schedules at global step s - 1
-        expected_lr = peak / 100 * (99 * t / warmup + 1) if t < warmup else \
-            1e-6 + (peak - 1e-6) * (1 + math.cos(math.pi * (t - warmup) / (total - warmup))) / 2
+        expected_lr = (
+            peak / 100 * (99 * t / warmup + 1)
+            if t < warmup
+            else 1e-6 + (peak - 1e-6) * (1 + math.cos(math.pi * (t - warmup) / (total - warmup))) / 2
+        )
         expected_tau = 1 - (1 - cfg.train.target_momentum) * (math.cos(math.pi * t / total) + 1) / 2
         assert rb["lr"] == pytest.approx(expected_lr, rel=1e-12) and rb["momentum"] == pytest.approx(expected_tau)
         assert ra["loss"] == rb["loss"] and ra["lr"] == rb["lr"]
 
 
 def test_checkpoint_files_are_complete_pruned_and_found(sample_data, tmp_path):
-    run = pretrain(tiny_config(sample_data, "train.max_steps=3", "train.ckpt_every=1", "train.keep_last=2"),
-                   tmp_path / "run")
+    run = pretrain(
+        tiny_config(sample_data, "train.max_steps=3", "train.ckpt_every=1", "train.keep_last=2"), tmp_path / "run"
+    )
     files = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert files == ["last.pt", "step_00000002.pt", "step_00000003.pt"]
     assert ckpt_io.find_resume(run) == run / "checkpoints" / "last.pt"
@@ -60,9 +64,17 @@ def test_resume_rejects_a_checkpoint_of_another_model(sample_data, tmp_path):
 
     run = pretrain(tiny_config(sample_data, "train.max_steps=1"), tmp_path / "run")
     with pytest.raises(UserError, match="model keys do not match"):
-        pretrain(tiny_config(sample_data, "train.max_steps=2", "model.variant=soco_c4",
-                             "data.views.recipe=soco_c4", "data.views.view_sizes=[64,64]"), tmp_path / "other",
-                 resume=run)
+        pretrain(
+            tiny_config(
+                sample_data,
+                "train.max_steps=2",
+                "model.variant=soco_c4",
+                "data.views.recipe=soco_c4",
+                "data.views.view_sizes=[64,64]",
+            ),
+            tmp_path / "other",
+            resume=run,
+        )
 
 
 class PoisonWeights(Hook):
@@ -79,7 +91,9 @@ class PoisonWeights(Hook):
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(sample_data, tmp_path):
     cfg = tiny_config(sample_data, "train.max_steps=4", "train.ckpt_every=2")
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 3 .*last good checkpoint: .*last\.pt"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"non-finite loss \(nan\) at step 3 .*last good checkpoint: .*last\.pt"
+    ):
         pretrain(cfg, tmp_path / "run", hooks=[PoisonWeights(at_step=2)])
     ckpt = model_state(tmp_path / "run")
     assert ckpt["step"] == 2

@@ -71,16 +71,29 @@ def run_script(*args: str, **env: str) -> subprocess.CompletedProcess:
 
 def test_console_script_and_module_entry_point_agree():
     script = run_script("--version")
-    module = subprocess.run([sys.executable, "-m", "soco_det", "--version"], capture_output=True, text=True,
-                            env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO)
+    module = subprocess.run(
+        [sys.executable, "-m", "soco_det", "--version"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        cwd=REPO,
+    )
     assert script.returncode == module.returncode == 0
     assert script.stdout.startswith("soco-det ") and script.stdout == module.stdout
     bad = run_script("no-such-command")
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
 
 
-@pytest.mark.parametrize("args", [["--help"], ["pretrain", "--help"], ["proposals", "--help"],
-                                  ["proposals", "compute", "--help"], ["proposals", "IMAGES", "--help"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["pretrain", "--help"],
+        ["proposals", "--help"],
+        ["proposals", "compute", "--help"],
+        ["proposals", "IMAGES", "--help"],
+    ],
+)
 def test_help_does_not_import_torch(args):
     # PYTHONPROFILEIMPORTTIME makes Python list every module it imports, on stderr.
     proc = run_script(*args, PYTHONPROFILEIMPORTTIME="1")
@@ -100,13 +113,16 @@ def test_proposals_help_lists_the_subcommands_and_the_default_form(capsys):
     assert "soco-det proposals IMAGES -o STORE" in " ".join(out.split())
 
 
-@pytest.mark.parametrize("subcommand, words", [
-    ("compute", ["--workers", "--max-side", "--shard", "--chunk-size", "--exif-transpose"]),
-    ("merge", ["--allow-missing", "--overwrite"]),
-    ("import", ["--images", "--exif-transpose", "--overwrite"]),
-    ("export", ["--format", "--overwrite"]),
-    ("info", ["STORE"]),
-])
+@pytest.mark.parametrize(
+    "subcommand, words",
+    [
+        ("compute", ["--workers", "--max-side", "--shard", "--chunk-size", "--exif-transpose"]),
+        ("merge", ["--allow-missing", "--overwrite"]),
+        ("import", ["--images", "--exif-transpose", "--overwrite"]),
+        ("export", ["--format", "--overwrite"]),
+        ("info", ["STORE"]),
+    ],
+)
 def test_each_proposals_subcommand_has_help_with_exactly_its_options(subcommand, words, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["proposals", subcommand, "--help"])
@@ -120,8 +136,23 @@ def test_each_proposals_subcommand_has_help_with_exactly_its_options(subcommand,
 def test_proposals_without_a_subcommand_word_is_compute():
     from soco_det.cli import build_parser, normalize_argv
 
-    argv = ["proposals", "/data/x", "-o", "s", "--workers", "3", "--max-side", "64", "--shard", "1/4",
-            "--param", "scale=500", "--exif-transpose", "--chunk-size", "8"]
+    argv = [
+        "proposals",
+        "/data/x",
+        "-o",
+        "s",
+        "--workers",
+        "3",
+        "--max-side",
+        "64",
+        "--shard",
+        "1/4",
+        "--param",
+        "scale=500",
+        "--exif-transpose",
+        "--chunk-size",
+        "8",
+    ]
     implicit = build_parser().parse_args(normalize_argv(argv))
     explicit = build_parser().parse_args(normalize_argv(["proposals", "compute", *argv[1:]]))
     assert vars(implicit) == vars(explicit)
@@ -134,13 +165,16 @@ def test_proposals_without_a_subcommand_word_is_compute():
     assert build_parser().parse_args(normalize_argv(["proposals", "./merge", "-o", "s"])).images == "./merge"
 
 
-@pytest.mark.parametrize("argv, wrong", [
-    (["proposals", "export", "STORE", "-o", "x.json", "--workers", "2"], "proposals export"),
-    (["proposals", "info", "STORE", "--format", "coco"], "proposals info"),
-    (["proposals", "merge", "a", "b", "-o", "s", "--images", "d"], "proposals merge"),
-    (["proposals", "IMAGES", "-o", "s", "--allow-missing"], "proposals compute"),
-    (["proposals", "IMAGES", "-o", "s", "--format", "coco"], "proposals compute"),
-])
+@pytest.mark.parametrize(
+    "argv, wrong",
+    [
+        (["proposals", "export", "STORE", "-o", "x.json", "--workers", "2"], "proposals export"),
+        (["proposals", "info", "STORE", "--format", "coco"], "proposals info"),
+        (["proposals", "merge", "a", "b", "-o", "s", "--images", "d"], "proposals merge"),
+        (["proposals", "IMAGES", "-o", "s", "--allow-missing"], "proposals compute"),
+        (["proposals", "IMAGES", "-o", "s", "--format", "coco"], "proposals compute"),
+    ],
+)
 def test_an_option_of_another_proposals_subcommand_is_refused(argv, wrong, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)

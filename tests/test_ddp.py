@@ -56,8 +56,22 @@ def worker_errors(stderr: str) -> str:
 
 
 def cli_args(data, out, *extra):
-    return ["pretrain", "--recipe", "tiny_cpu", "--images", str(data["images"]), "--proposals",
-            str(data["proposals"]), "-o", str(out), "--device", "cpu", *TINY_OVERRIDES, *STEPS, *extra]
+    return [
+        "pretrain",
+        "--recipe",
+        "tiny_cpu",
+        "--images",
+        str(data["images"]),
+        "--proposals",
+        str(data["proposals"]),
+        "-o",
+        str(out),
+        "--device",
+        "cpu",
+        *TINY_OVERRIDES,
+        *STEPS,
+        *extra,
+    ]
 
 
 class RankMajorSampler(ResumableSampler):
@@ -123,8 +137,11 @@ def reference(sample_data, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(dist_utils, "ResumableSampler", RankMajorSampler)
     try:
-        pretrain(tiny_config(sample_data, *STEPS, f"data.batch_size={PER_PROCESS}", f"train.accum_steps={WORLD}"),
-                 out, hooks=[hook])
+        pretrain(
+            tiny_config(sample_data, *STEPS, f"data.batch_size={PER_PROCESS}", f"train.accum_steps={WORLD}"),
+            out,
+            hooks=[hook],
+        )
     finally:
         mp.undo()
     return out, hook.state
@@ -132,11 +149,17 @@ def reference(sample_data, tmp_path_factory):
 
 def test_two_processes_equal_one_process_with_the_same_batchnorm_groups(sample_data, reference, tmp_path):
     single, init = reference
-    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", "--master_addr=127.0.0.1",
-                f"--master_port={free_port()}"]
+    launcher = [
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={WORLD}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+    ]
     # A generous timeout: 4 steps in 2 processes take ~20 s on an idle machine, minutes on a loaded one.
-    proc = run_cli(cli_args(sample_data, tmp_path / "ddp", f"data.batch_size={PER_PROCESS}"), launcher=launcher,
-                   timeout=900)
+    proc = run_cli(
+        cli_args(sample_data, tmp_path / "ddp", f"data.batch_size={PER_PROCESS}"), launcher=launcher, timeout=900
+    )
     assert proc.returncode == 0, worker_errors(proc.stderr)
 
     a, b = model_state(single), model_state(tmp_path / "ddp")
@@ -158,8 +181,10 @@ def test_the_comparison_tells_batchnorm_groupings_apart(sample_data, reference, 
     # Same images, same steps, but the micro-batches group them as the plain sampler order does:
     # only the BatchNorm statistics differ, and the comparison above must see it.
     single, init = reference
-    other = pretrain(tiny_config(sample_data, *STEPS, f"data.batch_size={PER_PROCESS}", f"train.accum_steps={WORLD}"),
-                     tmp_path / "other")
+    other = pretrain(
+        tiny_config(sample_data, *STEPS, f"data.batch_size={PER_PROCESS}", f"train.accum_steps={WORLD}"),
+        tmp_path / "other",
+    )
     name, err = worst(relative_errors(model_state(single), model_state(other), init))
     assert err > 100 * RTOL, f"worst relative difference only {err:.2e} ({name})"
 
@@ -171,8 +196,13 @@ def test_sync_bn_two_processes_equal_one_process_with_bn_training(sample_data, t
     BN running statistics after 2 steps."""
     steps = ["train.max_steps=2", "model.sync_bn=true"]
     single = pretrain(tiny_config(sample_data, *steps, "data.batch_size=4"), tmp_path / "single")
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                f"--master_port={free_port()}"]
+    launcher = [
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+    ]
     args = cli_args(sample_data, tmp_path / "ddp", "data.batch_size=2")
     args = [a for a in args if a not in STEPS] + steps
     proc = run_cli(args, launcher=launcher, timeout=300)
@@ -200,8 +230,12 @@ def test_per_process_statistics_would_differ():
     whole = build_model(tiny()).train()
     half = copy.deepcopy(whole)
     batch = make_batch(**BATCHES["soco_fpn"], b=4)
-    first = {**batch, "images": [t[:2] for t in batch["images"]], "corr": [t[:2] for t in batch["corr"]],
-             "boxes": [tuple(t[:2] for t in side) for side in batch["boxes"]]}
+    first = {
+        **batch,
+        "images": [t[:2] for t in batch["images"]],
+        "corr": [t[:2] for t in batch["corr"]],
+        "boxes": [tuple(t[:2] for t in side) for side in batch["boxes"]],
+    }
     whole(batch)
     half(first)
     diff = half.online["head"].bn1.running_var - whole.online["head"].bn1.running_var
@@ -212,12 +246,26 @@ def test_two_nodes_on_loopback_train(sample_data, tmp_path):
     port = free_port()
     procs = []
     for node in (0, 1):
-        launcher = ["-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
-                    "--master_addr=127.0.0.1", f"--master_port={port}"]
-        cmd = [sys.executable, *launcher, "-m", "soco_det",
-               *cli_args(sample_data, tmp_path / "run", "data.batch_size=2", "train.max_steps=2")]
+        launcher = [
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=2",
+            "--nproc_per_node=1",
+            f"--node_rank={node}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+        ]
+        cmd = [
+            sys.executable,
+            *launcher,
+            "-m",
+            "soco_det",
+            *cli_args(sample_data, tmp_path / "run", "data.batch_size=2", "train.max_steps=2"),
+        ]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-        procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
     outs = [p.communicate(timeout=900) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, worker_errors(err)

@@ -60,21 +60,33 @@ def test_budget_rule():
 
 def test_run_logs_dynamics_and_warns_when_the_encoder_does_not_move(sample_data, tmp_path, caplog):  # noqa: F811
     # 4 images / batch 2 = 2 steps per epoch, warmup 1 epoch; paper eta: the encoder barely moves
-    cfg = tiny_config(sample_data, "train.epochs=3", "train.warmup_epochs=1", "model.head_decorrelation=0.1",
-                      "train.budget=paper")
+    cfg = tiny_config(
+        sample_data, "train.epochs=3", "train.warmup_epochs=1", "model.head_decorrelation=0.1", "train.budget=paper"
+    )
     with caplog.at_level(logging.WARNING, logger="soco_det"):
         run = pretrain(cfg, tmp_path / "run")
     records = read_metrics(run)
     last = records[-1]
-    for key in ("move/encoder", "move/neck", "move/head", "move/projector", "move/predictor", "lars/trust_ratio",
-                "collapse/head_rank", "collapse/head_std", "collapse/proj_rank", "loss/head_decorrelation"):
+    for key in (
+        "move/encoder",
+        "move/neck",
+        "move/head",
+        "move/projector",
+        "move/predictor",
+        "lars/trust_ratio",
+        "collapse/head_rank",
+        "collapse/head_std",
+        "collapse/proj_rank",
+        "loss/head_decorrelation",
+    ):
         assert key in last, key
     assert 0 < last["move/encoder"] < 0.01
     assert records[0]["move/encoder"] <= last["move/encoder"]
     assert sum("encoder's weights have moved" in r.message for r in caplog.records) == 1
     # the movement is measured against the run's start, rebuilt on resume
-    cfg_more = tiny_config(sample_data, "train.epochs=4", "train.warmup_epochs=1", "model.head_decorrelation=0.1",
-                           "train.budget=paper")
+    cfg_more = tiny_config(
+        sample_data, "train.epochs=4", "train.warmup_epochs=1", "model.head_decorrelation=0.1", "train.budget=paper"
+    )
     pretrain(cfg_more, run, resume="auto")
     resumed = read_metrics(run)[-1]
     assert resumed["move/encoder"] >= last["move/encoder"]
@@ -83,8 +95,9 @@ def test_run_logs_dynamics_and_warns_when_the_encoder_does_not_move(sample_data,
 def test_weight_groups_cover_every_trainable_matrix():
     from soco_det.models import ModelConfig, build_model
 
-    model = build_model(ModelConfig(depth=18, fpn_channels=16, head_conv_dim=16, head_fc_dim=32,
-                                    proj_hidden_dim=32, proj_dim=16))
+    model = build_model(
+        ModelConfig(depth=18, fpn_channels=16, head_conv_dim=16, head_fc_dim=32, proj_hidden_dim=32, proj_dim=16)
+    )
     groups = weight_groups(model)
     assert set(groups) == {"encoder", "neck", "head", "projector", "predictor"}
     n = sum(len(v) for v in groups.values())

@@ -62,10 +62,17 @@ def gt_dataset(tmp_path_factory):
     for k, (i, cat, box) in enumerate(objects):
         mask = _ellipse_mask(120, 128, box)
         rle = mask_utils.encode(np.asfortranarray(mask))
-        annotations.append({
-            "id": k + 1, "image_id": 100 + i, "category_id": cat, "iscrowd": 0,
-            "segmentation": _rle(mask), "area": float(mask_utils.area(rle)), "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-        })
+        annotations.append(
+            {
+                "id": k + 1,
+                "image_id": 100 + i,
+                "category_id": cat,
+                "iscrowd": 0,
+                "segmentation": _rle(mask),
+                "area": float(mask_utils.area(rle)),
+                "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+            }
+        )
     categories = [{"id": c, "name": f"class{c}"} for c in (11, 3, 7)]  # file order differs from id order
     path = root / "val.json"
     path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
@@ -92,15 +99,22 @@ def _handmade_detections(gt_json):
         x, y, w, h = ann["bbox"]
         box = (x + dx, y, x + dx + w, y + h)
         mask = _ellipse_mask(120, 128, box)
-        dets.append({"image_id": ann["image_id"], "category_id": cat or ann["category_id"], "bbox": [x + dx, y, w, h],
-                     "segmentation": _rle(mask), "score": score})
+        dets.append(
+            {
+                "image_id": ann["image_id"],
+                "category_id": cat or ann["category_id"],
+                "bbox": [x + dx, y, w, h],
+                "segmentation": _rle(mask),
+                "score": score,
+            }
+        )
 
-    add(anns[0], 0, 0.9)                    # exact
+    add(anns[0], 0, 0.9)  # exact
     add(anns[1], 0.25 * anns[1]["bbox"][2], 0.8)  # shifted by a quarter of its width: IoU 0.6
-    add(anns[2], 0, 0.3, cat=3)             # right place, wrong class
-    add(anns[3], 2, 0.95)                   # nearly exact
+    add(anns[2], 0, 0.3, cat=3)  # right place, wrong class
+    add(anns[3], 2, 0.95)  # nearly exact
     add(anns[4], 0.25 * anns[4]["bbox"][2], 0.4)
-    add(anns[3], 60, 0.99)                  # confident false positive (nothing there of class 3)
+    add(anns[3], 60, 0.99)  # confident false positive (nothing there of class 3)
     # anns[5] (class 7 in image 101) is missed
     return dets
 
@@ -109,8 +123,14 @@ def _handmade_detections(gt_json):
 def test_metrics_match_pycocotools_run_directly(gt_dataset, iou_type):
     gt_json, _ = gt_dataset
     dets = _handmade_detections(gt_json)
-    ours = coco_metrics(load_coco(gt_json), [{k: v for k, v in d.items() if iou_type == "segm" or k != "segmentation"} for d in dets], iou_type)
-    direct = _pycocotools_stats(gt_json, [{k: v for k, v in d.items() if iou_type == "segm" or k != "segmentation"} for d in dets], iou_type)
+    ours = coco_metrics(
+        load_coco(gt_json),
+        [{k: v for k, v in d.items() if iou_type == "segm" or k != "segmentation"} for d in dets],
+        iou_type,
+    )
+    direct = _pycocotools_stats(
+        gt_json, [{k: v for k, v in d.items() if iou_type == "segm" or k != "segmentation"} for d in dets], iou_type
+    )
     for name, value in zip(METRIC_NAMES, direct):
         assert ours[name] == (pytest.approx(float(value)) if value >= 0 else None), name
     # The set is not degenerate: shifted matches count at IoU 0.5 but not 0.75, so AP50 > AP75 > 0.
@@ -124,33 +144,50 @@ def interpolated_ap(ranked_tp: list[bool], n_gt: int) -> float:
     (0 where that recall is never reached)."""
     tp = np.cumsum(ranked_tp)
     recall, precision = tp / n_gt, tp / np.arange(1, len(tp) + 1)
-    return float(np.mean([max((p for p, rc in zip(precision, recall) if rc >= r), default=0.0)
-                          for r in np.linspace(0, 1, 101)]))
+    return float(
+        np.mean([max((p for p, rc in zip(precision, recall) if rc >= r), default=0.0) for r in np.linspace(0, 1, 101)])
+    )
 
 
 def test_ap_of_known_matches_equals_the_hand_computed_value(tmp_path):
     # One 200 x 200 image; labels 1, 2, 3 are category ids 5, 9, 12 (12 has no ground truth, so
     # COCO leaves it out of the mean). Box IoUs are chosen away from the 0.5:0.05:0.95 thresholds.
     gt_boxes = {5: [(0, 0, 100, 100), (120, 120, 180, 180), (120, 0, 190, 50)], 9: [(20, 120, 80, 180)]}
-    anns = [{"id": k + 1, "image_id": 1, "category_id": cat, "iscrowd": 0, "bbox": [x1, y1, x2 - x1, y2 - y1],
-             "area": float((x2 - x1) * (y2 - y1))}
-            for k, (cat, (x1, y1, x2, y2)) in enumerate((c, b) for c, bs in gt_boxes.items() for b in bs)]
+    anns = [
+        {
+            "id": k + 1,
+            "image_id": 1,
+            "category_id": cat,
+            "iscrowd": 0,
+            "bbox": [x1, y1, x2 - x1, y2 - y1],
+            "area": float((x2 - x1) * (y2 - y1)),
+        }
+        for k, (cat, (x1, y1, x2, y2)) in enumerate((c, b) for c, bs in gt_boxes.items() for b in bs)
+    ]
     gt_json = tmp_path / "gt.json"
-    gt_json.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png", "width": 200, "height": 200}],
-                                   "annotations": anns,
-                                   "categories": [{"id": c, "name": str(c)} for c in (5, 9, 12)]}))
+    gt_json.write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "a.png", "width": 200, "height": 200}],
+                "annotations": anns,
+                "categories": [{"id": c, "name": str(c)} for c in (5, 9, 12)],
+            }
+        )
+    )
     predictions = [  # (label, score, box): what each one matches
-        (1, 0.9, (0, 0, 100, 100)),      # GT 5a exactly: TP at every threshold
-        (1, 0.8, (0, 150, 40, 190)),     # nothing there: FP
+        (1, 0.9, (0, 0, 100, 100)),  # GT 5a exactly: TP at every threshold
+        (1, 0.8, (0, 150, 40, 190)),  # nothing there: FP
         (1, 0.7, (132, 120, 192, 180)),  # GT 5b shifted by 12 of 60: IoU 48/72 = 2/3, TP up to 0.65
-        (1, 0.6, (0, 0, 100, 100)),      # GT 5a again: a duplicate, FP
-        (2, 0.99, (0, 0, 100, 100)),     # no class-9 object there: FP ranked first
-        (2, 0.95, (26, 120, 86, 180)),   # GT 9 shifted by 6 of 60: IoU 54/66 = 0.818, TP up to 0.8
-        (3, 0.5, (10, 10, 50, 50)),      # category 12: no ground truth anywhere, ignored
-    ]                                    # GT 5c is missed
-    output = {"boxes": torch.tensor([p[2] for p in predictions], dtype=torch.float32),
-              "scores": torch.tensor([p[1] for p in predictions]),
-              "labels": torch.tensor([p[0] for p in predictions])}
+        (1, 0.6, (0, 0, 100, 100)),  # GT 5a again: a duplicate, FP
+        (2, 0.99, (0, 0, 100, 100)),  # no class-9 object there: FP ranked first
+        (2, 0.95, (26, 120, 86, 180)),  # GT 9 shifted by 6 of 60: IoU 54/66 = 0.818, TP up to 0.8
+        (3, 0.5, (10, 10, 50, 50)),  # category 12: no ground truth anywhere, ignored
+    ]  # GT 5c is missed
+    output = {
+        "boxes": torch.tensor([p[2] for p in predictions], dtype=torch.float32),
+        "scores": torch.tensor([p[1] for p in predictions]),
+        "labels": torch.tensor([p[0] for p in predictions]),
+    }
     bbox, segm = to_coco_results(output, image_id=1, cat_ids=[5, 9, 12])
     assert segm == [] and [r["category_id"] for r in bbox] == [5, 5, 5, 5, 9, 9, 12]
     assert bbox[2]["bbox"] == [132.0, 120.0, 60.0, 60.0]
@@ -187,10 +224,14 @@ class OracleModel(nn.Module):
             t = self.targets[self.calls]
             self.calls += 1
             assert image.shape[-2:] == t["masks"].shape[-2:]  # evaluated at the original size
-            outputs.append({
-                "boxes": t["boxes"], "labels": torch.tensor([self.label_of(int(v)) for v in t["labels"]], dtype=torch.int64),
-                "scores": torch.ones(len(t["labels"])), "masks": t["masks"][:, None].float() * 0.9,
-            })
+            outputs.append(
+                {
+                    "boxes": t["boxes"],
+                    "labels": torch.tensor([self.label_of(int(v)) for v in t["labels"]], dtype=torch.int64),
+                    "scores": torch.ones(len(t["labels"])),
+                    "masks": t["masks"][:, None].float() * 0.9,
+                }
+            )
         return outputs
 
 

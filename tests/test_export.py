@@ -69,8 +69,13 @@ def _write_run(root: Path, cfg: ModelConfig, seed: int = 0) -> tuple[Path, torch
     with torch.no_grad():  # a target that has drifted from the online network
         for p in model.target.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    ckpt = {"format": "soco-det/1", "model": model.state_dict(), "step": 7, "epoch": 1,
-            "config": {"model": dataclasses.asdict(cfg)}}
+    ckpt = {
+        "format": "soco-det/1",
+        "model": model.state_dict(),
+        "step": 7,
+        "epoch": 1,
+        "config": {"model": dataclasses.asdict(cfg)},
+    }
     (root / "checkpoints").mkdir(parents=True)
     torch.save(ckpt, root / "checkpoints" / "last.pt")
     return root, model.eval()
@@ -109,7 +114,9 @@ def _load_tv(model: torch.nn.Module, path: Path) -> set[str]:
 def test_torchvision_r18_loads_with_exactly_the_new_parts_missing(r18, tmp_path, image):
     run, model = r18
     out = export_checkpoint(run, "torchvision", tmp_path / "tv.pth")
-    tv = build_maskrcnn_v2(depth=18, num_classes=91, fpn_channels=64, box_conv_dims=(64,) * 4, box_fc_dims=(128,)).eval()
+    tv = build_maskrcnn_v2(
+        depth=18, num_classes=91, fpn_channels=64, box_conv_dims=(64,) * 4, box_fc_dims=(128,)
+    ).eval()
     assert _load_tv(tv, out) == TV_NEW_KEYS
 
     # Same backbone + FPN features as the pretraining model (eval mode): P2..P5 = '0'..'3'.
@@ -136,7 +143,9 @@ def test_torchvision_r50_loads_into_maskrcnn_resnet50_fpn_v2(r50, tmp_path):
     # Values arrive unchanged (e.g. the last FPN output conv and the fc of the head).
     state = tv.state_dict()
     ours = model.state_dict()
-    assert torch.equal(state["backbone.fpn.layer_blocks.3.1.running_var"], ours["online.neck.fpn_convs.3.bn.running_var"])
+    assert torch.equal(
+        state["backbone.fpn.layer_blocks.3.1.running_var"], ours["online.neck.fpn_convs.3.bn.running_var"]
+    )
     assert torch.equal(state["roi_heads.box_head.5.weight"], ours["online.head.fc1.weight"])
     assert torch.equal(state["backbone.body.layer4.2.bn3.weight"], ours["online.encoder.layer4.2.bn3.weight"])
     # build_maskrcnn_v2(50) is that same model (names and shapes), so fine-tuning code can use it for any depth.
@@ -210,12 +219,16 @@ def test_detectron2_names_are_exactly_detectron2s(which, request, tmp_path):
     assert set(data["model"]) == detectron2_keys(depth)
     assert all(isinstance(v, np.ndarray) for v in data["model"].values())
     ours = model.state_dict()
-    np.testing.assert_array_equal(data["model"]["backbone.bottom_up.res3.0.shortcut.norm.running_mean"],
-                                  ours["online.encoder.layer2.0.downsample.1.running_mean"].numpy())
-    np.testing.assert_array_equal(data["model"]["backbone.fpn_lateral5.norm.weight"],
-                                  ours["online.neck.lateral_convs.3.bn.weight"].numpy())
-    np.testing.assert_array_equal(data["model"]["roi_heads.box_head.conv4.norm.running_var"],
-                                  ours["online.head.bn4.running_var"].numpy())
+    np.testing.assert_array_equal(
+        data["model"]["backbone.bottom_up.res3.0.shortcut.norm.running_mean"],
+        ours["online.encoder.layer2.0.downsample.1.running_mean"].numpy(),
+    )
+    np.testing.assert_array_equal(
+        data["model"]["backbone.fpn_lateral5.norm.weight"], ours["online.neck.lateral_convs.3.bn.weight"].numpy()
+    )
+    np.testing.assert_array_equal(
+        data["model"]["roi_heads.box_head.conv4.norm.running_var"], ours["online.head.bn4.running_var"].numpy()
+    )
     assert data["model"]["backbone.bottom_up.stem.conv1.norm.num_batches_tracked"].shape == ()
 
 
@@ -223,8 +236,10 @@ def test_detectron2_c4_puts_res5_in_the_roi_head(tmp_path):
     run, model = _write_run(tmp_path / "c4", ModelConfig(variant="soco_c4", depth=50, **SMALL))
     data = _read_pkl(export_checkpoint(run, "detectron2", tmp_path / "c4.pkl"))
     assert set(data["model"]) == detectron2_keys(50, c4=True)
-    np.testing.assert_array_equal(data["model"]["roi_heads.res5.2.conv3.weight"],
-                                  model.state_dict()["online.encoder.layer4.2.conv3.weight"].numpy())
+    np.testing.assert_array_equal(
+        data["model"]["roi_heads.res5.2.conv3.weight"],
+        model.state_dict()["online.encoder.layer4.2.conv3.weight"].numpy(),
+    )
     # torchvision has no C4 Mask R-CNN: the backbone goes into the FPN model, whose FPN and box
     # head then stay new as well, which the export's own check states.
     result = export(run, "torchvision", tmp_path / "c4_tv.pth")
@@ -234,18 +249,49 @@ def test_detectron2_c4_puts_res5_in_the_roi_head(tmp_path):
 
 # Config keys of detectron2's defaults (detectron2/config/defaults.py) used by the shipped files.
 D2_CONFIG_KEYS = {
-    "VERSION", "MODEL.META_ARCHITECTURE", "MODEL.WEIGHTS", "MODEL.MASK_ON", "MODEL.PIXEL_MEAN",
-    "MODEL.PIXEL_STD", "MODEL.BACKBONE.NAME", "MODEL.BACKBONE.FREEZE_AT", "MODEL.RESNETS.DEPTH",
-    "MODEL.RESNETS.OUT_FEATURES", "MODEL.RESNETS.NORM", "MODEL.RESNETS.STRIDE_IN_1X1",
-    "MODEL.FPN.IN_FEATURES", "MODEL.FPN.NORM", "MODEL.ANCHOR_GENERATOR.SIZES",
-    "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", "MODEL.RPN.IN_FEATURES", "MODEL.RPN.PRE_NMS_TOPK_TRAIN",
-    "MODEL.RPN.PRE_NMS_TOPK_TEST", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "MODEL.RPN.POST_NMS_TOPK_TEST",
-    "MODEL.ROI_HEADS.NAME", "MODEL.ROI_HEADS.IN_FEATURES", "MODEL.ROI_HEADS.NUM_CLASSES",
-    "MODEL.ROI_BOX_HEAD.NAME", "MODEL.ROI_BOX_HEAD.NUM_CONV", "MODEL.ROI_BOX_HEAD.NUM_FC",
-    "MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "MODEL.ROI_MASK_HEAD.NAME",
-    "MODEL.ROI_MASK_HEAD.NUM_CONV", "MODEL.ROI_MASK_HEAD.NORM", "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION",
-    "INPUT.FORMAT", "INPUT.MIN_SIZE_TRAIN", "INPUT.MIN_SIZE_TEST", "DATASETS.TRAIN", "DATASETS.TEST",
-    "SOLVER.IMS_PER_BATCH", "SOLVER.BASE_LR", "SOLVER.STEPS", "SOLVER.MAX_ITER", "SOLVER.WEIGHT_DECAY",
+    "VERSION",
+    "MODEL.META_ARCHITECTURE",
+    "MODEL.WEIGHTS",
+    "MODEL.MASK_ON",
+    "MODEL.PIXEL_MEAN",
+    "MODEL.PIXEL_STD",
+    "MODEL.BACKBONE.NAME",
+    "MODEL.BACKBONE.FREEZE_AT",
+    "MODEL.RESNETS.DEPTH",
+    "MODEL.RESNETS.OUT_FEATURES",
+    "MODEL.RESNETS.NORM",
+    "MODEL.RESNETS.STRIDE_IN_1X1",
+    "MODEL.FPN.IN_FEATURES",
+    "MODEL.FPN.NORM",
+    "MODEL.ANCHOR_GENERATOR.SIZES",
+    "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS",
+    "MODEL.RPN.IN_FEATURES",
+    "MODEL.RPN.PRE_NMS_TOPK_TRAIN",
+    "MODEL.RPN.PRE_NMS_TOPK_TEST",
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+    "MODEL.RPN.POST_NMS_TOPK_TEST",
+    "MODEL.ROI_HEADS.NAME",
+    "MODEL.ROI_HEADS.IN_FEATURES",
+    "MODEL.ROI_HEADS.NUM_CLASSES",
+    "MODEL.ROI_BOX_HEAD.NAME",
+    "MODEL.ROI_BOX_HEAD.NUM_CONV",
+    "MODEL.ROI_BOX_HEAD.NUM_FC",
+    "MODEL.ROI_BOX_HEAD.NORM",
+    "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION",
+    "MODEL.ROI_MASK_HEAD.NAME",
+    "MODEL.ROI_MASK_HEAD.NUM_CONV",
+    "MODEL.ROI_MASK_HEAD.NORM",
+    "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION",
+    "INPUT.FORMAT",
+    "INPUT.MIN_SIZE_TRAIN",
+    "INPUT.MIN_SIZE_TEST",
+    "DATASETS.TRAIN",
+    "DATASETS.TEST",
+    "SOLVER.IMS_PER_BATCH",
+    "SOLVER.BASE_LR",
+    "SOLVER.STEPS",
+    "SOLVER.MAX_ITER",
+    "SOLVER.WEIGHT_DECAY",
     "TEST.PRECISE_BN.ENABLED",
 }
 
@@ -289,7 +335,9 @@ def mmdet_keys(depth: int) -> set[str]:
     for stage, n_blocks in zip(range(1, 5), BLOCKS[depth]):
         for j in range(n_blocks):
             for c in (1, 2, 3) if bottleneck else (1, 2):
-                keys |= {f"backbone.layer{stage}.{j}.conv{c}.weight"} | {f"backbone.layer{stage}.{j}.bn{c}.{b}" for b in BN}
+                keys |= {f"backbone.layer{stage}.{j}.conv{c}.weight"} | {
+                    f"backbone.layer{stage}.{j}.bn{c}.{b}" for b in BN
+                }
             # downsample when the first block changes stride or width (not R18/R34's layer1)
             if j == 0 and (stage > 1 or bottleneck):
                 keys |= {f"backbone.layer{stage}.0.downsample.0.weight"}
@@ -309,7 +357,9 @@ def test_mmdet_names_are_exactly_mmdets(which, request, tmp_path):
     assert set(data) == {"state_dict", "meta"} and data["meta"]["depth"] == depth
     assert set(data["state_dict"]) == mmdet_keys(depth)
     ours = model.state_dict()
-    assert torch.equal(data["state_dict"]["roi_head.bbox_head.shared_convs.3.bn.running_mean"], ours["online.head.bn4.running_mean"])
+    assert torch.equal(
+        data["state_dict"]["roi_head.bbox_head.shared_convs.3.bn.running_mean"], ours["online.head.bn4.running_mean"]
+    )
     assert torch.equal(data["state_dict"]["roi_head.bbox_head.shared_fcs.0.bias"], ours["online.head.fc1.bias"])
 
 

@@ -54,13 +54,26 @@ def _corrupt(path: Path, offset: int | None = None, n: int = 64) -> None:
     """Overwrite ``n`` bytes in the middle of a file (tensor data of a checkpoint) with other bytes."""
     data = bytearray(path.read_bytes())
     at = len(data) // 2 if offset is None else offset
-    data[at:at + n] = bytes((b + 1) % 256 for b in data[at:at + n])
+    data[at : at + n] = bytes((b + 1) % 256 for b in data[at : at + n])
     path.write_bytes(bytes(data))
 
 
 def _cli_args(data, out, *extra):
-    return ["pretrain", "--recipe", "tiny_cpu", "--images", str(data["images"]), "--proposals",
-            str(data["proposals"]), "-o", str(out), "--device", "cpu", *TINY_OVERRIDES, *extra]
+    return [
+        "pretrain",
+        "--recipe",
+        "tiny_cpu",
+        "--images",
+        str(data["images"]),
+        "--proposals",
+        str(data["proposals"]),
+        "-o",
+        str(out),
+        "--device",
+        "cpu",
+        *TINY_OVERRIDES,
+        *extra,
+    ]
 
 
 # ------------------------------------------------------------------ 1. a finished run is never run over
@@ -69,7 +82,10 @@ def _cli_args(data, out, *extra):
 def test_rerun_without_resume_refuses_and_keeps_the_old_run(sample_data, tmp_path, capsys):
     run = tmp_path / "run"
     pretrain(tiny_config(sample_data, "train.max_steps=2", "train.ckpt_every=1"), run)
-    before = {p: p.read_bytes() for p in [run / "config.yaml", run / "metrics.jsonl", *sorted((run / "checkpoints").iterdir())]}
+    before = {
+        p: p.read_bytes()
+        for p in [run / "config.yaml", run / "metrics.jsonl", *sorted((run / "checkpoints").iterdir())]
+    }
 
     # The same command with fewer steps and without --resume: refused, nothing touched (before, it
     # truncated the metrics and left last.pt at the new step 1 next to the old step 2).
@@ -94,9 +110,17 @@ def test_rerun_without_resume_refuses_and_keeps_the_old_run(sample_data, tmp_pat
 def test_a_second_process_on_a_locked_run_folder_gets_a_clear_error(sample_data, tmp_path):
     run = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from soco_det.runlock import FolderLock; "
-         "FolderLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)", str(run)],
-        env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from soco_det.runlock import FolderLock; "
+            "FolderLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)",
+            str(run),
+        ],
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(UserError, match=rf"in use by another process \(pid {holder.pid} on "):
@@ -117,8 +141,12 @@ def test_two_pretrain_processes_on_one_folder(sample_data, tmp_path):
     run = tmp_path / "run"
     args = _cli_args(sample_data, run, "train.max_steps=3", "train.ckpt_every=1")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    procs = [subprocess.Popen([sys.executable, "-m", "soco_det", *args], env=env, cwd=REPO, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "soco_det", *args], env=env, cwd=REPO, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     codes = sorted(code for code, _ in results)
     assert codes == [0, 2], results
@@ -184,7 +212,9 @@ def test_sigterm_to_the_pretrain_command(sample_data, tmp_path):
     run = tmp_path / "run"
     args = _cli_args(sample_data, run, "train.max_steps=200", "train.ckpt_every=1000", "data.num_workers=1")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "soco_det", *args], env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "soco_det", *args], env=env, cwd=REPO, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 240
     while time.time() < deadline and not read_metrics(run):
         time.sleep(0.2)
@@ -364,10 +394,19 @@ def test_sigterm_during_finetuning_saves_a_checkpoint(tmp_path, monkeypatch):
     from test_finetune import TINY
 
     scenes = synth.generate(tmp_path / "scenes", n_unlabeled=0, n_train=4, n_val=1, short_side=96, seed=3)
-    extra = {"data": {"train_json": str(scenes["train"]), "train_images": str(scenes["images"]),
-                      "val_json": str(scenes["val"]), "val_images": str(scenes["images"])},
-             "model": {"init": "random"}, "device": "cpu"}
-    cfg = build_config(FinetuneConfig, "finetune_tiny_cpu", [*TINY, "checkpoint_period=100", "log_period=1"], extra=extra)
+    extra = {
+        "data": {
+            "train_json": str(scenes["train"]),
+            "train_images": str(scenes["images"]),
+            "val_json": str(scenes["val"]),
+            "val_images": str(scenes["images"]),
+        },
+        "model": {"init": "random"},
+        "device": "cpu",
+    }
+    cfg = build_config(
+        FinetuneConfig, "finetune_tiny_cpu", [*TINY, "checkpoint_period=100", "log_period=1"], extra=extra
+    )
     real_step, calls = finetuning.train_step, []
 
     def step_then_signal(*args, **kwargs):
@@ -387,8 +426,18 @@ def test_sigterm_during_finetuning_saves_a_checkpoint(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ stores: 4, 5, 7, 9, 10, 13
 
-STORE_FILES = ["paths.npy", "path_offsets.npy", "sizes.npy", "offsets.npy", "boxes.npy", "status.npy", "stage.npy",
-               "raw_counts.npy", "failures.json", "summary.json"]
+STORE_FILES = [
+    "paths.npy",
+    "path_offsets.npy",
+    "sizes.npy",
+    "offsets.npy",
+    "boxes.npy",
+    "status.npy",
+    "stage.npy",
+    "raw_counts.npy",
+    "failures.json",
+    "summary.json",
+]
 
 
 @pytest.fixture
@@ -535,15 +584,18 @@ def test_settings_file_is_written_atomically(sample_data, tmp_path, monkeypatch)
     compute_store(sample_data["images"], out, method="random")
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--max-side", "-5"], "--max-side -5: must be a whole number >= 1"),
-    (["--workers", "-3"], "--workers -3: must be"),
-    (["--chunk-size", "0"], "--chunk-size 0: must be"),
-    (["--chunk-size", "-1"], "--chunk-size -1: must be"),
-    (["--max-pixels", "-1"], "--max-pixels -1"),
-    (["--param", "scale=abc"], "scale='abc' must be a number"),
-    (["--param", "min_size=2.5"], "min_size=2.5 must be a whole number"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--max-side", "-5"], "--max-side -5: must be a whole number >= 1"),
+        (["--workers", "-3"], "--workers -3: must be"),
+        (["--chunk-size", "0"], "--chunk-size 0: must be"),
+        (["--chunk-size", "-1"], "--chunk-size -1: must be"),
+        (["--max-pixels", "-1"], "--max-pixels -1"),
+        (["--param", "scale=abc"], "scale='abc' must be a number"),
+        (["--param", "min_size=2.5"], "min_size=2.5 must be a whole number"),
+    ],
+)
 def test_bad_proposal_options_are_refused(sample_data, tmp_path, capsys, argv, words):
     out = tmp_path / "store"
     assert main(["proposals", str(sample_data["images"]), "-o", str(out), *argv]) == 2
@@ -551,13 +603,16 @@ def test_bad_proposal_options_are_refused(sample_data, tmp_path, capsys, argv, w
     assert not out.exists()
 
 
-@pytest.mark.parametrize("entry, words", [
-    ([0, 0, 10, 10, 5, 5, 20, 20], "is not a list of [x, y, w, h] rects"),
-    ([[0, 0, 1e30, 10]], "outside int32"),
-    ([[0, 0, 10.5, 10]], "not a whole number"),
-    ([[0, 0, "10", 10]], "not a number"),
-    ("oops", "is not a list"),
-])
+@pytest.mark.parametrize(
+    "entry, words",
+    [
+        ([0, 0, 10, 10, 5, 5, 20, 20], "is not a list of [x, y, w, h] rects"),
+        ([[0, 0, 1e30, 10]], "outside int32"),
+        ([[0, 0, 10.5, 10]], "not a whole number"),
+        ([[0, 0, "10", 10]], "not a number"),
+        ("oops", "is not a list"),
+    ],
+)
 def test_imported_rects_that_cannot_be_right_are_errors(sample_data, tmp_path, entry, words):
     from soco_det.proposals.interchange import import_official_json
 
@@ -661,7 +716,9 @@ def test_killing_the_parent_of_a_worker_pool_stops_the_workers(tmp_path):
 def coco_scenes(tmp_path_factory):
     import soco_det.synth as synth
 
-    return synth.generate(tmp_path_factory.mktemp("coco_scenes"), n_unlabeled=0, n_train=3, n_val=0, short_side=64, seed=5)
+    return synth.generate(
+        tmp_path_factory.mktemp("coco_scenes"), n_unlabeled=0, n_train=3, n_val=0, short_side=64, seed=5
+    )
 
 
 def _edited(scenes, tmp_path, edit) -> Path:
@@ -673,14 +730,26 @@ def _edited(scenes, tmp_path, edit) -> Path:
 
 
 COCO_ERRORS = {
-    "unknown category": (lambda d: d["annotations"][0].update(category_id=999), "category_id 999 is not in 'categories'"),
-    "bbox not numbers": (lambda d: d["annotations"][0].update(bbox="oops"), "'bbox' must be [x, y, width, height] numbers"),
+    "unknown category": (
+        lambda d: d["annotations"][0].update(category_id=999),
+        "category_id 999 is not in 'categories'",
+    ),
+    "bbox not numbers": (
+        lambda d: d["annotations"][0].update(bbox="oops"),
+        "'bbox' must be [x, y, width, height] numbers",
+    ),
     "bbox with NaN": (lambda d: d["annotations"][0].update(bbox=[1, 2, float("nan"), 3]), "'bbox' must be"),
-    "duplicate image id": (lambda d: d["images"][1].update(id=d["images"][0]["id"]), "is listed twice (one image would be lost)"),
+    "duplicate image id": (
+        lambda d: d["images"][1].update(id=d["images"][0]["id"]),
+        "is listed twice (one image would be lost)",
+    ),
     "duplicate category id": (lambda d: d["categories"].append(dict(d["categories"][0])), "is listed twice"),
     "duplicate annotation id": (lambda d: d["annotations"][1].update(id=d["annotations"][0]["id"]), "is used twice"),
     "negative image size": (lambda d: d["images"][0].update(width=-5), "width/height must be positive"),
-    "file_name outside root": (lambda d: d["images"][0].update(file_name="../../etc/passwd"), "is not a relative path inside"),
+    "file_name outside root": (
+        lambda d: d["images"][0].update(file_name="../../etc/passwd"),
+        "is not a relative path inside",
+    ),
     "absolute file_name": (lambda d: d["images"][0].update(file_name="/etc/passwd"), "is not a relative path inside"),
 }
 
@@ -710,10 +779,10 @@ def test_coco_boxes_that_are_dropped_or_clipped_are_counted_and_never_trained_on
         base = dict(data["annotations"][0], image_id=img["id"], iscrowd=0)
         base.pop("segmentation", None)
         extra = [
-            dict(base, id=9001, image_id=123456),                        # image not listed
-            dict(base, id=9002, bbox=[5, 5, -3, 10]),                    # negative width
-            dict(base, id=9003, bbox=[w + 10, 0, 20, 20]),               # wholly outside
-            dict(base, id=9004, bbox=[w - 10, h - 10, 30, 30]),          # reaches outside: clipped
+            dict(base, id=9001, image_id=123456),  # image not listed
+            dict(base, id=9002, bbox=[5, 5, -3, 10]),  # negative width
+            dict(base, id=9003, bbox=[w + 10, 0, 20, 20]),  # wholly outside
+            dict(base, id=9004, bbox=[w - 10, h - 10, 30, 30]),  # reaches outside: clipped
         ]
         for a in data["annotations"]:
             a.pop("segmentation", None)

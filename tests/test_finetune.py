@@ -29,11 +29,23 @@ ITERS = 20
 # A small Mask R-CNN v2 on ~128 px scenes: narrow FPN/box head (the widths of the tiny_cpu SoCo
 # recipe) and few sampled RoIs keep it cheap on CPU.
 TINY = [
-    "model.fpn_channels=64", "model.box_conv_dims=[64,64,64,64]", "model.box_fc_dims=[256]",
-    "solver.iterations=20", "solver.steps=[15]", "solver.warmup_iters=5", "solver.batch_size=2",
-    "model.roi_batch_size=16", "model.rpn_batch_size=64", "model.detections_per_img=10",
-    "input.min_size_train=[112,128]", "input.max_size_train=200", "input.min_size_test=128", "input.max_size_test=200",
-    "data.num_workers=0", "checkpoint_period=5", "log_period=5",
+    "model.fpn_channels=64",
+    "model.box_conv_dims=[64,64,64,64]",
+    "model.box_fc_dims=[256]",
+    "solver.iterations=20",
+    "solver.steps=[15]",
+    "solver.warmup_iters=5",
+    "solver.batch_size=2",
+    "model.roi_batch_size=16",
+    "model.rpn_batch_size=64",
+    "model.detections_per_img=10",
+    "input.min_size_train=[112,128]",
+    "input.max_size_train=200",
+    "input.min_size_test=128",
+    "input.max_size_test=200",
+    "data.num_workers=0",
+    "checkpoint_period=5",
+    "log_period=5",
 ]
 
 
@@ -45,8 +57,16 @@ def scenes(tmp_path_factory):
 
 
 def _data_args(scenes):
-    return ["--train-json", str(scenes["train"]), "--train-images", str(scenes["images"]),
-            "--val-json", str(scenes["val"]), "--val-images", str(scenes["images"])]
+    return [
+        "--train-json",
+        str(scenes["train"]),
+        "--train-images",
+        str(scenes["images"]),
+        "--val-json",
+        str(scenes["val"]),
+        "--val-images",
+        str(scenes["images"]),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +74,19 @@ def run_dir(scenes, tmp_path_factory):
     """20 iterations of a ResNet-18 Mask R-CNN v2 from random init, through `soco-det finetune`."""
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("ft") / "run"
-    argv = ["finetune", *_data_args(scenes), "--init", "random", "-o", str(out),
-            "--recipe", "finetune_tiny_cpu", "--device", "cpu", *TINY]
+    argv = [
+        "finetune",
+        *_data_args(scenes),
+        "--init",
+        "random",
+        "-o",
+        str(out),
+        "--recipe",
+        "finetune_tiny_cpu",
+        "--device",
+        "cpu",
+        *TINY,
+    ]
     assert main(argv) == 0
     return out
 
@@ -106,8 +137,23 @@ def test_fresh_run_refuses_used_folder(run_dir):
 
 
 def test_evaluate_cli_reproduces_final_metrics(run_dir, scenes, tmp_path):
-    assert main(["evaluate", str(run_dir), "--json", str(scenes["val"]), "--images", str(scenes["images"]),
-                 "-o", str(tmp_path), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(run_dir),
+                "--json",
+                str(scenes["val"]),
+                "--images",
+                str(scenes["images"]),
+                "-o",
+                str(tmp_path),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     ours = json.loads((tmp_path / "metrics.json").read_text())
     assert ours == json.loads((run_dir / "metrics.json").read_text())
 
@@ -117,9 +163,21 @@ def test_missing_image_gives_clear_cli_error(scenes, tmp_path, capsys):
     data["images"][1]["file_name"] = "train/not_there.jpg"
     bad = tmp_path / "train.json"
     bad.write_text(json.dumps(data))
-    argv = ["finetune", "--train-json", str(bad), "--train-images", str(scenes["images"]),
-            "--val-json", str(scenes["val"]), "--val-images", str(scenes["images"]), "-o", str(tmp_path / "run"),
-            "--recipe", "finetune_tiny_cpu"]
+    argv = [
+        "finetune",
+        "--train-json",
+        str(bad),
+        "--train-images",
+        str(scenes["images"]),
+        "--val-json",
+        str(scenes["val"]),
+        "--val-images",
+        str(scenes["images"]),
+        "-o",
+        str(tmp_path / "run"),
+        "--recipe",
+        "finetune_tiny_cpu",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "not_there.jpg: image file not found" in err and str(bad) in err
@@ -131,7 +189,10 @@ def _soco_checkpoint(tmp_path, variant="soco_fpn"):
 
     model_cfg = ModelConfig(variant=variant, depth=18)
     model = build_model(model_cfg)
-    save_checkpoint(tmp_path / "pre", {"model": model.state_dict(), "step": 1, "config": {"model": {"variant": variant, "depth": 18}}})
+    save_checkpoint(
+        tmp_path / "pre",
+        {"model": model.state_dict(), "step": 1, "config": {"model": {"variant": variant, "depth": 18}}},
+    )
     return model
 
 
@@ -143,7 +204,9 @@ def test_init_from_export_leaves_exactly_rpn_predictor_and_mask_branch(tmp_path)
     model = build_maskrcnn(18, num_classes=4)
     missing = load_init(model, exported)
     new_parts = ("rpn.", "roi_heads.box_predictor.", "roi_heads.mask_head.", "roi_heads.mask_predictor.")
-    assert set(missing) == {k for k in model.state_dict() if k.startswith(new_parts) and not k.endswith("num_batches_tracked")}
+    assert set(missing) == {
+        k for k in model.state_dict() if k.startswith(new_parts) and not k.endswith("num_batches_tracked")
+    }
     state = model.state_dict()
     torch.testing.assert_close(state["backbone.body.layer3.1.conv2.weight"], soco.online.encoder.layer3[1].conv2.weight)
     torch.testing.assert_close(state["roi_heads.box_head.5.weight"], soco.online.head.fc1.weight)
@@ -157,7 +220,9 @@ def test_init_from_resnet_weights_loads_backbone_only(tmp_path):
     model = build_maskrcnn(18, num_classes=3)
     missing = load_init(model, tmp_path / "resnet18.pth")
     assert not any(k.startswith("backbone.body.") for k in missing)
-    assert any(k.startswith("backbone.fpn.") for k in missing) and any(k.startswith("roi_heads.box_head.") for k in missing)
+    assert any(k.startswith("backbone.fpn.") for k in missing) and any(
+        k.startswith("roi_heads.box_head.") for k in missing
+    )
     torch.testing.assert_close(model.state_dict()["backbone.body.conv1.weight"], resnet.conv1.weight)
     with pytest.raises(UserError, match=r"missing but expected to load backbone\.body\.layer1\.2\."):
         load_init(build_maskrcnn(34, num_classes=3), tmp_path / "resnet18.pth")  # wrong depth is caught
@@ -174,7 +239,10 @@ def test_schedule_preset_scales_with_dataset_size():
     solver = resolve_schedule(SolverConfig(schedule="1x", batch_size=16), 117266)
     assert (solver.iterations, solver.steps, solver.warmup_iters) == (90000, [60000, 80000], 1000)
     small = resolve_schedule(SolverConfig(schedule="1x", batch_size=4), 100)
-    assert small.iterations == round(90000 * 16 / 117266 * 100 / 4) and small.steps == [round(small.iterations * 2 / 3), round(small.iterations * 8 / 9)]
+    assert small.iterations == round(90000 * 16 / 117266 * 100 / 4) and small.steps == [
+        round(small.iterations * 2 / 3),
+        round(small.iterations * 8 / 9),
+    ]
 
 
 def test_sampler_resumes_exactly_and_shards_disjointly():
@@ -219,7 +287,7 @@ def test_precise_bn_averages_statistics_over_images_and_keeps_the_rng():
 
     g = torch.Generator().manual_seed(0)
     data = [torch.randn(3, 4, 4, generator=g) * (i + 1) + i for i in range(8)]
-    batches = iter([(data[i:i + 2], [{}, {}]) for i in range(0, 8, 2)])
+    batches = iter([(data[i : i + 2], [{}, {}]) for i in range(0, 8, 2)])
     model = Toy().train()
     model.bn.running_mean.fill_(5.0)
     torch.manual_seed(7)

@@ -109,8 +109,24 @@ def test_pretrain_command_trains_on_cuda(scenes, tmp_path, extra):
 
     images, store = scenes
     run = tmp_path / "run"
-    rc = main(["pretrain", "--recipe", "tiny_cpu", "--images", str(images), "--proposals", str(store), "-o", str(run),
-               "train.device=cuda", "train.max_steps=4", "data.batch_size=8", "data.num_workers=0", *extra])
+    rc = main(
+        [
+            "pretrain",
+            "--recipe",
+            "tiny_cpu",
+            "--images",
+            str(images),
+            "--proposals",
+            str(store),
+            "-o",
+            str(run),
+            "train.device=cuda",
+            "train.max_steps=4",
+            "data.batch_size=8",
+            "data.num_workers=0",
+            *extra,
+        ]
+    )
     assert rc == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     losses = [r["loss"] for r in rows if "loss" in r]

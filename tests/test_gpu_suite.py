@@ -23,8 +23,15 @@ def load_suite():
 
 def test_parts_fail_alone_and_the_json_keeps_every_outcome(tmp_path):
     mod = load_suite()
-    args = argparse.Namespace(out=str(tmp_path / "out"), budget_s=60, device="cpu", tiny=True, threads=1,
-                              official_dir=str(tmp_path / "nowhere"), batch=4)
+    args = argparse.Namespace(
+        out=str(tmp_path / "out"),
+        budget_s=60,
+        device="cpu",
+        tiny=True,
+        threads=1,
+        official_dir=str(tmp_path / "nowhere"),
+        batch=4,
+    )
     suite = mod.Suite(args)
     suite.part("boom", 10, lambda t: 1 / 0)
     suite.part("fine", 10, lambda t: {"img_per_s": 1.5})
@@ -33,7 +40,12 @@ def test_parts_fail_alone_and_the_json_keeps_every_outcome(tmp_path):
     suite.part("ceiling", 10, suite.ceiling)
     parts = json.loads((tmp_path / "out" / "gpu_suite.json").read_text())["parts"]
     assert parts["boom"]["status"] == "error" and "ZeroDivisionError" in parts["boom"]["error"]
-    assert parts["fine"] == {"cap_s": 10, "result": {"img_per_s": 1.5}, "status": "ok", "wall_s": parts["fine"]["wall_s"]}
+    assert parts["fine"] == {
+        "cap_s": 10,
+        "result": {"img_per_s": 1.5},
+        "status": "ok",
+        "wall_s": parts["fine"]["wall_s"],
+    }
     assert parts["slow"]["status"] == "timeout" and parts["slow"]["wall_s"] < 10
     assert parts["official"]["status"] == "error"  # no official scripts there (or no tarball)
     assert "official_step.py" in parts["official"]["error"] or "SoCo-official" in parts["official"]["error"]

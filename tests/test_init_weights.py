@@ -60,8 +60,10 @@ def soco_run(tmp_path_factory):
     cfg = ModelConfig(**NARROW)
     model = _randomise(_fresh(cfg, seed=1), seed=2)
     (root / "checkpoints").mkdir()
-    torch.save({"format": "soco-det/1", "model": model.state_dict(), "step": 5,
-                "config": {"model": dataclasses.asdict(cfg)}}, root / "checkpoints" / "last.pt")
+    torch.save(
+        {"format": "soco-det/1", "model": model.state_dict(), "step": 5, "config": {"model": dataclasses.asdict(cfg)}},
+        root / "checkpoints" / "last.pt",
+    )
     return root, model, cfg
 
 
@@ -124,7 +126,9 @@ def test_our_exports_load_back_into_the_parts_they_hold(soco_run, tmp_path, to):
         assert _equal(_part(model, "target", part), _part(model, "online", part))
     assert report.unused == [] and report.skipped == {}
     # BatchNorm running statistics come along too.
-    assert torch.equal(model.online["encoder"].layer3[1].bn2.running_var, source.online["encoder"].layer3[1].bn2.running_var)
+    assert torch.equal(
+        model.online["encoder"].layer3[1].bn2.running_var, source.online["encoder"].layer3[1].bn2.running_var
+    )
 
 
 def test_detectron2_short_names_of_the_official_converters_load(soco_run, tmp_path):
@@ -136,7 +140,7 @@ def test_detectron2_short_names_of_the_official_converters_load(soco_run, tmp_pa
     for k, v in data["model"].items():
         for prefix in ("backbone.bottom_up.", "backbone.", "roi_heads."):
             if k.startswith(prefix):
-                k = k[len(prefix):]
+                k = k[len(prefix) :]
                 break
         short[k] = v
     path = tmp_path / "short.pkl"
@@ -159,7 +163,9 @@ def test_a_pickle_with_code_in_it_is_not_unpickled(tmp_path):
 
 
 def test_a_torchvision_mask_rcnn_v2_checkpoint_loads_backbone_fpn_and_box_head(tmp_path):
-    detector = _randomise(build_maskrcnn_v2(18, 5, fpn_channels=64, box_conv_dims=(64,) * 4, box_fc_dims=(128,)), seed=3)
+    detector = _randomise(
+        build_maskrcnn_v2(18, 5, fpn_channels=64, box_conv_dims=(64,) * 4, box_fc_dims=(128,)), seed=3
+    )
     path = tmp_path / "maskrcnn.pth"
     torch.save({"model": detector.state_dict(), "epoch": 12}, path)  # references/detection layout
     cfg = ModelConfig(**NARROW)
@@ -167,7 +173,9 @@ def test_a_torchvision_mask_rcnn_v2_checkpoint_loads_backbone_fpn_and_box_head(t
     report = init_from_weights(model, path, cfg)
     assert report.kind == "torchvision Mask R-CNN v2" and report.skipped == {}
     tv = detector.state_dict()
-    assert torch.equal(model.online["neck"].fpn_convs[2].bn.running_mean, tv["backbone.fpn.layer_blocks.2.1.running_mean"])
+    assert torch.equal(
+        model.online["neck"].fpn_convs[2].bn.running_mean, tv["backbone.fpn.layer_blocks.2.1.running_mean"]
+    )
     assert torch.equal(model.online["head"].conv4.weight, tv["roi_heads.box_head.3.0.weight"])
     assert torch.equal(model.online["head"].fc1.bias, tv["roi_heads.box_head.5.bias"])
     assert torch.equal(model.online["encoder"].layer4[1].conv2.weight, tv["backbone.body.layer4.1.conv2.weight"])
@@ -186,7 +194,9 @@ def test_a_v1_fpn_without_batchnorm_stays_random_and_says_why(tmp_path):
     model = _fresh(cfg)
     neck_before = _part(model, "online", "neck")
     report = init_from_weights(model, path, cfg)
-    assert torch.equal(model.online["encoder"].layer3[5].conv3.weight, detector.state_dict()["backbone.body.layer3.5.conv3.weight"])
+    assert torch.equal(
+        model.online["encoder"].layer3[5].conv3.weight, detector.state_dict()["backbone.body.layer3.5.conv3.weight"]
+    )
     assert _equal(_part(model, "online", "neck"), neck_before)
     assert "8 of its 40 tensors" in report.skipped["neck"]
     assert "backbone.fpn.inner_blocks.0.0.weight" in report.unused
@@ -208,8 +218,15 @@ def test_an_official_checkpoint_and_a_byol_run_are_read_with_our_names(soco_run,
     byol_cfg = ModelConfig(variant="image_byol", depth=18, proj_hidden_dim=32, proj_dim=16)
     byol = _randomise(_fresh(byol_cfg, seed=5), seed=6)
     (tmp_path / "byol" / "checkpoints").mkdir(parents=True)
-    torch.save({"format": "soco-det/1", "model": byol.state_dict(), "step": 1,
-                "config": {"model": dataclasses.asdict(byol_cfg)}}, tmp_path / "byol" / "checkpoints" / "last.pt")
+    torch.save(
+        {
+            "format": "soco-det/1",
+            "model": byol.state_dict(),
+            "step": 1,
+            "config": {"model": dataclasses.asdict(byol_cfg)},
+        },
+        tmp_path / "byol" / "checkpoints" / "last.pt",
+    )
     model = _fresh(cfg)
     report = init_from_weights(model, tmp_path / "byol", cfg)
     assert report.kind == "soco-det image_byol run"
@@ -247,15 +264,19 @@ def test_pretrain_with_init_logs_and_writes_the_report(soco_run, tmp_path, caplo
     got = state["online.encoder.layer2.0.conv1.weight"]
     # One LARS step (trust 0.001, warmup lr) moves a weight by far less than 1e-3 of its scale.
     assert torch.allclose(got, want, rtol=0, atol=1e-3 * want.abs().max().item())
-    assert not torch.allclose(got, _fresh(dataclasses.replace(cfg.model, init=None)).online["encoder"].layer2[0].conv1.weight, atol=1e-2)
+    assert not torch.allclose(
+        got, _fresh(dataclasses.replace(cfg.model, init=None)).online["encoder"].layer2[0].conv1.weight, atol=1e-2
+    )
 
 
 def test_a_detectron2_c4_export_puts_res5_back_into_the_c4_encoder(tmp_path):
     cfg = ModelConfig(variant="soco_c4", depth=50, proj_hidden_dim=32, proj_dim=16)
     source = _randomise(_fresh(cfg, seed=8), seed=9)
     (tmp_path / "c4" / "checkpoints").mkdir(parents=True)
-    torch.save({"format": "soco-det/1", "model": source.state_dict(), "step": 1,
-                "config": {"model": dataclasses.asdict(cfg)}}, tmp_path / "c4" / "checkpoints" / "last.pt")
+    torch.save(
+        {"format": "soco-det/1", "model": source.state_dict(), "step": 1, "config": {"model": dataclasses.asdict(cfg)}},
+        tmp_path / "c4" / "checkpoints" / "last.pt",
+    )
     out = export_checkpoint(tmp_path / "c4", "detectron2", tmp_path / "c4.pkl")
     model = _fresh(cfg)
     report = init_from_weights(model, out, cfg)

@@ -51,8 +51,13 @@ def folders(tmp_path_factory):
     for m in resnet.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = None  # cumulative average
-    crops = [np.asarray(Image.open(p).convert("RGB").resize((48, 48)), np.float32) / 255 for p in sorted(base.rglob("train/*/*.png"))]
-    x = (torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2) - torch.tensor(le.IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(le.IMAGENET_STD).view(3, 1, 1)
+    crops = [
+        np.asarray(Image.open(p).convert("RGB").resize((48, 48)), np.float32) / 255
+        for p in sorted(base.rglob("train/*/*.png"))
+    ]
+    x = (
+        torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2) - torch.tensor(le.IMAGENET_MEAN).view(3, 1, 1)
+    ) / torch.tensor(le.IMAGENET_STD).view(3, 1, 1)
     with torch.no_grad():
         resnet.train()(x)
     torch.save(resnet.state_dict(), weights)
@@ -63,7 +68,13 @@ def folders(tmp_path_factory):
 def test_defaults_are_the_official_main_linear_recipe():
     s = le.LinearEvalSettings()
     assert (s.lr, s.momentum, s.weight_decay, s.batch_size, s.epochs) == (30.0, 0.9, 0.0, 256, 100)
-    assert (s.warmup_epochs, s.warmup_multiplier, s.min_lr, s.crop_min_scale, s.image_size) == (5.0, 100.0, 1e-6, 0.08, 224)
+    assert (s.warmup_epochs, s.warmup_multiplier, s.min_lr, s.crop_min_scale, s.image_size) == (
+        5.0,
+        100.0,
+        1e-6,
+        0.08,
+        224,
+    )
 
 
 def test_bootstrap_interval_against_hand_values():
@@ -94,9 +105,21 @@ def test_the_backbone_stays_frozen_and_the_classifier_learns(folders, tmp_path, 
     monkeypatch.setattr(le, "load_backbone", spy)
     # Train and score on the training crops (center crops at test time): even on random-ResNet
     # features the probe does better than the 1/3 of chance, beyond its own 95 % interval.
-    result = le.linear_eval(folders["weights"], folders["train"], folders["train"], out_dir=tmp_path,
-                            device="cpu", epochs=30, batch_size=16, lr=0.1, warmup_epochs=1,
-                            image_size=48, crop_min_scale=0.6, num_workers=0, bootstrap=500)
+    result = le.linear_eval(
+        folders["weights"],
+        folders["train"],
+        folders["train"],
+        out_dir=tmp_path,
+        device="cpu",
+        epochs=30,
+        batch_size=16,
+        lr=0.1,
+        warmup_epochs=1,
+        image_size=48,
+        crop_min_scale=0.6,
+        num_workers=0,
+        bootstrap=500,
+    )
     after = seen["backbone"].state_dict()
     assert all(torch.equal(after[k], v) for k, v in seen["before"].items())  # weights and BN statistics
     assert result["num_classes"] == 3 and result["num_train"] == result["num_val"] >= 30
@@ -108,7 +131,9 @@ def test_the_backbone_stays_frozen_and_the_classifier_learns(folders, tmp_path, 
     assert "torchvision/timm ResNet, ResNet-18, 100 backbone tensors" in result["backbone"]
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["top1"] == result["top1"] and saved["settings"]["lr"] == 0.1
-    assert torch.load(tmp_path / "linear.pt", weights_only=True)["classes"] == sorted(p.name for p in folders["train"].iterdir())
+    assert torch.load(tmp_path / "linear.pt", weights_only=True)["classes"] == sorted(
+        p.name for p in folders["train"].iterdir()
+    )
 
 
 def test_command_line_helpers_and_bad_input(folders, tmp_path, capsys):
@@ -116,20 +141,69 @@ def test_command_line_helpers_and_bad_input(folders, tmp_path, capsys):
 
     parser = argparse.ArgumentParser()
     le.add_arguments(parser)
-    args = parser.parse_args(["--weights", str(folders["weights"]), "--train", str(folders["train"]),
-                              "--val", str(folders["val"]), "--device", "cpu", "--epochs", "1", "--batch-size", "32",
-                              "--lr", "0.1", "--warmup-epochs", "0", "--image-size", "32", "--num-workers", "0",
-                              "-o", str(tmp_path / "cli")])
+    args = parser.parse_args(
+        [
+            "--weights",
+            str(folders["weights"]),
+            "--train",
+            str(folders["train"]),
+            "--val",
+            str(folders["val"]),
+            "--device",
+            "cpu",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--lr",
+            "0.1",
+            "--warmup-epochs",
+            "0",
+            "--image-size",
+            "32",
+            "--num-workers",
+            "0",
+            "-o",
+            str(tmp_path / "cli"),
+        ]
+    )
     assert le.run(args) == 0
     out = capsys.readouterr().out
     assert "top-1" in out and "95% CI" in out and (tmp_path / "cli" / "metrics.json").is_file()
     # Through the real command: `soco-det probe SOURCE --task classification` (options shared with the probe).
     from soco_det.cli import main
 
-    assert main(["probe", str(folders["weights"]), "--task", "classification", "--train", str(folders["train"]),
-                 "--val", str(folders["val"]), "--device", "cpu", "--epochs", "1", "--batch-size", "32",
-                 "--image-size", "32", "--num-workers", "0", "--lr", "0.1", "--warmup-epochs", "0",
-                 "-o", str(tmp_path / "cli2")]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                str(folders["weights"]),
+                "--task",
+                "classification",
+                "--train",
+                str(folders["train"]),
+                "--val",
+                str(folders["val"]),
+                "--device",
+                "cpu",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "32",
+                "--image-size",
+                "32",
+                "--num-workers",
+                "0",
+                "--lr",
+                "0.1",
+                "--warmup-epochs",
+                "0",
+                "-o",
+                str(tmp_path / "cli2"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "cli2" / "metrics.json").is_file()
     assert main(["probe", "--task", "classification", "--device", "cpu"]) == 2
     assert "needs --weights" in capsys.readouterr().err

@@ -108,7 +108,9 @@ def test_loss_is_fp32_under_autocast_and_gradient_reaches_predictions_only():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = directional_loss(pred.bfloat16(), target.bfloat16(), corr)
     assert loss.dtype == torch.float32
-    assert loss.item() == pytest.approx(reference_directional(pred.detach().bfloat16().float(), target.bfloat16().float(), corr), abs=1e-5)
+    assert loss.item() == pytest.approx(
+        reference_directional(pred.detach().bfloat16().float(), target.bfloat16().float(), corr), abs=1e-5
+    )
     loss.backward()
     assert pred.grad is not None and torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
 

@@ -42,8 +42,13 @@ def make_batch(view_sizes, pairs, num_levels, b=2, k=4, seed=0):
         levels.append(tuple(side_levels))
         corr.append(correspondence(side_ids[0], side_levels[0], side_ids[1], side_levels[1], num_levels))
     return {
-        "images": images, "pairs": list(pairs), "boxes": boxes, "ids": ids, "levels": levels,
-        "corr": corr, "index": torch.arange(b),
+        "images": images,
+        "pairs": list(pairs),
+        "boxes": boxes,
+        "ids": ids,
+        "levels": levels,
+        "corr": corr,
+        "index": torch.arange(b),
     }
 
 
@@ -62,7 +67,7 @@ def test_state_dict_names_follow_the_contract():
     model = build_model(tiny())
     keys = list(model.state_dict())
     tv = [k for k in torchvision.models.resnet18().state_dict() if not k.startswith("fc.")]
-    assert [k[len("online.encoder."):] for k in keys if k.startswith("online.encoder.")] == tv
+    assert [k[len("online.encoder.") :] for k in keys if k.startswith("online.encoder.")] == tv
     for i in range(4):
         for part in ("lateral_convs", "fpn_convs"):
             assert f"online.neck.{part}.{i}.conv.weight" in keys
@@ -71,22 +76,24 @@ def test_state_dict_names_follow_the_contract():
                 assert f"online.neck.{part}.{i}.bn.{bn_key}" in keys
     head = {k for k in keys if k.startswith("online.head.")}
     assert head == {f"online.head.conv{c}.weight" for c in range(1, 5)} | {
-        f"online.head.bn{c}.{n}" for c in range(1, 5)
+        f"online.head.bn{c}.{n}"
+        for c in range(1, 5)
         for n in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
     } | {"online.head.fc1.weight", "online.head.fc1.bias"}
     assert "predictor.linear1.weight" in keys and "online.projector.bn1.running_var" in keys
-    online = [k[len("online."):] for k in keys if k.startswith("online.")]
-    target = [k[len("target."):] for k in keys if k.startswith("target.")]
+    online = [k[len("online.") :] for k in keys if k.startswith("online.")]
+    target = [k[len("target.") :] for k in keys if k.startswith("target.")]
     assert online == target
     assert not any(k.startswith("target.predictor") for k in keys)
     assert set(keys) == {f"online.{k}" for k in online} | {f"target.{k}" for k in target} | {
-        k for k in keys if k.startswith("predictor.")}
+        k for k in keys if k.startswith("predictor.")
+    }
 
 
 def test_c4_keeps_res5_in_the_encoder_and_has_no_neck():
     keys = list(build_model(tiny("soco_c4")).state_dict())
     tv = [k for k in torchvision.models.resnet18().state_dict() if not k.startswith("fc.")]
-    assert [k[len("online.encoder."):] for k in keys if k.startswith("online.encoder.")] == tv
+    assert [k[len("online.encoder.") :] for k in keys if k.startswith("online.encoder.")] == tv
     assert {k.split(".")[1] for k in keys if k.startswith(("online.", "target."))} == {"encoder", "projector"}
 
 
@@ -276,8 +283,9 @@ def test_update_target_is_the_ema_rule_and_leaves_buffers_alone():
         else:  # BN running statistics and counters: not EMA'd
             assert torch.equal(value, before[name]), name
     model.update_target(1.0)
-    torch.testing.assert_close(dict(model.target.named_parameters())["encoder.conv1.weight"],
-                               params["encoder.conv1.weight"])
+    torch.testing.assert_close(
+        dict(model.target.named_parameters())["encoder.conv1.weight"], params["encoder.conv1.weight"]
+    )
     model.update_target(0.0)
     assert torch.equal(model.target["head"].fc1.weight, model.online["head"].fc1.weight)
     with pytest.raises(ValueError, match="momentum"):
@@ -366,4 +374,6 @@ def test_pair_loss_equals_a_box_by_box_recomputation():
         return -2.0 * sum(per_image) / len(per_image)
 
     assert out["pair_losses"]["1-2"].item() == pytest.approx(reference_directional(p_a, z_b, corr), abs=1e-5)
-    assert out["pair_losses"]["2-1"].item() == pytest.approx(reference_directional(p_b, z_a, corr.transpose(1, 2)), abs=1e-5)
+    assert out["pair_losses"]["2-1"].item() == pytest.approx(
+        reference_directional(p_b, z_a, corr.transpose(1, 2)), abs=1e-5
+    )

@@ -109,7 +109,7 @@ def test_fake_official_checkpoint_loads_exactly(tmp_path, variant):
 
 def test_checkpoint_without_module_prefix_or_wrapper_loads(tmp_path):
     ckpt, ours = official_checkpoint("soco_fpn")
-    bare = {k[len("module."):]: v for k, v in ckpt["model"].items()}
+    bare = {k[len("module.") :]: v for k, v in ckpt["model"].items()}
     state, _ = load_official_state_dict(bare, "soco_fpn", ModelConfig(**TINY))
     assert set(state) == set(ours)
 
@@ -119,7 +119,9 @@ def test_missing_extra_and_mis_shaped_keys_are_named(tmp_path):
     ckpt, _ = official_checkpoint("soco_fpn")
     missing = dict(ckpt["model"])
     del missing["module.neck_k.fpn_convs.3.bn.running_mean"]
-    with pytest.raises(OfficialCheckpointError, match=r"not in the checkpoint: target\.neck\.fpn_convs\.3\.bn\.running_mean"):
+    with pytest.raises(
+        OfficialCheckpointError, match=r"not in the checkpoint: target\.neck\.fpn_convs\.3\.bn\.running_mean"
+    ):
         load_official_state_dict({"model": missing}, "soco_fpn", cfg)
 
     extra = dict(ckpt["model"], **{"module.roi_avg_pool.weight": torch.zeros(1)})

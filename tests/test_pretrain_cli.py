@@ -10,8 +10,21 @@ from soco_det.cli import main
 
 
 def cli_args(data, out, *extra):
-    return ["pretrain", "--recipe", "tiny_cpu", "--images", str(data["images"]), "--proposals",
-            str(data["proposals"]), "-o", str(out), "--device", "cpu", *TINY_OVERRIDES, *extra]
+    return [
+        "pretrain",
+        "--recipe",
+        "tiny_cpu",
+        "--images",
+        str(data["images"]),
+        "--proposals",
+        str(data["proposals"]),
+        "-o",
+        str(out),
+        "--device",
+        "cpu",
+        *TINY_OVERRIDES,
+        *extra,
+    ]
 
 
 def test_two_steps_write_config_metrics_and_checkpoints(sample_data, tmp_path):

@@ -41,8 +41,9 @@ def test_localisation_probe_recovers_a_linear_target():
     err, dev = tasks.localisation_probe(xt, yt, owner_t, xv, yv, owner_v, 50)
     assert err.shape == dev.shape == (50,)
     assert 1 - err.sum() / dev.sum() > 0.95
-    err, dev = tasks.localisation_probe(rng.normal(size=(400, 8)), yt, owner_t, rng.normal(size=(200, 8)), yv,
-                                        owner_v, 50)
+    err, dev = tasks.localisation_probe(
+        rng.normal(size=(400, 8)), yt, owner_t, rng.normal(size=(200, 8)), yv, owner_v, 50
+    )
     assert 1 - err.sum() / dev.sum() < 0.2
 
 
@@ -94,8 +95,13 @@ def test_paired_difference_is_tighter_than_the_unpaired_spread():
 
 def _objects(n_images: int = 4) -> ObjectSet:
     boxes = np.array([[0.1, 0.1, 0.4, 0.5], [0.5, 0.2, 0.9, 0.9]] * n_images, np.float32)
-    return ObjectSet([f"img{i}.jpg" for i in range(n_images)], np.repeat(np.arange(n_images), 2), boxes,
-                     np.zeros(2 * n_images, np.int64), [1])
+    return ObjectSet(
+        [f"img{i}.jpg" for i in range(n_images)],
+        np.repeat(np.arange(n_images), 2),
+        boxes,
+        np.zeros(2 * n_images, np.int64),
+        [1],
+    )
 
 
 def test_jittered_boxes_report_their_iou():
@@ -112,8 +118,9 @@ def test_augmented_views_map_boxes_into_the_crop_and_flip():
     views, boxes, valid = augmented_views(objects, seed=3)
     for k, (flip, (x0, y0, x1, y1)) in enumerate(np.asarray(views, dtype=object)[objects.image_index]):
         b = objects.boxes[k]
-        expect = np.clip([(b[0] - x0) / (x1 - x0), (b[1] - y0) / (y1 - y0),
-                          (b[2] - x0) / (x1 - x0), (b[3] - y0) / (y1 - y0)], 0, 1)
+        expect = np.clip(
+            [(b[0] - x0) / (x1 - x0), (b[1] - y0) / (y1 - y0), (b[2] - x0) / (x1 - x0), (b[3] - y0) / (y1 - y0)], 0, 1
+        )
         if flip:
             expect = [1 - expect[2], expect[1], 1 - expect[0], expect[3]]
         np.testing.assert_allclose(boxes[k], expect, atol=1e-6)
@@ -136,8 +143,11 @@ def test_untrained_network_is_the_one_pretraining_starts_from():
     from soco_det.engine.trainer import init_model
     from soco_det.probe.network import load_probe_network
 
-    cfg = build_config(PretrainConfig, "tiny_cpu", ["model.fpn_channels=16", "model.head_conv_dim=16",
-                                                     "model.head_fc_dim=32", "seed=5"])
+    cfg = build_config(
+        PretrainConfig,
+        "tiny_cpu",
+        ["model.fpn_channels=16", "model.head_conv_dim=16", "model.head_fc_dim=32", "seed=5"],
+    )
     torch.manual_seed(123)  # whatever the global RNG holds before
     net = load_probe_network("untrained", cfg.model, cfg.seed)
     model = init_model(cfg.model, cfg.seed)
@@ -159,9 +169,25 @@ def test_probe_command_end_to_end(scenes, tmp_path):
     from soco_det.cli import main
 
     out = tmp_path / "probe.json"
-    rc = main(["probe", "untrained", "untrained", "--config", "tiny_cpu", "--train-json", str(scenes["train"]),
-               "--val-json", str(scenes["val"]), "--images", str(scenes["images"]), "--resamples", "50",
-               "-o", str(out)])
+    rc = main(
+        [
+            "probe",
+            "untrained",
+            "untrained",
+            "--config",
+            "tiny_cpu",
+            "--train-json",
+            str(scenes["train"]),
+            "--val-json",
+            str(scenes["val"]),
+            "--images",
+            str(scenes["images"]),
+            "--resamples",
+            "50",
+            "-o",
+            str(out),
+        ]
+    )
     assert rc == 0
     report = json.loads(out.read_text())
     roi = report["results"]["untrained"]["roi"]
@@ -176,8 +202,18 @@ def test_probe_command_end_to_end(scenes, tmp_path):
 def test_probe_command_refuses_untrained_alone(scenes, capsys):
     from soco_det.cli import main
 
-    rc = main(["probe", "untrained", "--train-json", str(scenes["train"]), "--val-json", str(scenes["val"]),
-               "--images", str(scenes["images"])])
+    rc = main(
+        [
+            "probe",
+            "untrained",
+            "--train-json",
+            str(scenes["train"]),
+            "--val-json",
+            str(scenes["val"]),
+            "--images",
+            str(scenes["images"]),
+        ]
+    )
     assert rc == 2 and "--config" in capsys.readouterr().err
 
 
@@ -191,11 +227,26 @@ def test_online_probe_is_logged_with_the_loss(scenes, tmp_path):
 
     unl = generate(tmp_path / "unl", n_unlabeled=8, n_train=0, n_val=0, short_side=96, seed=4)
     store = compute_store(unl["images"] / "unlabeled", tmp_path / "props")
-    probe = [f"train.probe_train_json={scenes['train']}", f"train.probe_val_json={scenes['val']}",
-             f"train.probe_images={scenes['images']}"]
-    small = ["model.fpn_channels=16", "model.head_conv_dim=16", "model.head_fc_dim=32", "model.proj_hidden_dim=32",
-             "model.proj_dim=16", "data.batch_size=4", "data.num_workers=0", "train.epochs=2", "train.warmup_epochs=0",
-             "train.log_every=2", "train.tensorboard=false", "train.progress=false", "train.device=cpu"]
+    probe = [
+        f"train.probe_train_json={scenes['train']}",
+        f"train.probe_val_json={scenes['val']}",
+        f"train.probe_images={scenes['images']}",
+    ]
+    small = [
+        "model.fpn_channels=16",
+        "model.head_conv_dim=16",
+        "model.head_fc_dim=32",
+        "model.proj_hidden_dim=32",
+        "model.proj_dim=16",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "train.epochs=2",
+        "train.warmup_epochs=0",
+        "train.log_every=2",
+        "train.tensorboard=false",
+        "train.progress=false",
+        "train.device=cpu",
+    ]
     extra = {"data": {"images": str(unl["images"] / "unlabeled"), "proposals": str(store)}}
     with pytest.raises(ConfigError, match="multiple of log_every"):
         build_config(PretrainConfig, "tiny_cpu", [*small, *probe, "train.probe_every=3"], extra=extra)

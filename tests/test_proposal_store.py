@@ -17,8 +17,17 @@ from soco_det.proposals.filters import STAGE_EMPTY, STAGE_MAIN, STAGE_NONE
 from soco_det.proposals.interchange import export_coco, export_official_json, import_official_json
 from soco_det.proposals.store import STATUS_FAILED, STATUS_OK, ProposalTable, write_store
 
-META = {"method": "test", "params": {}, "filter": "ratio3size0308post", "max_side": None, "exif_transpose": True,
-        "keep_raw": False, "max_pixels": None, "root": "/data/images", "shard": None}
+META = {
+    "method": "test",
+    "params": {},
+    "filter": "ratio3size0308post",
+    "max_side": None,
+    "exif_transpose": True,
+    "keep_raw": False,
+    "max_pixels": None,
+    "root": "/data/images",
+    "shard": None,
+}
 
 
 def small_table():
@@ -40,7 +49,12 @@ def test_read_api(tmp_path):
     boxes = store.boxes(0)
     assert boxes.dtype == np.int32 and boxes.tolist() == [[1, 2, 40, 50], [0, 0, 99, 60]]
     assert store.boxes(1).shape == (0, 4) and store.boxes(3).tolist() == [[5, 6, 100, 120]]
-    assert (store.status(2), store.reason(2), store.stage(1), store.raw_count(0)) == ("failed", "not an image file", "empty", 7)
+    assert (store.status(2), store.reason(2), store.stage(1), store.raw_count(0)) == (
+        "failed",
+        "not an image file",
+        "empty",
+        7,
+    )
     assert store.ok_indices().tolist() == [0, 1, 3]
     # Memory-mapped: the arrays are views of the files, not copies.
     assert isinstance(store._a["boxes"], np.memmap)
@@ -76,7 +90,11 @@ def computed(tmp_path_factory):
     """A real store: selective search on three small photos."""
     root = tmp_path_factory.mktemp("photos")
     (root / "sub").mkdir()
-    for name, img in [("astronaut.jpg", data.astronaut()), ("sub/coffee.png", data.coffee()), ("chelsea.jpg", data.chelsea())]:
+    for name, img in [
+        ("astronaut.jpg", data.astronaut()),
+        ("sub/coffee.png", data.coffee()),
+        ("chelsea.jpg", data.chelsea()),
+    ]:
         Image.fromarray(img).resize((128, 96)).save(root / name)
     return root, compute_store(root, tmp_path_factory.mktemp("out") / "store")
 
@@ -133,7 +151,9 @@ def test_cli_export_import_info(computed, tmp_path, capsys):
     assert main(["proposals", "info", str(path)]) == 0
     assert "images: 3 (ok 3, failed 0)" in capsys.readouterr().out
     assert main(["proposals", "export", str(path), "--format", "official-json", "-o", str(tmp_path / "o.json")]) == 0
-    assert main(["proposals", "import", str(tmp_path / "o.json"), "--images", str(root), "-o", str(tmp_path / "i")]) == 0
+    assert (
+        main(["proposals", "import", str(tmp_path / "o.json"), "--images", str(root), "-o", str(tmp_path / "i")]) == 0
+    )
     a, b = ProposalStore.open(path), ProposalStore.open(tmp_path / "i")
     assert all(np.array_equal(a.boxes(i), b.boxes(i)) for i in range(len(a)))
     assert main(["proposals", "export", str(path), "--format", "coco", "-o", str(tmp_path / "c.json")]) == 0
@@ -158,5 +178,5 @@ def test_viz_proposals_draws_the_boxes(computed, tmp_path):
     assert drawn.shape == plain.shape
     x, y, w, h = store.boxes(i)[0]
     changed = np.abs(drawn - plain).sum(-1) > 0
-    assert changed[y, x:x + w + 1].all() and changed.mean() < 0.9  # outlines, not filled boxes
+    assert changed[y, x : x + w + 1].all() and changed.mean() < 0.9  # outlines, not filled boxes
     assert main(["viz", "proposals", str(path), "--image", "nope", "-o", str(tmp_path / "q.png")]) == 2

@@ -31,7 +31,7 @@ def images(tmp_path_factory):
     photo().convert("P", palette=Image.Palette.ADAPTIVE, colors=32).save(root / "palette.png")
     photo().convert("RGBA").save(root / "rgba.png")
     photo().convert("CMYK").save(root / "cmyk.jpg")
-    gray16 = (np.asarray(photo().convert("L"), np.uint16) * 257)
+    gray16 = np.asarray(photo().convert("L"), np.uint16) * 257
     Image.fromarray(gray16).save(root / "gray16.png")
     exif = Image.Exif()
     exif[EXIF_ORIENTATION] = 6  # "rotate 90 CW to display": the displayed image is 80 x 120
@@ -52,13 +52,16 @@ def test_file_formats_are_checked(images):
     assert Image.open(images / "cmyk.jpg").mode == "CMYK" and Image.open(images / "palette.png").mode == "P"
 
 
-@pytest.mark.parametrize("name,reason", [
-    ("garbage.jpg", "not an image"),
-    ("zero.jpg", "not an image"),
-    ("notes.jpg", "not an image"),
-    ("truncated.jpg", "truncated"),
-    ("huge.png", "above the limit of 60000"),
-])
+@pytest.mark.parametrize(
+    "name,reason",
+    [
+        ("garbage.jpg", "not an image"),
+        ("zero.jpg", "not an image"),
+        ("notes.jpg", "not an image"),
+        ("truncated.jpg", "truncated"),
+        ("huge.png", "above the limit of 60000"),
+    ],
+)
 def test_unusable_files_are_recorded_and_skipped(store, name, reason):
     i = store.index(name)
     assert store.status(i) == "failed" and reason in store.reason(i)

@@ -20,6 +20,7 @@ from soco_det.proposals.store import ProposalStore
 
 def official_post_filter(rects: np.ndarray, width: int, height: int) -> list[list[int]]:
     """ratio3size0308, and for an image it leaves empty: ratio3 alone, then min side alone."""
+
     def min_side(w, h):
         return w >= 32 and h >= 32
 
@@ -38,8 +39,11 @@ def official_post_filter(rects: np.ndarray, width: int, height: int) -> list[lis
 
 def write_images(folder: Path) -> list[str]:
     folder.mkdir(parents=True)
-    photos = {"cat.jpg": skimage.data.chelsea(), "coffee.png": skimage.data.coffee(),
-              "rocket.jpg": skimage.data.rocket()}
+    photos = {
+        "cat.jpg": skimage.data.chelsea(),
+        "coffee.png": skimage.data.coffee(),
+        "rocket.jpg": skimage.data.rocket(),
+    }
     for name, array in photos.items():
         img = Image.fromarray(array)
         img = img.resize((img.width * 150 // img.height, 150), Image.Resampling.BILINEAR)

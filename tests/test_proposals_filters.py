@@ -23,12 +23,20 @@ POST = parse_filter("ratio3size0308post")
 def naive_ratio_size(rects, width, height, r=3, lo=0.3, hi=0.8):
     """The official filter_ratio_size, one rect at a time (the reference for the vectorised one)."""
     img = sqrt(width * height)
-    return [bool(w >= 32 and h >= 32 and (1.0 / r) <= (w / h) <= r and lo <= (sqrt(w * h) / img) <= hi)
-            for _, _, w, h in rects]
+    return [
+        bool(w >= 32 and h >= 32 and (1.0 / r) <= (w / h) <= r and lo <= (sqrt(w * h) / img) <= hi)
+        for _, _, w, h in rects
+    ]
 
 
 def test_parse_official_strings():
-    assert (OFFICIAL.ratio, OFFICIAL.min_size, OFFICIAL.max_size, OFFICIAL.min_side, OFFICIAL.post) == (3.0, 0.3, 0.8, 32, False)
+    assert (OFFICIAL.ratio, OFFICIAL.min_size, OFFICIAL.max_size, OFFICIAL.min_side, OFFICIAL.post) == (
+        3.0,
+        0.3,
+        0.8,
+        32,
+        False,
+    )
     assert POST.post and POST.min_size == 0.3 and POST.max_size == 0.8
     other = parse_filter("ratio2size0110")
     assert (other.ratio, other.min_size, other.max_size) == (2.0, 0.1, 1.0)
@@ -61,8 +69,15 @@ def test_size_boundaries_are_inclusive(side, kept):
 def test_vectorised_equals_naive_official_loop():
     rng = np.random.default_rng(0)
     for width, height in [(200, 150), (500, 375), (64, 640)]:
-        rects = np.stack([rng.integers(0, 50, 400), rng.integers(0, 50, 400),
-                          rng.integers(0, width, 400), rng.integers(0, height, 400)], 1).astype(np.int32)
+        rects = np.stack(
+            [
+                rng.integers(0, 50, 400),
+                rng.integers(0, 50, 400),
+                rng.integers(0, width, 400),
+                rng.integers(0, height, 400),
+            ],
+            1,
+        ).astype(np.int32)
         assert OFFICIAL.mask(rects, width, height).tolist() == naive_ratio_size(rects.tolist(), width, height)
 
 

@@ -24,7 +24,7 @@ PHOTOS = [data.astronaut, data.coffee, data.chelsea, data.rocket, data.immunohis
 
 # A slow, deterministic method for the kill tests: the delay leaves time to kill the run mid-way.
 # It lives in a script so that spawn-started workers (which re-import the main script) know it.
-SLOW_SCRIPT = textwrap.dedent('''
+SLOW_SCRIPT = textwrap.dedent("""
     import os, sys, time
     import numpy as np
     from soco_det.proposals.methods import register_method
@@ -42,7 +42,7 @@ SLOW_SCRIPT = textwrap.dedent('''
         from soco_det.proposals import compute_store
         setup_logging("INFO")
         compute_store(sys.argv[1], sys.argv[2], method="slow_test", workers=2, chunk_size=1)
-''')
+""")
 
 
 def write_photos(root: Path, n: int, size=(96, 72)) -> Path:
@@ -111,7 +111,11 @@ def test_max_side_maps_rects_back_to_full_resolution(photos):
     full = np.asarray(Image.fromarray(img).resize((192, 144)))
     rects = run_method("selective_search", full, {"scale": 300.0, "sigma": 0.9, "min_size": 100}, max_side=96)
     assert len(rects) > 0 and rects.dtype == np.int32
-    assert (rects[:, 0] >= 0).all() and (rects[:, 0] + rects[:, 2] <= 191).all() and (rects[:, 1] + rects[:, 3] <= 143).all()
+    assert (
+        (rects[:, 0] >= 0).all()
+        and (rects[:, 0] + rects[:, 2] <= 191).all()
+        and (rects[:, 1] + rects[:, 3] <= 143).all()
+    )
     # Factor 2: the pixel span x..x+w becomes 2x..2x+2w+1.
     np.testing.assert_array_equal(upscale_rects(np.array([[10, 5, 19, 0]]), 2.0, 2.0, 100, 100), [[20, 10, 39, 1]])
 
@@ -133,8 +137,14 @@ def test_opencv_and_random_methods(photos, tmp_path, monkeypatch):
 def _start_slow_run(tmp_path: Path, images: Path, out: Path, delay: float) -> subprocess.Popen:
     script = tmp_path / "slow_run.py"
     script.write_text(SLOW_SCRIPT)
-    return subprocess.Popen([sys.executable, str(script), str(images), str(out)],
-                            env={**os.environ, "SLOW_TEST_DELAY": str(delay)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, str(script), str(images), str(out)],
+        env={**os.environ, "SLOW_TEST_DELAY": str(delay)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _wait_for_chunks(out: Path, n: int, proc: subprocess.Popen, timeout: float = 60) -> list[Path]:

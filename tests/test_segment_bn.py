@@ -114,8 +114,9 @@ def _pair(variant, backbone=True, **kw):
     return batched, separate
 
 
-@pytest.mark.parametrize("variant, backbone", [("soco_fpn", True), ("soco_fpn", False), ("soco_star", True),
-                                               ("soco_c4", True)])
+@pytest.mark.parametrize(
+    "variant, backbone", [("soco_fpn", True), ("soco_fpn", False), ("soco_star", True), ("soco_c4", True)]
+)
 def test_batched_calls_equal_separate_calls(variant, backbone):
     torch.set_num_threads(1)
     batched, separate = _pair(variant, backbone)
@@ -163,8 +164,9 @@ def _head_bn1_reference(model, batch, order):
         for v, k, s in order:
             pyramid = net["neck"](net["encoder"](batch["images"][v]))
             for feat, stride in zip(pyramid, model.strides):
-                rois = roi_align_boxes(feat, batch["boxes"][k][s], tuple(batch["images"][v].shape[-2:]), stride,
-                                       model.roi_output_size)
+                rois = roi_align_boxes(
+                    feat, batch["boxes"][k][s], tuple(batch["images"][v].shape[-2:]), stride, model.roi_output_size
+                )
                 x = net["head"].conv1(rois)
                 mean = 0.9 * mean + 0.1 * x.mean(dim=(0, 2, 3))
     return mean

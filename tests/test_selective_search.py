@@ -154,8 +154,10 @@ def test_felzenszwalb_matches_scikit_image_labels():
         for scale, sigma, min_size in [(300, 0.9, 100), (1, 0.8, 20), (50, 0.0, 5)]:
             expected = skimage.segmentation.felzenszwalb(floats, scale=scale, sigma=sigma, min_size=min_size)
             np.testing.assert_array_equal(fz.felzenszwalb(floats, scale, sigma, min_size), expected)
-    np.testing.assert_array_equal(segment(images[0]), skimage.segmentation.felzenszwalb(
-        skimage.util.img_as_float(images[0]), scale=300, sigma=0.9, min_size=100))
+    np.testing.assert_array_equal(
+        segment(images[0]),
+        skimage.segmentation.felzenszwalb(skimage.util.img_as_float(images[0]), scale=300, sigma=0.9, min_size=100),
+    )
 
 
 def edges_of(image: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -174,12 +176,14 @@ def test_edge_costs_equal_numpy_expressions():
     def cost(a, b):
         return np.sqrt(np.sum((a - b) * (a - b), axis=-1)).ravel()
 
-    expected = np.hstack([
-        cost(smooth[:, 1:], smooth[:, :-1]),  # right
-        cost(smooth[1:], smooth[:-1]),  # down
-        cost(smooth[1:, 1:], smooth[:-1, :-1]),  # down-right
-        cost(smooth[1:, :-1], smooth[:-1, 1:]),  # up-right
-    ])
+    expected = np.hstack(
+        [
+            cost(smooth[:, 1:], smooth[:, :-1]),  # right
+            cost(smooth[1:], smooth[:-1]),  # down
+            cost(smooth[1:, 1:], smooth[:-1, :-1]),  # down-right
+            cost(smooth[1:, :-1], smooth[:-1, 1:]),  # up-right
+        ]
+    )
     costs, slots, slot_costs = edges_of(image, 0.9)
     np.testing.assert_array_equal(costs, expected)  # bit for bit
     np.testing.assert_array_equal(slot_costs[slots], costs)
@@ -250,8 +254,12 @@ def test_region_details_are_consistent():
 
 @pytest.mark.parametrize(
     "bad",
-    [np.zeros((10, 10), np.uint8), np.zeros((10, 10, 4), np.uint8), np.zeros((10, 10, 3), np.float32),
-     np.zeros((0, 10, 3), np.uint8)],
+    [
+        np.zeros((10, 10), np.uint8),
+        np.zeros((10, 10, 4), np.uint8),
+        np.zeros((10, 10, 3), np.float32),
+        np.zeros((0, 10, 3), np.uint8),
+    ],
 )
 def test_bad_input_is_a_clear_error(bad):
     with pytest.raises(ValueError, match="selective search"):

@@ -19,8 +19,12 @@ def test_tiny_cpu_loss_falls(tmp_path):
     store = compute_store(tmp_path / "scenes" / "images" / "unlabeled", tmp_path / "proposals")
     extra = {"data": {"images": str(tmp_path / "scenes" / "images" / "unlabeled"), "proposals": str(store)}}
     # 64 images / batch 16 = 4 steps per epoch; 50 epochs = 200 steps.
-    cfg = build_config(PretrainConfig, "tiny_cpu", ["train.epochs=50", "train.log_every=5", "train.device=cpu",
-                                                     "train.tensorboard=false"], extra=extra)
+    cfg = build_config(
+        PretrainConfig,
+        "tiny_cpu",
+        ["train.epochs=50", "train.log_every=5", "train.device=cpu", "train.tensorboard=false"],
+        extra=extra,
+    )
     run = pretrain(cfg, tmp_path / "run")
     losses = [r["loss"] for r in read_metrics(run)]
     assert len(losses) == 40

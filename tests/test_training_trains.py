@@ -12,10 +12,23 @@ from soco_det.engine.config import PretrainConfig
 from soco_det.engine.metrics import read_metrics
 from soco_det.engine.trainer import pretrain
 
-SMALL = ["model.fpn_channels=32", "model.head_conv_dim=32", "model.head_fc_dim=64", "model.proj_hidden_dim=64",
-         "model.proj_dim=32", "data.batch_size=8", "data.num_workers=0", "train.epochs=12", "train.warmup_epochs=1",
-         "train.log_every=5", "train.ckpt_every=1000", "train.tensorboard=false", "train.progress=false",
-         "train.device=cpu", "seed=0"]
+SMALL = [
+    "model.fpn_channels=32",
+    "model.head_conv_dim=32",
+    "model.head_fc_dim=64",
+    "model.proj_hidden_dim=64",
+    "model.proj_dim=32",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "train.epochs=12",
+    "train.warmup_epochs=1",
+    "train.log_every=5",
+    "train.ckpt_every=1000",
+    "train.tensorboard=false",
+    "train.progress=false",
+    "train.device=cpu",
+    "seed=0",
+]
 
 
 @pytest.fixture(scope="module")

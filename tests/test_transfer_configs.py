@@ -35,20 +35,54 @@ SMALL = dict(proj_hidden_dim=32, proj_dim=16)
 
 # detectron2/config/defaults.py keys the shipped files may set.
 D2_KEYS = {
-    "VERSION", "MODEL.META_ARCHITECTURE", "MODEL.WEIGHTS", "MODEL.MASK_ON", "MODEL.PIXEL_MEAN",
-    "MODEL.PIXEL_STD", "MODEL.BACKBONE.NAME", "MODEL.BACKBONE.FREEZE_AT", "MODEL.RESNETS.DEPTH",
-    "MODEL.RESNETS.OUT_FEATURES", "MODEL.RESNETS.NORM", "MODEL.RESNETS.STRIDE_IN_1X1",
-    "MODEL.FPN.IN_FEATURES", "MODEL.FPN.NORM", "MODEL.ANCHOR_GENERATOR.SIZES",
-    "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", "MODEL.RPN.IN_FEATURES", "MODEL.RPN.PRE_NMS_TOPK_TRAIN",
-    "MODEL.RPN.PRE_NMS_TOPK_TEST", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "MODEL.RPN.POST_NMS_TOPK_TEST",
-    "MODEL.ROI_HEADS.NAME", "MODEL.ROI_HEADS.IN_FEATURES", "MODEL.ROI_HEADS.NUM_CLASSES",
-    "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "MODEL.ROI_BOX_HEAD.NAME", "MODEL.ROI_BOX_HEAD.NUM_CONV",
-    "MODEL.ROI_BOX_HEAD.NUM_FC", "MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION",
-    "MODEL.ROI_MASK_HEAD.NAME", "MODEL.ROI_MASK_HEAD.NUM_CONV", "MODEL.ROI_MASK_HEAD.NORM",
-    "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION", "INPUT.FORMAT", "INPUT.MIN_SIZE_TRAIN", "INPUT.MIN_SIZE_TEST",
-    "DATASETS.TRAIN", "DATASETS.TEST", "DATALOADER.SAMPLER_TRAIN", "DATALOADER.REPEAT_THRESHOLD",
-    "SOLVER.IMS_PER_BATCH", "SOLVER.BASE_LR", "SOLVER.STEPS", "SOLVER.MAX_ITER", "SOLVER.WEIGHT_DECAY",
-    "TEST.DETECTIONS_PER_IMAGE", "TEST.PRECISE_BN.ENABLED",
+    "VERSION",
+    "MODEL.META_ARCHITECTURE",
+    "MODEL.WEIGHTS",
+    "MODEL.MASK_ON",
+    "MODEL.PIXEL_MEAN",
+    "MODEL.PIXEL_STD",
+    "MODEL.BACKBONE.NAME",
+    "MODEL.BACKBONE.FREEZE_AT",
+    "MODEL.RESNETS.DEPTH",
+    "MODEL.RESNETS.OUT_FEATURES",
+    "MODEL.RESNETS.NORM",
+    "MODEL.RESNETS.STRIDE_IN_1X1",
+    "MODEL.FPN.IN_FEATURES",
+    "MODEL.FPN.NORM",
+    "MODEL.ANCHOR_GENERATOR.SIZES",
+    "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS",
+    "MODEL.RPN.IN_FEATURES",
+    "MODEL.RPN.PRE_NMS_TOPK_TRAIN",
+    "MODEL.RPN.PRE_NMS_TOPK_TEST",
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+    "MODEL.RPN.POST_NMS_TOPK_TEST",
+    "MODEL.ROI_HEADS.NAME",
+    "MODEL.ROI_HEADS.IN_FEATURES",
+    "MODEL.ROI_HEADS.NUM_CLASSES",
+    "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+    "MODEL.ROI_BOX_HEAD.NAME",
+    "MODEL.ROI_BOX_HEAD.NUM_CONV",
+    "MODEL.ROI_BOX_HEAD.NUM_FC",
+    "MODEL.ROI_BOX_HEAD.NORM",
+    "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION",
+    "MODEL.ROI_MASK_HEAD.NAME",
+    "MODEL.ROI_MASK_HEAD.NUM_CONV",
+    "MODEL.ROI_MASK_HEAD.NORM",
+    "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION",
+    "INPUT.FORMAT",
+    "INPUT.MIN_SIZE_TRAIN",
+    "INPUT.MIN_SIZE_TEST",
+    "DATASETS.TRAIN",
+    "DATASETS.TEST",
+    "DATALOADER.SAMPLER_TRAIN",
+    "DATALOADER.REPEAT_THRESHOLD",
+    "SOLVER.IMS_PER_BATCH",
+    "SOLVER.BASE_LR",
+    "SOLVER.STEPS",
+    "SOLVER.MAX_ITER",
+    "SOLVER.WEIGHT_DECAY",
+    "TEST.DETECTIONS_PER_IMAGE",
+    "TEST.PRECISE_BN.ENABLED",
 }
 EXPORT_COMMAND = re.compile(r"soco-det export RUN --to (\w+)(?: -o (\S+))?")
 
@@ -68,8 +102,10 @@ def _run(root: Path, variant: str, depth: int) -> Path:
     torch.manual_seed(0)
     model = build_model(cfg)
     (root / "checkpoints").mkdir(parents=True)
-    torch.save({"format": "soco-det/1", "model": model.state_dict(), "step": 1,
-                "config": {"model": dataclasses.asdict(cfg)}}, root / "checkpoints" / "last.pt")
+    torch.save(
+        {"format": "soco-det/1", "model": model.state_dict(), "step": 1, "config": {"model": dataclasses.asdict(cfg)}},
+        root / "checkpoints" / "last.pt",
+    )
     return root
 
 
@@ -116,7 +152,9 @@ def detectron2_expected(cfg: dict) -> set[str]:
         fpn_norm = cfg.get("MODEL.FPN.NORM", "")
         for feature in cfg["MODEL.FPN.IN_FEATURES"]:
             s = int(feature[3:])
-            keys |= d2_conv(f"backbone.fpn_lateral{s}", fpn_norm, True) | d2_conv(f"backbone.fpn_output{s}", fpn_norm, True)
+            keys |= d2_conv(f"backbone.fpn_lateral{s}", fpn_norm, True) | d2_conv(
+                f"backbone.fpn_output{s}", fpn_norm, True
+            )
     if cfg.get("MODEL.ROI_BOX_HEAD.NAME") == "FastRCNNConvFCHead" and not c4:
         box_norm = cfg.get("MODEL.ROI_BOX_HEAD.NORM", "")
         for k in range(1, cfg["MODEL.ROI_BOX_HEAD.NUM_CONV"] + 1):
@@ -128,18 +166,30 @@ def detectron2_expected(cfg: dict) -> set[str]:
 
 def test_the_shipped_detectron2_configs_include_lvis():
     names = {p.name for p in D2_FILES}
-    assert {"soco_mask_rcnn_R_50_FPN_1x.yaml", "soco_mask_rcnn_R_50_C4_1x.yaml",
-            "soco_mask_rcnn_R_50_FPN_1x_lvis.yaml"} <= names
+    assert {
+        "soco_mask_rcnn_R_50_FPN_1x.yaml",
+        "soco_mask_rcnn_R_50_C4_1x.yaml",
+        "soco_mask_rcnn_R_50_FPN_1x_lvis.yaml",
+    } <= names
     lvis = _flatten(yaml.safe_load((CONFIGS / "detectron2" / "soco_mask_rcnn_R_50_FPN_1x_lvis.yaml").read_text()))
     assert lvis["MODEL.ROI_HEADS.NUM_CLASSES"] == 1203 and lvis["DATASETS.TRAIN"] == '("lvis_v1_train",)'
-    assert lvis["DATALOADER.SAMPLER_TRAIN"] == "RepeatFactorTrainingSampler" and lvis["DATALOADER.REPEAT_THRESHOLD"] == 0.001
+    assert (
+        lvis["DATALOADER.SAMPLER_TRAIN"] == "RepeatFactorTrainingSampler"
+        and lvis["DATALOADER.REPEAT_THRESHOLD"] == 0.001
+    )
     assert lvis["MODEL.ROI_HEADS.SCORE_THRESH_TEST"] == 1e-4 and lvis["TEST.DETECTIONS_PER_IMAGE"] == 300
     coco = _flatten(yaml.safe_load((CONFIGS / "detectron2" / "soco_mask_rcnn_R_50_FPN_1x.yaml").read_text()))
     # Only the dataset-specific keys differ from the COCO file.
     differ = {k for k in set(coco) | set(lvis) if coco.get(k) != lvis.get(k)}
-    assert differ == {"MODEL.ROI_HEADS.NUM_CLASSES", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "DATASETS.TRAIN",
-                      "DATASETS.TEST", "DATALOADER.SAMPLER_TRAIN", "DATALOADER.REPEAT_THRESHOLD",
-                      "TEST.DETECTIONS_PER_IMAGE"}
+    assert differ == {
+        "MODEL.ROI_HEADS.NUM_CLASSES",
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+        "DATASETS.TRAIN",
+        "DATASETS.TEST",
+        "DATALOADER.SAMPLER_TRAIN",
+        "DATALOADER.REPEAT_THRESHOLD",
+        "TEST.DETECTIONS_PER_IMAGE",
+    }
 
 
 @pytest.mark.parametrize("path", D2_FILES, ids=lambda p: p.name)
@@ -185,11 +235,17 @@ def mmdet_expected(model: dict) -> set[str]:
     for stage, n_blocks in zip(range(1, MM_BASE["num_stages"] + 1), BLOCKS[depth]):
         for j in range(n_blocks):
             for c in (1, 2, 3) if bottleneck else (1, 2):
-                keys |= {f"backbone.layer{stage}.{j}.conv{c}.weight"} | {f"backbone.layer{stage}.{j}.bn{c}.{b}" for b in BN}
+                keys |= {f"backbone.layer{stage}.{j}.conv{c}.weight"} | {
+                    f"backbone.layer{stage}.{j}.bn{c}.{b}" for b in BN
+                }
             if j == 0 and (stage > 1 or bottleneck):
-                keys |= {f"backbone.layer{stage}.0.downsample.0.weight"} | {f"backbone.layer{stage}.0.downsample.1.{b}" for b in BN}
+                keys |= {f"backbone.layer{stage}.0.downsample.0.weight"} | {
+                    f"backbone.layer{stage}.0.downsample.1.{b}" for b in BN
+                }
     for i in range(len(neck.get("in_channels", MM_BASE["neck_in_channels"]))):
-        keys |= mm_conv(f"neck.lateral_convs.{i}", neck.get("norm_cfg")) | mm_conv(f"neck.fpn_convs.{i}", neck.get("norm_cfg"))
+        keys |= mm_conv(f"neck.lateral_convs.{i}", neck.get("norm_cfg")) | mm_conv(
+            f"neck.fpn_convs.{i}", neck.get("norm_cfg")
+        )
     # Shared4Conv1FCBBoxHead = ConvFCBBoxHead(num_shared_convs=4, num_shared_fcs=1).
     assert head["type"] == "Shared4Conv1FCBBoxHead"
     for i in range(4):

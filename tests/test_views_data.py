@@ -28,7 +28,9 @@ def photos():
 
 
 def _dataset(images, store, recipe="soco_fpn", **kw):
-    return build_pretrain_dataset(DataConfig(images=str(images), proposals=str(store), views=ViewsConfig(recipe=recipe), **kw), seed=3)
+    return build_pretrain_dataset(
+        DataConfig(images=str(images), proposals=str(store), views=ViewsConfig(recipe=recipe), **kw), seed=3
+    )
 
 
 # -- sources -------------------------------------------------------------------------------------
@@ -44,8 +46,11 @@ def test_sources_folder_list_coco_join(photos, tmp_path):
     assert [i.key for i in listed] == list(reversed(store.paths))
     assert (join_with_store(listed, store) == np.arange(len(store))[::-1]).all()
 
-    coco = {"images": [{"id": i, "file_name": k, "width": 1, "height": 1} for i, k in enumerate(store.paths)],
-            "annotations": [], "categories": []}
+    coco = {
+        "images": [{"id": i, "file_name": k, "width": 1, "height": 1} for i, k in enumerate(store.paths)],
+        "annotations": [],
+        "categories": [],
+    }
     (tmp_path / "c.json").write_text(json.dumps(coco))
     assert [i.key for i in coco_items(tmp_path / "c.json", images)] == list(store.paths)
 
@@ -92,8 +97,9 @@ def test_whole_image_fallback_for_images_without_proposals(photos, tmp_path):
     root = tmp_path / "imgs"
     shutil.copytree(images, root)
     Image.open(root / "astronaut.jpg").save(root / "extra.png")  # not in the store
-    ds = build_pretrain_dataset(DataConfig(images=str(root), proposals=str(store),
-                                           views=ViewsConfig(jitter_prob=0.0)), seed=0)
+    ds = build_pretrain_dataset(
+        DataConfig(images=str(root), proposals=str(store), views=ViewsConfig(jitter_prob=0.0)), seed=0
+    )
     i = [it.key for it in ds.items].index("extra.png")
     assert ds.store_indices[i] == -1
     sample, _, _ = ds.views(i)
@@ -135,7 +141,9 @@ def test_bad_input_skipped_and_counted_strict_raises(photos, tmp_path):
     images, store_dir = photos
     root = tmp_path / "imgs"
     shutil.copytree(images, root)
-    data = (root / "coffee.jpg").read_bytes() if (root / "coffee.jpg").exists() else (root / "sub/coffee.jpg").read_bytes()
+    data = (
+        (root / "coffee.jpg").read_bytes() if (root / "coffee.jpg").exists() else (root / "sub/coffee.jpg").read_bytes()
+    )
     (root / "sub/coffee.jpg").write_bytes(data[: len(data) // 3])  # truncated JPEG
     Image.new("RGB", (20, 12)).save(root / "tiny.png")  # smaller than min_side, not in the store
     store = ProposalStore.open(store_dir, root=root)
@@ -167,8 +175,14 @@ def test_view_pixels_are_the_crop_resized_and_flipped(photos, recipe):
 
     images, store = photos
     n = len(PRESETS[recipe]["view_kinds"])
-    no_colour = ViewsConfig(recipe=recipe, color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=[0.0] * n,
-                            solarize_prob=[0.0] * n, cutout_views=[])
+    no_colour = ViewsConfig(
+        recipe=recipe,
+        color_jitter_prob=0.0,
+        grayscale_prob=0.0,
+        blur_prob=[0.0] * n,
+        solarize_prob=[0.0] * n,
+        cutout_views=[],
+    )
     ds = build_pretrain_dataset(DataConfig(images=str(images), proposals=str(store), views=no_colour), seed=3)
     cfg = ds.sampler.cfg
     for index in (0, 3):
@@ -249,7 +263,11 @@ def test_collate_shapes_and_dtypes(photos, recipe):
     assert all(t.dtype == torch.float32 for t in batch["images"])
     assert batch["pairs"] == [(0, v) for v in range(1, V)]
     for p in range(V - 1):
-        for key, dtype, shape in (("boxes", torch.float32, (3, K, 4)), ("ids", torch.int64, (3, K)), ("levels", torch.int64, (3, K))):
+        for key, dtype, shape in (
+            ("boxes", torch.float32, (3, K, 4)),
+            ("ids", torch.int64, (3, K)),
+            ("levels", torch.int64, (3, K)),
+        ):
             for t in batch[key][p]:
                 assert t.dtype == dtype and tuple(t.shape) == shape
         assert batch["corr"][p].shape == (3, P * K, P * K) and batch["corr"][p].dtype == torch.float32
@@ -265,8 +283,24 @@ def test_viz_views_cli_writes_png(photos, tmp_path):
 
     images, store = photos
     out = tmp_path / "views.png"
-    rc = main(["viz", "views", "--images", str(images), "--proposals", str(store), "-o", str(out),
-               "--recipe", "soco_star", "--samples", "2", "--seed", "1"])
+    rc = main(
+        [
+            "viz",
+            "views",
+            "--images",
+            str(images),
+            "--proposals",
+            str(store),
+            "-o",
+            str(out),
+            "--recipe",
+            "soco_star",
+            "--samples",
+            "2",
+            "--seed",
+            "1",
+        ]
+    )
     assert rc == 0
     with Image.open(out) as img:
         assert img.format == "PNG" and img.size[0] > 800 and img.size[1] > 300
@@ -290,16 +324,22 @@ def test_large_jpeg_decoded_reduced_gives_the_same_views(photos, tmp_path):
     path = tmp_path / "big.jpg"
     Image.fromarray(skimage.data.astronaut()).resize((2048, 2048), Image.Resampling.BICUBIC).save(path, quality=92)
     rects = np.array([[100, 200, 900, 700], [1000, 300, 800, 1200]], np.int32)
-    cfg = ViewsConfig(color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=[0, 0, 0], solarize_prob=[0, 0, 0], cutout_views=[])
+    cfg = ViewsConfig(
+        color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=[0, 0, 0], solarize_prob=[0, 0, 0], cutout_views=[]
+    )
     lazy = LazyImage(path)
     assert lazy.load(4)[0].size == (512, 512)  # decoded at 1/4 scale
     fast = ViewSampler(cfg, PixelOptions(decode_reducing_gap=2.0))(LazyImage(path), rects, np.random.default_rng(5))
-    full = ViewSampler(cfg, PixelOptions(decode_reducing_gap=None))(Image.open(path).convert("RGB"), rects, np.random.default_rng(5))
+    full = ViewSampler(cfg, PixelOptions(decode_reducing_gap=None))(
+        Image.open(path).convert("RGB"), rects, np.random.default_rng(5)
+    )
     assert fast.crops == full.crops and fast.flips == full.flips
     for p in range(len(full.pairs)):
         for side in (0, 1):
             np.testing.assert_array_equal(fast.boxes[p][side], full.boxes[p][side])
     for a, b in zip(fast.images, full.images):
-        diff = np.abs(denormalise(a, cfg.resolved().mean, cfg.resolved().std).astype(float)
-                      - denormalise(b, cfg.resolved().mean, cfg.resolved().std).astype(float))
+        diff = np.abs(
+            denormalise(a, cfg.resolved().mean, cfg.resolved().std).astype(float)
+            - denormalise(b, cfg.resolved().mean, cfg.resolved().std).astype(float)
+        )
         assert diff.mean() < 2.0  # same picture, up to resampling differences

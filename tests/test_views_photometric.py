@@ -21,7 +21,9 @@ def photo():
     return Image.fromarray(skimage.data.coffee()).resize((150, 100), Image.Resampling.BILINEAR)
 
 
-@pytest.mark.parametrize("op,factor", [(0, 1.3), (0, 0.7), (1, 1.35), (1, 0.6), (2, 1.2), (2, 0.8), (3, 0.08), (3, -0.1)])
+@pytest.mark.parametrize(
+    "op,factor", [(0, 1.3), (0, 0.7), (1, 1.35), (1, 0.6), (2, 1.2), (2, 0.8), (3, 0.08), (3, -0.1)]
+)
 def test_single_ops_match_pil(photo, op, factor):
     pil_ops = [ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color]
     ref = pil_ops[op](photo).enhance(factor) if op < 3 else pil_ref._adjust_hue(photo, factor)
@@ -29,7 +31,9 @@ def test_single_ops_match_pil(photo, op, factor):
     factors[op] = factor
     enabled = np.zeros(4, bool)
     enabled[op] = True
-    out = ck.colour_jitter_gray(np.asarray(photo), np.array([op] + [o for o in range(4) if o != op], np.int64), factors, enabled, False)
+    out = ck.colour_jitter_gray(
+        np.asarray(photo), np.array([op] + [o for o in range(4) if o != op], np.int64), factors, enabled, False
+    )
     diff = np.abs(out.astype(int) - np.asarray(ref).astype(int))
     assert diff.max() <= (2 if op == 3 else 0), diff.max()  # hue: float rounding of the HSV round trip
     assert (diff > 0).mean() < 0.01
@@ -49,8 +53,15 @@ def test_grayscale_and_solarize_normalise_match_pil(photo):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_fused_pipeline_matches_pil_pipeline(photo, seed):
-    kw = dict(jitter=(0.4, 0.4, 0.2, 0.1), jitter_prob=0.8, grayscale_prob=0.2, blur_prob=0.5, blur_sigma=(0.1, 2.0),
-              solarize_prob=0.5, solarize_threshold=128)
+    kw = dict(
+        jitter=(0.4, 0.4, 0.2, 0.1),
+        jitter_prob=0.8,
+        grayscale_prob=0.2,
+        blur_prob=0.5,
+        blur_sigma=(0.1, 2.0),
+        solarize_prob=0.5,
+        solarize_threshold=128,
+    )
     ref = pil_ref.to_normalised_tensor(pil_ref.augment(photo, np.random.default_rng(seed), **kw), MEAN, STD)
     out = pil_ref.augment_tensor(photo, np.random.default_rng(seed), mean=MEAN, std=STD, **kw)
     diff = (out - ref).abs() * torch.tensor(STD).view(3, 1, 1) * 255  # in uint8 levels
@@ -62,7 +73,9 @@ def _unfused(arr, p, mean, std):
     from soco_det.data import box_blur
 
     if p[0] or p[13]:
-        arr = ck.colour_jitter_gray(np.ascontiguousarray(arr), p[5:9].astype(np.int64), p[1:5], p[9:13] > 0, bool(p[13]))
+        arr = ck.colour_jitter_gray(
+            np.ascontiguousarray(arr), p[5:9].astype(np.int64), p[1:5], p[9:13] > 0, bool(p[13])
+        )
     if p[14]:
         arr = box_blur.pil_gaussian_blur(np.ascontiguousarray(arr), float(p[15]))
     scale, offset = ph.normalise_constants(mean, std)
@@ -75,8 +88,15 @@ def test_apply_params_equals_separate_passes_bit_for_bit(photo, flipped):
     floats of the separate kernels, for every op order, with and without blur/grayscale/solarize."""
     arr = np.asarray(photo)[:, ::-1] if flipped else np.asarray(photo)  # flipped: negative strides
     rng = np.random.default_rng(11)
-    kw = dict(jitter=(0.4, 0.4, 0.2, 0.1), jitter_prob=0.9, grayscale_prob=0.3, blur_prob=0.4, blur_sigma=(0.1, 2.0),
-              solarize_prob=0.4, solarize_threshold=128)
+    kw = dict(
+        jitter=(0.4, 0.4, 0.2, 0.1),
+        jitter_prob=0.9,
+        grayscale_prob=0.3,
+        blur_prob=0.4,
+        blur_sigma=(0.1, 2.0),
+        solarize_prob=0.4,
+        solarize_threshold=128,
+    )
     seen = set()
     for _ in range(40):
         p = ph.draw_params(rng, **kw)

@@ -21,8 +21,12 @@ TOL = 2e-3  # px, float32 normalised boxes times <= 200 px
 @pytest.fixture(scope="module")
 def datasets():
     images, store = photo_store()
-    return {r: build_pretrain_dataset(DataConfig(images=str(images), proposals=str(store), views=ViewsConfig(recipe=r)), seed=0)
-            for r in RECIPES}
+    return {
+        r: build_pretrain_dataset(
+            DataConfig(images=str(images), proposals=str(store), views=ViewsConfig(recipe=r)), seed=0
+        )
+        for r in RECIPES
+    }
 
 
 def _check_sample(ds, index: int, epoch: int) -> None:
@@ -43,7 +47,9 @@ def _check_sample(ds, index: int, epoch: int) -> None:
             assert np.all(norm >= -1e-6) and np.all(norm <= 1 + 1e-6)
             assert np.all(norm[:, 2] > norm[:, 0]) and np.all(norm[:, 3] > norm[:, 1])
             # carried back by hand (not with the library's own inverse): unflip, scale, shift
-            unflipped = np.stack([1 - norm[:, 2], norm[:, 1], 1 - norm[:, 0], norm[:, 3]], 1) if sample.flips[view] else norm
+            unflipped = (
+                np.stack([1 - norm[:, 2], norm[:, 1], 1 - norm[:, 0], norm[:, 3]], 1) if sample.flips[view] else norm
+            )
             top, left, ch, cw = sample.crops[view]
             back = unflipped * [cw, ch, cw, ch] + [left, top, left, top]
             if sample.fallback[p]:
@@ -55,14 +61,30 @@ def _check_sample(ds, index: int, epoch: int) -> None:
                 # V1 boxes: the proposal jittered within the bounds, then clipped to the image
                 r = cfg.jitter_ratio
                 w, h = prop[:, 2] - prop[:, 0], prop[:, 3] - prop[:, 1]
-                lo = np.stack([np.maximum(prop[:, 0] - r * w, 0), np.maximum(prop[:, 1] - r * h, 0),
-                               prop[:, 2] - 2 * r * w, prop[:, 3] - 2 * r * h], axis=1)
-                hi = np.stack([prop[:, 0] + r * w, prop[:, 1] + r * h,
-                               np.minimum(prop[:, 2] + 2 * r * w, W), np.minimum(prop[:, 3] + 2 * r * h, H)], axis=1)
+                lo = np.stack(
+                    [
+                        np.maximum(prop[:, 0] - r * w, 0),
+                        np.maximum(prop[:, 1] - r * h, 0),
+                        prop[:, 2] - 2 * r * w,
+                        prop[:, 3] - 2 * r * h,
+                    ],
+                    axis=1,
+                )
+                hi = np.stack(
+                    [
+                        prop[:, 0] + r * w,
+                        prop[:, 1] + r * h,
+                        np.minimum(prop[:, 2] + 2 * r * w, W),
+                        np.minimum(prop[:, 3] + 2 * r * h, H),
+                    ],
+                    axis=1,
+                )
                 assert np.all(back >= lo - TOL) and np.all(back <= hi + TOL)
             else:
                 # exactly the proposal clipped to the crop
-                expected = np.concatenate([np.maximum(prop[:, :2], crop[:2]), np.minimum(prop[:, 2:], crop[2:])], axis=1)
+                expected = np.concatenate(
+                    [np.maximum(prop[:, :2], crop[:2]), np.minimum(prop[:, 2:], crop[2:])], axis=1
+                )
                 np.testing.assert_allclose(back, expected, atol=TOL)
             # level assignment follows the thresholds, in this view's own pixel grid
             size = cfg.view_sizes[view]
@@ -116,10 +138,12 @@ def test_down_view_shares_the_source_pair(datasets, index, epoch):
     np.testing.assert_array_equal(sample.ids[2][1], sample.ids[0][1])
     np.testing.assert_allclose(sample.boxes[2][0], sample.boxes[0][0])
     assert sample.crops[3] == sample.crops[1]
+
     def unflip(bx, flipped):
         bx = bx.astype(np.float64)
         return np.stack([1 - bx[:, 2], bx[:, 1], 1 - bx[:, 0], bx[:, 3]], 1) if flipped else bx
 
-    np.testing.assert_allclose(unflip(sample.boxes[2][1], sample.flips[3]), unflip(sample.boxes[0][1], sample.flips[1]),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        unflip(sample.boxes[2][1], sample.flips[3]), unflip(sample.boxes[0][1], sample.flips[1]), atol=1e-6
+    )
     assert sample.images[3].shape == (3, 112, 112)

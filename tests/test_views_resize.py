@@ -46,7 +46,10 @@ def _cases(draw):
         w, h = max(int(np.ceil(w * f)), 1), max(int(np.ceil(h * f)), 1)
     elif kind == "fraction":
         box = [box[0] + draw(st.floats(0, 0.99)), box[1] + draw(st.floats(0, 0.99)), box[2], box[3]]
-        box[2], box[3] = max(box[2] - draw(st.floats(0, 0.49)), box[0] + 0.01), max(box[3] - draw(st.floats(0, 0.49)), box[1] + 0.01)
+        box[2], box[3] = (
+            max(box[2] - draw(st.floats(0, 0.49)), box[0] + 0.01),
+            max(box[3] - draw(st.floats(0, 0.49)), box[1] + 0.01),
+        )
     out_w, out_h = draw(st.integers(32, 256)), draw(st.integers(32, 256))
     return w, h, tuple(float(v) for v in box), (out_w, out_h), draw(st.booleans()), draw(st.integers(0, 2**16))
 
@@ -74,7 +77,9 @@ def test_resize_into_equals_pil_bit_for_bit(case):
     if flip:
         ref = ref[:, ::-1]
     out = resize_into(arr, box, np.empty((3, out_h, out_w), np.uint8), flip)
-    np.testing.assert_array_equal(out, ref.transpose(2, 0, 1), err_msg=f"{w}x{h} box {box} -> {out_w}x{out_h} flip {flip}")
+    np.testing.assert_array_equal(
+        out, ref.transpose(2, 0, 1), err_msg=f"{w}x{h} box {box} -> {out_w}x{out_h} flip {flip}"
+    )
 
 
 def test_resize_into_equals_image_resize_where_pillow_goes_horizontal_first():
@@ -120,8 +125,9 @@ def photos():
     return photo_store()
 
 
-NO_PHOTOMETRIC = dict(color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=[0.0] * 4, solarize_prob=[0.0] * 4,
-                      cutout_views=[])
+NO_PHOTOMETRIC = dict(
+    color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=[0.0] * 4, solarize_prob=[0.0] * 4, cutout_views=[]
+)
 
 
 @pytest.mark.parametrize("recipe", ["soco_fpn", "soco_star", "paper"])
@@ -136,14 +142,27 @@ def test_sampler_numba_backend_keeps_geometry_and_pixels(photos, recipe):
     n = len(ViewsConfig(recipe=recipe).resolved().view_kinds)
     plain = {k: v[:n] if isinstance(v, list) and k != "cutout_views" else v for k, v in NO_PHOTOMETRIC.items()}
     settings_ = {"device": ("device", {}), "cpu": ("cpu", {}), "cpu_plain": ("cpu", plain)}
-    samplers = {(name, backend): ViewSampler(ViewsConfig(recipe=recipe, **extra),
-                                             PixelOptions(photometric=mode, decode_reducing_gap=1.0, resize_backend=backend))
-                for name, (mode, extra) in settings_.items() for backend in ("numba", "pil")}
+    samplers = {
+        (name, backend): ViewSampler(
+            ViewsConfig(recipe=recipe, **extra),
+            PixelOptions(photometric=mode, decode_reducing_gap=1.0, resize_backend=backend),
+        )
+        for name, (mode, extra) in settings_.items()
+        for backend in ("numba", "pil")
+    }
     std = min(ViewsConfig(recipe=recipe).resolved().std)
     same = total = 0
     for i, path in enumerate(paths):
         w, h = Image.open(path).size
-        rects = np.stack([g.integers(0, w // 2, 12), g.integers(0, h // 2, 12), g.integers(8, w // 2, 12), g.integers(8, h // 2, 12)], 1)
+        rects = np.stack(
+            [
+                g.integers(0, w // 2, 12),
+                g.integers(0, h // 2, 12),
+                g.integers(8, w // 2, 12),
+                g.integers(8, h // 2, 12),
+            ],
+            1,
+        )
         for source in (lambda: LazyImage(path), lambda: Image.open(path).convert("RGB")):
             out = {key: s(source(), rects.astype(np.int32), np.random.default_rng(i)) for key, s in samplers.items()}
             geometry = {(tuple(o.crops), tuple(o.flips)) for o in out.values()}

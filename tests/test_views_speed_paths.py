@@ -44,7 +44,9 @@ def test_device_gaussian_close_to_pil_box_approximation():
     photo = Image.fromarray(skimage.data.coffee()).resize((224, 150), Image.Resampling.BILINEAR)
     x = torch.from_numpy(np.asarray(photo).copy()).permute(2, 0, 1)[None].float()
     for sigma in (0.3, 1.0, 2.0):
-        ref = torch.from_numpy(np.asarray(photo.filter(ImageFilter.GaussianBlur(radius=sigma))).copy()).permute(2, 0, 1)[None]
+        ref = torch.from_numpy(np.asarray(photo.filter(ImageFilter.GaussianBlur(radius=sigma))).copy()).permute(
+            2, 0, 1
+        )[None]
         diff = (dp.gaussian_blur(x, torch.tensor([sigma])) - ref.float()).abs()
         # a true Gaussian vs PIL's three extended boxes: about a level on average on a photo
         assert diff.mean() < 1.0, (sigma, diff.mean())
@@ -82,10 +84,17 @@ def test_device_path_matches_cpu_path(photos):
 
 def test_device_path_exact_without_jitter_and_blur(photos):
     """Grayscale, solarize, normalisation and cutout reproduce the CPU path exactly."""
-    views = ViewsConfig(recipe="soco_fpn", color_jitter_prob=0.0, blur_prob=[0.0, 0.0, 0.0], grayscale_prob=0.5,
-                        solarize_prob=[0.0, 0.5, 0.5])
+    views = ViewsConfig(
+        recipe="soco_fpn",
+        color_jitter_prob=0.0,
+        blur_prob=[0.0, 0.0, 0.0],
+        grayscale_prob=0.5,
+        solarize_prob=[0.0, 0.5, 0.5],
+    )
     images, store = photos
-    mk = lambda mode: build_pretrain_dataset(DataConfig(images=str(images), proposals=str(store), views=views, photometric=mode), seed=1)
+    mk = lambda mode: build_pretrain_dataset(
+        DataConfig(images=str(images), proposals=str(store), views=views, photometric=mode), seed=1
+    )
     a, b = mk("cpu"), mk("device")
     cpu = collate_views([a[i] for i in range(len(a))])
     raw = collate_views([b[i] for i in range(len(b))])
@@ -105,7 +114,9 @@ def test_resize_reducing_gap_is_opt_in_and_close():
 
     photo = Image.fromarray(skimage.data.astronaut()).convert("RGB")  # 512 px: views downsample >= 2x
     rects = np.array([[40, 60, 200, 180], [250, 20, 200, 300], [100, 300, 150, 120]], dtype=np.int32)
-    mk = lambda gap: ViewSampler(ViewsConfig(recipe="soco_fpn"), PixelOptions(photometric="device", resize_reducing_gap=gap))
+    mk = lambda gap: ViewSampler(
+        ViewsConfig(recipe="soco_fpn"), PixelOptions(photometric="device", resize_reducing_gap=gap)
+    )
     exact, approx = mk(None), mk(1.0)
     for seed in range(3):
         e = exact(photo, rects, np.random.default_rng(seed))

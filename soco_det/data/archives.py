@@ -111,7 +111,8 @@ def list_members(archive: str | Path) -> list[str]:
     except (OSError, FileNotFoundError) as exc:
         raise UserError(f"{archive}: {exc}") from exc
     return sorted(
-        name for name in index
+        name
+        for name in index
         if PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS and not PurePosixPath(name).name.startswith(".")
     )
 

@@ -50,9 +50,7 @@ def crop_box(crop: Crop, legacy: bool = False) -> np.ndarray:
 
 def overlaps(boxes: np.ndarray, region: np.ndarray) -> np.ndarray:
     """``bool [n]``: box i strictly overlaps ``region [4]`` (positive-area intersection)."""
-    return (
-        (region[0] < boxes[:, 2]) & (boxes[:, 0] < region[2]) & (region[1] < boxes[:, 3]) & (boxes[:, 1] < region[3])
-    )
+    return (region[0] < boxes[:, 2]) & (boxes[:, 0] < region[2]) & (region[1] < boxes[:, 3]) & (boxes[:, 1] < region[3])
 
 
 def clip_to_crop(boxes: np.ndarray, ids: np.ndarray, crop: Crop, legacy: bool = False) -> tuple[np.ndarray, np.ndarray]:

@@ -96,7 +96,9 @@ def _hue_shift(r: int, g: int, b: int, shift: int):
 
 
 @_njit
-def colour_jitter_gray(img: np.ndarray, order: np.ndarray, factors: np.ndarray, enabled: np.ndarray, gray: bool) -> np.ndarray:
+def colour_jitter_gray(
+    img: np.ndarray, order: np.ndarray, factors: np.ndarray, enabled: np.ndarray, gray: bool
+) -> np.ndarray:
     """ColorJitter (ops in ``order``: 0 brightness, 1 contrast, 2 saturation, 3 hue, with their
     ``factors``; ops not ``enabled`` skipped) then optional grayscale. uint8 ``[H, W, 3]`` in/out."""
     h, w, _ = img.shape
@@ -136,7 +138,9 @@ def colour_jitter_gray(img: np.ndarray, order: np.ndarray, factors: np.ndarray, 
 
 
 @_njit
-def solarize_normalise(img: np.ndarray, threshold: int, solarize: bool, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
+def solarize_normalise(
+    img: np.ndarray, threshold: int, solarize: bool, scale: np.ndarray, offset: np.ndarray
+) -> np.ndarray:
     """Optional solarize, then ``x * scale[c] - offset[c]`` as float32 ``[3, H, W]`` (ToTensor +
     Normalize with ``scale = 1 / (255 std)``, ``offset = mean / std``)."""
     h, w, _ = img.shape
@@ -149,7 +153,6 @@ def solarize_normalise(img: np.ndarray, threshold: int, solarize: bool, scale: n
                     v = 255 - v
                 out[c, y, x] = v * scale[c] - offset[c]
     return out
-
 
 
 # -- table normalisation: solarize + ToTensor + Normalize as one lookup per value ------------------

@@ -185,6 +185,7 @@ def apply_device_photometric(batch: dict) -> dict:
     # fp32 throughout even when called inside an autocast region (the blur is a conv2d)
     with torch.autocast(device_type=batch["images"][0].device.type, enabled=False):
         out["images"] = [
-            augment_view(img, p, cut, batch["norm"]) for img, p, cut in zip(batch["images"], batch["photometric"], batch["cutout"])
+            augment_view(img, p, cut, batch["norm"])
+            for img, p, cut in zip(batch["images"], batch["photometric"], batch["cutout"])
         ]
     return out

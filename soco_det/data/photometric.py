@@ -25,21 +25,37 @@ import torch
 
 def _draw_jitter(strengths: Sequence[float], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     b, c, s, h = strengths
-    factors = np.array([
-        rng.uniform(max(0.0, 1 - b), 1 + b),
-        rng.uniform(max(0.0, 1 - c), 1 + c),
-        rng.uniform(max(0.0, 1 - s), 1 + s),
-        rng.uniform(-h, h),
-    ])
+    factors = np.array(
+        [
+            rng.uniform(max(0.0, 1 - b), 1 + b),
+            rng.uniform(max(0.0, 1 - c), 1 + c),
+            rng.uniform(max(0.0, 1 - s), 1 + s),
+            rng.uniform(-h, h),
+        ]
+    )
     return factors, rng.permutation(4)
 
 
 # Layout of the per-view photometric parameter row (float32 [NUM_PARAMS]) the device path carries.
 PARAM_NAMES = (
-    "jitter", "brightness", "contrast", "saturation", "hue",  # jitter: 1.0 if ColorJitter applies
-    "order0", "order1", "order2", "order3",  # op order: 0 brightness, 1 contrast, 2 saturation, 3 hue
-    "enabled_b", "enabled_c", "enabled_s", "enabled_h",  # op enabled (its strength > 0 and jitter on)
-    "gray", "blur", "sigma", "solarize", "threshold",
+    "jitter",
+    "brightness",
+    "contrast",
+    "saturation",
+    "hue",  # jitter: 1.0 if ColorJitter applies
+    "order0",
+    "order1",
+    "order2",
+    "order3",  # op order: 0 brightness, 1 contrast, 2 saturation, 3 hue
+    "enabled_b",
+    "enabled_c",
+    "enabled_s",
+    "enabled_h",  # op enabled (its strength > 0 and jitter on)
+    "gray",
+    "blur",
+    "sigma",
+    "solarize",
+    "threshold",
 )
 NUM_PARAMS = len(PARAM_NAMES)
 
@@ -142,7 +158,12 @@ def cutout_regions(
     cy = boxes[:, 1] + np.floor(rng.random(k) * np.maximum(boxes[:, 3] - boxes[:, 1] + 1, 1)).astype(np.int64)
     half = side // 2
     regions = np.stack(
-        [np.maximum(cx - half, 0), np.maximum(cy - half, 0), np.minimum(cx + half, bound), np.minimum(cy + half, bound)],
+        [
+            np.maximum(cx - half, 0),
+            np.maximum(cy - half, 0),
+            np.minimum(cx + half, bound),
+            np.minimum(cy + half, bound),
+        ],
         axis=1,
     )
     return regions[apply]

@@ -168,8 +168,17 @@ def resize_into(
     returned), mirrored left-right when ``flip``. Pixels equal PIL's horizontal-then-vertical
     ``Image.fromarray(src).resize((out_w, out_h), BILINEAR, box=box)`` (then flipped) bit for bit
     (see the module docstring for Pillow 13's pass order)."""
-    if src.ndim != 3 or src.shape[2] != 3 or src.dtype != np.uint8 or dst.ndim != 3 or dst.dtype != np.uint8 or dst.shape[0] != 3:
-        raise ValueError(f"resize_into: expected uint8 [H, W, 3] -> [3, h, w], got {src.dtype} {src.shape} -> {dst.dtype} {dst.shape}")
+    if (
+        src.ndim != 3
+        or src.shape[2] != 3
+        or src.dtype != np.uint8
+        or dst.ndim != 3
+        or dst.dtype != np.uint8
+        or dst.shape[0] != 3
+    ):
+        raise ValueError(
+            f"resize_into: expected uint8 [H, W, 3] -> [3, h, w], got {src.dtype} {src.shape} -> {dst.dtype} {dst.shape}"
+        )
     h, w, _ = src.shape
     x0, y0, x1, y1 = (np.float32(v) for v in box)
     if not (x1 > x0 and y1 > y0):

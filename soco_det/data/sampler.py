@@ -231,7 +231,9 @@ class ViewSampler:
             top, left, h, w = crops[v]
             size = (c.view_sizes[v], c.view_sizes[v])
             box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-            resized[v] = pixels.resize(size, Image.Resampling.BILINEAR, box=box, reducing_gap=self.pixels.resize_reducing_gap)
+            resized[v] = pixels.resize(
+                size, Image.Resampling.BILINEAR, box=box, reducing_gap=self.pixels.resize_reducing_gap
+            )
         for v, kind in enumerate(c.view_kinds):
             if kind.startswith("down:"):  # before view m's flip and colour
                 resized[v] = resized[self.source[v]].resize((c.view_sizes[v],) * 2, Image.Resampling.BILINEAR)
@@ -241,7 +243,11 @@ class ViewSampler:
             if flips[v]:  # a horizontal flip: the same pixels as PIL's FLIP_LEFT_RIGHT
                 arr = arr[:, ::-1]
             # CPU path: the colour kernels read any strides; device path: one channel-first copy
-            views.append(arr if self.pixels.photometric == "cpu" else torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))))
+            views.append(
+                arr
+                if self.pixels.photometric == "cpu"
+                else torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+            )
         return views
 
     # -- the sample -------------------------------------------------------------------------
@@ -292,13 +298,24 @@ class ViewSampler:
             for pb, pair in zip(pairs, self.pairs)
         ]
         flips = [bool(rng.random() < c.flip_prob) for _ in range(self.num_views)]
-        norm_pre = [tuple(B.normalise(pb.local[s], crops[view]) for s, view in enumerate(pair))
-                    for pb, pair in zip(pairs, self.pairs)]
-        norm = [tuple(B.hflip(nb) if flips[view] else nb for nb, view in zip(nbs, pair))
-                for nbs, pair in zip(norm_pre, self.pairs)]
+        norm_pre = [
+            tuple(B.normalise(pb.local[s], crops[view]) for s, view in enumerate(pair))
+            for pb, pair in zip(pairs, self.pairs)
+        ]
+        norm = [
+            tuple(B.hflip(nb) if flips[view] else nb for nb, view in zip(nbs, pair))
+            for nbs, pair in zip(norm_pre, self.pairs)
+        ]
         return _Geometry(
-            image_size=(width, height), crops=crops, flips=flips, tries=tries, norm_pre=norm_pre, norm=norm,
-            ids=[pb.ids for pb in pairs], levels=levels, padded=[pb.padded for pb in pairs],
+            image_size=(width, height),
+            crops=crops,
+            flips=flips,
+            tries=tries,
+            norm_pre=norm_pre,
+            norm=norm,
+            ids=[pb.ids for pb in pairs],
+            levels=levels,
+            padded=[pb.padded for pb in pairs],
             fallback=[pb.fallback for pb in pairs],
         )
 

@@ -127,7 +127,9 @@ def join_with_store(items: Sequence[ImageItem], store: Any) -> np.ndarray:
     return out
 
 
-def resolve_items(images: str | None, list_file: str | None, coco_json: str | None, store: Any | None) -> list[ImageItem]:
+def resolve_items(
+    images: str | None, list_file: str | None, coco_json: str | None, store: Any | None
+) -> list[ImageItem]:
     """The image list a :class:`~soco_det.data.config.DataConfig` describes."""
     root = images if images is not None else (store.root if store is not None else None)
     if coco_json is not None:

@@ -14,7 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True, help="images root folder")
     parser.add_argument("--proposals", default=None, help="proposal store folder (default: whole-image boxes)")
     parser.add_argument("-o", "--out", required=True, help="output PNG path")
-    parser.add_argument("--recipe", default="soco_fpn", help="views recipe: soco_fpn|soco_fpn_400|soco_star|soco_c4|paper")
+    parser.add_argument(
+        "--recipe", default="soco_fpn", help="views recipe: soco_fpn|soco_fpn_400|soco_star|soco_c4|paper"
+    )
     parser.add_argument("--samples", type=int, default=4, help="number of samples (rows)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epoch", type=int, default=0)
@@ -49,13 +51,23 @@ def render_views(dataset, out_png: str, samples: int = 4, epoch: int = 0) -> str
                     color = cmap(int(pid) % 20)
                     ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1.6, ec=color))
                     tag = f"P{int(level) + 2}" if level >= 0 else "P-"
-                    ax.text(x1 + 1, y1 + 1, f"{tag}#{int(pid)}", color="white", fontsize=6, va="top",
-                            bbox=dict(facecolor=color, alpha=0.8, pad=0.5, lw=0))
+                    ax.text(
+                        x1 + 1,
+                        y1 + 1,
+                        f"{tag}#{int(pid)}",
+                        color="white",
+                        fontsize=6,
+                        va="top",
+                        bbox=dict(facecolor=color, alpha=0.8, pad=0.5, lw=0),
+                    )
                 flip = " flip" if sample.flips[view] else ""
                 ax.set_title(f"#{used} V{view + 1} {size}px{flip} (pair {pair[0] + 1}-{pair[1] + 1})", fontsize=7)
                 ax.set_axis_off()
-    fig.suptitle(f"views recipe {cfg.recipe}{' (legacy)' if cfg.legacy else ''}: boxes coloured by proposal id, "
-                 "labelled level#id", fontsize=9)
+    fig.suptitle(
+        f"views recipe {cfg.recipe}{' (legacy)' if cfg.legacy else ''}: boxes coloured by proposal id, "
+        "labelled level#id",
+        fontsize=9,
+    )
     fig.tight_layout()
     with atomic_open(out_png, "wb") as f:
         fig.savefig(f, format="png", dpi=110)
@@ -68,7 +80,9 @@ def run(args: argparse.Namespace) -> int:
     from soco_det.data.dataset import build_pretrain_dataset
     from soco_det.logs import get_logger
 
-    cfg = DataConfig(images=args.images, proposals=args.proposals, views=ViewsConfig(recipe=args.recipe, legacy=args.legacy))
+    cfg = DataConfig(
+        images=args.images, proposals=args.proposals, views=ViewsConfig(recipe=args.recipe, legacy=args.legacy)
+    )
     try:
         cfg.validate()
     except ValueError as exc:

@@ -246,7 +246,9 @@ def resolve_checkpoint(src: str | Path, intact: bool = False, expected: str = ""
             log.warning("%s: checkpoint is damaged (%s); trying an older one", candidate, reason)
         raise UserError(f"{src}: every checkpoint in {src / CKPT_DIR} is damaged")
     if not src.is_file():
-        raise UserError(f"{src}: no such file or folder{hint}" if not src.exists() else f"{src}: not a checkpoint file{hint}")
+        raise UserError(
+            f"{src}: no such file or folder{hint}" if not src.exists() else f"{src}: not a checkpoint file{hint}"
+        )
     if intact and zipfile.is_zipfile(src):  # torch's format; a legacy pickle has no checksums to check
         reason = damage(src)
         if reason is not None:
@@ -302,9 +304,14 @@ def load_model_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], sou
             f"unexpected {len(unexpected)}: {unexpected[:8]}); was it written with another model config?"
         )
     own_state = model.state_dict()
-    shapes = [f"{k} {tuple(state_dict[k].shape)} in the file, {tuple(v.shape)} in the model"
-              for k, v in own_state.items() if tuple(getattr(state_dict[k], "shape", ())) != tuple(v.shape)]
+    shapes = [
+        f"{k} {tuple(state_dict[k].shape)} in the file, {tuple(v.shape)} in the model"
+        for k, v in own_state.items()
+        if tuple(getattr(state_dict[k], "shape", ())) != tuple(v.shape)
+    ]
     if shapes:
-        raise UserError(f"{source}: {len(shapes)} tensor shape(s) differ from the model's ({'; '.join(shapes[:4])}); "
-                        "was it written with another model config?")
+        raise UserError(
+            f"{source}: {len(shapes)} tensor shape(s) differ from the model's ({'; '.join(shapes[:4])}); "
+            "was it written with another model config?"
+        )
     model.load_state_dict(state_dict, strict=True)

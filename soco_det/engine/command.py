@@ -18,20 +18,37 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", required=True,
-                        help="shipped recipe name (soco_fpn_r50_100ep, soco_fpn_r50_400ep, soco_star_r50_400ep, "
-                             "soco_c4_r50_100ep, tiny_cpu) or a YAML file")
+    parser.add_argument(
+        "--recipe",
+        required=True,
+        help="shipped recipe name (soco_fpn_r50_100ep, soco_fpn_r50_400ep, soco_star_r50_400ep, "
+        "soco_c4_r50_100ep, tiny_cpu) or a YAML file",
+    )
     parser.add_argument("--images", help="images root folder (sets data.images; default: the proposal store's root)")
     parser.add_argument("--proposals", help="proposal store from `soco-det proposals` (sets data.proposals)")
     parser.add_argument("-o", "--out", required=True, help="run folder (config.yaml, metrics.jsonl, checkpoints/)")
-    parser.add_argument("--resume", default=None,
-                        help="'auto' (the run folder's last checkpoint, if any) or a checkpoint file / run folder")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start a new run in a run folder that holds one: the old run is moved to RUN.old-<time>")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
-                        help="sets train.device (default: the recipe's, auto = CUDA when available)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides with dotted keys, e.g. train.max_steps=2 data.batch_size=2")
+    parser.add_argument(
+        "--resume",
+        default=None,
+        help="'auto' (the run folder's last checkpoint, if any) or a checkpoint file / run folder",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in a run folder that holds one: the old run is moved to RUN.old-<time>",
+    )
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default=None,
+        help="sets train.device (default: the recipe's, auto = CUDA when available)",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides with dotted keys, e.g. train.max_steps=2 data.batch_size=2",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -62,9 +62,12 @@ class TrainConfig:
 
     def validate(self) -> None:
         positive = {
-            "epochs": self.epochs, "lr_batch_denominator": self.lr_batch_denominator,
-            "accum_steps": self.accum_steps, "log_every": self.log_every,
-            "ckpt_every": self.ckpt_every, "keep_last": self.keep_last,
+            "epochs": self.epochs,
+            "lr_batch_denominator": self.lr_batch_denominator,
+            "accum_steps": self.accum_steps,
+            "log_every": self.log_every,
+            "ckpt_every": self.ckpt_every,
+            "keep_last": self.keep_last,
         }
         for name, value in positive.items():
             if value < 1:
@@ -89,7 +92,9 @@ class TrainConfig:
             raise ValueError(f"probe_every: must be >= 0 (0: off), got {self.probe_every}")
         if self.probe_every:
             if self.probe_every % self.log_every:
-                raise ValueError(f"probe_every: must be a multiple of log_every={self.log_every}, got {self.probe_every}")
+                raise ValueError(
+                    f"probe_every: must be a multiple of log_every={self.log_every}, got {self.probe_every}"
+                )
             missing = [k for k in ("probe_train_json", "probe_val_json", "probe_images") if not getattr(self, k)]
             if missing:
                 raise ValueError(f"probe_every={self.probe_every} needs {', '.join(missing)}")

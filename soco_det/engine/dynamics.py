@@ -87,8 +87,11 @@ class TrainingDynamics(Hook):
         if trainer.step > 0 and self.model_cfg is not None:
             source = init_model(self.model_cfg, self.seed)  # the run's start, rebuilt
         own = dict(source.named_parameters())
-        self.reference = {name: own[name].detach().to(param.device, copy=True)
-                          for group in weight_groups(trainer.model).values() for name, param in group}
+        self.reference = {
+            name: own[name].detach().to(param.device, copy=True)
+            for group in weight_groups(trainer.model).values()
+            for name, param in group
+        }
 
     def before_step(self, trainer: Trainer) -> None:
         step = trainer.step + 1
@@ -98,8 +101,11 @@ class TrainingDynamics(Hook):
         for label, part in WATCHED.items():
             if part in online:
                 self.captured[label] = []
-                self.handles.append(online[part].register_forward_hook(
-                    lambda _m, _i, out, label=label: self.captured[label].append(out.detach())))
+                self.handles.append(
+                    online[part].register_forward_hook(
+                        lambda _m, _i, out, label=label: self.captured[label].append(out.detach())
+                    )
+                )
 
     def after_step(self, trainer: Trainer, out: dict[str, Any]) -> None:
         for handle in self.handles:
@@ -139,11 +145,18 @@ class TrainingDynamics(Hook):
             log.warning(
                 "after %d steps the encoder's weights have moved %.2f %% from their start: this run is not "
                 "training its features (small batch or few steps with the paper's LARS settings); see README "
-                "'Budget-aware pretraining' (train.budget=auto)", trainer.step, 100 * move)
+                "'Budget-aware pretraining' (train.budget=auto)",
+                trainer.step,
+                100 * move,
+            )
         rank, limit = record.get("collapse/head_rank"), record.get("collapse/head_rank_limit")
         if rank is not None and limit is not None and rank < limit and "collapse" not in self.warned:
             self.warned.add("collapse")
             log.warning(
                 "step %d: the box head's outputs have collapsed onto %.1f effective directions (under %.0f): "
                 "the features are losing information; see README 'Budget-aware pretraining' "
-                "(model.head_decorrelation)", trainer.step, rank, limit)
+                "(model.head_decorrelation)",
+                trainer.step,
+                rank,
+                limit,
+            )

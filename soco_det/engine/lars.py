@@ -138,8 +138,14 @@ class LARS(torch.optim.Optimizer):
         param.add_(grad, alpha=-group["lr"])
 
 
-def build_lars(model: nn.Module, lr: float, weight_decay: float, momentum: float = 0.9,
-               eta: float = 0.001, eps: float = 1e-8, foreach: bool | None = None) -> LARS:
+def build_lars(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    momentum: float = 0.9,
+    eta: float = 0.001,
+    eps: float = 1e-8,
+    foreach: bool | None = None,
+) -> LARS:
     """LARS over ``model``'s trainable parameters with the rule-based groups."""
-    return LARS(lars_param_groups(model, weight_decay), lr=lr, momentum=momentum, eta=eta, eps=eps,
-                foreach=foreach)
+    return LARS(lars_param_groups(model, weight_decay), lr=lr, momentum=momentum, eta=eta, eps=eps, foreach=foreach)

@@ -27,8 +27,14 @@ METRICS_FILE = "metrics.jsonl"
 class MetricsWriter:
     """Appends metric records to ``run_dir/metrics.jsonl`` and (optionally) TensorBoard scalars."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
-                 resume_step: int | None = None, step_key: str = "step") -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+        step_key: str = "step",
+    ) -> None:
         """``step_key``: the name of the step in the records; ``resume_step``: drop the records
         past it first."""
         self.enabled = enabled

@@ -28,8 +28,12 @@ def scaled_lr(base_lr: float, effective_batch: int, denominator: int = 256, rule
 
 
 def learning_rate(
-    step: int, peak_lr: float, warmup_steps: int, total_steps: int,
-    min_lr: float = 1e-6, warmup_multiplier: float = 100.0,
+    step: int,
+    peak_lr: float,
+    warmup_steps: int,
+    total_steps: int,
+    min_lr: float = 1e-6,
+    warmup_multiplier: float = 100.0,
 ) -> float:
     """Learning rate used for the optimizer step taken at global step ``step`` (0-based)."""
     if step < warmup_steps:
@@ -60,8 +64,9 @@ class Schedule:
     def from_config(cls, train, steps_per_epoch: int, effective_batch: int) -> "Schedule":  # noqa: ANN001
         """From a :class:`~soco_det.engine.config.TrainConfig` and the loader's steps per epoch."""
         return cls(
-            peak_lr=scaled_lr(train.base_lr, effective_batch, train.lr_batch_denominator,
-                              getattr(train, "lr_scaling", "linear")),
+            peak_lr=scaled_lr(
+                train.base_lr, effective_batch, train.lr_batch_denominator, getattr(train, "lr_scaling", "linear")
+            ),
             warmup_steps=int(round(train.warmup_epochs * steps_per_epoch)),
             total_steps=train.epochs * steps_per_epoch,
             min_lr=train.min_lr,
@@ -70,8 +75,9 @@ class Schedule:
         )
 
     def lr(self, step: int) -> float:
-        return learning_rate(step, self.peak_lr, self.warmup_steps, self.total_steps,
-                             self.min_lr, self.warmup_multiplier)
+        return learning_rate(
+            step, self.peak_lr, self.warmup_steps, self.total_steps, self.min_lr, self.warmup_multiplier
+        )
 
     def momentum(self, step: int) -> float:
         return target_momentum(step, self.total_steps, self.tau0)

@@ -51,8 +51,10 @@ class GracefulStop:
                 raise KeyboardInterrupt
             raise SystemExit(128 + signum)
         self.signum = signum
-        log.warning("%s received: finishing the current step, then saving a checkpoint "
-                    "(send it again to exit at once)", signal.Signals(signum).name)
+        log.warning(
+            "%s received: finishing the current step, then saving a checkpoint (send it again to exit at once)",
+            signal.Signals(signum).name,
+        )
 
     def __enter__(self) -> "GracefulStop":
         if threading.current_thread() is threading.main_thread():

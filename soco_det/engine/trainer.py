@@ -152,8 +152,9 @@ class Trainer:
             with sync_ctx:
                 # 3. Forward under autocast; RoIAlign and the loss run in fp32, BN accumulates its
                 #    statistics in fp32 (its input and output follow autocast; tests/test_amp.py).
-                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                    enabled=self.amp_dtype is not None):
+                with torch.autocast(
+                    self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+                ):
                     out = self.forward_model(batch)
                 loss = out["loss"].float() / len(micro_batches)
                 # 4. Note a non-finite loss on the device, without a host sync: train() checks it
@@ -218,8 +219,11 @@ class Trainer:
             if micro_per_epoch - done_micro >= self.accum_steps:
                 iterator = iter(self.loader)
                 pending = None  # the next step's micro-batches, already being copied to the device
-                while (done_micro + self.accum_steps <= micro_per_epoch and self.step < self.stop_step
-                       and not self._stop_now()):
+                while (
+                    done_micro + self.accum_steps <= micro_per_epoch
+                    and self.step < self.stop_step
+                    and not self._stop_now()
+                ):
                     micro = pending if pending is not None else self._fetch(iterator)
                     micro = [self.prepare_batch(self._copies.arrived(b)) for b in micro]
                     for hook in self.hooks:
@@ -304,8 +308,9 @@ class MetricsHook(Hook):
         self.bar: Progress | None = None
 
     def before_train(self, trainer: Trainer) -> None:
-        self.bar = Progress(total=trainer.stop_step, initial=trainer.step, desc="pretrain", unit="step",
-                            disable=not self.show_progress)
+        self.bar = Progress(
+            total=trainer.stop_step, initial=trainer.step, desc="pretrain", unit="step", disable=not self.show_progress
+        )
         self._t0, self._step0 = time.perf_counter(), trainer.step
         if trainer.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(trainer.device)
@@ -336,16 +341,27 @@ class MetricsHook(Hook):
             torch.cuda.reset_peak_memory_stats(trainer.device)
         self.writer.write(trainer.step, record)
         self.bar.set_postfix(f"loss {values[0]:.4f} lr {out['lr']:.4g}")
-        dynamics = "".join(f" {key.split('/', 1)[1]} {record[key]:.3g}"
-                           for key in ("move/encoder", "collapse/head_rank") if key in record)
-        log.info("step %d/%d epoch %d loss %.4f lr %.4g tau %.5f %.1f img/s%s", trainer.step, trainer.stop_step,
-                 trainer.epoch, values[0], out["lr"], out["momentum"], record["img_per_s"], dynamics)
+        dynamics = "".join(
+            f" {key.split('/', 1)[1]} {record[key]:.3g}"
+            for key in ("move/encoder", "collapse/head_rank")
+            if key in record
+        )
+        log.info(
+            "step %d/%d epoch %d loss %.4f lr %.4g tau %.5f %.1f img/s%s",
+            trainer.step,
+            trainer.stop_step,
+            trainer.epoch,
+            values[0],
+            out["lr"],
+            out["momentum"],
+            record["img_per_s"],
+            dynamics,
+        )
         self._t0, self._step0 = time.perf_counter(), trainer.step
 
     def after_train(self, trainer: Trainer) -> None:
         if self.bar is not None:
             self.bar.close()
-
 
 
 # ---------------------------------------------------------------------- assembling a run
@@ -429,8 +445,9 @@ def _prepare_run_folder(run_dir: Path, resume: str | Path | None, overwrite: boo
     )
 
 
-def pretrain(cfg: Any, out_dir: str | Path, resume: str | Path | None = None,
-             hooks: Sequence[Hook] = (), overwrite: bool = False) -> Path:
+def pretrain(
+    cfg: Any, out_dir: str | Path, resume: str | Path | None = None, hooks: Sequence[Hook] = (), overwrite: bool = False
+) -> Path:
     """Train SoCo with ``cfg`` (a :class:`~soco_det.engine.config.PretrainConfig`) into ``out_dir``.
 
     ``resume``: ``None`` (start fresh; refused if ``out_dir`` holds checkpoints, unless
@@ -494,8 +511,13 @@ def pretrain(cfg: Any, out_dir: str | Path, resume: str | Path | None = None,
                 f"(data.batch_size={batch_size} x {world} processes x train.accum_steps={train.accum_steps})"
             )
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_views,
-            num_workers=cfg.data.num_workers, pin_memory=device_type == "cuda", drop_last=True,
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=collate_views,
+            num_workers=cfg.data.num_workers,
+            pin_memory=device_type == "cuda",
+            drop_last=True,
             # Its own generator: starting a loader iterator must not consume the global RNG, whose
             # state the checkpoint restores (samples draw from their own per-sample generators).
             generator=torch.Generator().manual_seed(cfg.seed),
@@ -522,36 +544,57 @@ def pretrain(cfg: Any, out_dir: str | Path, resume: str | Path | None = None,
         images_per_step = batch_size * world * train.accum_steps
         schedule = Schedule.from_config(train, steps_per_epoch, images_per_step)
         lars_eta = resolve_lars_eta(train, schedule)
-        optimizer = build_lars(model, schedule.peak_lr, train.weight_decay, train.sgd_momentum, lars_eta, train.lars_eps)
+        optimizer = build_lars(
+            model, schedule.peak_lr, train.weight_decay, train.sgd_momentum, lars_eta, train.lars_eps
+        )
         amp_dtype = resolve_amp(train.amp, device_type)
         scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
         stop_step = schedule.total_steps if train.max_steps is None else min(train.max_steps, schedule.total_steps)
 
         trainer = Trainer(
-            model=model, forward_model=forward_model, optimizer=optimizer, scaler=scaler, schedule=schedule,
-            loader=loader, sampler=sampler, dataset=dataset, device=device, amp_dtype=amp_dtype,
-            accum_steps=train.accum_steps, steps_per_epoch=steps_per_epoch, stop_step=stop_step,
-            images_per_step=images_per_step, run_dir=run_dir, channels_last=channels_last,
-            device_photometric=cfg.data.photometric == "device", check_every=train.log_every,
+            model=model,
+            forward_model=forward_model,
+            optimizer=optimizer,
+            scaler=scaler,
+            schedule=schedule,
+            loader=loader,
+            sampler=sampler,
+            dataset=dataset,
+            device=device,
+            amp_dtype=amp_dtype,
+            accum_steps=train.accum_steps,
+            steps_per_epoch=steps_per_epoch,
+            stop_step=stop_step,
+            images_per_step=images_per_step,
+            run_dir=run_dir,
+            channels_last=channels_last,
+            device_photometric=cfg.data.photometric == "device",
+            check_every=train.log_every,
         )
         if ckpt is not None:
             # On the CPU: RNG states must stay CPU tensors; weights and optimizer state are copied
             # to the parameters' device by load_state_dict.
-            diffs = [d for d in _config_differences(ckpt.get("config", {}), config_dict)
-                     if not d.startswith("train.max_steps")]
+            diffs = [
+                d
+                for d in _config_differences(ckpt.get("config", {}), config_dict)
+                if not d.startswith("train.max_steps")
+            ]
             if diffs:
                 log.warning("config differs from the checkpoint's: %s", "; ".join(diffs))
             try:
                 trainer.load_state_dict(ckpt)
             except (RuntimeError, ValueError, KeyError) as exc:  # e.g. optimizer state of other shapes
-                raise UserError(f"{ckpt['path']}: cannot resume from it with this config "
-                                f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+                raise UserError(
+                    f"{ckpt['path']}: cannot resume from it with this config "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0]})"
+                ) from exc
             log.info("resumed from %s at step %d (epoch %d)", ckpt["path"], trainer.step, trainer.epoch)
         if dist_utils.is_main():
             save_config(cfg, run_dir)  # only now: a rejected resume leaves the folder as it was
 
-        writer = MetricsWriter(run_dir, enabled=dist_utils.is_main(), tensorboard=train.tensorboard,
-                               resume_step=trainer.step)
+        writer = MetricsWriter(
+            run_dir, enabled=dist_utils.is_main(), tensorboard=train.tensorboard, resume_step=trainer.step
+        )
         dynamics = TrainingDynamics(train.log_every, schedule.warmup_steps, cfg.model, cfg.seed)
         sources: list[Any] = [dynamics]
         if train.probe_every and dist_utils.is_main():
@@ -560,16 +603,28 @@ def pretrain(cfg: Any, out_dir: str | Path, resume: str | Path | None = None,
             sources.append(OnlineProbe(cfg))
         trainer.hooks = [
             dynamics,
-            MetricsHook(writer, train.log_every, show_progress=train.progress and dist_utils.is_main(),
-                        sources=sources),
+            MetricsHook(
+                writer, train.log_every, show_progress=train.progress and dist_utils.is_main(), sources=sources
+            ),
             CheckpointHook(run_dir, train.ckpt_every, train.keep_last, config_dict),
             *hooks,
         ]
         log.info(
             "pretraining on %s x %d: %d images, %d steps/epoch, %d epochs, batch %d (%d per process), "
-            "peak lr %.4g (%s scaling), LARS eta %.4g (budget %s: peak relative step %.2g), amp %s", device_type,
-            world, len(dataset), steps_per_epoch, train.epochs, images_per_step, batch_size, schedule.peak_lr,
-            train.lr_scaling, lars_eta, train.budget, schedule.peak_lr * lars_eta, amp_dtype,
+            "peak lr %.4g (%s scaling), LARS eta %.4g (budget %s: peak relative step %.2g), amp %s",
+            device_type,
+            world,
+            len(dataset),
+            steps_per_epoch,
+            train.epochs,
+            images_per_step,
+            batch_size,
+            schedule.peak_lr,
+            train.lr_scaling,
+            lars_eta,
+            train.budget,
+            schedule.peak_lr * lars_eta,
+            amp_dtype,
         )
         try:
             with GracefulStop() as stop:
@@ -580,8 +635,9 @@ def pretrain(cfg: Any, out_dir: str | Path, resume: str | Path | None = None,
         if trainer.stopped:
             saved = ckpt_io.find_resume(run_dir)
             what = f"checkpoint {saved} saved; continue with --resume auto" if saved else "no step was done"
-            raise Interrupted(f"{run_dir}: stopped by {stop.name or 'a signal'} after step {trainer.step}; {what}",
-                              stop.signum or 15)
+            raise Interrupted(
+                f"{run_dir}: stopped by {stop.name or 'a signal'} after step {trainer.step}; {what}", stop.signum or 15
+            )
         return run_dir
     finally:
         if lock is not None:

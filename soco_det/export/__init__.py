@@ -74,8 +74,9 @@ def check_target(to: str) -> None:
         raise UserError(f"to: unknown export target {to!r} (choose from {', '.join(TARGETS)})")
 
 
-def export(src: str | Path, to: str, out: str | Path | None = None, network: str = "online",
-           check: bool = True) -> ExportResult:
+def export(
+    src: str | Path, to: str, out: str | Path | None = None, network: str = "online", check: bool = True
+) -> ExportResult:
     """Export ``src`` for ``to`` into ``out`` (default: :func:`default_output`); see the module doc."""
     from soco_det.export.source import load_source
 

@@ -16,19 +16,34 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", metavar="RUN_OR_CKPT",
-                        help="run folder (uses checkpoints/last.pt), soco-det checkpoint, or official ckpt_epoch_*.pth")
-    parser.add_argument("--to", required=True, choices=["torchvision", "detectron2", "mmdet", "timm"],
-                        help="target framework: torchvision Mask R-CNN v2, detectron2 .pkl, mmdetection load_from, "
-                             "or the backbone alone (timm / torchvision ResNet)")
-    parser.add_argument("-o", "--out", default=None,
-                        help="output file; if omitted, RUN/export/soco_<to>.<ext> for a run folder, <ckpt>_<to>.<ext> next to "
-                             "a checkpoint file")
-    parser.add_argument("--network", default="online", choices=["online", "target"],
-                        help="which network to export: online (what the official converters used) or the "
-                             "momentum target")
-    parser.add_argument("--no-check", action="store_true",
-                        help="skip the check against the target layout (not recommended)")
+    parser.add_argument(
+        "src",
+        metavar="RUN_OR_CKPT",
+        help="run folder (uses checkpoints/last.pt), soco-det checkpoint, or official ckpt_epoch_*.pth",
+    )
+    parser.add_argument(
+        "--to",
+        required=True,
+        choices=["torchvision", "detectron2", "mmdet", "timm"],
+        help="target framework: torchvision Mask R-CNN v2, detectron2 .pkl, mmdetection load_from, "
+        "or the backbone alone (timm / torchvision ResNet)",
+    )
+    parser.add_argument(
+        "-o",
+        "--out",
+        default=None,
+        help="output file; if omitted, RUN/export/soco_<to>.<ext> for a run folder, <ckpt>_<to>.<ext> next to "
+        "a checkpoint file",
+    )
+    parser.add_argument(
+        "--network",
+        default="online",
+        choices=["online", "target"],
+        help="which network to export: online (what the official converters used) or the momentum target",
+    )
+    parser.add_argument(
+        "--no-check", action="store_true", help="skip the check against the target layout (not recommended)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -59,10 +59,14 @@ _NORM_SUFFIX = r"(weight|norm\.(weight|bias|running_mean|running_var|num_batches
 # Every name an export may contain, written from detectron2's module names (resnet.py, fpn.py,
 # box_head.py, roi_heads.py); used as an independent check of the renaming rules.
 VALID_NAME = re.compile(
-    r"^(backbone\.bottom_up\.stem\.conv1\." + _NORM_SUFFIX
-    + r"|(backbone\.bottom_up|roi_heads)\.res[2-5]\.\d+\.(conv[1-3]|shortcut)\." + _NORM_SUFFIX
-    + r"|backbone\.fpn_(lateral|output)[2-5]\." + _NORM_SUFFIX
-    + r"|roi_heads\.box_head\.conv\d+\." + _NORM_SUFFIX
+    r"^(backbone\.bottom_up\.stem\.conv1\."
+    + _NORM_SUFFIX
+    + r"|(backbone\.bottom_up|roi_heads)\.res[2-5]\.\d+\.(conv[1-3]|shortcut)\."
+    + _NORM_SUFFIX
+    + r"|backbone\.fpn_(lateral|output)[2-5]\."
+    + _NORM_SUFFIX
+    + r"|roi_heads\.box_head\.conv\d+\."
+    + _NORM_SUFFIX
     + r"|roi_heads\.box_head\.fc\d+\.(weight|bias))$"
 )
 
@@ -117,12 +121,18 @@ def map_source(source: ExportSource) -> Mapping:
             f"builds res5 from bottleneck blocks, and this is a ResNet-{source.depth}"
         )
     net = source.network
-    return map_parts([
-        ("backbone" if not source.is_c4 else "backbone+res5", f"{net}.encoder.", source.encoder,
-         encoder_renamer(source.is_c4)),
-        ("fpn", f"{net}.neck.", source.neck, rename_neck),
-        ("box_head", f"{net}.head.", source.head, rename_head),
-    ])
+    return map_parts(
+        [
+            (
+                "backbone" if not source.is_c4 else "backbone+res5",
+                f"{net}.encoder.",
+                source.encoder,
+                encoder_renamer(source.is_c4),
+            ),
+            ("fpn", f"{net}.neck.", source.neck, rename_neck),
+            ("box_head", f"{net}.head.", source.head, rename_head),
+        ]
+    )
 
 
 def to_numpy(value: torch.Tensor) -> np.ndarray:
@@ -140,9 +150,12 @@ def check_names(mapping: Mapping, source: ExportSource) -> str:
         raise UserError(f"{source.path}: names that are not detectron2 names: {bad[:6]}")
     norms = {k.rsplit(".", 1)[0] for k in mapping.state_dict if ".norm." in k}
     incomplete = [
-        n for n in sorted(norms)
-        if any(f"{n}.{b}" not in mapping.state_dict
-               for b in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"))
+        n
+        for n in sorted(norms)
+        if any(
+            f"{n}.{b}" not in mapping.state_dict
+            for b in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+        )
     ]
     if incomplete:
         raise UserError(f"{source.path}: incomplete norm layers (weight/bias/running stats): {incomplete[:6]}")
@@ -151,7 +164,8 @@ def check_names(mapping: Mapping, source: ExportSource) -> str:
         f"all {len(mapping.state_dict)} names are detectron2 names ({len(norms)} norm layers with weight, bias, "
         f"running_mean, running_var, num_batches_tracked); fine-tune with {config.name} "
         f"(MODEL.WEIGHTS=<this file>, MODEL.RESNETS.DEPTH={source.depth}"
-        + (", MODEL.RESNETS.RES2_OUT_CHANNELS=64" if not source.bottleneck else "") + ")"
+        + (", MODEL.RESNETS.RES2_OUT_CHANNELS=64" if not source.bottleneck else "")
+        + ")"
     )
 
 

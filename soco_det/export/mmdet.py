@@ -36,11 +36,19 @@ _NORM_SUFFIX = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
 # Names an export may contain, from mmdet's ResNet, FPN (ConvModule: .conv / .bn) and
 # ConvFCBBoxHead (shared_convs / shared_fcs); an independent check of the renaming rules.
 VALID_NAME = re.compile(
-    r"^(backbone\.(conv1\.weight|bn1\." + _NORM_SUFFIX
-    + r"|layer[1-4]\.\d+\.(conv[1-3]\.weight|bn[1-3]\." + _NORM_SUFFIX
-    + r"|downsample\.0\.weight|downsample\.1\." + _NORM_SUFFIX + r"))"
-    + r"|neck\.(lateral_convs|fpn_convs)\.\d+\.(conv\.weight|bn\." + _NORM_SUFFIX + r")"
-    + r"|roi_head\.bbox_head\.(shared_convs\.\d+\.(conv\.weight|bn\." + _NORM_SUFFIX + r")"
+    r"^(backbone\.(conv1\.weight|bn1\."
+    + _NORM_SUFFIX
+    + r"|layer[1-4]\.\d+\.(conv[1-3]\.weight|bn[1-3]\."
+    + _NORM_SUFFIX
+    + r"|downsample\.0\.weight|downsample\.1\."
+    + _NORM_SUFFIX
+    + r"))"
+    + r"|neck\.(lateral_convs|fpn_convs)\.\d+\.(conv\.weight|bn\."
+    + _NORM_SUFFIX
+    + r")"
+    + r"|roi_head\.bbox_head\.(shared_convs\.\d+\.(conv\.weight|bn\."
+    + _NORM_SUFFIX
+    + r")"
     + r"|shared_fcs\.\d+\.(weight|bias)))$"
 )
 
@@ -59,11 +67,13 @@ def map_source(source: ExportSource) -> Mapping:
     """soco-det encoder / neck / head -> mmdetection names (table in the module doc)."""
     net = source.network
     neck_ok = re.compile(r"^(lateral_convs|fpn_convs)\.\d+\.(conv|bn)\.")
-    return map_parts([
-        ("backbone", f"{net}.encoder.", source.encoder, lambda k: f"backbone.{k}"),
-        ("fpn", f"{net}.neck.", source.neck, lambda k: f"neck.{k}" if neck_ok.match(k) else None),
-        ("box_head", f"{net}.head.", source.head, rename_head),
-    ])
+    return map_parts(
+        [
+            ("backbone", f"{net}.encoder.", source.encoder, lambda k: f"backbone.{k}"),
+            ("fpn", f"{net}.neck.", source.neck, lambda k: f"neck.{k}" if neck_ok.match(k) else None),
+            ("box_head", f"{net}.head.", source.head, rename_head),
+        ]
+    )
 
 
 def check_names(mapping: Mapping, source: ExportSource) -> str:
@@ -93,8 +103,12 @@ def export(source: ExportSource, out: Path, check: bool = True) -> tuple[Mapping
     payload = {
         "state_dict": mapping.state_dict,
         "meta": {
-            "author": "soco-det", "soco_det_version": __version__, "source": str(source.path),
-            "network": source.network, "variant": source.variant, "depth": source.depth,
+            "author": "soco-det",
+            "soco_det_version": __version__,
+            "source": str(source.path),
+            "network": source.network,
+            "variant": source.variant,
+            "depth": source.depth,
         },
     }
     atomic_save(out, lambda f: torch.save(payload, f))

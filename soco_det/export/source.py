@@ -79,8 +79,7 @@ class ExportSource:
         unit = "step" if self.origin == "soco-det" else "epoch"
         step = f", {unit} {self.step}" if self.step is not None else ""
         return (
-            f"{self.path} ({self.origin} checkpoint{step}, {self.variant}, ResNet-{self.depth}, "
-            f"{self.network} network)"
+            f"{self.path} ({self.origin} checkpoint{step}, {self.variant}, ResNet-{self.depth}, {self.network} network)"
         )
 
 
@@ -129,15 +128,21 @@ def load_source(src: str | Path, network: str = "online") -> ExportSource:
     depth = infer_depth(encoder, path)
     if config_depth is not None and int(config_depth) != depth:
         raise UserError(
-            f"{path}: the stored config says model.depth={config_depth} but the encoder weights are "
-            f"a ResNet-{depth}"
+            f"{path}: the stored config says model.depth={config_depth} but the encoder weights are a ResNet-{depth}"
         )
     if variant is None:
         variant = _guess_variant(parts)
     step = ckpt.get("step") if origin == "soco-det" else ckpt.get("epoch")
     return ExportSource(
-        path=path, origin=origin, network=network, variant=str(variant), depth=depth,
-        encoder=encoder, neck=parts["neck"], head=parts["head"], dropped=dropped,
+        path=path,
+        origin=origin,
+        network=network,
+        variant=str(variant),
+        depth=depth,
+        encoder=encoder,
+        neck=parts["neck"],
+        head=parts["head"],
+        dropped=dropped,
         step=int(step) if isinstance(step, int) else None,
     )
 
@@ -152,7 +157,9 @@ def infer_depth(encoder: dict[str, torch.Tensor], where: object = "encoder") -> 
     depth = _DEPTHS.get((tuple(counts), bottleneck))
     if depth is None:
         kind = "bottleneck" if bottleneck else "basic"
-        raise UserError(f"{where}: encoder has {counts} {kind} blocks per stage, which is not a ResNet-18/34/50/101/152")
+        raise UserError(
+            f"{where}: encoder has {counts} {kind} blocks per stage, which is not a ResNet-18/34/50/101/152"
+        )
     return depth
 
 
@@ -181,11 +188,13 @@ def official_model_config(raw: dict[str, torch.Tensor], where: object):
     (same weights; SoCo* only differs in its views) or SoCo_C4, but the shapes decide."""
     from soco_det.models.config import ModelConfig
 
-    encoder = {k[len("encoder."):]: v for k, v in raw.items() if k.startswith("encoder.")}
+    encoder = {k[len("encoder.") :]: v for k, v in raw.items() if k.startswith("encoder.")}
     if not encoder:
         raise UserError(f"{where}: has no module.encoder.* weights: not an official SoCo checkpoint")
-    cfg = ModelConfig(variant="soco_fpn" if "neck.lateral_convs.0.conv.weight" in raw else "soco_c4",
-                      depth=infer_depth(encoder, where))
+    cfg = ModelConfig(
+        variant="soco_fpn" if "neck.lateral_convs.0.conv.weight" in raw else "soco_c4",
+        depth=infer_depth(encoder, where),
+    )
 
     def dim(key: str, axis: int = 0) -> int | None:
         return int(raw[key].shape[axis]) if key in raw else None
@@ -204,12 +213,12 @@ def official_model_config(raw: dict[str, torch.Tensor], where: object):
 def _strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # A state dict saved from a DDP-wrapped model has every key under "module.".
     if state and all(k.startswith("module.") for k in state):
-        return {k[len("module."):]: v for k, v in state.items()}
+        return {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
 def _sub_dict(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v.detach().cpu() for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v.detach().cpu() for k, v in state.items() if k.startswith(prefix)}
 
 
 def _guess_variant(parts: dict[str, dict]) -> str:

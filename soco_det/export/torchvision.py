@@ -94,11 +94,13 @@ def head_renamer(head: TMapping[str, Any]):
 def map_source(source: ExportSource) -> Mapping:
     """soco-det encoder / neck / head -> torchvision Mask R-CNN names (table in the module doc)."""
     net = source.network
-    return map_parts([
-        ("backbone", f"{net}.encoder.", source.encoder, rename_encoder),
-        ("fpn", f"{net}.neck.", source.neck, rename_neck),
-        ("box_head", f"{net}.head.", source.head, head_renamer(source.head)),
-    ])
+    return map_parts(
+        [
+            ("backbone", f"{net}.encoder.", source.encoder, rename_encoder),
+            ("fpn", f"{net}.neck.", source.neck, rename_neck),
+            ("box_head", f"{net}.head.", source.head, head_renamer(source.head)),
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------- target model
@@ -149,7 +151,9 @@ def _is_counter(key: str) -> bool:
 
 
 def load_torchvision_export(
-    model: nn.Module, exported: str | Path | TMapping[str, torch.Tensor], where: object = None,
+    model: nn.Module,
+    exported: str | Path | TMapping[str, torch.Tensor],
+    where: object = None,
     assign: bool = False,
 ) -> list[str]:
     """Load an exported state dict (or its file) into a torchvision Mask R-CNN and verify it.
@@ -167,7 +171,8 @@ def load_torchvision_export(
     model_state = model.state_dict()
     wrong_shape = [
         f"{k} {tuple(v.shape)} vs model {tuple(model_state[k].shape)}"
-        for k, v in exported.items() if k in model_state and model_state[k].shape != v.shape
+        for k, v in exported.items()
+        if k in model_state and model_state[k].shape != v.shape
     ]
     if wrong_shape:
         raise UserError(f"{where}: {len(wrong_shape)} tensors do not fit the model: {_few(wrong_shape)}")

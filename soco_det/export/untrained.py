@@ -24,7 +24,12 @@ def save_untrained(cfg: Any, path: str | Path, seed: int | None = None) -> Path:
     seed = cfg.seed if seed is None else seed
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"format": FORMAT, "model": init_model(cfg.model, seed).state_dict(), "step": 0, "epoch": 0,
-             "config": {**to_dict(cfg), "seed": seed}}
+    state = {
+        "format": FORMAT,
+        "model": init_model(cfg.model, seed).state_dict(),
+        "step": 0,
+        "epoch": 0,
+        "config": {**to_dict(cfg), "seed": seed},
+    }
     atomic_save(path, lambda f: torch.save(state, f))
     return path

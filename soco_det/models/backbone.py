@@ -70,8 +70,11 @@ class ResNetTrunk(nn.Module):
                 m.bias.zero_()
         if zero_init_residual:
             for m in self.modules():
-                last_bn = getattr(m, "bn3", None) if isinstance(m, tv_resnet.Bottleneck) else (
-                    getattr(m, "bn2", None) if isinstance(m, tv_resnet.BasicBlock) else None)
+                last_bn = (
+                    getattr(m, "bn3", None)
+                    if isinstance(m, tv_resnet.Bottleneck)
+                    else (getattr(m, "bn2", None) if isinstance(m, tv_resnet.BasicBlock) else None)
+                )
                 if last_bn is not None:
                     last_bn.weight.zero_()
 

@@ -77,8 +77,10 @@ class ModelConfig:
         if self.depth not in DEPTHS:
             raise ValueError(f"depth: must be one of {list(DEPTHS)}, got {self.depth}")
         widths = {
-            "fpn_channels": self.fpn_channels, "head_conv_dim": self.head_conv_dim,
-            "head_fc_dim": self.head_fc_dim, "proj_hidden_dim": self.proj_hidden_dim,
+            "fpn_channels": self.fpn_channels,
+            "head_conv_dim": self.head_conv_dim,
+            "head_fc_dim": self.head_fc_dim,
+            "proj_hidden_dim": self.proj_hidden_dim,
             "proj_dim": self.proj_dim,
         }
         for name, value in widths.items():

@@ -91,8 +91,15 @@ class InitReport:
         return lines
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "kind": self.kind, "depth": self.depth, "loaded": self.loaded,
-                "random": self.random, "unused": self.unused, "skipped": self.skipped}
+        return {
+            "path": self.path,
+            "kind": self.kind,
+            "depth": self.depth,
+            "loaded": self.loaded,
+            "random": self.random,
+            "unused": self.unused,
+            "skipped": self.skipped,
+        }
 
 
 # ----------------------------------------------------------------------------- reading the file
@@ -100,9 +107,13 @@ class _NumpyUnpickler(pickle.Unpickler):
     """Unpickles detectron2 ``.pkl`` checkpoints: dicts of numpy arrays, nothing executable."""
 
     ALLOWED = {
-        ("collections", "OrderedDict"), ("numpy", "ndarray"), ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("collections", "OrderedDict"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
     }
 
     def find_class(self, module: str, name: str) -> Any:
@@ -126,7 +137,7 @@ def _is_ours_or_official(obj: Any) -> bool:
         return False
     if str(obj.get("format", "")).startswith("soco-det/"):
         return True
-    keys = [k[len("module."):] if k.startswith("module.") else k for k in obj["model"]]
+    keys = [k[len("module.") :] if k.startswith("module.") else k for k in obj["model"]]
     return any(k.startswith("encoder.") for k in keys) and any(k.startswith(("projector.", "encoder_k.")) for k in keys)
 
 
@@ -148,7 +159,9 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str, Callab
             with open(p, "rb") as f:
                 obj = _NumpyUnpickler(f, encoding="latin1").load()
         except Exception as exc:  # noqa: BLE001 - any failure means "not a weights pickle"
-            raise UserError(f"model.init: {p}: cannot be read as a detectron2 .pkl ({type(exc).__name__}: {exc})") from exc
+            raise UserError(
+                f"model.init: {p}: cannot be read as a detectron2 .pkl ({type(exc).__name__}: {exc})"
+            ) from exc
     else:
         obj = torch_load(p, mmap=True)
     if _is_ours_or_official(obj):
@@ -167,7 +180,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str, Callab
         if isinstance(value, torch.Tensor):
             tensors[str(key)] = value
     if tensors and all(k.startswith("module.") for k in tensors):  # saved from a DDP model
-        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+        tensors = {k[len("module.") :]: v for k, v in tensors.items()}
     if not tensors:
         raise UserError(f"model.init: {p}: has no tensors")
     return tensors, "", None
@@ -213,10 +226,18 @@ def format_rules(model: nn.Module, variant: str) -> dict[str, dict[str, str]]:
     encoder = _encoder_names()
 
     def inverse(module: Any, source_variant: str) -> dict[str, str]:
-        src = ExportSource(path=Path("<model>"), origin="soco-det", network="online", variant=source_variant,
-                           depth=50, encoder=encoder, neck=neck, head=head)
+        src = ExportSource(
+            path=Path("<model>"),
+            origin="soco-det",
+            network="online",
+            variant=source_variant,
+            depth=50,
+            encoder=encoder,
+            neck=neck,
+            head=head,
+        )
         mapping = module.map_source(src)
-        return {rec.target: rec.source[len("online."):] for rec in mapping.records}
+        return {rec.target: rec.source[len("online.") :] for rec in mapping.records}
 
     rules = {
         "torchvision/timm ResNet": inverse(timm, variant),
@@ -229,14 +250,16 @@ def format_rules(model: nn.Module, variant: str) -> dict[str, dict[str, str]]:
     for target, ours in rules["detectron2"].items():
         for prefix in ("backbone.bottom_up.", "backbone.", "roi_heads."):
             if target.startswith(prefix):
-                target = target[len(prefix):]
+                target = target[len(prefix) :]
                 break
         short[target] = ours
     rules["detectron2 (short names)"] = short
     return rules
 
 
-def match_format(tensors: Mapping[str, torch.Tensor], rules: Mapping[str, Mapping[str, str]]) -> tuple[str, dict[str, str]]:
+def match_format(
+    tensors: Mapping[str, torch.Tensor], rules: Mapping[str, Mapping[str, str]]
+) -> tuple[str, dict[str, str]]:
     """The format whose names cover the most keys of the file (ties: the first listed)."""
     best, best_n = "", 0
     for name, rule in rules.items():
@@ -265,7 +288,7 @@ def file_depth(path: str | Path) -> int:
     for key in tensors:
         mine = rule(key)
         if mine is not None and mine.startswith("encoder."):
-            encoder[mine[len("encoder."):]] = tensors[key]
+            encoder[mine[len("encoder.") :]] = tensors[key]
     if not encoder:
         raise UserError(f"{path}: no backbone weights in the file")
     return infer_depth(encoder, path)
@@ -294,7 +317,7 @@ def init_from_weights(model: nn.Module, path: str | Path, cfg: ModelConfig) -> I
             used.add(key)
     unused = sorted(k for k in tensors if k not in used)
 
-    encoder = {k[len("encoder."):]: v for k, v in ours.items() if k.startswith("encoder.")}
+    encoder = {k[len("encoder.") :]: v for k, v in ours.items() if k.startswith("encoder.")}
     if not encoder:
         raise UserError(f"model.init: {path}: no backbone weights in the file ({kind}; keys: {_few(list(tensors), 5)})")
     depth = infer_depth(encoder, f"model.init: {path}")
@@ -307,10 +330,12 @@ def init_from_weights(model: nn.Module, path: str | Path, cfg: ModelConfig) -> I
     report = InitReport(path=str(path), kind=kind, depth=depth, unused=unused)
     hints = {"neck": "model.fpn_channels", "head": "model.head_conv_dim / model.head_fc_dim / model.roi_output_size"}
     for part in PARTS:
-        have = {k[len(part) + 1:]: v for k, v in ours.items() if k.startswith(part + ".")}
+        have = {k[len(part) + 1 :]: v for k, v in ours.items() if k.startswith(part + ".")}
         if part not in model.online:
             if have:
-                report.skipped[part] = f"the file has {len(have)} {PART_NAMES[part]} tensors, variant {cfg.variant} has no {PART_NAMES[part]}"
+                report.skipped[part] = (
+                    f"the file has {len(have)} {PART_NAMES[part]} tensors, variant {cfg.variant} has no {PART_NAMES[part]}"
+                )
                 report.unused += sorted(_file_keys(rule, tensors, part))
             continue
         dst = model.online[part].state_dict()
@@ -331,7 +356,11 @@ def init_from_weights(model: nn.Module, path: str | Path, cfg: ModelConfig) -> I
             )
             report.unused += sorted(_file_keys(rule, tensors, part))
             continue
-        bad = [f"{part}.{k} {tuple(v.shape)} vs model {tuple(dst[k].shape)}" for k, v in have.items() if v.shape != dst[k].shape]
+        bad = [
+            f"{part}.{k} {tuple(v.shape)} vs model {tuple(dst[k].shape)}"
+            for k, v in have.items()
+            if v.shape != dst[k].shape
+        ]
         if bad:
             extra_hint = f" (set {hints[part]} to the file's widths)" if part in hints else ""
             raise UserError(f"model.init: {path}: {PART_NAMES[part]} shapes differ{extra_hint}: {_few(bad, 4)}")
@@ -346,8 +375,7 @@ def init_from_weights(model: nn.Module, path: str | Path, cfg: ModelConfig) -> I
             model.target[name].load_state_dict(model.online[name].state_dict(), strict=True)
     loaded = set(report.loaded)
     report.random = [
-        k for k in model.state_dict()
-        if not k.startswith("target.") and k not in loaded and not k.endswith(_COUNTER)
+        k for k in model.state_dict() if not k.startswith("target.") and k not in loaded and not k.endswith(_COUNTER)
     ]
     report.unused = sorted(set(report.unused))
     return report

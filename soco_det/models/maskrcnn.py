@@ -91,7 +91,9 @@ def build_maskrcnn_v2(
     # torchvision's default FPN anchors: one size per level (P2..P6), three aspect ratios.
     anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
     box_head = FastRCNNConvFCHead(
-        (fpn_channels, box_roi_size, box_roi_size), list(box_conv_dims), list(box_fc_dims),
+        (fpn_channels, box_roi_size, box_roi_size),
+        list(box_conv_dims),
+        list(box_fc_dims),
         norm_layer=nn.BatchNorm2d,
     )
     box_roi_pool = None
@@ -148,8 +150,10 @@ def widths_of(state: dict[str, torch.Tensor]) -> dict[str, Any]:
 def resolve_widths(model_cfg: Any) -> dict[str, Any]:
     """The config's widths with 0/empty filled from the init file (an export) or the defaults."""
     given = {
-        "fpn_channels": model_cfg.fpn_channels, "box_conv_dims": tuple(model_cfg.box_conv_dims),
-        "box_fc_dims": tuple(model_cfg.box_fc_dims), "box_roi_size": model_cfg.box_roi_size,
+        "fpn_channels": model_cfg.fpn_channels,
+        "box_conv_dims": tuple(model_cfg.box_conv_dims),
+        "box_fc_dims": tuple(model_cfg.box_fc_dims),
+        "box_roi_size": model_cfg.box_roi_size,
     }
     incomplete = not all(given.values())
     from_file = widths_of(read_weights(model_cfg.init)) if incomplete and model_cfg.init != "random" else {}
@@ -264,7 +268,9 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         return state
     if "conv1.weight" in state and any(k.startswith("layer1.") for k in state):
         return {f"backbone.body.{k}": v for k, v in state.items() if not k.startswith("fc.")}
-    raise UserError(f"{path}: keys are neither a torchvision detection export nor a ResNet (first: {sorted(state)[:3]})")
+    raise UserError(
+        f"{path}: keys are neither a torchvision detection export nor a ResNet (first: {sorted(state)[:3]})"
+    )
 
 
 def load_init(model: nn.Module, path: str | Path) -> list[str]:

@@ -78,7 +78,7 @@ def official_to_ours(key: str) -> str | None:
     """Our name for an official model key (``module.`` already stripped); ``None`` if unknown."""
     for theirs, ours in PREFIX_MAP:
         if key.startswith(theirs):
-            return ours + key[len(theirs):]
+            return ours + key[len(theirs) :]
     return None
 
 
@@ -86,7 +86,7 @@ def ours_to_official(key: str) -> str:
     """The official name (with ``module.``) of one of our state-dict keys (used by tests and docs)."""
     for theirs, ours in PREFIX_MAP:
         if key.startswith(ours):
-            return "module." + theirs + key[len(ours):]
+            return "module." + theirs + key[len(ours) :]
     raise KeyError(f"{key} has no official counterpart")
 
 
@@ -137,7 +137,7 @@ def load_official_state_dict(
     state: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
     for key, value in raw.items():
-        bare = key[len("module."):] if key.startswith("module.") else key
+        bare = key[len("module.") :] if key.startswith("module.") else key
         if bare in DROPPED_KEYS:
             report.dropped.append(key)
             continue
@@ -163,8 +163,7 @@ def load_official_state_dict(
         )
     if shapes:
         problems.append(
-            "shape mismatches: "
-            + _few([f"{k} {tuple(state[k].shape)} vs {tuple(expected[k])}" for k in shapes])
+            "shape mismatches: " + _few([f"{k} {tuple(state[k].shape)} vs {tuple(expected[k])}" for k in shapes])
         )
     if problems:
         raise OfficialCheckpointError(
@@ -175,6 +174,7 @@ def load_official_state_dict(
 
 def _group(keys: list[str], expected: Mapping[str, Any]) -> list[str]:
     """Collapse modules (``online.neck``) whose keys are all in ``keys`` into ``online.neck.* (all N)``."""
+
     def module(key: str) -> str:
         parts = key.split(".")
         return ".".join(parts[:2]) if parts[0] in ("online", "target") else parts[0]

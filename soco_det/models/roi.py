@@ -68,8 +68,12 @@ def roi_align_boxes(
     rois = torch.cat([batch_index.to(torch.float32)[:, None], scaled], dim=1)
     # Explicit fp32: the official code casts the map to the boxes' dtype for the same reason.
     return roi_align(
-        feature.float(), rois, output_size=(output_size, output_size),
-        spatial_scale=1.0, sampling_ratio=-1, aligned=True,
+        feature.float(),
+        rois,
+        output_size=(output_size, output_size),
+        spatial_scale=1.0,
+        sampling_ratio=-1,
+        aligned=True,
     )
 
 

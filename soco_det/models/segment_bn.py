@@ -123,10 +123,10 @@ class _SegmentBN:
         local_var, local_mean = torch.var_mean(xs, dim=(1, 3), unbiased=False)  # [S, C]
         count = torch.full((s, 1), float(n * xs.shape[-1]), device=x.device)
         stats = _AllGather.apply(torch.cat([local_mean, local_var, count], dim=1), self.process_group)
-        counts = stats[..., 2 * c:]  # [W, S, 1]
+        counts = stats[..., 2 * c :]  # [W, S, 1]
         total = counts.sum(0)  # [S, 1]
         mean = (stats[..., :c] * counts).sum(0) / total
-        var = ((stats[..., c:2 * c] + (stats[..., :c] - mean) ** 2) * counts).sum(0) / total  # biased
+        var = ((stats[..., c : 2 * c] + (stats[..., :c] - mean) ** 2) * counts).sum(0) / total  # biased
         scale = torch.rsqrt(var + self.eps)
         if self.weight is not None:
             scale = scale * self.weight.float()
@@ -165,8 +165,12 @@ class SegmentBatchNorm2d(_SegmentBN, nn.BatchNorm2d):
     """``nn.BatchNorm2d`` with segment-wise statistics (see the module docstring)."""
 
 
-_SEGMENT_CLASSES = {nn.BatchNorm1d: SegmentBatchNorm1d, nn.BatchNorm2d: SegmentBatchNorm2d,
-                    SegmentBatchNorm1d: SegmentBatchNorm1d, SegmentBatchNorm2d: SegmentBatchNorm2d}
+_SEGMENT_CLASSES = {
+    nn.BatchNorm1d: SegmentBatchNorm1d,
+    nn.BatchNorm2d: SegmentBatchNorm2d,
+    SegmentBatchNorm1d: SegmentBatchNorm1d,
+    SegmentBatchNorm2d: SegmentBatchNorm2d,
+}
 
 
 def convert_segment_bn(module: nn.Module, sync: bool | None = None, process_group=None) -> nn.Module:  # noqa: ANN001

@@ -121,12 +121,16 @@ def check_batch(batch: Mapping[str, Any], num_levels: int, need: Sequence[str] =
                 if boxes.dim() != 3 or boxes.shape[0] != n_img or boxes.shape[2] != 4:
                     raise ValueError(f"batch['boxes'][{k}][{s}]: expected [{n_img}, K, 4], got {list(boxes.shape)}")
                 if k_rows is not None and boxes.shape[1] != k_rows:
-                    raise ValueError(f"batch['boxes'][{k}]: both views need the same K, got {k_rows} and {boxes.shape[1]}")
+                    raise ValueError(
+                        f"batch['boxes'][{k}]: both views need the same K, got {k_rows} and {boxes.shape[1]}"
+                    )
                 k_rows = boxes.shape[1]
         if "levels" in need:
             for s, levels in enumerate(batch["levels"][k]):
                 if tuple(levels.shape) != (n_img, k_rows):
-                    raise ValueError(f"batch['levels'][{k}][{s}]: expected [{n_img}, {k_rows}], got {list(levels.shape)}")
+                    raise ValueError(
+                        f"batch['levels'][{k}][{s}]: expected [{n_img}, {k_rows}], got {list(levels.shape)}"
+                    )
         if "corr" in need:
             m = num_levels * k_rows
             if tuple(batch["corr"][k].shape) != (n_img, m, m):
@@ -167,11 +171,11 @@ class BoxModel(MomentumModel):
         images, pairs = batch["images"], [tuple(int(v) for v in p) for p in batch["pairs"]]
         sides = side_order(pairs)
         views = sorted({v for v, _, _ in sides})
-        online = self.embed_sides(self.online, self.view_features(self.online, images, views), batch, sides,
-                                  self.predictor)
+        online = self.embed_sides(
+            self.online, self.view_features(self.online, images, views), batch, sides, self.predictor
+        )
         with torch.no_grad():
-            target = self.embed_sides(self.target, self.view_features(self.target, images, views), batch, sides,
-                                      None)
+            target = self.embed_sides(self.target, self.view_features(self.target, images, views), batch, sides, None)
         preds = [(online[(k, 0)], online[(k, 1)]) for k in range(len(pairs))]
         targets = [(target[(k, 0)], target[(k, 1)]) for k in range(len(pairs))]
         return self._add_regularisers(self.criterion(pairs, preds, targets, batch["corr"]))
@@ -194,8 +198,13 @@ class BoxModel(MomentumModel):
         same size go through the backbone in one call, one BN segment per view."""
         groups: list[list[int]] = []
         for v in views:
-            if (self.cfg.batched_calls and self.cfg.batched_backbone and groups
-                    and images[groups[-1][-1]].shape == images[v].shape and groups[-1][-1] == v - 1):
+            if (
+                self.cfg.batched_calls
+                and self.cfg.batched_backbone
+                and groups
+                and images[groups[-1][-1]].shape == images[v].shape
+                and groups[-1][-1] == v - 1
+            ):
                 groups[-1].append(v)
             else:
                 groups.append([v])
@@ -211,15 +220,20 @@ class BoxModel(MomentumModel):
         return feats
 
     def embed_sides(
-        self, net: nn.ModuleDict, feats: Mapping[int, Any], batch: Mapping[str, Any],
-        sides: Sequence[tuple[int, int, int]], predictor: nn.Module | None,
+        self,
+        net: nn.ModuleDict,
+        feats: Mapping[int, Any],
+        batch: Mapping[str, Any],
+        sides: Sequence[tuple[int, int, int]],
+        predictor: nn.Module | None,
     ) -> dict[tuple[int, int], torch.Tensor]:
         """``{(pair, side): [B, P*K, D]}``: one :meth:`embed` per side, in the official order."""
         out = {}
         for v, k, s in sides:
             levels = batch["levels"][k][s] if self.uses_levels else None
-            out[(k, s)] = self.embed(net, feats[v], batch["boxes"][k][s], levels,
-                                     tuple(batch["images"][v].shape[-2:]), predictor)
+            out[(k, s)] = self.embed(
+                net, feats[v], batch["boxes"][k][s], levels, tuple(batch["images"][v].shape[-2:]), predictor
+            )
         return out
 
     @property
@@ -253,8 +267,12 @@ class SoCoFPN(BoxModel):
         return net["neck"](net["encoder"](image))
 
     def embed_sides(
-        self, net: nn.ModuleDict, feats: Mapping[int, Any], batch: Mapping[str, Any],
-        sides: Sequence[tuple[int, int, int]], predictor: nn.Module | None,
+        self,
+        net: nn.ModuleDict,
+        feats: Mapping[int, Any],
+        batch: Mapping[str, Any],
+        sides: Sequence[tuple[int, int, int]],
+        predictor: nn.Module | None,
     ) -> dict[tuple[int, int], torch.Tensor]:
         """``all_levels`` with ``batched_calls``: every (side, level) RoI batch in one head/projector/
         predictor call, one BN segment each, in the official order (side-major, then level)."""
@@ -263,9 +281,16 @@ class SoCoFPN(BoxModel):
             return super().embed_sides(net, feats, batch, sides, predictor)
         b, k_rows, _ = shapes.pop()
         rois = [
-            roi_align_boxes(feats[v][p], batch["boxes"][k][s], tuple(batch["images"][v].shape[-2:]), stride,
-                            self.roi_output_size, self.cfg.legacy)
-            for v, k, s in sides for p, stride in enumerate(self.strides)
+            roi_align_boxes(
+                feats[v][p],
+                batch["boxes"][k][s],
+                tuple(batch["images"][v].shape[-2:]),
+                stride,
+                self.roi_output_size,
+                self.cfg.legacy,
+            )
+            for v, k, s in sides
+            for p, stride in enumerate(self.strides)
         ]
         with bn_segments([net, predictor], len(rois)):
             vec = self.project(net, torch.cat(rois), predictor, segments=len(rois))
@@ -274,8 +299,9 @@ class SoCoFPN(BoxModel):
         vec = vec.reshape(len(sides), b, self.num_levels * k_rows, -1)
         return {(k, s): vec[i] for i, (_, k, s) in enumerate(sides)}
 
-    def project(self, net: nn.ModuleDict, rois: torch.Tensor, predictor: nn.Module | None,
-                segments: int = 1) -> torch.Tensor:
+    def project(
+        self, net: nn.ModuleDict, rois: torch.Tensor, predictor: nn.Module | None, segments: int = 1
+    ) -> torch.Tensor:
         """RoI features ``[R, C, s, s]`` -> head -> projector (-> predictor): ``[R, D]``; ``segments``
         equal row blocks stand for as many original calls (segment-wise BN, batched calls)."""
         if self.cfg.channels_last:
@@ -300,7 +326,9 @@ class SoCoFPN(BoxModel):
         roi, legacy = self.roi_output_size, self.cfg.legacy
         if self.cfg.roi_mode == "all_levels":
             per_level = [
-                self.project(net, roi_align_boxes(feat, boxes, view_size, stride, roi, legacy), predictor).view(b, k, -1)
+                self.project(net, roi_align_boxes(feat, boxes, view_size, stride, roi, legacy), predictor).view(
+                    b, k, -1
+                )
                 for feat, stride in zip(pyramid, self.strides)
             ]
             return torch.cat(per_level, dim=1)

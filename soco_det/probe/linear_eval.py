@@ -79,7 +79,9 @@ class LinearEvalSettings:
             raise UserError("linear eval: crop_min_scale must lie in (0, 1]")
 
 
-def bootstrap_ci(correct: "numpy.ndarray", n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    correct: "numpy.ndarray", n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the accuracy of 0/1 outcomes ``correct`` ``[N]``.
 
     Resampling N outcomes with replacement and averaging is exactly a Binomial(N, acc) / N draw, so
@@ -125,18 +127,22 @@ def _datasets(train_dir: str | Path, val_dir: str | Path, s: LinearEvalSettings)
     from soco_det.imageio import load_rgb
 
     normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    train_tf = transforms.Compose([
-        transforms.RandomResizedCrop(s.image_size, scale=(s.crop_min_scale, 1.0)),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        normalize,
-    ])
-    val_tf = transforms.Compose([
-        transforms.Resize(s.image_size + 32),
-        transforms.CenterCrop(s.image_size),
-        transforms.ToTensor(),
-        normalize,
-    ])
+    train_tf = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(s.image_size, scale=(s.crop_min_scale, 1.0)),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            normalize,
+        ]
+    )
+    val_tf = transforms.Compose(
+        [
+            transforms.Resize(s.image_size + 32),
+            transforms.CenterCrop(s.image_size),
+            transforms.ToTensor(),
+            normalize,
+        ]
+    )
     out = []
     for folder, tf in ((train_dir, train_tf), (val_dir, val_tf)):
         if not Path(folder).is_dir():
@@ -192,8 +198,13 @@ def linear_eval(
     gen = torch.Generator().manual_seed(s.seed)
     torch.manual_seed(s.seed)  # the random crops and flips (torchvision draws from the global RNG)
     loader = torch.utils.data.DataLoader(
-        train_set, batch_size=s.batch_size, shuffle=True, drop_last=len(train_set) >= s.batch_size,
-        num_workers=s.num_workers, generator=gen, pin_memory=dev.type == "cuda",
+        train_set,
+        batch_size=s.batch_size,
+        shuffle=True,
+        drop_last=len(train_set) >= s.batch_size,
+        num_workers=s.num_workers,
+        generator=gen,
+        pin_memory=dev.type == "cuda",
     )
     steps_per_epoch = len(loader)
     total = s.epochs * steps_per_epoch
@@ -251,8 +262,14 @@ def linear_eval(
         "settings": asdict(s),
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    log.info("linear eval: top-1 %.2f%% (95%% CI %.2f-%.2f) on %d val images, %d classes",
-             100 * result["top1"], 100 * lo, 100 * hi, len(val_set), len(train_set.classes))
+    log.info(
+        "linear eval: top-1 %.2f%% (95%% CI %.2f-%.2f) on %d val images, %d classes",
+        100 * result["top1"],
+        100 * lo,
+        100 * hi,
+        len(val_set),
+        len(train_set.classes),
+    )
     if out_dir is not None:
         from soco_det.atomic import atomic_save, atomic_write_json
 
@@ -280,9 +297,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ``--val`` are checked by :func:`run` (not ``required``, so they can share a parser with tasks
     that do not need them)."""
     d = LinearEvalSettings()
-    _add(parser, "--weights", default=None,
-         help="soco-det run folder or checkpoint, an export, an official SoCo checkpoint, a torchvision/timm "
-              "ResNet or detector checkpoint (local), or 'random'")
+    _add(
+        parser,
+        "--weights",
+        default=None,
+        help="soco-det run folder or checkpoint, an export, an official SoCo checkpoint, a torchvision/timm "
+        "ResNet or detector checkpoint (local), or 'random'",
+    )
     _add(parser, "--train", default=None, metavar="DIR", help="training ImageFolder (DIR/CLASS/IMAGE)")
     _add(parser, "--val", default=None, metavar="DIR", help="validation ImageFolder with the same classes")
     _add(parser, "-o", "--out", default=None, help="folder for metrics.json and linear.pt")
@@ -295,9 +316,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--weight-decay", type=float, default=d.weight_decay)
     _add(parser, "--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warmup from lr/100; official: 5")
     _add(parser, "--image-size", type=int, default=d.image_size)
-    _add(parser, "--crop-min-scale", type=float, default=d.crop_min_scale, help="RandomResizedCrop scale floor; official: 0.08")
-    _add(parser, "--bn-train-mode", action="store_true",
-         help="BatchNorm in train mode as the official script (batch statistics, running stats updated)")
+    _add(
+        parser,
+        "--crop-min-scale",
+        type=float,
+        default=d.crop_min_scale,
+        help="RandomResizedCrop scale floor; official: 0.08",
+    )
+    _add(
+        parser,
+        "--bn-train-mode",
+        action="store_true",
+        help="BatchNorm in train mode as the official script (batch statistics, running stats updated)",
+    )
     _add(parser, "--num-workers", type=int, default=d.num_workers)
     _add(parser, "--seed", type=int, default=d.seed)
     _add(parser, "--bootstrap", type=int, default=d.bootstrap, help="bootstrap resamples of the top-1 interval")
@@ -311,16 +342,27 @@ def run(args: argparse.Namespace) -> int:
     seed = getattr(args, "seed", None)
     resamples = getattr(args, "bootstrap", None) or getattr(args, "resamples", None) or d.bootstrap
     settings = LinearEvalSettings(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, image_size=args.image_size,
-        crop_min_scale=args.crop_min_scale, bn_train_mode=args.bn_train_mode, num_workers=args.num_workers,
-        seed=d.seed if seed is None else seed, bootstrap=resamples,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs,
+        image_size=args.image_size,
+        crop_min_scale=args.crop_min_scale,
+        bn_train_mode=args.bn_train_mode,
+        num_workers=args.num_workers,
+        seed=d.seed if seed is None else seed,
+        bootstrap=resamples,
     )
-    result = linear_eval(weights, args.train, args.val, out_dir=args.out, depth=args.depth,
-                         device=args.device, settings=settings)
+    result = linear_eval(
+        weights, args.train, args.val, out_dir=args.out, depth=args.depth, device=args.device, settings=settings
+    )
     lo, hi = result["top1_ci95"]
-    print(f"top-1 {100 * result['top1']:.2f}% (95% CI {100 * lo:.2f}-{100 * hi:.2f}) on {result['num_val']} images, "
-          f"{result['num_classes']} classes; backbone {result['backbone']}")
+    print(
+        f"top-1 {100 * result['top1']:.2f}% (95% CI {100 * lo:.2f}-{100 * hi:.2f}) on {result['num_val']} images, "
+        f"{result['num_classes']} classes; backbone {result['backbone']}"
+    )
     if result["top5"] is not None:
         print(f"top-5 {100 * result['top5']:.2f}%")
     print(json.dumps({k: result[k] for k in ("top1", "top1_ci95", "top5")}))

@@ -79,8 +79,12 @@ def build_probe_network(model_cfg: Any, seed: int, name: str = UNTRAINED) -> Pro
     model = init_model(cfg, seed)
     online = model.online
     return ProbeNetwork(
-        encoder=online["encoder"], neck=online["neck"], head=online["head"],
-        strides=tuple(FPN_STRIDES[: cfg.num_levels]), roi_size=cfg.resolved_roi_output_size(), name=name,
+        encoder=online["encoder"],
+        neck=online["neck"],
+        head=online["head"],
+        strides=tuple(FPN_STRIDES[: cfg.num_levels]),
+        roi_size=cfg.resolved_roi_output_size(),
+        name=name,
         loaded={part: UNTRAINED for part in PARTS},
     )
 

@@ -49,8 +49,12 @@ class ObjectSet:
         return len(self.labels)
 
 
-def read_objects(coco_json: str | Path, images_root: str | Path, max_images: int | None = None,
-                 categories: Sequence[int] | None = None) -> ObjectSet:
+def read_objects(
+    coco_json: str | Path,
+    images_root: str | Path,
+    max_images: int | None = None,
+    categories: Sequence[int] | None = None,
+) -> ObjectSet:
     """Objects of ``coco_json`` (non-crowd, at least :data:`MIN_BOX_PIXELS` wide and high), from
     the first ``max_images`` images (in file order) that have any. ``categories`` fixes the
     label order (pass the train set's to the val set)."""
@@ -68,8 +72,13 @@ def read_objects(coco_json: str | Path, images_root: str | Path, max_images: int
         if ann.get("iscrowd", 0) or w < MIN_BOX_PIXELS or h < MIN_BOX_PIXELS or ann["image_id"] not in images:
             continue
         per_image.setdefault(ann["image_id"], []).append(ann)
-    cats = list(categories) if categories is not None else sorted({c["id"] for c in coco.get("categories", [])}
-                                                                   or {a["category_id"] for v in per_image.values() for a in v})
+    cats = (
+        list(categories)
+        if categories is not None
+        else sorted(
+            {c["id"] for c in coco.get("categories", [])} or {a["category_id"] for v in per_image.values() for a in v}
+        )
+    )
     label_of = {c: i for i, c in enumerate(cats)}
     paths, index, boxes, labels = [], [], [], []
     for im in coco["images"]:
@@ -87,12 +96,23 @@ def read_objects(coco_json: str | Path, images_root: str | Path, max_images: int
         paths.append(Path(images_root) / im["file_name"])
     if not paths:
         raise UserError(f"{path}: no annotated objects to probe")
-    return ObjectSet(paths, np.asarray(index, np.int64), np.clip(np.asarray(boxes, np.float32), 0, 1),
-                     np.asarray(labels, np.int64), cats)
+    return ObjectSet(
+        paths,
+        np.asarray(index, np.int64),
+        np.clip(np.asarray(boxes, np.float32), 0, 1),
+        np.asarray(labels, np.int64),
+        cats,
+    )
 
 
-def load_image_tensor(path: Path, size: int, mean: Sequence[float], std: Sequence[float],
-                      flip: bool = False, crop: tuple[float, float, float, float] | None = None) -> torch.Tensor:
+def load_image_tensor(
+    path: Path,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    flip: bool = False,
+    crop: tuple[float, float, float, float] | None = None,
+) -> torch.Tensor:
     """``float32 [3, size, size]``: the image (or its normalised ``crop`` window), resized, normalised."""
     img = load_rgb(path)
     box = None
@@ -114,8 +134,14 @@ def box_levels(boxes: np.ndarray, size: int, thresholds: Sequence[float], num_le
 
 
 @torch.no_grad()
-def pool_boxes(net: ProbeNetwork, pyramid: list[torch.Tensor], boxes: torch.Tensor, image: torch.Tensor,
-               levels: torch.Tensor, size: int) -> torch.Tensor:
+def pool_boxes(
+    net: ProbeNetwork,
+    pyramid: list[torch.Tensor],
+    boxes: torch.Tensor,
+    image: torch.Tensor,
+    levels: torch.Tensor,
+    size: int,
+) -> torch.Tensor:
     """RoIAlign ``[R, C, s, s]`` of normalised ``boxes`` ``[R, 4]`` of batch images ``image`` ``[R]``,
     each on its level (row order kept)."""
     out = None
@@ -161,16 +187,18 @@ def reestimate_bn(net: ProbeNetwork, sets: Sequence[ObjectSet], spec: PoolSpec, 
     try:
         for objects in sets:
             for rows in batches(len(objects.images), spec.batch_size):
-                images = torch.stack([load_image_tensor(objects.images[i], spec.size, spec.mean, spec.std)
-                                      for i in rows]).to(device)
+                images = torch.stack(
+                    [load_image_tensor(objects.images[i], spec.size, spec.mean, spec.std) for i in rows]
+                ).to(device)
                 pyramid = net.pyramid(images)
                 mask = np.isin(objects.image_index, rows)
                 if mask.sum() < 2:
                     continue
                 image = torch.as_tensor(np.searchsorted(rows, objects.image_index[mask]), device=device)
                 boxes = torch.as_tensor(objects.boxes[mask], device=device)
-                levels = torch.as_tensor(box_levels(objects.boxes[mask], spec.size, spec.thresholds,
-                                                    len(net.strides)), device=device)
+                levels = torch.as_tensor(
+                    box_levels(objects.boxes[mask], spec.size, spec.thresholds, len(net.strides)), device=device
+                )
                 net.head(pool_boxes(net, pyramid, boxes, image, levels, spec.size))
     finally:
         for bn, m in zip(bns, saved):
@@ -198,10 +226,14 @@ BoxSet = tuple[np.ndarray, np.ndarray]  # (normalised boxes [N, 4], image index 
 
 
 @torch.no_grad()
-def extract(net: ProbeNetwork, objects: ObjectSet, spec: PoolSpec, device: torch.device,
-            box_sets: dict[str, BoxSet] | None = None,
-            views: Sequence[tuple[bool, tuple[float, float, float, float] | None]] | None = None
-            ) -> dict[str, BoxFeatures]:
+def extract(
+    net: ProbeNetwork,
+    objects: ObjectSet,
+    spec: PoolSpec,
+    device: torch.device,
+    box_sets: dict[str, BoxSet] | None = None,
+    views: Sequence[tuple[bool, tuple[float, float, float, float] | None]] | None = None,
+) -> dict[str, BoxFeatures]:
     """Features of every box set (default: ``{"objects": the objects' own boxes}``), each image's
     pyramid computed once; ``views[i]`` optionally gives image i a ``(flip, crop window)`` (the
     boxes must then be in that view's coordinates)."""
@@ -210,18 +242,26 @@ def extract(net: ProbeNetwork, objects: ObjectSet, spec: PoolSpec, device: torch
     collected: dict[str, list[tuple[np.ndarray, torch.Tensor, torch.Tensor]]] = {k: [] for k in box_sets}
     for rows in batches(len(objects.images), spec.batch_size):
         flips_crops = [views[i] if views is not None else (False, None) for i in rows]
-        images = torch.stack([load_image_tensor(objects.images[i], spec.size, spec.mean, spec.std, flip, crop)
-                              for i, (flip, crop) in zip(rows, flips_crops)]).to(device)
+        images = torch.stack(
+            [
+                load_image_tensor(objects.images[i], spec.size, spec.mean, spec.std, flip, crop)
+                for i, (flip, crop) in zip(rows, flips_crops)
+            ]
+        ).to(device)
         pyramid = net.pyramid(images)
         for name, (boxes, image_index) in box_sets.items():
             sel = np.nonzero((image_index >= rows[0]) & (image_index <= rows[-1]))[0]
             if len(sel) == 0:
                 continue
             b = boxes[sel]
-            rois = pool_boxes(net, pyramid, torch.as_tensor(b, device=device),
-                              torch.as_tensor(image_index[sel] - rows[0], device=device),
-                              torch.as_tensor(box_levels(b, spec.size, spec.thresholds, len(net.strides)),
-                                              device=device), spec.size)
+            rois = pool_boxes(
+                net,
+                pyramid,
+                torch.as_tensor(b, device=device),
+                torch.as_tensor(image_index[sel] - rows[0], device=device),
+                torch.as_tensor(box_levels(b, spec.size, spec.thresholds, len(net.strides)), device=device),
+                spec.size,
+            )
             grid = torch.nn.functional.adaptive_avg_pool2d(rois, ROI_GRID).flatten(1)
             collected[name].append((sel, grid.float().cpu(), net.head(rois).float().cpu()))
     out = {}
@@ -263,8 +303,9 @@ def jittered_boxes(objects: ObjectSet, per_object: int, seed: int) -> tuple[np.n
     return boxes, owner, box_iou(boxes, gt).astype(np.float32)
 
 
-def augmented_views(objects: ObjectSet, seed: int, min_visible: float = 0.6
-                    ) -> tuple[list[tuple[bool, tuple[float, float, float, float]]], np.ndarray, np.ndarray]:
+def augmented_views(
+    objects: ObjectSet, seed: int, min_visible: float = 0.6
+) -> tuple[list[tuple[bool, tuple[float, float, float, float]]], np.ndarray, np.ndarray]:
     """A second view per image (a random crop keeping 60-100 % of each side, flipped with p 0.5)
     and the objects' boxes in it: ``(views, boxes [N, 4], valid [N])``; an object is valid when at
     least ``min_visible`` of its box stays inside the crop."""
@@ -277,8 +318,11 @@ def augmented_views(objects: ObjectSet, seed: int, min_visible: float = 0.6
     crops = np.asarray([v[1] for v in views], np.float32)[objects.image_index]
     flips = np.asarray([v[0] for v in views])[objects.image_index]
     origin, extent = crops[:, :2], crops[:, 2:] - crops[:, :2]
-    inside = np.clip(np.concatenate([(objects.boxes[:, :2] - origin) / extent,
-                                     (objects.boxes[:, 2:] - origin) / extent], axis=1), 0, 1)
+    inside = np.clip(
+        np.concatenate([(objects.boxes[:, :2] - origin) / extent, (objects.boxes[:, 2:] - origin) / extent], axis=1),
+        0,
+        1,
+    )
     area = lambda x: np.prod(np.clip(x[:, 2:] - x[:, :2], 0, None), axis=1)  # noqa: E731
     visible = area(inside) * np.prod(extent, axis=1) / np.maximum(area(objects.boxes), 1e-12)
     boxes = inside.copy()
@@ -317,5 +361,9 @@ def spec_from_config(cfg, size: int | None = None) -> PoolSpec:  # noqa: ANN001 
     views = cfg.data.views.resolved()
     v1 = int(views.view_sizes[0])
     size = v1 if size is None else int(size)
-    return PoolSpec(size=size, thresholds=[t * size / v1 for t in views.level_thresholds],
-                    mean=list(views.mean), std=list(views.std))
+    return PoolSpec(
+        size=size,
+        thresholds=[t * size / v1 for t in views.level_thresholds],
+        mean=list(views.mean),
+        std=list(views.std),
+    )

@@ -30,30 +30,53 @@ class OnlineProbe:
         self.every, self.tasks = train.probe_every, tuple(train.probe_tasks)
         self.spec = spec_from_config(cfg)
         self.train = read_objects(train.probe_train_json, train.probe_images, train.probe_max_images)
-        self.val = read_objects(train.probe_val_json, train.probe_images, train.probe_max_images,
-                                categories=self.train.categories)
-        log.info("online probe every %d steps: %d train / %d val objects (%s)", self.every, len(self.train),
-                 len(self.val), " ".join(self.tasks))
+        self.val = read_objects(
+            train.probe_val_json, train.probe_images, train.probe_max_images, categories=self.train.categories
+        )
+        log.info(
+            "online probe every %d steps: %d train / %d val objects (%s)",
+            self.every,
+            len(self.train),
+            len(self.val),
+            " ".join(self.tasks),
+        )
 
     def network(self, model: Any) -> ProbeNetwork:
         from soco_det.models.soco import FPN_STRIDES
 
         online = model.online
         return ProbeNetwork(
-            encoder=copy.deepcopy(online["encoder"]), neck=copy.deepcopy(online["neck"]),
-            head=copy.deepcopy(online["head"]), strides=tuple(FPN_STRIDES[: model.cfg.num_levels]),
-            roi_size=model.cfg.resolved_roi_output_size(), name="online")
+            encoder=copy.deepcopy(online["encoder"]),
+            neck=copy.deepcopy(online["neck"]),
+            head=copy.deepcopy(online["head"]),
+            strides=tuple(FPN_STRIDES[: model.cfg.num_levels]),
+            roi_size=model.cfg.resolved_roi_output_size(),
+            name="online",
+        )
 
     def metrics(self, trainer: Any) -> dict[str, float]:
         if trainer.step % self.every and trainer.step < trainer.stop_step:
             return {}
-        result = run_probe(self.network(trainer.model), self.train, self.val, self.spec, trainer.device,
-                           task_names=self.tasks, copy_network=False)
-        record = {f"probe/{kind}_{name}": float(np.nanmean(v))
-                  for kind, scores in result.scores.items() for name, v in scores.items() if name.endswith("top1")}
+        result = run_probe(
+            self.network(trainer.model),
+            self.train,
+            self.val,
+            self.spec,
+            trainer.device,
+            task_names=self.tasks,
+            copy_network=False,
+        )
+        record = {
+            f"probe/{kind}_{name}": float(np.nanmean(v))
+            for kind, scores in result.scores.items()
+            for name, v in scores.items()
+            if name.endswith("top1")
+        }
         for kind, scores in result.scores.items():
             if "loc_err" in scores:
-                record[f"probe/{kind}_loc_r2"] = float(1 - scores["loc_err"].sum() / max(scores["loc_dev"].sum(), 1e-12))
+                record[f"probe/{kind}_loc_r2"] = float(
+                    1 - scores["loc_err"].sum() / max(scores["loc_dev"].sum(), 1e-12)
+                )
         record.update({f"probe/{kind}_effective_rank": r for kind, r in result.ranks.items()})
         record["probe/seconds"] = result.seconds
         return record

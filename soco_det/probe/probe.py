@@ -54,9 +54,16 @@ class ProbeResult:
 
 
 @torch.no_grad()
-def run_probe(net: ProbeNetwork, train: ObjectSet, val: ObjectSet, spec: PoolSpec,
-              device: torch.device | str = "cpu", seed: int = 0, task_names: Sequence[str] = TASKS,
-              copy_network: bool = True) -> ProbeResult:
+def run_probe(
+    net: ProbeNetwork,
+    train: ObjectSet,
+    val: ObjectSet,
+    spec: PoolSpec,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    task_names: Sequence[str] = TASKS,
+    copy_network: bool = True,
+) -> ProbeResult:
     """Probe ``net`` (a copy of it, unless ``copy_network=False``): BN re-estimated on the images of
     ``train`` and ``val``, read-outs fitted on ``train`` objects and scored on ``val`` objects."""
     t0 = time.perf_counter()
@@ -93,8 +100,9 @@ def run_probe(net: ProbeNetwork, train: ObjectSet, val: ObjectSet, spec: PoolSpe
             s["knn_top1"] = tasks.knn_probe(xt, train.labels, xv, val.labels)
         if "loc" in task_names:
             (jt, ot, it), (jv, ov, iv) = sets["train_jitter"], sets["val_jitter"]
-            s["loc_err"], s["loc_dev"] = tasks.localisation_probe(jt.get(kind), it, ot, jv.get(kind), iv, ov,
-                                                                  len(val), seed)
+            s["loc_err"], s["loc_dev"] = tasks.localisation_probe(
+                jt.get(kind), it, ot, jv.get(kind), iv, ov, len(val), seed
+            )
         if second is not None:
             s["retrieval_top1"] = tasks.retrieval_probe(xv, second[0].get(kind), second[1], xt)
         if "rank" in task_names:
@@ -120,12 +128,15 @@ def summarise(result: ProbeResult, resamples: int = 1000, rank_resamples: int = 
     """``{"roi": {"linear_top1": {"mean", "ci95"}, ..., "effective_rank": {...}}, "head": ...}``."""
     out: dict[str, Any] = {}
     for kind in result.scores:
-        out[kind] = {name: tasks.bootstrap(stat, result.n_val, resamples, seed).as_dict()
-                     for name, stat in _statistics(result, kind).items()}
+        out[kind] = {
+            name: tasks.bootstrap(stat, result.n_val, resamples, seed).as_dict()
+            for name, stat in _statistics(result, kind).items()
+        }
         if kind in result.ranks:
             x = result.features[kind]
-            out[kind]["effective_rank"] = tasks.subsample(lambda idx: tasks.effective_rank(x[idx]), result.n_val,
-                                                          resamples=rank_resamples, seed=seed).as_dict()
+            out[kind]["effective_rank"] = tasks.subsample(
+                lambda idx: tasks.effective_rank(x[idx]), result.n_val, resamples=rank_resamples, seed=seed
+            ).as_dict()
     return out
 
 
@@ -136,14 +147,19 @@ def paired_difference(a: ProbeResult, b: ProbeResult, resamples: int = 1000, see
     out: dict[str, Any] = {}
     for kind in a.scores:
         sa, sb = _statistics(a, kind), _statistics(b, kind)
-        out[kind] = {name: tasks.bootstrap(lambda idx, f=sa[name], g=sb[name]: f(idx) - g(idx), a.n_val,
-                                           resamples, seed).as_dict()
-                     for name in sa if name in sb}
+        out[kind] = {
+            name: tasks.bootstrap(
+                lambda idx, f=sa[name], g=sb[name]: f(idx) - g(idx), a.n_val, resamples, seed
+            ).as_dict()
+            for name in sa
+            if name in sb
+        }
     return out
 
 
-def combined_paired_difference(pairs: Sequence[tuple[ProbeResult, ProbeResult]], resamples: int = 1000,
-                               seed: int = 0) -> dict[str, Any]:
+def combined_paired_difference(
+    pairs: Sequence[tuple[ProbeResult, ProbeResult]], resamples: int = 1000, seed: int = 0
+) -> dict[str, Any]:
     """The mean over several (a, b) pairs (e.g. one per seed, all on the same val objects) of
     ``a - b``, with one bootstrap over the objects shared by every pair (the same resample for all)."""
     n = pairs[0][0].n_val
@@ -156,7 +172,10 @@ def combined_paired_difference(pairs: Sequence[tuple[ProbeResult, ProbeResult]],
         out[kind] = {
             name: tasks.bootstrap(
                 lambda idx, name=name: float(np.mean([sa[name](idx) - sb[name](idx) for sa, sb in stats])),
-                n, resamples, seed).as_dict()
+                n,
+                resamples,
+                seed,
+            ).as_dict()
             for name in names
         }
     return out

@@ -58,22 +58,34 @@ def _predict_logistic(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1) @ w).argmax(1)
 
 
-def linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
-                 seed: int = 0) -> np.ndarray:
+def linear_probe(
+    train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, seed: int = 0
+) -> np.ndarray:
     """1.0/0.0 per val object: is the logistic-regression prediction right?"""
     xt, xv = standardise(train_x, val_x)
     yt, yv = torch.as_tensor(train_y), torch.as_tensor(val_y)
     classes = int(max(train_y.max(), val_y.max())) + 1
     fit_rows, held = _holdout(len(yt), seed)
-    scores = [(_predict_logistic(_fit_logistic(xt[fit_rows], yt[fit_rows], classes, l2), xt[held]) == yt[held])
-              .double().mean().item() for l2 in L2_GRID]
+    scores = [
+        (_predict_logistic(_fit_logistic(xt[fit_rows], yt[fit_rows], classes, l2), xt[held]) == yt[held])
+        .double()
+        .mean()
+        .item()
+        for l2 in L2_GRID
+    ]
     best = L2_GRID[int(np.argmax(scores))]
     w = _fit_logistic(xt, yt, classes, best)
     return (_predict_logistic(w, xv) == yv).numpy().astype(np.float64)
 
 
-def knn_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
-              k: int = 20, temperature: float = 0.07) -> np.ndarray:
+def knn_probe(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    val_x: np.ndarray,
+    val_y: np.ndarray,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> np.ndarray:
     """1.0/0.0 per val object: is the weighted k-NN vote right?"""
     xt, xv = (F.normalize(t, dim=1) for t in standardise(train_x, val_x))
     classes = int(max(train_y.max(), val_y.max())) + 1
@@ -95,9 +107,16 @@ def _fit_ridge(x: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tenso
     return w, y_mean
 
 
-def localisation_probe(train_x: np.ndarray, train_iou: np.ndarray, train_owner: np.ndarray,
-                       val_x: np.ndarray, val_iou: np.ndarray, val_owner: np.ndarray, n_val_objects: int,
-                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def localisation_probe(
+    train_x: np.ndarray,
+    train_iou: np.ndarray,
+    train_owner: np.ndarray,
+    val_x: np.ndarray,
+    val_iou: np.ndarray,
+    val_owner: np.ndarray,
+    n_val_objects: int,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Ridge regression of IoU from the features of jittered boxes: per val object, the summed
     squared error and the summed squared deviation from the mean IoU (over its boxes)."""
     xt, xv = standardise(train_x, val_x)
@@ -110,14 +129,15 @@ def localisation_probe(train_x: np.ndarray, train_iou: np.ndarray, train_owner: 
     def r2(l2: float) -> float:
         w, b = _fit_ridge(xt[fit_rows], yt[fit_rows], l2)
         pred = xt[held_rows] @ w + b
-        return 1 - ((pred - yt[held_rows]) ** 2).sum().item() / ((yt[held_rows] - yt[held_rows].mean()) ** 2).sum().item()
+        return (
+            1 - ((pred - yt[held_rows]) ** 2).sum().item() / ((yt[held_rows] - yt[held_rows].mean()) ** 2).sum().item()
+        )
 
     best = max((1e-2, 1e-1, 1.0, 10.0), key=r2)
     w, b = _fit_ridge(xt, yt, best)
     err = ((xv @ w + b - yv) ** 2).numpy()
     dev = ((yv - yv.mean()) ** 2).numpy()
-    return (np.bincount(val_owner, err, minlength=n_val_objects),
-            np.bincount(val_owner, dev, minlength=n_val_objects))
+    return (np.bincount(val_owner, err, minlength=n_val_objects), np.bincount(val_owner, dev, minlength=n_val_objects))
 
 
 def retrieval_probe(view_a: np.ndarray, view_b: np.ndarray, valid: np.ndarray, train_x: np.ndarray) -> np.ndarray:

@@ -20,9 +20,11 @@ import sys
 
 SUBCOMMANDS = ("compute", "merge", "import", "export", "info")
 
-_EPILOG = ("Without a sub-command word the arguments are those of `compute` (`soco-det proposals IMAGES -o STORE` "
-           "is `soco-det proposals compute IMAGES -o STORE`). Use `soco-det proposals SUBCOMMAND --help` for its "
-           "options. An interrupted run resumes when rerun with the same command; a finished store is left as it is.")
+_EPILOG = (
+    "Without a sub-command word the arguments are those of `compute` (`soco-det proposals IMAGES -o STORE` "
+    "is `soco-det proposals compute IMAGES -o STORE`). Use `soco-det proposals SUBCOMMAND --help` for its "
+    "options. An interrupted run resumes when rerun with the same command; a finished store is left as it is."
+)
 
 
 class _SubcommandParser(argparse.ArgumentParser):
@@ -45,40 +47,75 @@ def normalize_argv(words: list[str]) -> list[str]:
 
 
 def _add_compute(p: argparse.ArgumentParser) -> None:
-    p.add_argument("images", metavar="IMAGES",
-                   help="folder of images (searched recursively, images inside its .tar/.zip archives included) "
-                        "or one .tar/.zip")
-    p.add_argument("-o", "--output", metavar="STORE", required=True,
-                   help="store folder to write (resumed if it holds partial results)")
-    p.add_argument("--method", default="selective_search",
-                   help="proposal method: selective_search (faithful, official parameters), reference (slow "
-                        "reference), opencv-single|opencv-fast|opencv-quality (needs `pip install soco-det[opencv]`), "
-                        "random (seeded baseline)")
-    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a method parameter, e.g. --param scale=500 (selective search: scale, sigma, "
-                        "min_size; opencv: base_k, inc_k, sigma; random: n, min_size, max_size, ratio, seed)")
+    p.add_argument(
+        "images",
+        metavar="IMAGES",
+        help="folder of images (searched recursively, images inside its .tar/.zip archives included) or one .tar/.zip",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="STORE",
+        required=True,
+        help="store folder to write (resumed if it holds partial results)",
+    )
+    p.add_argument(
+        "--method",
+        default="selective_search",
+        help="proposal method: selective_search (faithful, official parameters), reference (slow "
+        "reference), opencv-single|opencv-fast|opencv-quality (needs `pip install soco-det[opencv]`), "
+        "random (seeded baseline)",
+    )
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a method parameter, e.g. --param scale=500 (selective search: scale, sigma, "
+        "min_size; opencv: base_k, inc_k, sigma; random: n, min_size, max_size, ratio, seed)",
+    )
     p.add_argument("--workers", type=int, default=1, help="worker processes (e.g. the number of CPU cores)")
-    p.add_argument("--max-side", type=int, default=None, metavar="N",
-                   help="run the method on a copy whose longer side is at most N px (faster; rects are mapped back "
-                        "to full resolution). Default: full resolution, as the official proposals")
-    p.add_argument("--shard", default=None, metavar="K/N",
-                   help="compute only shard K of N (K = 0..N-1, e.g. $SLURM_ARRAY_TASK_ID/8) into a partial store; "
-                        "combine the shards with `soco-det proposals merge`")
-    p.add_argument("--filter", default="ratio3size0308post",
-                   help="filter strategy: ratio3size0308post (official), ratio3size0308 (no fallback), ratio3, "
-                        "none (min side 32 only), raw (keep all)")
+    p.add_argument(
+        "--max-side",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run the method on a copy whose longer side is at most N px (faster; rects are mapped back "
+        "to full resolution). Default: full resolution, as the official proposals",
+    )
+    p.add_argument(
+        "--shard",
+        default=None,
+        metavar="K/N",
+        help="compute only shard K of N (K = 0..N-1, e.g. $SLURM_ARRAY_TASK_ID/8) into a partial store; "
+        "combine the shards with `soco-det proposals merge`",
+    )
+    p.add_argument(
+        "--filter",
+        default="ratio3size0308post",
+        help="filter strategy: ratio3size0308post (official), ratio3size0308 (no fallback), ratio3, "
+        "none (min side 32 only), raw (keep all)",
+    )
     p.add_argument("--keep-raw", action="store_true", help="also store the unfiltered rects")
     p.add_argument("--chunk-size", type=int, default=32, help="images per saved chunk (the unit of resumption)")
     _add_decode_options(p)
 
 
 def _add_decode_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--exif-transpose", action="store_true",
-                   help="apply the EXIF orientation before computing (recorded in the store so that training does "
-                        "the same). Default: no transpose, as the official code")
-    p.add_argument("--max-pixels", type=int, default=None, metavar="N",
-                   help="refuse images above N pixels (decompression bombs); default: soco_det.imageio's limit (64 Mpx); "
-                        "0: no limit")
+    p.add_argument(
+        "--exif-transpose",
+        action="store_true",
+        help="apply the EXIF orientation before computing (recorded in the store so that training does "
+        "the same). Default: no transpose, as the official code",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        metavar="N",
+        help="refuse images above N pixels (decompression bombs); default: soco_det.imageio's limit (64 Mpx); "
+        "0: no limit",
+    )
 
 
 def _add_overwrite(p: argparse.ArgumentParser, what: str) -> None:
@@ -103,9 +140,13 @@ def _add_import(p: argparse.ArgumentParser) -> None:
 def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", metavar="STORE", help="store folder")
     p.add_argument("-o", "--output", metavar="FILE.json", required=True, help="JSON file to write")
-    p.add_argument("--format", default="official-json", choices=["official-json", "coco"],
-                   help="official-json: {basename: [[x,y,w,h],...]} (official convention w = max-min); "
-                        "coco: COCO-style images/annotations with bbox = [x, y, w+1, h+1]")
+    p.add_argument(
+        "--format",
+        default="official-json",
+        choices=["official-json", "coco"],
+        help="official-json: {basename: [[x,y,w,h],...]} (official convention w = max-min); "
+        "coco: COCO-style images/annotations with bbox = [x, y, w+1, h+1]",
+    )
     _add_overwrite(p, "file")
 
 
@@ -115,28 +156,41 @@ def _add_info(p: argparse.ArgumentParser) -> None:
 
 # sub-command -> (one-line help, description, option adder)
 _SUBCOMMANDS = {
-    "compute": ("compute (or resume) the store of every image under IMAGES (the default sub-command)",
-                "Compute (or resume) the proposal store of every image under IMAGES. A killed run keeps its finished "
-                "chunks; rerunning the same command computes only the missing images. The word `compute` may be "
-                "left out: `soco-det proposals IMAGES -o STORE`.", _add_compute),
-    "merge": ("combine the partial stores of a --shard K/N job into one store",
-              "Combine the partial stores of a sharded job (--shard K/N, K = 0..N-1) into one store.", _add_merge),
-    "import": ("store the official proposals JSON {basename: [[x,y,w,h],...]}",
-               "Store the official proposals JSON {basename: [[x,y,w,h],...]} for the images under --images; "
-               "unmatched names on either side are reported.", _add_import),
-    "export": ("write a store as the official JSON or as COCO-style JSON",
-               "Write a store as the official JSON or as COCO-style JSON (bbox = [x, y, w+1, h+1]).", _add_export),
-    "info": ("print a store's settings and summary",
-             "Print a store's settings and summary (images, failures, boxes per image, fallbacks, bytes per image).",
-             _add_info),
+    "compute": (
+        "compute (or resume) the store of every image under IMAGES (the default sub-command)",
+        "Compute (or resume) the proposal store of every image under IMAGES. A killed run keeps its finished "
+        "chunks; rerunning the same command computes only the missing images. The word `compute` may be "
+        "left out: `soco-det proposals IMAGES -o STORE`.",
+        _add_compute,
+    ),
+    "merge": (
+        "combine the partial stores of a --shard K/N job into one store",
+        "Combine the partial stores of a sharded job (--shard K/N, K = 0..N-1) into one store.",
+        _add_merge,
+    ),
+    "import": (
+        "store the official proposals JSON {basename: [[x,y,w,h],...]}",
+        "Store the official proposals JSON {basename: [[x,y,w,h],...]} for the images under --images; "
+        "unmatched names on either side are reported.",
+        _add_import,
+    ),
+    "export": (
+        "write a store as the official JSON or as COCO-style JSON",
+        "Write a store as the official JSON or as COCO-style JSON (bbox = [x, y, w+1, h+1]).",
+        _add_export,
+    ),
+    "info": (
+        "print a store's settings and summary",
+        "Print a store's settings and summary (images, failures, boxes per image, fallbacks, bytes per image).",
+        _add_info,
+    ),
 }
 assert tuple(_SUBCOMMANDS) == SUBCOMMANDS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = _EPILOG
-    sub = parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True,
-                                parser_class=_SubcommandParser)
+    sub = parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True, parser_class=_SubcommandParser)
     for name, (help_text, description, add) in _SUBCOMMANDS.items():
         add(sub.add_parser(name, help=help_text, description=description, formatter_class=parser.formatter_class))
 
@@ -162,9 +216,20 @@ def run(args: argparse.Namespace) -> int:
         from soco_det.proposals.runner import compute_store
 
         max_pixels = args.max_pixels if args.max_pixels is not None else DEFAULT_MAX_PIXELS
-        compute_store(args.images, args.output, method=args.method, workers=args.workers, max_side=args.max_side,
-                      shard=args.shard, filter=args.filter, keep_raw=args.keep_raw, params=_parse_params(args.param),
-                      exif_transpose=args.exif_transpose, max_pixels=max_pixels, chunk_size=args.chunk_size)
+        compute_store(
+            args.images,
+            args.output,
+            method=args.method,
+            workers=args.workers,
+            max_side=args.max_side,
+            shard=args.shard,
+            filter=args.filter,
+            keep_raw=args.keep_raw,
+            params=_parse_params(args.param),
+            exif_transpose=args.exif_transpose,
+            max_pixels=max_pixels,
+            chunk_size=args.chunk_size,
+        )
     elif args.subcommand == "merge":
         from soco_det.proposals.runner import merge_stores
 
@@ -173,13 +238,20 @@ def run(args: argparse.Namespace) -> int:
         from soco_det.proposals.interchange import import_official_json
 
         max_pixels = args.max_pixels if args.max_pixels is not None else DEFAULT_MAX_PIXELS
-        import_official_json(args.json_file, args.images, args.output, exif_transpose=args.exif_transpose,
-                             max_pixels=max_pixels, overwrite=args.overwrite)
+        import_official_json(
+            args.json_file,
+            args.images,
+            args.output,
+            exif_transpose=args.exif_transpose,
+            max_pixels=max_pixels,
+            overwrite=args.overwrite,
+        )
     elif args.subcommand == "export":
         from soco_det.proposals.interchange import export_coco, export_official_json
 
-        (export_coco if args.format == "coco" else export_official_json)(args.store, args.output,
-                                                                         overwrite=args.overwrite)
+        (export_coco if args.format == "coco" else export_official_json)(
+            args.store, args.output, overwrite=args.overwrite
+        )
         print(f"wrote {args.output} ({args.format})")
     else:
         from soco_det.proposals.store import ProposalStore, format_summary

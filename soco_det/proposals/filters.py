@@ -33,7 +33,13 @@ STAGE_RATIO = 1  # post fallback 1: aspect ratio + min side, no size limits
 STAGE_MIN_SIDE = 2  # post fallback 2: min side only
 STAGE_EMPTY = 3  # nothing survived any stage: no stored boxes (whole-image box at load time)
 STAGE_NONE = -1  # not filtered (failed image, imported boxes)
-STAGE_NAMES = {STAGE_MAIN: "main", STAGE_RATIO: "ratio", STAGE_MIN_SIDE: "min_side", STAGE_EMPTY: "empty", STAGE_NONE: "n/a"}
+STAGE_NAMES = {
+    STAGE_MAIN: "main",
+    STAGE_RATIO: "ratio",
+    STAGE_MIN_SIDE: "min_side",
+    STAGE_EMPTY: "empty",
+    STAGE_NONE: "n/a",
+}
 
 _STRATEGY = re.compile(r"^ratio(?P<ratio>\d+)(?:size(?P<lo>\d\d)(?P<hi>\d\d))?(?P<post>post)?$")
 

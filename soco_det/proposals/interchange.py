@@ -96,8 +96,10 @@ def import_official_json(
     ambiguous = {s: ps for s, ps in by_stem.items() if len(ps) > 1 and s in data}
     if ambiguous:
         s, ps = next(iter(ambiguous.items()))
-        raise UserError(f"{root}: {len(ambiguous)} basename(s) of {json_file.name} match several images, "
-                        f"e.g. {s!r} -> {ps[:3]}; the official JSON is keyed by basename only")
+        raise UserError(
+            f"{root}: {len(ambiguous)} basename(s) of {json_file.name} match several images, "
+            f"e.g. {s!r} -> {ps[:3]}; the official JSON is keyed by basename only"
+        )
     table = ProposalTable()
     clipped = dropped = 0
     for relpath in relpaths:
@@ -108,7 +110,9 @@ def import_official_json(
             table.append(relpath, (0, 0), STATUS_FAILED, f"unreadable image: {exc}", STAGE_NONE, -1, np.zeros((0, 4)))
             continue
         if key not in data:
-            table.append(relpath, size, STATUS_MISSING, f"no entry in {json_file.name}", STAGE_NONE, -1, np.zeros((0, 4)))
+            table.append(
+                relpath, size, STATUS_MISSING, f"no entry in {json_file.name}", STAGE_NONE, -1, np.zeros((0, 4))
+            )
             continue
         boxes = _parse_rects(data[key], f"{json_file}: entry {key!r}")
         boxes, n_clipped, n_dropped = clip_rects(boxes, *size)
@@ -117,22 +121,52 @@ def import_official_json(
         table.append(relpath, size, STATUS_OK, "", STAGE_NONE, -1, boxes)
     unmatched = sorted(set(data) - set(by_stem))
     if unmatched:
-        log.warning("%d of %d entries of %s match no image under %s, e.g. %s", len(unmatched), len(data),
-                    json_file.name, root, unmatched[:5])
+        log.warning(
+            "%d of %d entries of %s match no image under %s, e.g. %s",
+            len(unmatched),
+            len(data),
+            json_file.name,
+            root,
+            unmatched[:5],
+        )
     n_missing = table.status.count(STATUS_MISSING)
     if n_missing:
-        log.warning("%d of %d images under %s have no entry in %s (stored without proposals, status 'missing')",
-                    n_missing, len(relpaths), root, json_file.name)
-    meta = {"method": "imported", "params": {"source": str(json_file.resolve())}, "filter": "imported",
-            "max_side": None, "exif_transpose": bool(exif_transpose), "keep_raw": False,
-            "max_pixels": int(max_pixels) if max_pixels else None, "root": str(root), "shard": None}
+        log.warning(
+            "%d of %d images under %s have no entry in %s (stored without proposals, status 'missing')",
+            n_missing,
+            len(relpaths),
+            root,
+            json_file.name,
+        )
+    meta = {
+        "method": "imported",
+        "params": {"source": str(json_file.resolve())},
+        "filter": "imported",
+        "max_side": None,
+        "exif_transpose": bool(exif_transpose),
+        "keep_raw": False,
+        "max_pixels": int(max_pixels) if max_pixels else None,
+        "root": str(root),
+        "shard": None,
+    }
     if clipped or dropped:
-        log.warning("%s: clipped %d rect(s) that reached outside their image, dropped %d with a negative side or "
-                    "wholly outside it", json_file.name, clipped, dropped)
-    extra = {"unmatched_entries": len(unmatched), "unmatched_examples": unmatched[:20],
-             "import_clipped": clipped, "import_dropped": dropped}
+        log.warning(
+            "%s: clipped %d rect(s) that reached outside their image, dropped %d with a negative side or "
+            "wholly outside it",
+            json_file.name,
+            clipped,
+            dropped,
+        )
+    extra = {
+        "unmatched_entries": len(unmatched),
+        "unmatched_examples": unmatched[:20],
+        "import_clipped": clipped,
+        "import_dropped": dropped,
+    }
     write_store(out, table, meta, extra)
-    log.info("imported %s into %s\n%s", json_file, out, format_summary(json.loads((Path(out) / "summary.json").read_text())))
+    log.info(
+        "imported %s into %s\n%s", json_file, out, format_summary(json.loads((Path(out) / "summary.json").read_text()))
+    )
     return Path(out)
 
 
@@ -178,8 +212,10 @@ def export_official_json(store: str | Path | ProposalStore, out: str | Path, ove
     for i, relpath in enumerate(st.paths):
         key = _stem(relpath)
         if key in result:
-            raise UserError(f"{st.path}: two images share the basename {key!r}, which the official JSON cannot "
-                            "tell apart; use --format coco")
+            raise UserError(
+                f"{st.path}: two images share the basename {key!r}, which the official JSON cannot "
+                "tell apart; use --format coco"
+            )
         result[key] = st.boxes(i).tolist()
     atomic_write_json(out, result)
     return Path(out)
@@ -199,14 +235,23 @@ def export_coco(store: str | Path | ProposalStore, out: str | Path, overwrite: b
         image_id = i + 1
         images.append({"id": image_id, "file_name": relpath, "width": w_img, "height": h_img})
         for j, (x, y, w, h) in enumerate(st.boxes(i).tolist()):
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": image_id, "category_id": 1,
-                "bbox": [x, y, w + 1, h + 1], "area": (w + 1) * (h + 1), "iscrowd": 0, "proposal_index": j,
-            })
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": 1,
+                    "bbox": [x, y, w + 1, h + 1],
+                    "area": (w + 1) * (h + 1),
+                    "iscrowd": 0,
+                    "proposal_index": j,
+                }
+            )
     coco = {
-        "info": {"description": f"soco-det proposals from {st.path}", "box_convention":
-                 "bbox = [x, y, w + 1, h + 1] of the official rect (x, y, w = max_x - min_x, h = max_y - min_y)",
-                 **{k: v for k, v in st.settings().items()}},
+        "info": {
+            "description": f"soco-det proposals from {st.path}",
+            "box_convention": "bbox = [x, y, w + 1, h + 1] of the official rect (x, y, w = max_x - min_x, h = max_y - min_y)",
+            **{k: v for k, v in st.settings().items()},
+        },
         "images": images,
         "annotations": annotations,
         "categories": [{"id": 1, "name": "proposal", "supercategory": "proposal"}],

@@ -69,7 +69,13 @@ def resolve_params(name: str, params: dict | None = None) -> dict:
         else:
             ok = True
         if not ok:
-            kind = "true/false" if isinstance(default, bool) else "a whole number" if isinstance(default, int) else "a number"
+            kind = (
+                "true/false"
+                if isinstance(default, bool)
+                else "a whole number"
+                if isinstance(default, int)
+                else "a number"
+            )
             raise UserError(f"proposal method {name!r}: parameter {key}={value!r} must be {kind} (default {default!r})")
         if isinstance(default, int) and not isinstance(default, bool):
             params[key] = int(value)
@@ -138,8 +144,11 @@ def _opencv(image: np.ndarray, params: dict) -> np.ndarray:
 def _opencv_method(strategy: str) -> Method:
     # OpenCV's own defaults for each strategy (base_k=150/200, inc_k=150, sigma=0.8).
     base_k = 200 if strategy == "single" else 150
-    return Method(_opencv, {"strategy": strategy, "base_k": base_k, "inc_k": 150, "sigma": 0.8},
-                  f"OpenCV ximgproc selective search, {strategy} strategy (needs the opencv extra)")
+    return Method(
+        _opencv,
+        {"strategy": strategy, "base_k": base_k, "inc_k": 150, "sigma": 0.8},
+        f"OpenCV ximgproc selective search, {strategy} strategy (needs the opencv extra)",
+    )
 
 
 # --- random boxes ------------------------------------------------------------------------------
@@ -161,13 +170,21 @@ def _random(image: np.ndarray, params: dict) -> np.ndarray:
     return _as_rects(np.stack([x, y, w - 1, h - 1], axis=1))  # pixel counts -> max - min
 
 
-register_method("selective_search", _selective_search, _SS_DEFAULTS,
-                "faithful fast re-implementation of the official selective search (default)")
+register_method(
+    "selective_search",
+    _selective_search,
+    _SS_DEFAULTS,
+    "faithful fast re-implementation of the official selective search (default)",
+)
 register_method("reference", _reference, _SS_DEFAULTS, "slow reference selective search (same output, for checks)")
 for _strategy in ("single", "fast", "quality"):
     METHODS[f"opencv-{_strategy}"] = _opencv_method(_strategy)
-register_method("random", _random, {"n": 200, "min_size": 0.1, "max_size": 0.9, "ratio": 3.0, "seed": 0},
-                "seeded random boxes (a baseline)")
+register_method(
+    "random",
+    _random,
+    {"n": 200, "min_size": 0.1, "max_size": 0.9, "ratio": 3.0, "seed": 0},
+    "seeded random boxes (a baseline)",
+)
 
 
 # --- reduced resolution ------------------------------------------------------------------------

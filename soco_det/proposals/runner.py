@@ -90,7 +90,9 @@ def process_image(root: str, relpath: str, settings: dict[str, Any]) -> tuple:
     spec = parse_filter(settings["filter"])
     empty = np.zeros((0, 4), np.int32)
     try:
-        img = load_rgb(Path(root) / relpath, exif_transpose=settings["exif_transpose"], max_pixels=settings["max_pixels"])
+        img = load_rgb(
+            Path(root) / relpath, exif_transpose=settings["exif_transpose"], max_pixels=settings["max_pixels"]
+        )
     except ImageError as exc:
         return relpath, (0, 0), STATUS_FAILED, exc.reason, STAGE_NONE, 0, empty, empty
     except MemoryError:
@@ -161,8 +163,10 @@ def _check_settings(where: Path, recorded: dict[str, Any], settings: dict[str, A
     diff = [k for k in _SETTING_KEYS if recorded.get(k) != settings.get(k)]
     if diff:
         detail = ", ".join(f"{k}: {recorded.get(k)!r} there, {settings.get(k)!r} now" for k in diff)
-        raise UserError(f"{where} was computed with other settings ({detail}); use another output folder, "
-                        "or delete it to start again")
+        raise UserError(
+            f"{where} was computed with other settings ({detail}); use another output folder, "
+            "or delete it to start again"
+        )
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -178,8 +182,9 @@ def _exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def _run_chunks(tasks: list[tuple[str, list[str]]], root: str, settings: dict[str, Any], workers: int,
-                bar: Progress) -> dict[str, int]:
+def _run_chunks(
+    tasks: list[tuple[str, list[str]]], root: str, settings: dict[str, Any], workers: int, bar: Progress
+) -> dict[str, int]:
     """Run chunk tasks in-process (``workers <= 1``) or in a pool of spawned processes. A pool
     broken by a dead worker is restarted for the chunks that have no file yet."""
     stats = {"images": 0, "failed": 0}
@@ -204,8 +209,12 @@ def _run_chunks(tasks: list[tuple[str, list[str]]], root: str, settings: dict[st
     ctx = multiprocessing.get_context("spawn")  # safe with threads (torch, OpenCV) and on every OS
     while pending:
         try:
-            with _single_threaded_children(), ProcessPoolExecutor(
-                    max_workers=workers, mp_context=ctx, initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
+            with (
+                _single_threaded_children(),
+                ProcessPoolExecutor(
+                    max_workers=workers, mp_context=ctx, initializer=_exit_with_parent, initargs=(os.getpid(),)
+                ) as pool,
+            ):
                 futures = [pool.submit(compute_chunk, f, root, r, settings) for f, r in pending]
                 for future in as_completed(futures):
                     done(future.result())
@@ -218,8 +227,11 @@ def _run_chunks(tasks: list[tuple[str, list[str]]], root: str, settings: dict[st
                     f"worker processes died {restarts} times (killed, or out of memory?); the finished images are "
                     f"saved - rerun the same command to resume (with fewer --workers or a --max-side if memory is short)"
                 ) from None
-            log.warning("a worker process died (killed or out of memory?); restarting the pool for the %d unfinished "
-                        "chunks (finished chunks are kept)", len(pending))
+            log.warning(
+                "a worker process died (killed or out of memory?); restarting the pool for the %d unfinished "
+                "chunks (finished chunks are kept)",
+                len(pending),
+            )
     return stats
 
 
@@ -308,8 +320,10 @@ def _read_settings(parts: Path, settings: dict[str, Any]) -> None:
                 raise ValueError("not a JSON object")
         except (OSError, ValueError) as exc:
             if any(parts.glob("chunk_*.npz")):
-                raise UserError(f"{settings_file}: unreadable ({exc}), so the partial results next to it cannot be "
-                                f"checked against the settings; delete {parts} to start again") from None
+                raise UserError(
+                    f"{settings_file}: unreadable ({exc}), so the partial results next to it cannot be "
+                    f"checked against the settings; delete {parts} to start again"
+                ) from None
             log.warning("%s was unreadable (%s) and there are no partial results: rewriting it", settings_file, exc)
         else:
             _check_settings(parts, recorded, settings)
@@ -317,9 +331,19 @@ def _read_settings(parts: Path, settings: dict[str, Any]) -> None:
     atomic_write_json(settings_file, settings, indent=1)
 
 
-def _compute(out: Path, parts: Path, root: Path, relpaths: list[str], settings: dict[str, Any],
-             sources: list[ProposalTable], workers: int, chunk_size: int, keep_raw: bool, keep_parts: bool,
-             t0: float) -> Path:
+def _compute(
+    out: Path,
+    parts: Path,
+    root: Path,
+    relpaths: list[str],
+    settings: dict[str, Any],
+    sources: list[ProposalTable],
+    workers: int,
+    chunk_size: int,
+    keep_raw: bool,
+    keep_parts: bool,
+    t0: float,
+) -> Path:
     _read_settings(parts, settings)
     tables, next_id = _load_parts(parts)
     sources += tables
@@ -329,8 +353,10 @@ def _compute(out: Path, parts: Path, root: Path, relpaths: list[str], settings: 
     if reused:
         log.info("resuming: %d of %d images already done, computing %d", reused, len(relpaths), len(todo))
 
-    tasks = [(str(parts / f"chunk_{next_id + i:06d}.npz"), todo[s:s + chunk_size])
-             for i, s in enumerate(range(0, len(todo), chunk_size))]
+    tasks = [
+        (str(parts / f"chunk_{next_id + i:06d}.npz"), todo[s : s + chunk_size])
+        for i, s in enumerate(range(0, len(todo), chunk_size))
+    ]
     t_run = time.perf_counter()
     with Progress(total=len(todo), desc="proposals", unit="img") as bar:
         _run_chunks(tasks, str(root), settings, workers, bar)
@@ -339,8 +365,13 @@ def _compute(out: Path, parts: Path, root: Path, relpaths: list[str], settings: 
     # Everything is on disk now: assemble the store in sorted-path order.
     tables, _ = _load_parts(parts)
     table = ProposalTable.concat(sources + tables).reordered(relpaths, keep_raw=keep_raw)
-    extra = {"computed": len(todo), "reused": reused, "workers": workers, "seconds": round(time.perf_counter() - t0, 2),
-             "images_per_s": round(len(todo) / run_s, 3) if todo and run_s > 0 else None}
+    extra = {
+        "computed": len(todo),
+        "reused": reused,
+        "workers": workers,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "images_per_s": round(len(todo) / run_s, 3) if todo and run_s > 0 else None,
+    }
     write_store(out, table, settings, extra)
     if not keep_parts:
         shutil.rmtree(parts, ignore_errors=True)
@@ -348,8 +379,9 @@ def _compute(out: Path, parts: Path, root: Path, relpaths: list[str], settings: 
     return out
 
 
-def merge_stores(shards: Sequence[str | Path], out: str | Path, allow_missing: bool = False,
-                 overwrite: bool = False) -> Path:
+def merge_stores(
+    shards: Sequence[str | Path], out: str | Path, allow_missing: bool = False, overwrite: bool = False
+) -> Path:
     """Combine the partial stores of a sharded job (``--shard K/N``, K = 0..N-1) into one store.
     An existing store at ``out`` is replaced only with ``overwrite``."""
     if not shards:
@@ -373,8 +405,10 @@ def merge_stores(shards: Sequence[str | Path], out: str | Path, allow_missing: b
     if n_shards is not None and not allow_missing:
         missing = sorted(set(range(n_shards)) - set(seen))
         if missing:
-            raise UserError(f"merge: missing shard(s) {', '.join(f'{k}/{n_shards}' for k in missing)} "
-                            "(pass --allow-missing to merge anyway)")
+            raise UserError(
+                f"merge: missing shard(s) {', '.join(f'{k}/{n_shards}' for k in missing)} "
+                "(pass --allow-missing to merge anyway)"
+            )
     table = ProposalTable.concat([st.table() for st in stores])
     paths = sorted(table.paths)
     dupes = sorted({p for p, q in zip(paths, paths[1:]) if p == q})
@@ -383,5 +417,10 @@ def merge_stores(shards: Sequence[str | Path], out: str | Path, allow_missing: b
     table = table.reordered(paths)
     meta = {**base, "shard": None, "merged_from": [str(Path(s)) for s in shards]}
     write_store(out, table, meta)
-    log.info("merged %d stores into %s\n%s", len(stores), out, format_summary(json.loads((Path(out) / "summary.json").read_text())))
+    log.info(
+        "merged %d stores into %s\n%s",
+        len(stores),
+        out,
+        format_summary(json.loads((Path(out) / "summary.json").read_text())),
+    )
     return Path(out)

@@ -133,9 +133,9 @@ def _lbp_planes_kernel(padded, col_shift, col_frac, col_whole, row_low, row_frac
                     # ceil() of the column: the next one, or the same where the position is whole.
                     step = 1 if col_whole[i] == 0 else 0
                     top_left = img[r0, shift:]
-                    top_right = img[r0, shift + step:]
+                    top_right = img[r0, shift + step :]
                     bottom_left = img[r1, shift:]
-                    bottom_right = img[r1, shift + step:]
+                    bottom_right = img[r1, shift + step :]
                     for c in range(width):
                         dc = dcs[c]
                         top = (1 - dc) * top_left[c] + dc * top_right[c]

@@ -74,8 +74,17 @@ class ProposalTable:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def append(self, path: str, size: tuple[int, int], status: int, reason: str, stage: int, raw_count: int,
-               boxes: np.ndarray, raw: np.ndarray | None = None) -> None:
+    def append(
+        self,
+        path: str,
+        size: tuple[int, int],
+        status: int,
+        reason: str,
+        stage: int,
+        raw_count: int,
+        boxes: np.ndarray,
+        raw: np.ndarray | None = None,
+    ) -> None:
         self.paths.append(path)
         self.sizes.append((int(size[0]), int(size[1])))
         self.status.append(int(status))
@@ -125,9 +134,17 @@ class ProposalTable:
         keep_raw = "raw_boxes" in a
         t = ProposalTable(raw_boxes=[] if keep_raw else None)
         for i, p in enumerate(a["paths"].tolist()):
-            raw = a["raw_boxes"][a["raw_offsets"][i]:a["raw_offsets"][i + 1]] if keep_raw else None
-            t.append(p, tuple(a["sizes"][i]), a["status"][i], str(a["reasons"][i]), a["stage"][i],
-                     a["raw_counts"][i], a["boxes"][a["offsets"][i]:a["offsets"][i + 1]], raw)
+            raw = a["raw_boxes"][a["raw_offsets"][i] : a["raw_offsets"][i + 1]] if keep_raw else None
+            t.append(
+                p,
+                tuple(a["sizes"][i]),
+                a["status"][i],
+                str(a["reasons"][i]),
+                a["stage"][i],
+                a["raw_counts"][i],
+                a["boxes"][a["offsets"][i] : a["offsets"][i + 1]],
+                raw,
+            )
         return t
 
 
@@ -178,7 +195,11 @@ def summarize(table: ProposalTable, store_bytes: int | None = None) -> dict[str,
     stage = np.asarray(table.stage, np.int8)[ok]
 
     def stats(v: np.ndarray) -> dict[str, float]:
-        return {"mean": round(float(v.mean()), 2), "median": float(np.median(v))} if len(v) else {"mean": 0.0, "median": 0.0}
+        return (
+            {"mean": round(float(v.mean()), 2), "median": float(np.median(v))}
+            if len(v)
+            else {"mean": 0.0, "median": 0.0}
+        )
 
     out = {
         "images": n,
@@ -200,7 +221,9 @@ def summarize(table: ProposalTable, store_bytes: int | None = None) -> dict[str,
 def format_summary(s: dict[str, Any], max_failures: int = 20) -> str:
     """A few human-readable lines for the log / ``soco-det proposals info``."""
     lines = [
-        f"images: {s['images']} (ok {s['ok']}, failed {s['failed']}" + (f", missing {s['missing']}" if s.get("missing") else "") + ")",
+        f"images: {s['images']} (ok {s['ok']}, failed {s['failed']}"
+        + (f", missing {s['missing']}" if s.get("missing") else "")
+        + ")",
         f"boxes per image before filtering: mean {s['raw_boxes_per_image']['mean']}, median {s['raw_boxes_per_image']['median']}",
         f"boxes per image after filtering:  mean {s['boxes_per_image']['mean']}, median {s['boxes_per_image']['median']}",
         "filter stage per image: " + ", ".join(f"{k} {v}" for k, v in s["stages"].items()),
@@ -208,8 +231,10 @@ def format_summary(s: dict[str, Any], max_failures: int = 20) -> str:
     if "bytes_per_image" in s:
         lines.append(f"store: {s['store_bytes']} bytes, {s['bytes_per_image']} bytes per image")
     if "computed" in s:
-        lines.append(f"this run: computed {s['computed']} images, reused {s['reused']}"
-                     + (f", {s['images_per_s']} images/s" if s.get("images_per_s") else ""))
+        lines.append(
+            f"this run: computed {s['computed']} images, reused {s['reused']}"
+            + (f", {s['images_per_s']} images/s" if s.get("images_per_s") else "")
+        )
     for i, (p, r) in enumerate(s["failures"].items()):
         if i == max_failures:
             lines.append(f"  ... and {len(s['failures']) - max_failures} more (see failures.json)")
@@ -246,11 +271,14 @@ def check_new_output(out: str | Path, overwrite: bool, what: str = "proposal sto
         entries = [e.name for e in out.iterdir()]
         if (out / "meta.json").is_file() or (out / "parts").is_dir():
             if not overwrite:
-                raise UserError(f"{out}: a proposal store is already there; pass --overwrite to replace it, "
-                                "or choose another -o")
+                raise UserError(
+                    f"{out}: a proposal store is already there; pass --overwrite to replace it, or choose another -o"
+                )
         elif entries:
-            raise UserError(f"{out}: folder is not empty ({len(entries)} entries, e.g. {sorted(entries)[0]!r}) and "
-                            f"is not a proposal store; choose another -o")
+            raise UserError(
+                f"{out}: folder is not empty ({len(entries)} entries, e.g. {sorted(entries)[0]!r}) and "
+                f"is not a proposal store; choose another -o"
+            )
     for parent in out.parents:
         if parent.exists():
             if not parent.is_dir():
@@ -298,8 +326,14 @@ def write_store(out: str | Path, table: ProposalTable, meta: dict[str, Any], ext
     summary.update(extra_summary or {})
     atomic_write_json(out / "summary.json", summary, indent=1)
     files = [f"{name}.npy" for name in arrays] + ["failures.json", "summary.json"]
-    meta = {**meta, "format": FORMAT, "n_images": len(table), "keep_raw": table.raw_boxes is not None,
-            "images_sha1": paths_digest(table.paths), "checksums": {f: file_checksum(out / f) for f in files}}
+    meta = {
+        **meta,
+        "format": FORMAT,
+        "n_images": len(table),
+        "keep_raw": table.raw_boxes is not None,
+        "images_sha1": paths_digest(table.paths),
+        "checksums": {f: file_checksum(out / f) for f in files},
+    }
     atomic_write_json(out / "meta.json", meta, indent=1)
     return out
 
@@ -327,7 +361,7 @@ class _PathList(Sequence):
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(i)
-        return bytes(self._blob[self._offsets[i]:self._offsets[i + 1]]).decode("utf-8")
+        return bytes(self._blob[self._offsets[i] : self._offsets[i + 1]]).decode("utf-8")
 
 
 class ProposalStore:
@@ -381,8 +415,10 @@ class ProposalStore:
                 if _VERIFIED.get(key) != want:
                     got = file_checksum(file) if st.st_size == want.get("size") else {"size": st.st_size}
                     if got != want:
-                        raise self.damaged(f"{name} differs from the file that was written "
-                                           f"({'size' if got.get('size') != want.get('size') else 'CRC32'} mismatch)")
+                        raise self.damaged(
+                            f"{name} differs from the file that was written "
+                            f"({'size' if got.get('size') != want.get('size') else 'CRC32'} mismatch)"
+                        )
                     _VERIFIED[key] = want
             except OSError as exc:
                 raise self.damaged(f"{name}: {exc.strerror}") from exc
@@ -430,8 +466,10 @@ class ProposalStore:
         meta_path = path / "meta.json"
         if not meta_path.is_file():
             if (path / "parts").is_dir():
-                raise UserError(f"{path}: proposal run is not finished (only partial results in parts/); rerun the same "
-                                "`soco-det proposals` command to resume it")
+                raise UserError(
+                    f"{path}: proposal run is not finished (only partial results in parts/); rerun the same "
+                    "`soco-det proposals` command to resume it"
+                )
             raise UserError(f"{path}: not a proposal store (no meta.json)")
         try:
             meta = json.loads(meta_path.read_text())
@@ -483,14 +521,14 @@ class ProposalStore:
     def boxes(self, i: int) -> np.ndarray:
         """Filtered rects of image ``i``: ``int32 [n, 4]`` ``(x, y, w, h)``, official convention."""
         o = self._a["offsets"]
-        return np.asarray(self._a["boxes"][o[i]:o[i + 1]])
+        return np.asarray(self._a["boxes"][o[i] : o[i + 1]])
 
     def raw_boxes(self, i: int) -> np.ndarray:
         """Unfiltered rects of image ``i`` (only in stores computed with ``keep_raw``)."""
         if not self.meta.get("keep_raw"):
             raise UserError(f"{self.path}: raw boxes were not kept (compute with --keep-raw)")
         o = self._a["raw_offsets"]
-        return np.asarray(self._a["raw_boxes"][o[i]:o[i + 1]])
+        return np.asarray(self._a["raw_boxes"][o[i] : o[i + 1]])
 
     def status(self, i: int) -> str:
         """``"ok"``, ``"failed"`` (unreadable image: see :meth:`reason`) or ``"missing"``."""
@@ -536,12 +574,19 @@ class ProposalStore:
         t = ProposalTable(raw_boxes=[] if keep_raw else None)
         sizes, status, stage, raw_counts = (np.asarray(self._a[k]) for k in ("sizes", "status", "stage", "raw_counts"))
         for i in range(len(self)):
-            t.append(self._paths[i], tuple(sizes[i]), status[i], self.reason(i) if status[i] else "",
-                     stage[i], raw_counts[i], self.boxes(i), self.raw_boxes(i) if keep_raw else None)
+            t.append(
+                self._paths[i],
+                tuple(sizes[i]),
+                status[i],
+                self.reason(i) if status[i] else "",
+                stage[i],
+                raw_counts[i],
+                self.boxes(i),
+                self.raw_boxes(i) if keep_raw else None,
+            )
         return t
 
 
 def store_bytes(path: str | Path) -> int:
     """Total size of a store folder's files (without a leftover ``parts/``)."""
     return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file())
-

@@ -13,8 +13,12 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("store", metavar="STORE", help="proposal store folder")
-    parser.add_argument("--image", required=True, metavar="NAME",
-                        help="relative path in the store, a basename (with or without extension) or an index")
+    parser.add_argument(
+        "--image",
+        required=True,
+        metavar="NAME",
+        help="relative path in the store, a basename (with or without extension) or an index",
+    )
     parser.add_argument("-o", "--output", required=True, metavar="PNG", help="picture to write")
     parser.add_argument("--raw", action="store_true", help="draw the unfiltered rects (store computed with --keep-raw)")
     parser.add_argument("--max-boxes", type=int, default=200, help="draw at most this many rects")
@@ -35,8 +39,12 @@ def find_image(store, name: str) -> int:
     if len(matches) == 1:
         return matches[0]
     if matches:
-        raise UserError(f"--image {name!r} matches {len(matches)} images, e.g. {store.paths[matches[0]]}; give the relative path")
-    raise UserError(f"--image {name!r} is not in {store.path} ({len(store)} images, e.g. {store.paths[0] if len(store) else '-'})")
+        raise UserError(
+            f"--image {name!r} matches {len(matches)} images, e.g. {store.paths[matches[0]]}; give the relative path"
+        )
+    raise UserError(
+        f"--image {name!r} is not in {store.path} ({len(store)} images, e.g. {store.paths[0] if len(store) else '-'})"
+    )
 
 
 def draw_proposals(image, rects, width: int = 2):
@@ -62,11 +70,18 @@ def run(args: argparse.Namespace) -> int:
     store = ProposalStore.open(args.store, root=args.root)
     i = find_image(store, args.image)
     rects = store.raw_boxes(i) if args.raw else store.boxes(i)
-    image = load_rgb(Path(store.root) / store.paths[i], exif_transpose=store.exif_transpose,
-                     max_pixels=store.meta.get("max_pixels"))
+    image = load_rgb(
+        Path(store.root) / store.paths[i], exif_transpose=store.exif_transpose, max_pixels=store.meta.get("max_pixels")
+    )
     out = draw_proposals(image, rects[: args.max_boxes])
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     out.save(args.output)
-    get_logger(__name__).info("%s: %d %s proposals (stage %s) -> %s", store.paths[i], len(rects),
-                              "raw" if args.raw else "filtered", store.stage(i), args.output)
+    get_logger(__name__).info(
+        "%s: %d %s proposals (stage %s) -> %s",
+        store.paths[i],
+        len(rects),
+        "raw" if args.raw else "filtered",
+        store.stage(i),
+        args.output,
+    )
     return 0

@@ -144,5 +144,10 @@ def _warn_stale(folder: Path, count: int) -> None:
     """A previous run with more scenes leaves images the new JSON does not list; say so."""
     stale = [p.name for p in folder.glob("*.jpg") if p.stem.isdigit() and int(p.stem) >= count]
     if stale:
-        log.warning("%s holds %d image(s) from an earlier, larger run (e.g. %s) that %s.json does not list",
-                    folder, len(stale), sorted(stale)[0], folder.name)
+        log.warning(
+            "%s holds %d image(s) from an earlier, larger run (e.g. %s) that %s.json does not list",
+            folder,
+            len(stale),
+            sorted(stale)[0],
+            folder.name,
+        )

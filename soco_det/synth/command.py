@@ -14,18 +14,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unlabeled", type=int, default=200, help="scenes in the unlabeled split (pretraining)")
     parser.add_argument("--train", type=int, default=50, help="scenes in the labeled train split (fine-tuning)")
     parser.add_argument("--val", type=int, default=50, help="scenes in the labeled val split (evaluation)")
-    parser.add_argument("--size", type=int, default=256, help="short side of every scene in pixels (>= 64); "
-                        "the long side follows a random aspect in 3:4..4:3")
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=256,
+        help="short side of every scene in pixels (>= 64); the long side follows a random aspect in 3:4..4:3",
+    )
     parser.add_argument("--seed", type=int, default=0, help="same seed -> same bytes")
-    parser.add_argument("--workers", type=int, default=1, help="processes rendering scenes (does not change the output)")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="processes rendering scenes (does not change the output)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from soco_det.logs import get_logger
     from soco_det.synth import generate
 
-    paths = generate(args.out, n_unlabeled=args.unlabeled, n_train=args.train, n_val=args.val,
-                     short_side=args.size, seed=args.seed, workers=args.workers)
+    paths = generate(
+        args.out,
+        n_unlabeled=args.unlabeled,
+        n_train=args.train,
+        n_val=args.val,
+        short_side=args.size,
+        seed=args.seed,
+        workers=args.workers,
+    )
     log = get_logger(__name__)
     for key, path in paths.items():
         log.info("%s: %s", key, path)

@@ -138,8 +138,9 @@ def compose_scene(rng: np.random.Generator, short_side: int = 256) -> Scene:
         if not mask.any():
             continue
         look = object_appearance(rng, cls)
-        texture, _ = sample_texture(rng, y1 - y0, x1 - x0, exclude=background_sources, sources=look.photos,
-                                    prior=look.colour)
+        texture, _ = sample_texture(
+            rng, y1 - y0, x1 - x0, exclude=background_sources, sources=look.photos, prior=look.colour
+        )
         image[y0:y1, x0:x1][mask] = texture[mask]
         owner[y0:y1, x0:x1][mask] = k
         drawn.append((k, cls, window, int(mask.sum())))

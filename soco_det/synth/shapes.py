@@ -124,7 +124,9 @@ class Placement:
     squash_v: float = 1.0
 
 
-def rasterize(shape: ShapeClass, place: Placement, width: int, height: int) -> tuple[tuple[int, int, int, int], np.ndarray]:
+def rasterize(
+    shape: ShapeClass, place: Placement, width: int, height: int
+) -> tuple[tuple[int, int, int, int], np.ndarray]:
     """Rasterise one object into an image of ``width x height`` pixels.
 
     Returns ``((x0, y0, x1, y1), mask)``: the object's bounding square clipped to the image, as

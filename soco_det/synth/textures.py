@@ -18,8 +18,21 @@ from PIL import Image
 # Bundled scikit-image photographs (colour first). Synthetic images (colorwheel, checkerboard, ...)
 # and the data that needs a download (eagle, lily, skin, ...) are left out on purpose.
 PHOTOS: tuple[str, ...] = (
-    "astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
-    "camera", "coins", "brick", "grass", "gravel", "moon", "cell", "clock",
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "camera",
+    "coins",
+    "brick",
+    "grass",
+    "gravel",
+    "moon",
+    "cell",
+    "clock",
 )
 
 # Larger photos are shrunk at load so that crops stay cheap; 512 keeps plenty of detail for 256 px scenes.

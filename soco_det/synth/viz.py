@@ -14,8 +14,16 @@ from soco_det.errors import UserError
 
 # tab10, so neighbouring category ids get clearly different colours
 PALETTE = (
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
 )
 TILE_MAX_SIDE = 320
 COLUMNS = 3
@@ -108,11 +116,19 @@ def render_scenes(coco_json: str | Path, images_dir: str | Path, out_png: str | 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", help="a `soco-det synth` output folder, or a COCO JSON file")
-    parser.add_argument("--split", default="train", choices=["unlabeled", "train", "val"],
-                        help="split to draw when DATA is a synth folder")
-    parser.add_argument("--images", default=None, metavar="DIR",
-                        help="images folder the JSON's file_name values are relative to "
-                             "(default: DATA/images, or the JSON's folder/images)")
+    parser.add_argument(
+        "--split",
+        default="train",
+        choices=["unlabeled", "train", "val"],
+        help="split to draw when DATA is a synth folder",
+    )
+    parser.add_argument(
+        "--images",
+        default=None,
+        metavar="DIR",
+        help="images folder the JSON's file_name values are relative to "
+        "(default: DATA/images, or the JSON's folder/images)",
+    )
     parser.add_argument("-n", "--num", type=int, default=6, help="number of scenes to draw")
     parser.add_argument("-o", "--out", default="scenes.png", metavar="PNG", help="output picture")
 

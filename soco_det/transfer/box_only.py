@@ -38,8 +38,10 @@ def annotation_kind(dataset: Any) -> str:
     if with_seg == len(anns):
         return "masks"
     if with_seg == 0:
-        log.info("%s: no annotation has a segmentation: fine-tuning a box-only Faster R-CNN (bbox AP only)",
-                 dataset.json_path)
+        log.info(
+            "%s: no annotation has a segmentation: fine-tuning a box-only Faster R-CNN (bbox AP only)",
+            dataset.json_path,
+        )
         return "boxes"
     raise UserError(
         f"{dataset.json_path}: {with_seg} of {len(anns)} annotations have a segmentation and "

@@ -107,8 +107,10 @@ def validate_coco(path: Path, data: dict[str, Any]) -> dict[str, int]:
         if img["id"] in sizes:
             raise UserError(f"{entry('image', i, img)}: image id {img['id']} is listed twice (one image would be lost)")
         if not (_is_number(img["width"]) and _is_number(img["height"]) and img["width"] >= 1 and img["height"] >= 1):
-            raise UserError(f"{entry('image', i, img)}: width/height must be positive numbers, "
-                            f"got {img['width']!r} x {img['height']!r}")
+            raise UserError(
+                f"{entry('image', i, img)}: width/height must be positive numbers, "
+                f"got {img['width']!r} x {img['height']!r}"
+            )
         if not isinstance(img["file_name"], str):
             raise UserError(f"{entry('image', i, img)}: 'file_name' must be a string")
         check_relative_path(img["file_name"], f"{entry('image', i, img)}")
@@ -126,10 +128,14 @@ def validate_coco(path: Path, data: dict[str, Any]) -> dict[str, int]:
         ann_ids.add(ann["id"])
         bbox = ann["bbox"]
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-            raise UserError(f"{entry('annotation', i, ann)}: 'bbox' must be [x, y, width, height] numbers, got {bbox!r}")
+            raise UserError(
+                f"{entry('annotation', i, ann)}: 'bbox' must be [x, y, width, height] numbers, got {bbox!r}"
+            )
         if ann["category_id"] not in categories:
-            raise UserError(f"{entry('annotation', i, ann)}: category_id {ann['category_id']!r} is not in 'categories' "
-                            f"(ids {sorted(categories)[:10]})")
+            raise UserError(
+                f"{entry('annotation', i, ann)}: category_id {ann['category_id']!r} is not in 'categories' "
+                f"(ids {sorted(categories)[:10]})"
+            )
         if ann["image_id"] not in sizes:
             report["orphans"] += 1
             continue
@@ -147,7 +153,12 @@ def validate_coco(path: Path, data: dict[str, Any]) -> dict[str, int]:
         log.warning(
             "%s: dropped %d annotation(s) of images that are not listed; %d box(es) with a negative or empty side and "
             "%d wholly outside their image are not used; %d box(es) reaching outside their image are clipped to it",
-            path, report["orphans"], report["degenerate"], report["outside"], report["clipped"])
+            path,
+            report["orphans"],
+            report["degenerate"],
+            report["outside"],
+            report["clipped"],
+        )
     return report
 
 
@@ -264,7 +275,9 @@ class CocoInstances(torch.utils.data.Dataset):
         return to_tensor(image), target
 
 
-def train_size(size: tuple[int, int], min_sizes: Sequence[int], max_size: int, rng: np.random.Generator) -> tuple[int, int]:
+def train_size(
+    size: tuple[int, int], min_sizes: Sequence[int], max_size: int, rng: np.random.Generator
+) -> tuple[int, int]:
     """Output ``(W, H)`` for a ``(W, H)`` image: shorter side = a random choice of ``min_sizes``,
     scaled down if the longer side would exceed ``max_size`` (detectron2's ResizeShortestEdge)."""
     w, h = size
@@ -283,7 +296,9 @@ def resize(image: Image.Image, target: dict[str, Any], new_size: tuple[int, int]
     out["boxes"] = target["boxes"] * torch.tensor([nw / w, nh / h, nw / w, nh / h])
     masks = target["masks"]
     if masks.shape[0]:
-        out["masks"] = torch.nn.functional.interpolate(masks[:, None].float(), size=(nh, nw), mode="nearest")[:, 0].to(torch.uint8)
+        out["masks"] = torch.nn.functional.interpolate(masks[:, None].float(), size=(nh, nw), mode="nearest")[:, 0].to(
+            torch.uint8
+        )
     else:
         out["masks"] = masks.new_zeros((0, nh, nw))
     return image.resize((nw, nh), Image.BILINEAR), out
@@ -322,7 +337,9 @@ class TrainingSampler(torch.utils.data.Sampler):
     them, so a resumed run sees the same data as an uninterrupted one.
     """
 
-    def __init__(self, size: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, start_iter: int = 0) -> None:
+    def __init__(
+        self, size: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, start_iter: int = 0
+    ) -> None:
         if size < 1:
             raise ValueError("TrainingSampler needs a non-empty dataset")
         self.size, self.batch_size, self.rank, self.world_size = size, batch_size, rank, world_size

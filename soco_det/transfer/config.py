@@ -89,7 +89,11 @@ class FinetuneModelConfig:
             raise ValueError("init must be 'random' or a path to a weights file")
         if self.num_classes < 0 or self.num_classes == 1:
             raise ValueError(f"num_classes must be 0 (from the dataset) or >= 2, got {self.num_classes}")
-        if self.fpn_channels < 0 or self.box_roi_size < 0 or any(d < 1 for d in [*self.box_conv_dims, *self.box_fc_dims]):
+        if (
+            self.fpn_channels < 0
+            or self.box_roi_size < 0
+            or any(d < 1 for d in [*self.box_conv_dims, *self.box_fc_dims])
+        ):
             raise ValueError("fpn_channels, box_roi_size and the box head dims must be positive (or 0/empty for auto)")
         if self.precise_bn_images < 0:
             raise ValueError(f"precise_bn_images must be >= 0, got {self.precise_bn_images}")

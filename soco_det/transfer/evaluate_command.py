@@ -27,7 +27,14 @@ def run(args: argparse.Namespace) -> int:
     from soco_det.transfer import evaluate
     from soco_det.transfer.evaluation import format_metrics
 
-    metrics = evaluate(args.checkpoint, args.json, args.images, args.out, device=args.device,
-                       batch_size=args.batch_size, max_images=args.max_images)
+    metrics = evaluate(
+        args.checkpoint,
+        args.json,
+        args.images,
+        args.out,
+        device=args.device,
+        batch_size=args.batch_size,
+        max_images=args.max_images,
+    )
     print(format_metrics(metrics).replace("; ", "\n"))
     return 0

@@ -39,7 +39,9 @@ IOU_TYPES = ("bbox", "segm")
 MASK_THRESHOLD = 0.5
 
 
-def to_coco_results(output: dict[str, torch.Tensor], image_id: int, cat_ids: Sequence[int]) -> tuple[list[dict], list[dict]]:
+def to_coco_results(
+    output: dict[str, torch.Tensor], image_id: int, cat_ids: Sequence[int]
+) -> tuple[list[dict], list[dict]]:
     """COCO ``bbox`` and ``segm`` result entries of one image's model output.
 
     ``output``: ``boxes`` float ``[N, 4]`` xyxy pixels, ``scores`` ``[N]``, ``labels`` int64 ``[N]``
@@ -67,7 +69,9 @@ def to_coco_results(output: dict[str, torch.Tensor], image_id: int, cat_ids: Seq
     return bbox, segm
 
 
-def coco_metrics(coco_gt: Any, results: list[dict], iou_type: str, image_ids: Sequence[int] | None = None) -> dict[str, float | None]:
+def coco_metrics(
+    coco_gt: Any, results: list[dict], iou_type: str, image_ids: Sequence[int] | None = None
+) -> dict[str, float | None]:
     """``COCOeval`` summary of ``results`` against ``coco_gt`` (a pycocotools ``COCO``).
 
     Returns ``AP``, ``AP50``, ``AP75``, ``APs``, ``APm``, ``APl`` (``stats[0:6]``, fractions), ``None``
@@ -93,7 +97,9 @@ def coco_metrics(coco_gt: Any, results: list[dict], iou_type: str, image_ids: Se
 
 
 @torch.no_grad()
-def predict(model: nn.Module, dataset: Any, device: torch.device, batch_size: int = 1, show_progress: bool = True) -> dict[str, list[dict]]:
+def predict(
+    model: nn.Module, dataset: Any, device: torch.device, batch_size: int = 1, show_progress: bool = True
+) -> dict[str, list[dict]]:
     """COCO results (``{"bbox": [...], "segm": [...]}``) of ``model`` on every image of ``dataset``
     (a :class:`~soco_det.transfer.coco_data.CocoInstances` with ``train=False``)."""
     from soco_det.transfer.coco_data import to_tensor
@@ -123,12 +129,15 @@ def _model_from_checkpoint(path: str | Path, device: torch.device) -> tuple[nn.M
 
     ckpt = load_checkpoint(path)
     if ckpt.get("kind") != "maskrcnn":
-        raise UserError(f"{ckpt['path']}: not a fine-tuning checkpoint (kind {ckpt.get('kind')!r}); evaluate takes `soco-det finetune` runs")
+        raise UserError(
+            f"{ckpt['path']}: not a fine-tuning checkpoint (kind {ckpt.get('kind')!r}); evaluate takes `soco-det finetune` runs"
+        )
     cfg = from_dict(FinetuneConfig, ckpt["config"])
     from soco_det.transfer.box_only import has_mask_branch
 
-    model = build_from_config(cfg.model, cfg.input, num_classes=len(ckpt["cat_ids"]) + 1,
-                              masks=has_mask_branch(ckpt["model"]))
+    model = build_from_config(
+        cfg.model, cfg.input, num_classes=len(ckpt["cat_ids"]) + 1, masks=has_mask_branch(ckpt["model"])
+    )
     load_model_strict(model, ckpt["model"], source=ckpt["path"])
     return model.to(device), [int(c) for c in ckpt["cat_ids"]]
 
@@ -162,7 +171,9 @@ def evaluate(
     else:
         model, cat_ids = _model_from_checkpoint(model_or_ckpt, device)
         if cat_ids != dataset.cat_ids:
-            raise UserError(f"{coco_json}: category ids {dataset.cat_ids} differ from the ones the model was trained on {cat_ids}")
+            raise UserError(
+                f"{coco_json}: category ids {dataset.cat_ids} differ from the ones the model was trained on {cat_ids}"
+            )
     from soco_det.transfer.box_only import iou_types
 
     results = predict(model, dataset, device, batch_size=batch_size, show_progress=show_progress)

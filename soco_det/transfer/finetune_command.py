@@ -20,14 +20,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-images", help="folder the training JSON's file_names are relative to")
     parser.add_argument("--val-json", help="COCO instances JSON of the evaluation set")
     parser.add_argument("--val-images", help="folder the val JSON's file_names are relative to")
-    parser.add_argument("--init", help="'random', a `soco-det export --to torchvision` file, or a torchvision ResNet weights file")
-    parser.add_argument("-o", "--out", required=True, help="run folder (checkpoints, metrics.jsonl, config.yaml, metrics.json)")
-    parser.add_argument("--recipe", default=None,
-                        help="recipe name (finetune_1x, finetune_tiny_cpu) or YAML file; default finetune_1x, "
-                        "or the run folder's config.yaml with --resume")
+    parser.add_argument(
+        "--init", help="'random', a `soco-det export --to torchvision` file, or a torchvision ResNet weights file"
+    )
+    parser.add_argument(
+        "-o", "--out", required=True, help="run folder (checkpoints, metrics.jsonl, config.yaml, metrics.json)"
+    )
+    parser.add_argument(
+        "--recipe",
+        default=None,
+        help="recipe name (finetune_1x, finetune_tiny_cpu) or YAML file; default finetune_1x, "
+        "or the run folder's config.yaml with --resume",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
     parser.add_argument("--device", default=None, help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. solver.iterations=500 model.depth=18")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. solver.iterations=500 model.depth=18"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

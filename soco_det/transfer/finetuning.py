@@ -161,7 +161,12 @@ def plot_losses(records: list[dict[str, Any]], out_png: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in sorted(k for k in train[-1] if k.startswith("loss")):
-        ax.plot([r["iter"] for r in train], [r.get(key, float("nan")) for r in train], label=key, lw=2 if key == "loss" else 1)
+        ax.plot(
+            [r["iter"] for r in train],
+            [r.get(key, float("nan")) for r in train],
+            label=key,
+            lw=2 if key == "loss" else 1,
+        )
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
@@ -239,8 +244,13 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) 
 
     # Data: the schedule preset depends on the number of usable training images.
     train_set = CocoInstances(
-        cfg.data.train_json, cfg.data.train_images, train=True, min_sizes=cfg.input.min_size_train,
-        max_size=cfg.input.max_size_train, hflip_prob=cfg.input.hflip_prob, seed=cfg.seed,
+        cfg.data.train_json,
+        cfg.data.train_images,
+        train=True,
+        min_sizes=cfg.input.min_size_train,
+        max_size=cfg.input.max_size_train,
+        hflip_prob=cfg.input.hflip_prob,
+        seed=cfg.seed,
         filter_empty=cfg.data.filter_empty,
     )
     # Schedule presets and auto widths are resolved once and saved, so the run (and its checkpoints)
@@ -251,7 +261,9 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) 
     solver = cfg.solver
     num_classes = train_set.num_classes
     if cfg.model.num_classes not in (0, num_classes):
-        raise UserError(f"model.num_classes={cfg.model.num_classes} but {cfg.data.train_json} has {num_classes - 1} categories (+1 background)")
+        raise UserError(
+            f"model.num_classes={cfg.model.num_classes} but {cfg.data.train_json} has {num_classes - 1} categories (+1 background)"
+        )
 
     # Model: same initial weights on every rank (seeded), then per-rank randomness for sampling.
     torch.manual_seed(cfg.seed)
@@ -280,13 +292,19 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) 
         if ckpt.get("kind") != "maskrcnn":
             raise UserError(f"{ckpt_path}: not a fine-tuning checkpoint")
         if [int(c) for c in ckpt["cat_ids"]] != train_set.cat_ids:
-            raise UserError(f"{ckpt_path}: trained on category ids {ckpt['cat_ids']}, but {cfg.data.train_json} has {train_set.cat_ids}")
+            raise UserError(
+                f"{ckpt_path}: trained on category ids {ckpt['cat_ids']}, but {cfg.data.train_json} has {train_set.cat_ids}"
+            )
         load_model_strict(model, ckpt["model"], source=str(ckpt_path))
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start_iter = int(ckpt["step"])
         log.info("resumed from %s at iteration %d", ckpt["path"], start_iter)
-    train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
+    train_model = (
+        nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if ddp
+        else model
+    )
 
     if rank == 0:
         save_config(cfg, out)
@@ -305,7 +323,10 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) 
     # PreciseBN reads its own pass over the training images (its own sampler seed: the training
     # sampler's position is not disturbed).
     precise_loader = torch.utils.data.DataLoader(
-        train_set, batch_size=per_rank, collate_fn=collate, num_workers=0,
+        train_set,
+        batch_size=per_rank,
+        collate_fn=collate,
+        num_workers=0,
         sampler=TrainingSampler(len(train_set), per_rank, rank, world, seed=cfg.seed + 1, start_iter=0),
     )
 
@@ -315,9 +336,15 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) 
     def checkpoint(iteration: int) -> None:
         if rank == 0:
             state = {
-                "kind": "maskrcnn", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "step": iteration, "epoch": iteration * solver.batch_size // len(train_set),
-                "cat_ids": train_set.cat_ids, "rng": capture_rng(), "config": to_dict(cfg),
+                "kind": "maskrcnn",
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "step": iteration,
+                "epoch": iteration * solver.batch_size // len(train_set),
+                "cat_ids": train_set.cat_ids,
+                "rng": capture_rng(),
+                "config": to_dict(cfg),
             }
             save_checkpoint(out, state, keep_last=cfg.keep_checkpoints or 10**9)
             plot_losses(read_metrics(out), out / "loss.png")
@@ -333,16 +360,31 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) 
             if cfg.model.bn_mode == "frozen":
                 freeze_batch_norm(model)
         if rank == 0:
-            result = evaluate(model, cfg.data.val_json, cfg.data.val_images, out / "eval" / f"step_{iteration:08d}",
-                              max_images=cfg.data.max_val_images, show_progress=False)
+            result = evaluate(
+                model,
+                cfg.data.val_json,
+                cfg.data.val_images,
+                out / "eval" / f"step_{iteration:08d}",
+                max_images=cfg.data.max_val_images,
+                show_progress=False,
+            )
             metrics.write(iteration, {t: result[t] for t in ("bbox", "segm") if t in result})
         dist.barrier()
         return result
 
-    log.info("fine-tuning %d iterations (batch %d, lr %.4g, %d train images, %d classes) on %s x%d; init %s; "
-             "BN %s%s", solver.iterations, solver.batch_size, peak_lr(solver), len(train_set), num_classes - 1,
-             device.type, world, cfg.model.init, cfg.model.bn_mode,
-             f", precise BN over {cfg.model.precise_bn_images} images" if cfg.model.precise_bn_images else "")
+    log.info(
+        "fine-tuning %d iterations (batch %d, lr %.4g, %d train images, %d classes) on %s x%d; init %s; BN %s%s",
+        solver.iterations,
+        solver.batch_size,
+        peak_lr(solver),
+        len(train_set),
+        num_classes - 1,
+        device.type,
+        world,
+        cfg.model.init,
+        cfg.model.bn_mode,
+        f", precise BN over {cfg.model.precise_bn_images} images" if cfg.model.precise_bn_images else "",
+    )
     train_model.train()
     if cfg.model.bn_mode == "frozen":
         freeze_batch_norm(model)
@@ -361,7 +403,10 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) 
                 group["lr"] = lr
             images, targets = next(data)
             images = [im.to(device, non_blocking=True) for im in images]
-            targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+            targets = [
+                {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
+                for t in targets
+            ]
             window.append(train_step(train_model, images, targets, optimizer, scaler, autocast, solver.clip_grad_norm))
             done = iteration + 1
             bar.update(1)
@@ -381,8 +426,10 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) 
             if done != solver.iterations and stop.requested():  # SIGINT/SIGTERM: save, then stop
                 if not (cfg.checkpoint_period and done % cfg.checkpoint_period == 0):
                     checkpoint(done)
-                raise Interrupted(f"{out}: stopped by {stop.name} after iteration {done}; checkpoint saved; "
-                                  "continue with --resume", stop.signum or 15)
+                raise Interrupted(
+                    f"{out}: stopped by {stop.name} after iteration {done}; checkpoint saved; continue with --resume",
+                    stop.signum or 15,
+                )
     final = run_eval(solver.iterations)
     if rank == 0 and final is not None:
         from soco_det.atomic import atomic_write_json
@@ -392,4 +439,3 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) 
         log.info("final: %s", format_metrics(final))
     metrics.close()
     return out
-
