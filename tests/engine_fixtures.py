@@ -71,6 +71,25 @@ def tiny_config(data: dict[str, Path], *overrides: str) -> PretrainConfig:
     return build_config(PretrainConfig, "tiny_cpu", [*TINY_OVERRIDES, *overrides], extra=extra)
 
 
+def pretrain_cli_args(data: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    """``soco-det pretrain`` arguments for the tiny config on ``data`` into ``out``, then ``extra``."""
+    return [
+        "pretrain",
+        "--recipe",
+        "tiny_cpu",
+        "--images",
+        str(data["images"]),
+        "--proposals",
+        str(data["proposals"]),
+        "-o",
+        str(out),
+        "--device",
+        "cpu",
+        *TINY_OVERRIDES,
+        *extra,
+    ]
+
+
 def run_cli(args: list[str], launcher: list[str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run ``python -m soco_det ARGS`` (optionally behind a launcher such as torch.distributed.run)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))

@@ -28,7 +28,7 @@ import sys
 import pytest
 import torch
 
-from engine_fixtures import REPO, TINY_OVERRIDES, model_state, run_cli, sample_data, tiny_config  # noqa: F401
+from engine_fixtures import REPO, TINY_OVERRIDES, model_state, pretrain_cli_args, run_cli, sample_data, tiny_config  # noqa: F401
 from soco_det.engine import distributed as dist_utils
 from soco_det.engine.distributed import ResumableSampler
 from soco_det.engine.metrics import read_metrics
@@ -56,22 +56,7 @@ def worker_errors(stderr: str) -> str:
 
 
 def cli_args(data, out, *extra):
-    return [
-        "pretrain",
-        "--recipe",
-        "tiny_cpu",
-        "--images",
-        str(data["images"]),
-        "--proposals",
-        str(data["proposals"]),
-        "-o",
-        str(out),
-        "--device",
-        "cpu",
-        *TINY_OVERRIDES,
-        *STEPS,
-        *extra,
-    ]
+    return pretrain_cli_args(data, out, *STEPS, *extra)
 
 
 class RankMajorSampler(ResumableSampler):

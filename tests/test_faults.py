@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_fixtures import REPO, TINY_OVERRIDES, model_state, run_cli, sample_data, tiny_config  # noqa: F401
+from engine_fixtures import REPO, TINY_OVERRIDES, model_state, pretrain_cli_args, run_cli, sample_data, tiny_config  # noqa: F401
 from soco_det.cli import main
 from soco_det.engine import checkpoint as ckpt_io
 from soco_det.engine.metrics import read_metrics
@@ -58,22 +58,7 @@ def _corrupt(path: Path, offset: int | None = None, n: int = 64) -> None:
     path.write_bytes(bytes(data))
 
 
-def _cli_args(data, out, *extra):
-    return [
-        "pretrain",
-        "--recipe",
-        "tiny_cpu",
-        "--images",
-        str(data["images"]),
-        "--proposals",
-        str(data["proposals"]),
-        "-o",
-        str(out),
-        "--device",
-        "cpu",
-        *TINY_OVERRIDES,
-        *extra,
-    ]
+_cli_args = pretrain_cli_args
 
 
 # ------------------------------------------------------------------ 1. a finished run is never run over

@@ -5,26 +5,11 @@ import json
 import pytest
 import yaml
 
-from engine_fixtures import TINY_OVERRIDES, sample_data  # noqa: F401
+from engine_fixtures import TINY_OVERRIDES, pretrain_cli_args, sample_data  # noqa: F401
 from soco_det.cli import main
 
 
-def cli_args(data, out, *extra):
-    return [
-        "pretrain",
-        "--recipe",
-        "tiny_cpu",
-        "--images",
-        str(data["images"]),
-        "--proposals",
-        str(data["proposals"]),
-        "-o",
-        str(out),
-        "--device",
-        "cpu",
-        *TINY_OVERRIDES,
-        *extra,
-    ]
+cli_args = pretrain_cli_args
 
 
 def test_two_steps_write_config_metrics_and_checkpoints(sample_data, tmp_path):
