@@ -26,7 +26,7 @@ class DemoContext:
     out: Path
     seed: int = 0
     n_unlabeled: int = 600
-    n_train: int = 200
+    n_train: int = 300
     n_val: int = 200
     short_side: int = 128
     pretrain_epochs: int = 6
@@ -357,7 +357,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--out", default="demo_out", help="output folder (report.md and every stage's files)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample scenes and of every stage")
     parser.add_argument("--unlabeled", type=int, default=600, help="unlabeled scenes (pretraining)")
-    parser.add_argument("--train", type=int, default=200, help="labeled scenes (probe and fine-tuning)")
+    parser.add_argument("--train", type=int, default=300, help="labeled scenes (probe and fine-tuning)")
     parser.add_argument("--val", type=int, default=200, help="validation scenes (probe)")
     parser.add_argument("--size", type=int, default=128, help="short side of the scenes in pixels")
     parser.add_argument("--pretrain-epochs", type=int, default=6, help="SoCo pretraining epochs (tiny_cpu recipe)")
