@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_export import D2_CONFIG_KEYS, _flatten
 
 from soco_det.cli import main
 from soco_det.models import ModelConfig, build_model
@@ -33,68 +34,15 @@ BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 SMALL = dict(proj_hidden_dim=32, proj_dim=16)
 
-# detectron2/config/defaults.py keys the shipped files may set.
-D2_KEYS = {
-    "VERSION",
-    "MODEL.META_ARCHITECTURE",
-    "MODEL.WEIGHTS",
-    "MODEL.MASK_ON",
-    "MODEL.PIXEL_MEAN",
-    "MODEL.PIXEL_STD",
-    "MODEL.BACKBONE.NAME",
-    "MODEL.BACKBONE.FREEZE_AT",
-    "MODEL.RESNETS.DEPTH",
-    "MODEL.RESNETS.OUT_FEATURES",
-    "MODEL.RESNETS.NORM",
-    "MODEL.RESNETS.STRIDE_IN_1X1",
-    "MODEL.FPN.IN_FEATURES",
-    "MODEL.FPN.NORM",
-    "MODEL.ANCHOR_GENERATOR.SIZES",
-    "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS",
-    "MODEL.RPN.IN_FEATURES",
-    "MODEL.RPN.PRE_NMS_TOPK_TRAIN",
-    "MODEL.RPN.PRE_NMS_TOPK_TEST",
-    "MODEL.RPN.POST_NMS_TOPK_TRAIN",
-    "MODEL.RPN.POST_NMS_TOPK_TEST",
-    "MODEL.ROI_HEADS.NAME",
-    "MODEL.ROI_HEADS.IN_FEATURES",
-    "MODEL.ROI_HEADS.NUM_CLASSES",
-    "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
-    "MODEL.ROI_BOX_HEAD.NAME",
-    "MODEL.ROI_BOX_HEAD.NUM_CONV",
-    "MODEL.ROI_BOX_HEAD.NUM_FC",
-    "MODEL.ROI_BOX_HEAD.NORM",
-    "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION",
-    "MODEL.ROI_MASK_HEAD.NAME",
-    "MODEL.ROI_MASK_HEAD.NUM_CONV",
-    "MODEL.ROI_MASK_HEAD.NORM",
-    "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION",
-    "INPUT.FORMAT",
-    "INPUT.MIN_SIZE_TRAIN",
-    "INPUT.MIN_SIZE_TEST",
-    "DATASETS.TRAIN",
-    "DATASETS.TEST",
-    "DATALOADER.SAMPLER_TRAIN",
+# detectron2/config/defaults.py keys the shipped files may set: the COCO configs' (test_export.py)
+# and the LVIS config's sampler and test settings.
+D2_KEYS = D2_CONFIG_KEYS | {
     "DATALOADER.REPEAT_THRESHOLD",
-    "SOLVER.IMS_PER_BATCH",
-    "SOLVER.BASE_LR",
-    "SOLVER.STEPS",
-    "SOLVER.MAX_ITER",
-    "SOLVER.WEIGHT_DECAY",
+    "DATALOADER.SAMPLER_TRAIN",
+    "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
     "TEST.DETECTIONS_PER_IMAGE",
-    "TEST.PRECISE_BN.ENABLED",
 }
 EXPORT_COMMAND = re.compile(r"soco-det export RUN --to (\w+)(?: -o (\S+))?")
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _run(root: Path, variant: str, depth: int) -> Path:
