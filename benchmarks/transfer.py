@@ -154,7 +154,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "data.num_workers=8",
             "checkpoint_period=100000",
             "log_period=50",
-            "amp=true",
+            "amp=auto",
         ],
     },
 }

@@ -392,16 +392,16 @@ def test_sigterm_during_finetuning_saves_a_checkpoint(tmp_path, monkeypatch):
     cfg = build_config(
         FinetuneConfig, "finetune_tiny_cpu", [*TINY, "checkpoint_period=100", "log_period=1"], extra=extra
     )
-    real_step, calls = finetuning.train_step, []
+    real_step, calls = finetuning.FinetuneTrainer.run_step, []
 
-    def step_then_signal(*args, **kwargs):
+    def step_then_signal(self, batch):
         calls.append(1)
-        out = real_step(*args, **kwargs)
+        out = real_step(self, batch)
         if len(calls) == 3:
             os.kill(os.getpid(), signal.SIGTERM)
         return out
 
-    monkeypatch.setattr(finetuning, "train_step", step_then_signal)
+    monkeypatch.setattr(finetuning.FinetuneTrainer, "run_step", step_then_signal)
     run = tmp_path / "ft"
     with pytest.raises(Interrupted, match="stopped by SIGTERM after iteration 3"):
         finetune(cfg, run)

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -132,7 +135,7 @@ def test_resume_continues_from_saved_iteration_and_matches(run_dir, tmp_path):
 
 def test_fresh_run_refuses_used_folder(run_dir):
     cfg = build_config(FinetuneConfig, run_dir / "config.yaml")
-    with pytest.raises(UserError, match="already has checkpoints"):
+    with pytest.raises(UserError, match="already holds the checkpoints of a run.*--overwrite"):
         finetune(cfg, run_dir)
 
 
@@ -302,3 +305,164 @@ def test_precise_bn_averages_statistics_over_images_and_keeps_the_rng():
     assert not model.bn.training and not model.bn.weight.requires_grad
     assert peak_lr(SolverConfig(base_lr=0.02, batch_size=4)) == pytest.approx(0.005)
     assert peak_lr(SolverConfig(base_lr=0.02, batch_size=4, lr_scaling="none")) == pytest.approx(0.02)
+
+
+# ------------------------------------------------------------------ on the engine's loop
+
+
+def _short_config(scenes, *overrides):
+    extra = {
+        "data": {
+            "train_json": str(scenes["train"]),
+            "train_images": str(scenes["images"]),
+            "val_json": str(scenes["val"]),
+            "val_images": str(scenes["images"]),
+        },
+        "model": {"init": "random"},
+        "device": "cpu",
+    }
+    return build_config(FinetuneConfig, "finetune_tiny_cpu", [*TINY, *overrides], extra=extra)
+
+
+def test_a_non_finite_loss_stops_the_run_before_it_is_saved_and_overwrite_starts_over(scenes, tmp_path, monkeypatch):
+    """The engine's check: the NaN of step 3 is noticed at the next checkpoint (step 4), which is not
+    written; the last good checkpoint (step 2) is named. A fresh run refuses that folder, and with
+    ``overwrite`` moves the old run aside, as pretraining does."""
+    from soco_det.engine.loop import NonFiniteLossError
+    from soco_det.transfer.finetuning import FinetuneTrainer
+
+    real_step = FinetuneTrainer.run_step
+
+    def nan_at_step_3(self, batch):
+        if self.step != 2:
+            return real_step(self, batch)
+        model = self.forward_model
+        self.forward_model = lambda images, targets: {k: v * math.nan for k, v in model(images, targets).items()}
+        try:
+            return real_step(self, batch)
+        finally:
+            self.forward_model = model
+
+    monkeypatch.setattr(FinetuneTrainer, "run_step", nan_at_step_3)
+    run = tmp_path / "ft"
+    cfg = _short_config(
+        scenes,
+        "solver.iterations=6",
+        "solver.steps=[5]",
+        "solver.warmup_iters=1",
+        "checkpoint_period=2",
+        "log_period=5",
+    )
+    with pytest.raises(
+        NonFiniteLossError, match=r"non-finite loss \(nan\) at step 3 .*last good checkpoint: .*last\.pt"
+    ):
+        finetune(cfg, run)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt", "step_00000002.pt"]
+    monkeypatch.undo()
+
+    again = _short_config(
+        scenes, "solver.iterations=2", "solver.steps=[]", "solver.warmup_iters=1", "checkpoint_period=0", "log_period=1"
+    )
+    with pytest.raises(UserError, match="already holds the checkpoints"):
+        finetune(again, run)
+    finetune(again, run, overwrite=True)
+    (aside,) = tmp_path.glob("ft.old-*")
+    assert (aside / "checkpoints" / "step_00000002.pt").is_file()
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 2
+    assert [r["iter"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r] == [
+        1,
+        2,
+    ]
+
+
+def test_frozen_batch_norm_stays_frozen_across_evaluations(scenes, tmp_path, monkeypatch):
+    """An evaluation hook in the middle of the run (with PreciseBN) hands training back with the
+    BN layers as bn_mode says: frozen ones in eval mode, their statistics unchanged."""
+    from soco_det.transfer.finetuning import FinetuneTrainer, batch_norms
+
+    real_step, seen = FinetuneTrainer.run_step, []
+
+    def record_bn_modes(self, batch):
+        seen.append((self.step, {bn.training for bn in batch_norms(self.model)}))
+        return real_step(self, batch)
+
+    monkeypatch.setattr(FinetuneTrainer, "run_step", record_bn_modes)
+    cfg = _short_config(
+        scenes,
+        "solver.iterations=3",
+        "solver.steps=[]",
+        "solver.warmup_iters=1",
+        "eval_period=1",
+        "model.bn_mode=frozen",
+        "checkpoint_period=0",
+        "log_period=1",
+    )
+    run = finetune(cfg, tmp_path / "ft")
+    assert seen == [(0, {False}), (1, {False}), (2, {False})]
+    evaluated = [r["iter"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "bbox" in r]
+    assert evaluated == [1, 2, 3]
+
+
+NAN_ON_RANK_1 = """
+import os, sys
+from soco_det.transfer import finetuning
+
+real_step = finetuning.FinetuneTrainer.run_step
+
+
+def run_step(self, batch):
+    if self.step != 1 or os.environ["RANK"] != "1":
+        return real_step(self, batch)
+    model = self.forward_model
+    self.forward_model = lambda images, targets: {k: v * float("nan") for k, v in model(images, targets).items()}
+    try:
+        return real_step(self, batch)
+    finally:
+        self.forward_model = model
+
+
+finetuning.FinetuneTrainer.run_step = run_step
+from soco_det.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_of_a_ddp_run(scenes, tmp_path):
+    """Two processes under torchrun (gloo): the NaN of process 1 at step 2 stops both, with the
+    same error, where a per-process check would leave process 0 waiting in the next all-reduce."""
+    from engine_fixtures import REPO
+    from test_ddp import free_port, worker_errors
+
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(NAN_ON_RANK_1)
+    run = tmp_path / "ft"
+    overrides = [a for a in TINY if not a.startswith(("checkpoint_period", "log_period"))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        str(script),
+        "finetune",
+        *_data_args(scenes),
+        "--init",
+        "random",
+        "-o",
+        str(run),
+        "--recipe",
+        "finetune_tiny_cpu",
+        "--device",
+        "cpu",
+        *overrides,
+        "checkpoint_period=1",
+        "log_period=1",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "non-finite loss (nan) at step 2" in line]
+    assert len(errors) == 2, worker_errors(proc.stderr)  # one line per process
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt", "step_00000001.pt"]

@@ -33,6 +33,7 @@ from torch import nn
 from soco_det.atomic import atomic_open
 from soco_det.errors import UserError
 from soco_det.logs import get_logger
+from soco_det.runlock import move_aside
 from soco_det.torch_io import torch_load
 
 log = get_logger(__name__)
@@ -206,6 +207,25 @@ def clean_temporary_files(run_dir: str | Path) -> list[Path]:
     if removed:
         log.info("removed %d temporary file(s) of an interrupted checkpoint write in %s", len(removed), ckpt_dir)
     return removed
+
+
+def prepare_run_folder(run_dir: str | Path, resume: Any, overwrite: bool) -> None:
+    """The run-folder policy of pretraining and fine-tuning, for the main process holding the
+    folder's lock: clean up after killed writes, and refuse to start a new run (``resume`` is
+    ``None``) over a folder that holds checkpoints; ``overwrite`` moves the old run to
+    ``RUN.old-<time>`` instead (:func:`soco_det.runlock.move_aside`)."""
+    clean_temporary_files(run_dir)
+    existing = checkpoint_candidates(run_dir)
+    if resume is not None or not existing:
+        return
+    if overwrite:
+        aside = move_aside(run_dir)
+        log.warning("--overwrite: moved the previous run of %s to %s", run_dir, aside)
+        return
+    raise UserError(
+        f"{run_dir}: already holds the checkpoints of a run ({existing[0].name}, ...); continue it with "
+        "--resume auto, write to a new -o folder, or pass --overwrite to move the old run aside"
+    )
 
 
 def checkpoint_candidates(run_dir: str | Path) -> list[Path]:

@@ -71,7 +71,7 @@ def output_spread(x: torch.Tensor) -> tuple[float, float]:
 
 
 class TrainingDynamics(Hook):
-    """Computes the records above for :class:`~soco_det.engine.trainer.MetricsHook` (``metrics()``)."""
+    """Computes the records above for :class:`~soco_det.engine.hooks.MetricsHook` (``metrics()``)."""
 
     def __init__(self, every: int, warmup_steps: int, model_cfg: Any = None, seed: int = 0) -> None:
         self.every, self.warmup_steps = every, warmup_steps

@@ -1,8 +1,8 @@
-"""The SoCo pretraining loop: one short training step and the hooks around it.
+"""The SoCo pretraining run: its training step, its data stream and :func:`pretrain`.
 
 :meth:`Trainer.run_step` is the whole optimisation step (schedules, target EMA, forward under
-autocast, backward, LARS step). Everything else (metrics, progress, checkpoints) is a
-:class:`Hook`, called before/after each step and at the ends of the run.
+autocast, backward, LARS step); the loop around it, the non-finite-loss check and the hooks are
+the engine's (:mod:`soco_det.engine.loop`, :mod:`soco_det.engine.hooks`), shared with fine-tuning.
 
 Step numbering: ``trainer.step`` counts *completed* optimizer steps (the global step of
 SOCO_SPEC 9.11); the step under way uses the schedules at ``trainer.step`` and is reported to the
@@ -12,66 +12,37 @@ user as step ``trainer.step + 1``; ``checkpoints/step_00000002.pt`` holds the st
 from __future__ import annotations
 
 import contextlib
-import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from soco_det.engine import checkpoint as ckpt_io
 from soco_det.engine import distributed as dist_utils
+from soco_det.engine.hooks import CheckpointHook, MetricsHook
+from soco_det.engine.loop import Hook, NonFiniteLossError, TrainerBase, move_to, resolve_amp, set_train_mode
 from soco_det.engine.metrics import MetricsWriter
 from soco_det.engine.prefetch import CopyStream
 from soco_det.engine.schedules import Schedule
-from soco_det.logs import Progress, get_logger
+from soco_det.logs import get_logger
 from soco_det.torch_io import resolve_device
+
+__all__ = ["Hook", "NonFiniteLossError", "Trainer", "move_to", "pretrain", "resolve_amp", "set_train_mode"]
 
 log = get_logger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stopped without saving that state."""
-
-
-class Hook:
-    """Callbacks around the training step; override what you need."""
-
-    def before_train(self, trainer: "Trainer") -> None: ...
-    def before_step(self, trainer: "Trainer") -> None: ...
-    def after_step(self, trainer: "Trainer", out: dict[str, Any]) -> None: ...
-    def after_train(self, trainer: "Trainer") -> None: ...
-
-
-def move_to(obj: Any, device: torch.device, channels_last: bool = False) -> Any:
-    """Move every tensor of a (nested) batch to ``device``; 4-D tensors optionally NHWC."""
-    if isinstance(obj, torch.Tensor):
-        obj = obj.to(device, non_blocking=True)
-        if channels_last and obj.ndim == 4:
-            obj = obj.contiguous(memory_format=torch.channels_last)
-        return obj
-    if isinstance(obj, dict):
-        return {k: move_to(v, device, channels_last) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(move_to(v, device, channels_last) for v in obj)
-    return obj
-
-
-def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
-    """Train mode; with ``freeze_bn`` every BatchNorm uses (and keeps) its running statistics."""
-    model.train()
-    if freeze_bn:
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
-
-
-class Trainer:
+class Trainer(TrainerBase):
     """Owns the model, optimizer, data and state of one pretraining run.
 
     ``model`` is the unwrapped SoCo model (``update_target``, ``state_dict``); ``forward_model``
-    is what the forward pass calls (the model itself, or its DDP / compiled wrapper).
+    is what the forward pass calls (the model itself, or its DDP / compiled wrapper). The data
+    stream is epoch-based and resumable mid-epoch (``sampler.position``); a step takes
+    ``accum_steps`` micro-batches, and an epoch's tail that cannot fill a step is skipped.
     """
+
+    nonfinite_hint = "lower train.base_lr or raise train.warmup_epochs"
 
     def __init__(
         self,
@@ -96,30 +67,23 @@ class Trainer:
         hooks: Sequence[Hook] = (),
         check_every: int = 1,
     ) -> None:
+        super().__init__(
+            device=device,
+            stop_step=stop_step,
+            amp_dtype=amp_dtype,
+            run_dir=run_dir,
+            hooks=hooks,
+            check_every=check_every,
+        )
         self.model, self.forward_model, self.optimizer, self.scaler = model, forward_model, optimizer, scaler
         self.schedule, self.loader, self.sampler, self.dataset = schedule, loader, sampler, dataset
-        self.device, self.amp_dtype, self.accum_steps = device, amp_dtype, accum_steps
-        self.steps_per_epoch, self.stop_step, self.images_per_step = steps_per_epoch, stop_step, images_per_step
-        self.channels_last, self.run_dir = channels_last, run_dir
-        self.device_photometric = device_photometric
-        self.hooks = list(hooks)
-        self.step = 0
-        self.epoch = 0
-        self.epoch_ended = False  # True right after the step that finished an epoch
+        self.accum_steps, self.steps_per_epoch, self.images_per_step = accum_steps, steps_per_epoch, images_per_step
+        self.channels_last, self.device_photometric = channels_last, device_photometric
         self.skipped_images = 0  # in this process since the start (or resume) of the run
-        # Non-finite losses are noted on the device (no host sync per step) and checked every
-        # ``check_every`` steps and before any checkpoint is written (:meth:`check_finite`).
-        self.check_every = max(1, int(check_every))
-        self._first_bad: torch.Tensor | None = None  # [step of the first non-finite loss or -1, that loss]
-        self._checked_step = -1
         self._copies = CopyStream(device)  # the next batch's host-to-device copies (CUDA only)
-        # Asked before each step; True ends the loop early (a stop signal, see engine/signals.py).
-        self.should_stop: Callable[[], bool] = lambda: False
-        self.stopped = False
-
-    def _stop_now(self) -> bool:
-        self.stopped = self.stopped or self.should_stop()
-        return self.stopped
+        self._iterator: Any = None  # over the loader, for the epoch under way
+        self._pending: list | None = None  # the next step's micro-batches, already being copied
+        self._done_micro = 0  # micro-batches of this epoch consumed on this process
 
     def prepare_batch(self, batch: dict) -> dict:
         """Move a collated batch to the device; with ``data.photometric=device`` the colour, blur,
@@ -143,7 +107,7 @@ class Trainer:
         self.model.update_target(tau)
 
         total_loss = torch.zeros((), device=self.device)
-        pair_losses: dict[str, torch.Tensor] = {}
+        terms: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             # DDP all-reduces gradients on the last micro-batch only.
@@ -152,100 +116,75 @@ class Trainer:
             with sync_ctx:
                 # 3. Forward under autocast; RoIAlign and the loss run in fp32, BN accumulates its
                 #    statistics in fp32 (its input and output follow autocast; tests/test_amp.py).
-                with torch.autocast(
-                    self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
-                ):
+                with self.autocast():
                     out = self.forward_model(batch)
                 loss = out["loss"].float() / len(micro_batches)
-                # 4. Note a non-finite loss on the device, without a host sync: train() checks it
+                # 4. Note a non-finite loss on the device, without a host sync: the loop checks it
                 #    every check_every steps and before any checkpoint is saved (check_finite).
-                self._note_finite(loss.detach())
+                self.note_finite(loss.detach())
                 # 5. Backward (scaled for fp16; the scale is 1 and disabled otherwise).
                 self.scaler.scale(loss).backward()
             total_loss += loss.detach()
             # pair losses and auxiliary terms (e.g. model.head_decorrelation), logged as loss/<name>
             for name, value in {**out.get("pair_losses", {}), **out.get("aux_losses", {})}.items():
-                pair_losses[name] = pair_losses.get(name, 0) + value.detach().float() / len(micro_batches)
+                key = f"loss/{name}"
+                terms[key] = terms.get(key, 0) + value.detach().float() / len(micro_batches)
 
         # 6. LARS/SGD step at lr(step); GradScaler skips it if fp16 gradients overflowed.
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"loss": total_loss, "pair_losses": pair_losses, "lr": lr, "momentum": tau}
+        return {"loss": total_loss, "terms": terms, "lr": lr, "momentum": tau}
 
-    def _note_finite(self, loss: torch.Tensor) -> None:
-        if self._first_bad is None:
-            self._first_bad = torch.tensor([-1.0, 0.0], device=loss.device)
-        first = self._first_bad
-        newly = ~torch.isfinite(loss) & (first[0] < 0)
-        self._first_bad = torch.where(newly, torch.stack([loss.new_tensor(float(self.step + 1)), loss]), first)
+    # ------------------------------------------------------------------ the data stream
+    @property
+    def _micro_per_epoch(self) -> int:
+        return self.steps_per_epoch * self.accum_steps
 
-    def check_finite(self) -> None:
-        """Raise :class:`NonFiniteLossError` if a loss since the start was non-finite on any process
-        (one host sync; the same decision on every process). The state in memory is then bad, so the
-        run stops before any hook can save it."""
-        if self._first_bad is None or self._checked_step == self.step:
-            return
-        self._checked_step = self.step
-        first = self._first_bad.clone()
-        bad = dist_utils.all_reduce_mean((first[:1] >= 0).float())
-        if bad.item() == 0:
-            return
-        step, value = (int(first[0].item()), first[1].item()) if first[0] >= 0 else (self.step, float("nan"))
-        last = ckpt_io.find_resume(self.run_dir) if self.run_dir is not None else None
-        raise NonFiniteLossError(
-            f"non-finite loss ({value}) at step {step} (epoch {self.epoch}); "
-            f"stopped without saving this state; last good checkpoint: {last or 'none'}"
-        )
-
-    # ------------------------------------------------------------------ the loop
-    def _fetch(self, iterator) -> list:  # noqa: ANN001
+    def _fetch(self) -> list:
         """The next ``accum_steps`` micro-batches; on CUDA their copies to the device have started."""
-        micro = [next(iterator) for _ in range(self.accum_steps)]
+        micro = [next(self._iterator) for _ in range(self.accum_steps)]
         # bad images the dataset replaced (counted in the workers, reported here)
         self.skipped_images += sum(int(b["skipped"].sum()) for b in micro if "skipped" in b)
         return self._copies.start(micro, lambda b: move_to(b, self.device))
 
-    def train(self) -> None:
-        for hook in self.hooks:
-            hook.before_train(self)
-        micro_per_epoch = self.steps_per_epoch * self.accum_steps
+    def _start_epoch(self) -> None:
+        """Iterate the epoch ``self.epoch`` from ``sampler.position`` (skipping an epoch whose
+        remaining micro-batches cannot fill a step)."""
         batch_size = self.loader.batch_size
-        while self.step < self.stop_step and not self._stop_now():
+        while True:
             self.sampler.set_epoch(self.epoch, self.sampler.position)
             self.dataset.set_epoch(self.epoch)
-            done_micro = self.sampler.position // batch_size
-            if micro_per_epoch - done_micro >= self.accum_steps:
-                iterator = iter(self.loader)
-                pending = None  # the next step's micro-batches, already being copied to the device
-                while (
-                    done_micro + self.accum_steps <= micro_per_epoch
-                    and self.step < self.stop_step
-                    and not self._stop_now()
-                ):
-                    micro = pending if pending is not None else self._fetch(iterator)
-                    micro = [self.prepare_batch(self._copies.arrived(b)) for b in micro]
-                    for hook in self.hooks:
-                        hook.before_step(self)
-                    out = self.run_step(micro)
-                    # The step is queued on the device: load and start copying the next one meanwhile.
-                    more = done_micro + 2 * self.accum_steps <= micro_per_epoch and self.step < self.stop_step
-                    pending = self._fetch(iterator) if more and self._copies.enabled else None
-                    if self.step % self.check_every == 0 or self.step >= self.stop_step:
-                        self.check_finite()
-                    done_micro += self.accum_steps
-                    self.sampler.position = done_micro * batch_size
-                    self.epoch_ended = done_micro + self.accum_steps > micro_per_epoch
-                    if self.epoch_ended:
-                        self.epoch, self.sampler.position = self.epoch + 1, 0
-                    for hook in self.hooks:
-                        hook.after_step(self, out)
-                del iterator
-            else:
-                self.epoch, self.sampler.position = self.epoch + 1, 0
-        for hook in self.hooks:
-            hook.after_train(self)
+            self._done_micro = self.sampler.position // batch_size
+            if self._micro_per_epoch - self._done_micro >= self.accum_steps:
+                break
+            self.epoch, self.sampler.position = self.epoch + 1, 0
+        self._iterator = iter(self.loader)
+
+    def next_batch(self) -> list:
+        if self._iterator is None:
+            self._start_epoch()
+        micro = self._pending if self._pending is not None else self._fetch()
+        self._pending = None
+        return [self.prepare_batch(self._copies.arrived(b)) for b in micro]
+
+    def advance(self) -> None:
+        # The step is queued on the device: load and start copying the next one meanwhile.
+        more = self._done_micro + 2 * self.accum_steps <= self._micro_per_epoch and self.step < self.stop_step
+        self._pending = self._fetch() if more and self._copies.enabled else None
+        self._done_micro += self.accum_steps
+        self.sampler.position = self._done_micro * self.loader.batch_size
+        self.epoch_ended = self._done_micro + self.accum_steps > self._micro_per_epoch
+        if self.epoch_ended:
+            self.epoch, self.sampler.position = self.epoch + 1, 0
+            self._iterator = None  # the loader's workers end with it
+
+    def train(self) -> None:
+        try:
+            super().train()
+        finally:
+            self._iterator = self._pending = None
 
     # ------------------------------------------------------------------ state
     def state_dict(self, config: dict) -> dict[str, Any]:
@@ -271,76 +210,20 @@ class Trainer:
         ckpt_io.restore_rng(ckpt["rng"])
 
 
-# ---------------------------------------------------------------------- hooks
-class CheckpointHook(Hook):
-    """Saves every ``every`` steps, at each epoch end and at the end (main process; atomic)."""
+class PretrainMetricsHook(MetricsHook):
+    """Pretraining's records: the loss of the record's step and its pair terms, the LR, the target
+    momentum, the epoch, images/s, images skipped, and the sources' metrics (dynamics, probe)."""
 
-    def __init__(self, run_dir: Path, every: int, keep_last: int, config: dict) -> None:
-        self.run_dir, self.every, self.keep_last, self.config = run_dir, every, keep_last, config
-        self.saved_step: int | None = None
-
-    def before_train(self, trainer: Trainer) -> None:
-        self.saved_step = trainer.step
-
-    def _save(self, trainer: Trainer) -> None:
-        if self.saved_step == trainer.step:
-            return
-        trainer.check_finite()  # never save a state that a non-finite loss produced
-        if dist_utils.is_main():
-            ckpt_io.save_checkpoint(self.run_dir, trainer.state_dict(self.config), self.keep_last)
-        dist_utils.barrier()
-        self.saved_step = trainer.step
-
-    def after_step(self, trainer: Trainer, out: dict[str, Any]) -> None:
-        if trainer.step % self.every == 0 or trainer.epoch_ended or trainer.step >= trainer.stop_step:
-            self._save(trainer)
-
-    def after_train(self, trainer: Trainer) -> None:
-        self._save(trainer)
-
-
-class MetricsHook(Hook):
-    """Every ``every`` steps: JSONL + TensorBoard record, a log line, and the progress bar."""
-
-    def __init__(self, writer: MetricsWriter, every: int, show_progress: bool, sources: Sequence[Any] = ()) -> None:
-        self.writer, self.every, self.show_progress = writer, every, show_progress
-        self.sources = list(sources)  # objects with .metrics(trainer) -> dict, merged into each record
-        self.bar: Progress | None = None
-
-    def before_train(self, trainer: Trainer) -> None:
-        self.bar = Progress(
-            total=trainer.stop_step, initial=trainer.step, desc="pretrain", unit="step", disable=not self.show_progress
-        )
-        self._t0, self._step0 = time.perf_counter(), trainer.step
-        if trainer.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(trainer.device)
-
-    def after_step(self, trainer: Trainer, out: dict[str, Any]) -> None:
-        assert self.bar is not None
-        self.bar.update(1)
-        if trainer.step % self.every and trainer.step < trainer.stop_step:
-            return
-        names = sorted(out["pair_losses"])
-        # One all-reduce for the loss and every pair loss, so the record is the global mean.
-        values = torch.stack([out["loss"]] + [torch.as_tensor(out["pair_losses"][n]) for n in names])
-        values = dist_utils.all_reduce_mean(values.float()).tolist()
-        elapsed = time.perf_counter() - self._t0
-        record: dict[str, Any] = {
+    def extra(self, trainer: TrainerBase, out: dict[str, Any], steps_per_s: float) -> dict[str, Any]:
+        assert isinstance(trainer, Trainer)
+        return {
             "epoch": trainer.epoch,
-            "loss": values[0],
-            **{f"loss/{n}": v for n, v in zip(names, values[1:])},
-            "lr": out["lr"],
             "momentum": out["momentum"],
-            "img_per_s": (trainer.step - self._step0) * trainer.images_per_step / max(elapsed, 1e-9),
+            "img_per_s": steps_per_s * trainer.images_per_step,
             "skipped_images": trainer.skipped_images,
         }
-        for source in self.sources:
-            record.update(source.metrics(trainer))
-        if trainer.device.type == "cuda":
-            record["gpu_mem_mib"] = torch.cuda.max_memory_allocated(trainer.device) / 2**20
-            torch.cuda.reset_peak_memory_stats(trainer.device)
-        self.writer.write(trainer.step, record)
-        self.bar.set_postfix(f"loss {values[0]:.4f} lr {out['lr']:.4g}")
+
+    def log(self, trainer: TrainerBase, record: dict[str, Any]) -> None:
         dynamics = "".join(
             f" {key.split('/', 1)[1]} {record[key]:.3g}"
             for key in ("move/encoder", "collapse/head_rank")
@@ -351,29 +234,15 @@ class MetricsHook(Hook):
             trainer.step,
             trainer.stop_step,
             trainer.epoch,
-            values[0],
-            out["lr"],
-            out["momentum"],
+            record["loss"],
+            record["lr"],
+            record["momentum"],
             record["img_per_s"],
             dynamics,
         )
-        self._t0, self._step0 = time.perf_counter(), trainer.step
-
-    def after_train(self, trainer: Trainer) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 # ---------------------------------------------------------------------- assembling a run
-def resolve_amp(choice: str, device_type: str) -> torch.dtype | None:
-    """``auto``: bf16 on CUDA (when supported), full precision on CPU."""
-    if choice == "auto":
-        if device_type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[choice]
-
-
 def init_model(model_cfg: Any, seed: int) -> nn.Module:
     """The model a run with ``model_cfg`` and ``seed`` starts from: torch's RNG seeded with ``seed``
     right before the model is built, so the untrained baseline of a probe or benchmark
@@ -425,26 +294,6 @@ def _config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
-def _prepare_run_folder(run_dir: Path, resume: str | Path | None, overwrite: bool) -> None:
-    """Main process, holding the run folder's lock: clean up after killed writes, and refuse to
-    start a new run over an old one (``overwrite`` moves the old one aside instead)."""
-    from soco_det.errors import UserError
-    from soco_det.runlock import move_aside
-
-    ckpt_io.clean_temporary_files(run_dir)
-    existing = ckpt_io.checkpoint_candidates(run_dir)
-    if resume is not None or not existing:
-        return
-    if overwrite:
-        aside = move_aside(run_dir)
-        log.warning("--overwrite: moved the previous run of %s to %s", run_dir, aside)
-        return
-    raise UserError(
-        f"{run_dir}: already holds the checkpoints of a run ({existing[0].name}, ...); continue it with "
-        "--resume auto, write to a new -o folder, or pass --overwrite to move the old run aside"
-    )
-
-
 def pretrain(
     cfg: Any, out_dir: str | Path, resume: str | Path | None = None, hooks: Sequence[Hook] = (), overwrite: bool = False
 ) -> Path:
@@ -484,7 +333,7 @@ def pretrain(
     try:
         if dist_utils.is_main():  # one run per folder; the other ranks follow the main process
             lock = FolderLock(run_dir, "run folder").acquire()
-            _prepare_run_folder(run_dir, resume, overwrite)
+            ckpt_io.prepare_run_folder(run_dir, resume, overwrite)
         # The checkpoint to resume from, read (and checked) before anything is written.
         ckpt = None
         if resume == "auto":
@@ -603,8 +452,12 @@ def pretrain(
             sources.append(OnlineProbe(cfg))
         trainer.hooks = [
             dynamics,
-            MetricsHook(
-                writer, train.log_every, show_progress=train.progress and dist_utils.is_main(), sources=sources
+            PretrainMetricsHook(
+                writer,
+                train.log_every,
+                show_progress=train.progress and dist_utils.is_main(),
+                desc="pretrain",
+                sources=sources,
             ),
             CheckpointHook(run_dir, train.ckpt_every, train.keep_last, config_dict),
             *hooks,

@@ -23,7 +23,7 @@ log = get_logger(__name__)
 
 
 class OnlineProbe:
-    """A metrics source for :class:`~soco_det.engine.trainer.MetricsHook` (``metrics(trainer)``)."""
+    """A metrics source for :class:`~soco_det.engine.hooks.MetricsHook` (``metrics(trainer)``)."""
 
     def __init__(self, cfg: Any) -> None:
         train = cfg.train

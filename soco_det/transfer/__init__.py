@@ -17,11 +17,11 @@ from soco_det.transfer.config import FinetuneConfig
 __all__ = ["FinetuneConfig", "finetune", "evaluate"]
 
 
-def finetune(cfg: FinetuneConfig, out_dir: Any, resume: Any = None) -> Any:
+def finetune(cfg: FinetuneConfig, out_dir: Any, resume: Any = None, overwrite: bool = False) -> Any:
     """See :func:`soco_det.transfer.finetuning.finetune`."""
     from soco_det.transfer.finetuning import finetune as _finetune
 
-    return _finetune(cfg, out_dir, resume=resume)
+    return _finetune(cfg, out_dir, resume=resume, overwrite=overwrite)
 
 
 def evaluate(model_or_ckpt: Any, coco_json: Any, images_dir: Any, out_dir: Any = None, **kwargs: Any) -> dict:

@@ -184,9 +184,9 @@ class FinetuneConfig:
     model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     input: InputConfig = field(default_factory=InputConfig)
-    amp: bool = True
-    # float16 (with a GradScaler, as torchvision's detection reference) or bfloat16.
-    amp_dtype: str = "float16"
+    # Autocast as in pretraining (train.amp): auto = bf16 on CUDA where supported, full precision on
+    # CPU; fp16 runs with a GradScaler, as torchvision's detection reference.
+    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
     eval_period: int = 0
     checkpoint_period: int = 5000
     # Checkpoints to keep besides last.pt (oldest removed first; 0 = keep all).
@@ -197,8 +197,6 @@ class FinetuneConfig:
     device: str = "auto"
 
     def validate(self) -> None:
-        if self.amp_dtype not in ("float16", "bfloat16"):
-            raise ValueError(f"amp_dtype must be float16 or bfloat16, got {self.amp_dtype!r}")
         for name in ("eval_period", "checkpoint_period", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -6,6 +6,7 @@ Examples::
         --init export/torchvision.pth -o runs/ft                          # recipe finetune_1x
     soco-det finetune ... --recipe finetune_tiny_cpu -o runs/ft solver.iterations=100 model.depth=18
     soco-det finetune -o runs/ft --resume                                  # continue (reads runs/ft/config.yaml)
+    soco-det finetune ... -o runs/ft --overwrite                           # start over; old run -> runs/ft.old-<time>
     torchrun --nproc_per_node 8 -m soco_det.cli finetune ...               # DDP, SyncBN on CUDA
 """
 
@@ -32,7 +33,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="recipe name (finetune_1x, finetune_tiny_cpu) or YAML file; default finetune_1x, "
         "or the run folder's config.yaml with --resume",
     )
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in OUT from its newest intact checkpoint (as pretrain's --resume auto)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in a run folder that holds one: the old run is moved to OUT.old-<time>",
+    )
     parser.add_argument("--device", default=None, help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. solver.iterations=500 model.depth=18"
@@ -41,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from soco_det.config import build_config
+    from soco_det.engine.loop import NonFiniteLossError
+    from soco_det.logs import get_logger
     from soco_det.transfer import FinetuneConfig, finetune
 
     out = Path(args.out)
@@ -61,5 +73,9 @@ def run(args: argparse.Namespace) -> int:
         if value is not None:
             (extra.setdefault(section, {}) if section else extra)[key] = str(value)
     cfg = build_config(FinetuneConfig, recipe, args.overrides, extra=extra)
-    finetune(cfg, out, resume=args.resume)
+    try:
+        finetune(cfg, out, resume="auto" if args.resume else None, overwrite=args.overwrite)
+    except NonFiniteLossError as exc:
+        get_logger(__name__).error("%s", exc)
+        return 1
     return 0

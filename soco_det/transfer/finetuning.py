@@ -1,11 +1,15 @@
-"""Mask R-CNN fine-tuning: an iteration-based loop with warmup + step decay, DDP, AMP and resume.
+"""Mask R-CNN fine-tuning on the engine's loop: warmup + step decay, DDP, AMP, evaluation and resume.
 
 ``finetune(cfg, out_dir)`` trains the model of :mod:`soco_det.models.maskrcnn` on a COCO-format
-train set and evaluates it on the val set (periodically and at the end). The run folder holds::
+train set and evaluates it on the val set (periodically and at the end). The step is
+:meth:`FinetuneTrainer.run_step`; the loop, the non-finite-loss check, checkpoints, metrics and the
+run-folder policy are pretraining's (:mod:`soco_det.engine`), with an evaluation hook. The run
+folder holds::
 
     config.yaml                resolved config (schedule presets expanded)
-    metrics.jsonl              one line per log period ({"iter", "lr", "loss", "loss_*", "time"})
-                               and per evaluation ({"iter", "bbox": {...}, "segm": {...}})
+    metrics.jsonl              one line per log period ({"iter", "lr", "loss", "loss_*", "img_per_s",
+                               "time"}: the means over the period) and per evaluation
+                               ({"iter", "bbox": {...}, "segm": {...}})
     loss.png                   loss curve
     checkpoints/step_*.pt      {"format": "soco-det/1", "kind": "maskrcnn", "model", "optimizer",
     checkpoints/last.pt         "scaler", "step", "cat_ids", "rng", "config"} (atomic, last N kept)
@@ -14,30 +18,45 @@ train set and evaluates it on the val set (periodically and at the end). The run
 
 Run it on one process, or on many with ``torchrun --nproc_per_node N -m soco_det.cli finetune ...``
 (``solver.batch_size`` is the total over processes). The data order, the per-sample augmentation
-and (on CPU) the whole run are reproducible from ``seed``; resuming (``resume=True``) continues from
-the saved iteration with the same data stream, LR and RNG state.
+and (on CPU) the whole run are reproducible from ``seed``; resuming (``resume="auto"``) continues
+from the saved iteration with the same data stream, LR and RNG state.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 import os
-import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from soco_det.atomic import atomic_save
+from soco_det.atomic import atomic_save, atomic_write_json
 from soco_det.config import save_config, to_dict
+from soco_det.engine import distributed as dist
+from soco_det.engine.checkpoint import (
+    capture_rng,
+    checkpoint_candidates,
+    load_checkpoint,
+    load_model_strict,
+    prepare_run_folder,
+    resolve_checkpoint,
+    restore_rng,
+)
+from soco_det.engine.hooks import CheckpointHook, EvalHook, MetricsHook
+from soco_det.engine.loop import TrainerBase, move_to, resolve_amp, set_train_mode
 from soco_det.engine.metrics import MetricsWriter, read_metrics
+from soco_det.engine.signals import GracefulStop, Interrupted, ignore_stop_signals
 from soco_det.errors import UserError
-from soco_det.logs import Progress, get_logger
+from soco_det.logs import get_logger
+from soco_det.models.maskrcnn import build_from_config, load_init, resolve_widths
+from soco_det.runlock import FolderLock
 from soco_det.torch_io import resolve_device
+from soco_det.transfer.box_only import annotation_kind
+from soco_det.transfer.coco_data import CocoInstances, TrainingSampler, collate
 from soco_det.transfer.config import FinetuneConfig, SolverConfig, resolve_schedule
+from soco_det.transfer.evaluation import evaluate, format_metrics
 
 log = get_logger(__name__)
 
@@ -80,8 +99,6 @@ def precise_bn(model: nn.Module, loader_iter: Any, n_images: int, device: torch.
     training images (train-mode forward passes, no update of any weight). The RNG states are
     restored afterwards, so a run's sampling does not depend on whether this ran. Returns the
     number of images used."""
-    from soco_det.engine.checkpoint import capture_rng, restore_rng
-
     bns = [bn for bn in batch_norms(model) if bn.training]
     if not bns or n_images <= 0:
         return 0
@@ -94,9 +111,7 @@ def precise_bn(model: nn.Module, loader_iter: Any, n_images: int, device: torch.
     try:
         while seen < n_images:
             images, targets = next(loader_iter)
-            images = [im.to(device) for im in images]
-            targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-            model(images, targets)
+            model(move_to(images, device), move_to(targets, device))
             seen += len(images)
     finally:
         for bn, m in zip(bns, saved):
@@ -117,36 +132,6 @@ def param_groups(model: nn.Module, solver: SolverConfig) -> list[dict[str, Any]]
         {"params": other, "weight_decay": solver.weight_decay},
         {"params": norm, "weight_decay": solver.weight_decay_norm},
     ]
-
-
-def train_step(
-    model: nn.Module,
-    images: list[torch.Tensor],
-    targets: list[dict[str, Any]],
-    optimizer: torch.optim.Optimizer,
-    scaler: Any,
-    autocast: Any,
-    clip_grad_norm: float,
-) -> dict[str, float]:
-    """One SGD step; returns the loss terms (floats). Raises ``FloatingPointError`` on a non-finite
-    loss, before the weights are touched, so the last checkpoint stays usable."""
-    # Forward: torchvision's Mask R-CNN returns its five loss terms in training mode.
-    with autocast():
-        loss_dict = model(images, targets)
-    loss = sum(loss_dict.values())
-    values = {k: float(v.detach()) for k, v in loss_dict.items()}
-    if not math.isfinite(float(loss.detach())):
-        raise FloatingPointError(f"non-finite loss {values}; lower solver.base_lr or raise solver.warmup_iters")
-    # Backward (scaled for float16) and update.
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    if clip_grad_norm > 0:
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-    scaler.step(optimizer)
-    scaler.update()
-    values["loss"] = sum(values.values())
-    return values
 
 
 def plot_losses(records: list[dict[str, Any]], out_png: Path) -> None:
@@ -179,45 +164,153 @@ def plot_losses(records: list[dict[str, Any]], out_png: Path) -> None:
         plt.close(fig)
 
 
-def _resume_path(out: Path, resume: bool | str | Path | None, check_fresh: bool = True) -> Path | None:
-    from soco_det.engine.checkpoint import find_resume, resolve_checkpoint
+class FinetuneTrainer(TrainerBase):
+    """Fine-tuning's step on the engine's loop (:mod:`soco_det.engine.loop`): SGD with warmup +
+    step decay at ``lr_factor(step)``, the Mask R-CNN's five losses under autocast, gradient
+    clipping, a GradScaler for fp16. The data is an endless stream (``TrainingSampler``) that starts
+    at the resumed iteration."""
 
-    if resume in (None, False):
-        if check_fresh and find_resume(out) is not None:
-            raise UserError(f"{out}: run folder already has checkpoints; resume it (--resume) or choose another folder")
-        return None
-    if resume is True or resume == "auto":
-        if find_resume(out) is None:
-            log.info("%s: no checkpoint to resume from; starting fresh", out)
-            return None
-        return out  # load_checkpoint of the folder: its newest intact checkpoint
-    return resolve_checkpoint(resume)
+    nonfinite_hint = "lower solver.base_lr or raise solver.warmup_iters"
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        forward_model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        solver: SolverConfig,
+        loader: torch.utils.data.DataLoader,
+        cat_ids: list[int],
+        num_images: int,
+        device: torch.device,
+        amp_dtype: torch.dtype | None,
+        run_dir: Path,
+        check_every: int,
+    ) -> None:
+        super().__init__(
+            device=device, stop_step=solver.iterations, amp_dtype=amp_dtype, run_dir=run_dir, check_every=check_every
+        )
+        self.model, self.forward_model, self.optimizer, self.scaler = model, forward_model, optimizer, scaler
+        self.solver, self.loader, self.cat_ids, self.num_images = solver, loader, cat_ids, num_images
+        self._data: Any = None
+
+    def start(self, rng: dict[str, Any] | None, seed: int) -> None:
+        """Open the data stream, then set the RNG of the RPN/RoI sampling: the checkpoint's state
+        (``rng``) on resume, ``seed`` on a fresh run. In this order, as opening the loader draws its
+        workers' base seed from the global RNG."""
+        self._data = iter(self.loader)
+        if rng is not None:
+            restore_rng(rng)
+        else:
+            torch.manual_seed(seed)
+
+    def next_batch(self) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+        images, targets = next(self._data)
+        return move_to(images, self.device), move_to(targets, self.device)
+
+    def run_step(self, batch: tuple[list[torch.Tensor], list[dict[str, Any]]]) -> dict[str, Any]:
+        images, targets = batch
+        # 1. LR of this iteration (a pure function of it: exact on resume).
+        lr = peak_lr(self.solver) * lr_factor(self.step, self.solver)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        # 2. Forward under autocast: torchvision's Mask R-CNN returns its loss terms in training mode.
+        with self.autocast():
+            terms = self.forward_model(images, targets)
+        loss = sum(v.float() for v in terms.values())
+        # 3. A non-finite loss is noted on the device and checked by the loop (all processes agree).
+        self.note_finite(loss.detach())
+        # 4. Backward (scaled for fp16), clipping of the unscaled gradients, SGD step.
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.solver.clip_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.solver.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        return {"loss": loss.detach(), "terms": {k: v.detach().float() for k, v in terms.items()}, "lr": lr}
+
+    def state_dict(self, config: dict) -> dict[str, Any]:
+        return {
+            "kind": "maskrcnn",
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.step * self.solver.batch_size // self.num_images,
+            "cat_ids": self.cat_ids,
+            "rng": capture_rng(),
+            "config": config,
+        }
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        """Weights, optimizer, scaler and iteration (the RNG is set by :meth:`start`)."""
+        load_model_strict(self.model, ckpt["model"], source=str(ckpt.get("path", "checkpoint")))
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.step = int(ckpt["step"])
+
+
+class FinetuneMetricsHook(MetricsHook):
+    """Fine-tuning's records: the loss terms averaged over the log period, the LR, images/s."""
+
+    def extra(self, trainer: TrainerBase, out: dict[str, Any], steps_per_s: float) -> dict[str, Any]:
+        assert isinstance(trainer, FinetuneTrainer)
+        return {"img_per_s": steps_per_s * trainer.solver.batch_size}
+
+    def log(self, trainer: TrainerBase, record: dict[str, Any]) -> None:
+        log.info(
+            "iter %d/%d loss %.4f lr %.4g %.1f img/s",
+            trainer.step,
+            trainer.stop_step,
+            record["loss"],
+            record["lr"],
+            record["img_per_s"],
+        )
 
 
 def _device(cfg: FinetuneConfig) -> str:
     return torch.device(resolve_device(cfg.device, "device")).type
 
 
-def finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: bool | str | Path | None = None) -> Path:
+def _resume_source(out: Path, resume: bool | str | Path | None) -> Path | None:
+    """The checkpoint (file, or run folder: its newest intact one) a run continues from."""
+    if resume in (None, False):
+        return None
+    if resume is True or resume == "auto":
+        if not checkpoint_candidates(out):
+            log.info("%s: no checkpoint to resume from; starting fresh", out)
+            return None
+        return out
+    return resolve_checkpoint(resume)
+
+
+def finetune(
+    cfg: FinetuneConfig, out_dir: str | Path, resume: bool | str | Path | None = None, overwrite: bool = False
+) -> Path:
     """Fine-tune a Mask R-CNN as ``cfg`` says; returns the run folder ``out_dir``.
 
-    ``resume``: ``None``/``False`` starts fresh (refusing a folder that already has checkpoints);
-    ``True``/``"auto"`` continues from ``out_dir/checkpoints/last.pt`` if there is one; a path
-    continues from that checkpoint. Raises :class:`UserError` for bad data or init files.
+    ``resume``: ``None``/``False`` starts fresh (a folder that holds checkpoints is refused, or with
+    ``overwrite`` moved aside to ``OUT.old-<time>``, as in pretraining); ``True``/``"auto"``
+    continues from the folder's newest intact checkpoint if there is one; a path continues from
+    that checkpoint. Raises :class:`UserError` for bad data or init files,
+    :class:`~soco_det.engine.loop.NonFiniteLossError` when the loss diverges and
+    :class:`~soco_det.engine.signals.Interrupted` after a stop signal (a checkpoint saved).
     """
-    from soco_det.engine import distributed as dist
-    from soco_det.engine.checkpoint import clean_temporary_files
-    from soco_det.runlock import FolderLock
-
+    out = Path(out_dir)
+    resume = "auto" if resume is True else (None if resume is False else resume)
     created_group = not dist.is_initialized()
     # One run per folder: the main process holds its lock (torchrun ranks share the main's folder).
     rank = dist.rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))  # torchrun sets RANK
     lock: FolderLock | None = None
     try:
         if rank == 0:
-            lock = FolderLock(out_dir, "run folder").acquire()
-            clean_temporary_files(out_dir)
-        return _finetune(cfg, Path(out_dir), resume)
+            lock = FolderLock(out, "run folder").acquire()
+            prepare_run_folder(out, resume, overwrite)
+        return _finetune(cfg, out, resume)
     finally:
         if lock is not None:
             lock.release()
@@ -225,14 +318,7 @@ def finetune(cfg: FinetuneConfig, out_dir: str | Path, resume: bool | str | Path
             dist.cleanup()
 
 
-def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) -> Path:
-    from soco_det.engine import distributed as dist
-    from soco_det.engine.checkpoint import capture_rng, load_checkpoint, load_model_strict, restore_rng, save_checkpoint
-    from soco_det.engine.signals import GracefulStop, Interrupted
-    from soco_det.transfer.coco_data import CocoInstances, TrainingSampler, collate
-    from soco_det.transfer.evaluation import evaluate, format_metrics
-    from soco_det.models.maskrcnn import build_from_config, load_init, resolve_widths
-
+def _finetune(cfg: FinetuneConfig, out: Path, resume: str | Path | None) -> Path:
     try:
         cfg.check_data()
     except ValueError as exc:
@@ -258,58 +344,48 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) 
     widths = resolve_widths(cfg.model)
     model_cfg = replace(cfg.model, **{k: list(v) if isinstance(v, tuple) else v for k, v in widths.items()})
     cfg = replace(cfg, model=model_cfg, solver=resolve_schedule(cfg.solver, len(train_set)))
-    solver = cfg.solver
-    num_classes = train_set.num_classes
+    solver, num_classes = cfg.solver, train_set.num_classes
     if cfg.model.num_classes not in (0, num_classes):
         raise UserError(
             f"model.num_classes={cfg.model.num_classes} but {cfg.data.train_json} has {num_classes - 1} categories (+1 background)"
         )
 
-    # Model: same initial weights on every rank (seeded), then per-rank randomness for sampling.
-    torch.manual_seed(cfg.seed)
-    from soco_det.transfer.box_only import annotation_kind
-
-    model = build_from_config(cfg.model, cfg.input, num_classes, masks=annotation_kind(train_set) == "masks")
-    # Only rank 0 refuses a used folder: other ranks may look after rank 0 wrote checkpoints.
-    ckpt_path = _resume_path(out, resume, check_fresh=rank == 0)
-    if ckpt_path is None and cfg.model.init != "random":
-        load_init(model, cfg.model.init)
-    model.to(device)
-    ddp = dist.is_initialized() and world > 1
-    if ddp and device.type == "cuda" and cfg.model.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg.model.bn_mode == "frozen":
-        freeze_batch_norm(model)
-    optimizer = torch.optim.SGD(param_groups(model, solver), lr=peak_lr(solver), momentum=solver.momentum)
-    use_amp = cfg.amp and device.type == "cuda"
-    amp_dtype = torch.float16 if cfg.amp_dtype == "float16" else torch.bfloat16
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
-
-    start_iter = 0
-    if ckpt_path is not None:
+    # The checkpoint to resume from, read and checked before anything is written.
+    ckpt = None
+    source = _resume_source(out, resume)
+    if source is not None:
         # On the CPU: the RNG states must stay host tensors; model and optimizer copy to their device.
-        ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+        ckpt = load_checkpoint(source, map_location="cpu")
         if ckpt.get("kind") != "maskrcnn":
-            raise UserError(f"{ckpt_path}: not a fine-tuning checkpoint")
+            raise UserError(f"{ckpt['path']}: not a fine-tuning checkpoint")
         if [int(c) for c in ckpt["cat_ids"]] != train_set.cat_ids:
             raise UserError(
-                f"{ckpt_path}: trained on category ids {ckpt['cat_ids']}, but {cfg.data.train_json} has {train_set.cat_ids}"
+                f"{ckpt['path']}: trained on category ids {ckpt['cat_ids']}, but {cfg.data.train_json} has {train_set.cat_ids}"
             )
-        load_model_strict(model, ckpt["model"], source=str(ckpt_path))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_iter = int(ckpt["step"])
-        log.info("resumed from %s at iteration %d", ckpt["path"], start_iter)
-    train_model = (
-        nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if ddp
-        else model
-    )
 
-    if rank == 0:
-        save_config(cfg, out)
-    metrics = MetricsWriter(out, enabled=rank == 0, tensorboard=False, resume_step=start_iter, step_key="iter")
+    # Model: the same initial weights on every process (seeded), then the init file.
+    torch.manual_seed(cfg.seed)
+    model = build_from_config(cfg.model, cfg.input, num_classes, masks=annotation_kind(train_set) == "masks")
+    if ckpt is None and cfg.model.init != "random":
+        load_init(model, cfg.model.init)
+    model.to(device)
+    if world > 1 and device.type == "cuda" and cfg.model.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    frozen_bn = cfg.model.bn_mode == "frozen"
+    if frozen_bn:
+        freeze_batch_norm(model)
+    forward_model: nn.Module = model
+    if world > 1:
+        forward_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    set_train_mode(forward_model, frozen_bn)
+    optimizer = torch.optim.SGD(param_groups(model, solver), lr=peak_lr(solver), momentum=solver.momentum)
+    amp_dtype = resolve_amp(cfg.amp, device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
     per_rank = solver.batch_size // world
+    start_iter = int(ckpt["step"]) if ckpt is not None else 0
     loader = torch.utils.data.DataLoader(
         train_set,
         batch_size=per_rank,
@@ -317,63 +393,45 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) 
         num_workers=cfg.data.num_workers,
         collate_fn=collate,
         pin_memory=device.type == "cuda",
-        persistent_workers=False,
+        worker_init_fn=ignore_stop_signals if cfg.data.num_workers > 0 else None,
     )
-
-    # PreciseBN reads its own pass over the training images (its own sampler seed: the training
-    # sampler's position is not disturbed).
-    precise_loader = torch.utils.data.DataLoader(
-        train_set,
-        batch_size=per_rank,
-        collate_fn=collate,
-        num_workers=0,
-        sampler=TrainingSampler(len(train_set), per_rank, rank, world, seed=cfg.seed + 1, start_iter=0),
+    trainer = FinetuneTrainer(
+        model=model,
+        forward_model=forward_model,
+        optimizer=optimizer,
+        scaler=scaler,
+        solver=solver,
+        loader=loader,
+        cat_ids=train_set.cat_ids,
+        num_images=len(train_set),
+        device=device,
+        amp_dtype=amp_dtype,
+        run_dir=out,
+        check_every=cfg.log_period,
     )
+    if ckpt is not None:
+        trainer.load_state_dict(ckpt)
+        log.info("resumed from %s at iteration %d", ckpt["path"], trainer.step)
+    # The RNG (RPN/RoI sampling) continues where the checkpoint left it; fresh runs seed per process.
+    trainer.start(ckpt["rng"] if ckpt is not None else None, cfg.seed + rank)
+    if rank == 0:
+        save_config(cfg, out)  # only now: a rejected resume leaves the folder as it was
 
-    def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype) if use_amp else contextlib.nullcontext()
-
-    def checkpoint(iteration: int) -> None:
-        if rank == 0:
-            state = {
-                "kind": "maskrcnn",
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "step": iteration,
-                "epoch": iteration * solver.batch_size // len(train_set),
-                "cat_ids": train_set.cat_ids,
-                "rng": capture_rng(),
-                "config": to_dict(cfg),
-            }
-            save_checkpoint(out, state, keep_last=cfg.keep_checkpoints or 10**9)
-            plot_losses(read_metrics(out), out / "loss.png")
-        dist.barrier()
-
-    def run_eval(iteration: int) -> dict[str, Any] | None:
-        result = None
-        if cfg.model.precise_bn_images:
-            # every rank runs the same passes, so that SyncBN (if any) stays in step
-            seen = precise_bn(train_model, iter(precise_loader), cfg.model.precise_bn_images, device)
-            log.info("precise BN: statistics re-estimated over %d training images", seen)
-            train_model.train()
-            if cfg.model.bn_mode == "frozen":
-                freeze_batch_norm(model)
-        if rank == 0:
-            result = evaluate(
-                model,
-                cfg.data.val_json,
-                cfg.data.val_images,
-                out / "eval" / f"step_{iteration:08d}",
-                max_images=cfg.data.max_val_images,
-                show_progress=False,
-            )
-            metrics.write(iteration, {t: result[t] for t in ("bbox", "segm") if t in result})
-        dist.barrier()
-        return result
-
+    writer = MetricsWriter(out, enabled=rank == 0, tensorboard=False, resume_step=trainer.step, step_key="iter")
+    evaluation = EvalHook(cfg.eval_period, _evaluation(cfg, out, train_set, per_rank, writer, frozen_bn))
+    trainer.hooks = [
+        FinetuneMetricsHook(writer, cfg.log_period, show_progress=rank == 0, desc="finetune", window=True),
+        CheckpointHook(
+            out,
+            cfg.checkpoint_period,
+            cfg.keep_checkpoints or 10**9,
+            to_dict(cfg),
+            after_save=lambda _: plot_losses(read_metrics(out), out / "loss.png"),
+        ),
+        evaluation,
+    ]
     log.info(
-        "fine-tuning %d iterations (batch %d, lr %.4g, %d train images, %d classes) on %s x%d; init %s; BN %s%s",
+        "fine-tuning %d iterations (batch %d, lr %.4g, %d train images, %d classes) on %s x%d; init %s; BN %s%s; amp %s",
         solver.iterations,
         solver.batch_size,
         peak_lr(solver),
@@ -384,58 +442,63 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool | str | Path | None) 
         cfg.model.init,
         cfg.model.bn_mode,
         f", precise BN over {cfg.model.precise_bn_images} images" if cfg.model.precise_bn_images else "",
+        amp_dtype,
     )
-    train_model.train()
-    if cfg.model.bn_mode == "frozen":
-        freeze_batch_norm(model)
-    window: list[dict[str, float]] = []
-    t0 = time.perf_counter()
-    data = iter(loader)  # draws a worker seed from the global RNG: before the RNG is set below
-    # The RNG (RPN/RoI sampling) continues exactly where the checkpoint left it; fresh runs seed per rank.
-    if ckpt_path is not None:
-        restore_rng(ckpt["rng"])
-    else:
-        torch.manual_seed(cfg.seed + rank)
-    with Progress(total=solver.iterations, desc="finetune", initial=start_iter) as bar, GracefulStop() as stop:
-        for iteration in range(start_iter, solver.iterations):
-            lr = peak_lr(solver) * lr_factor(iteration, solver)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            images, targets = next(data)
-            images = [im.to(device, non_blocking=True) for im in images]
-            targets = [
-                {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
-                for t in targets
-            ]
-            window.append(train_step(train_model, images, targets, optimizer, scaler, autocast, solver.clip_grad_norm))
-            done = iteration + 1
-            bar.update(1)
-            if done % cfg.log_period == 0 or done == solver.iterations:
-                # Window means, averaged over processes (every rank logs at the same iterations).
-                keys = list(window[-1])
-                means = torch.tensor([sum(w[k] for w in window) / len(window) for k in keys], device=device)
-                means = dist.all_reduce_mean(means).tolist()
-                record = {"lr": lr, **dict(zip(keys, means)), "time": round(time.perf_counter() - t0, 3)}
-                bar.set_postfix(f"loss {record['loss']:.3f} lr {lr:.2e}")
-                metrics.write(done, record)
-                window = []
-            if (cfg.checkpoint_period and done % cfg.checkpoint_period == 0) or done == solver.iterations:
-                checkpoint(done)
-            if cfg.eval_period and done % cfg.eval_period == 0 and done != solver.iterations:
-                run_eval(done)
-            if done != solver.iterations and stop.requested():  # SIGINT/SIGTERM: save, then stop
-                if not (cfg.checkpoint_period and done % cfg.checkpoint_period == 0):
-                    checkpoint(done)
-                raise Interrupted(
-                    f"{out}: stopped by {stop.name} after iteration {done}; checkpoint saved; continue with --resume",
-                    stop.signum or 15,
-                )
-    final = run_eval(solver.iterations)
-    if rank == 0 and final is not None:
-        from soco_det.atomic import atomic_write_json
-
-        atomic_write_json(out / "metrics.json", final, indent=2)
+    try:
+        with GracefulStop() as stop:
+            trainer.should_stop = stop.requested
+            trainer.train()
+    finally:
+        writer.close()
+    if trainer.stopped:
+        raise Interrupted(
+            f"{out}: stopped by {stop.name or 'a signal'} after iteration {trainer.step}; checkpoint saved; "
+            "continue with --resume",
+            stop.signum or 15,
+        )
+    if rank == 0 and evaluation.result is not None:
+        atomic_write_json(out / "metrics.json", evaluation.result, indent=2)
         plot_losses(read_metrics(out), out / "loss.png")
-        log.info("final: %s", format_metrics(final))
-    metrics.close()
+        log.info("final: %s", format_metrics(evaluation.result))
     return out
+
+
+def _evaluation(
+    cfg: FinetuneConfig, out: Path, train_set: Any, per_rank: int, writer: MetricsWriter, frozen_bn: bool
+) -> Callable[[TrainerBase], dict[str, Any] | None]:
+    """The evaluation of :class:`EvalHook`: PreciseBN on every process (so that SyncBN, if any,
+    stays in step), then COCO evaluation of the val set on the main process, recorded in
+    ``metrics.jsonl`` and ``eval/step_XXXXXXXX/``; training mode is restored afterwards."""
+    rank, world = dist.rank(), dist.world_size()
+    # PreciseBN reads its own pass over the training images: its own sampler seed and loader
+    # generator, so the training stream and the global RNG are not disturbed.
+    precise_loader = torch.utils.data.DataLoader(
+        train_set,
+        batch_size=per_rank,
+        collate_fn=collate,
+        num_workers=0,
+        sampler=TrainingSampler(len(train_set), per_rank, rank, world, seed=cfg.seed + 1, start_iter=0),
+        generator=torch.Generator().manual_seed(cfg.seed + 1),
+    )
+
+    def run(trainer: TrainerBase) -> dict[str, Any] | None:
+        assert isinstance(trainer, FinetuneTrainer)
+        if cfg.model.precise_bn_images:
+            seen = precise_bn(trainer.forward_model, iter(precise_loader), cfg.model.precise_bn_images, trainer.device)
+            log.info("precise BN: statistics re-estimated over %d training images", seen)
+        result = None
+        if dist.is_main():
+            result = evaluate(
+                trainer.model,
+                cfg.data.val_json,
+                cfg.data.val_images,
+                out / "eval" / f"step_{trainer.step:08d}",
+                max_images=cfg.data.max_val_images,
+                show_progress=False,
+            )
+            writer.write(trainer.step, {t: result[t] for t in ("bbox", "segm") if t in result})
+        set_train_mode(trainer.forward_model, frozen_bn)
+        dist.barrier()
+        return result
+
+    return run
