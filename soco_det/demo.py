@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from soco_det.atomic import atomic_write_text
+from soco_det.atomic import atomic_write_json, atomic_write_text
 from soco_det.logs import get_logger
+from soco_det.runlock import LOCK_NAME, move_aside
 
 log = get_logger(__name__)
 
@@ -38,6 +41,40 @@ class DemoContext:
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
+FINGERPRINT = "demo.json"
+SCENE_FILES = ("scenes", "scenes.png")
+
+
+def fingerprint(ctx: DemoContext) -> dict[str, Any]:
+    """What the demo's results depend on: its settings and the scenes (their COCO files)."""
+    settings = {
+        f.name: getattr(ctx, f.name)
+        for f in dataclasses.fields(ctx)
+        if f.name not in ("out", "probe", "paths", "timings")
+    }
+    digest = hashlib.sha1()
+    for key in ("unlabeled", "train", "val"):
+        digest.update(Path(ctx.paths[f"scenes_{key}"]).read_bytes())
+    return {"settings": settings, "scenes_sha1": digest.hexdigest()}
+
+
+def claim_demo_folder(ctx: DemoContext) -> None:
+    """Continue the results of an earlier demo in ``ctx.out`` (pretraining and fine-tuning resume)
+    only when they came from the same settings and the same scenes; otherwise (another version of
+    the scene generator, other sizes) move them to ``OUT.old-<time>``, keeping the scenes just made."""
+    record = fingerprint(ctx)
+    path = ctx.out / FINGERPRINT
+    try:
+        earlier = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        earlier = None
+    results = [e for e in ctx.out.iterdir() if e.name not in (*SCENE_FILES, FINGERPRINT, LOCK_NAME)]
+    if results and earlier != record:
+        aside = move_aside(ctx.out, keep=(*SCENE_FILES, LOCK_NAME))
+        log.warning("%s held a demo made from other settings or scenes: moved it to %s", ctx.out, aside)
+    atomic_write_json(path, record, indent=1)
+
+
 def stage_scenes(ctx: DemoContext) -> list[str]:
     from soco_det.synth import generate, render_scenes
 
@@ -51,6 +88,7 @@ def stage_scenes(ctx: DemoContext) -> list[str]:
         seed=ctx.seed,
     )
     ctx.paths.update({f"scenes_{k}": Path(v) for k, v in paths.items()})
+    claim_demo_folder(ctx)
     picture = ctx.out / "scenes.png"
     render_scenes(paths["train"], paths["images"], picture, n=6)
     return [
@@ -305,7 +343,7 @@ def stage_transfer(ctx: DemoContext) -> list[str]:
     for name, init in (("untrained", str(untrained)), ("SoCo", str(export))):
         extra = {"data": data, "model": {"init": init, "depth": 18, **widths}}
         cfg = build_config(FinetuneConfig, "finetune_tiny_cpu", overrides, extra=extra)
-        run = finetune(cfg, ctx.out / f"finetune_{name.lower()}")
+        run = finetune(cfg, ctx.out / f"finetune_{name.lower()}", resume="auto")
         rows.append((name, json.loads((run / "metrics.json").read_text())))
         curves[name] = metric_curve(read_metrics(run), "loss", x_key="iter")
     picture = plot_curves(

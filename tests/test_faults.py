@@ -403,7 +403,10 @@ def test_sigterm_during_finetuning_saves_a_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(finetuning.FinetuneTrainer, "run_step", step_then_signal)
     run = tmp_path / "ft"
-    with pytest.raises(Interrupted, match="stopped by SIGTERM after iteration 3"):
+    with pytest.raises(
+        Interrupted,
+        match="stopped by SIGTERM after step 3; checkpoint .*step_00000003.pt saved; continue with --resume",
+    ):
         finetune(cfg, run)
     assert len(calls) == 3 and ckpt_io.load_checkpoint(run)["step"] == 3
     assert _steps(run) == ["step_00000003.pt"]

@@ -33,7 +33,7 @@ from torch import nn
 from soco_det.atomic import atomic_open
 from soco_det.errors import UserError
 from soco_det.logs import get_logger
-from soco_det.runlock import move_aside
+from soco_det.runlock import FolderLock, move_aside
 from soco_det.torch_io import torch_load
 
 log = get_logger(__name__)
@@ -209,23 +209,28 @@ def clean_temporary_files(run_dir: str | Path) -> list[Path]:
     return removed
 
 
-def prepare_run_folder(run_dir: str | Path, resume: Any, overwrite: bool) -> None:
-    """The run-folder policy of pretraining and fine-tuning, for the main process holding the
-    folder's lock: clean up after killed writes, and refuse to start a new run (``resume`` is
-    ``None``) over a folder that holds checkpoints; ``overwrite`` moves the old run to
-    ``RUN.old-<time>`` instead (:func:`soco_det.runlock.move_aside`)."""
-    clean_temporary_files(run_dir)
-    existing = checkpoint_candidates(run_dir)
-    if resume is not None or not existing:
-        return
-    if overwrite:
-        aside = move_aside(run_dir)
-        log.warning("--overwrite: moved the previous run of %s to %s", run_dir, aside)
-        return
-    raise UserError(
-        f"{run_dir}: already holds the checkpoints of a run ({existing[0].name}, ...); continue it with "
-        "--resume auto, write to a new -o folder, or pass --overwrite to move the old run aside"
-    )
+def claim_run_folder(run_dir: str | Path, resume: Any, overwrite: bool) -> FolderLock:
+    """The run-folder policy of pretraining and fine-tuning, for the main process: take the
+    folder's lock (held until the caller releases it, at the end of the run), clean up after killed
+    writes, and refuse to start a new run (``resume`` is ``None``) over a folder that holds
+    checkpoints; ``overwrite`` moves the old run to ``RUN.old-<time>`` instead
+    (:func:`soco_det.runlock.move_aside`)."""
+    lock = FolderLock(run_dir, "run folder").acquire()
+    try:
+        clean_temporary_files(run_dir)
+        existing = checkpoint_candidates(run_dir)
+        if resume is None and existing:
+            if not overwrite:
+                raise UserError(
+                    f"{run_dir}: already holds the checkpoints of a run ({existing[0].name}, ...); continue it "
+                    "with --resume auto, write to a new -o folder, or pass --overwrite to move the old run aside"
+                )
+            aside = move_aside(run_dir)
+            log.warning("--overwrite: moved the previous run of %s to %s", run_dir, aside)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def checkpoint_candidates(run_dir: str | Path) -> list[Path]:

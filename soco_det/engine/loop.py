@@ -22,6 +22,7 @@ from torch import nn
 
 from soco_det.engine import checkpoint as ckpt_io
 from soco_det.engine import distributed as dist_utils
+from soco_det.engine.signals import GracefulStop, Interrupted
 
 
 def move_to(obj: Any, device: torch.device, channels_last: bool = False) -> Any:
@@ -140,6 +141,21 @@ class TrainerBase:
                 hook.after_step(self, out)
         for hook in self.hooks:
             hook.after_train(self)
+
+    def run(self, resume_hint: str) -> None:
+        """:meth:`train` with SIGINT/SIGTERM handled (:mod:`soco_det.engine.signals`): every
+        process finishes the step under way, the hooks save a checkpoint, and
+        :class:`~soco_det.engine.signals.Interrupted` names it and how to continue (``resume_hint``)."""
+        with GracefulStop() as stop:
+            self.should_stop = stop.requested
+            self.train()
+        if self.stopped:
+            saved = ckpt_io.find_resume(self.run_dir) if self.run_dir is not None else None
+            what = f"checkpoint {saved} saved; continue with {resume_hint}" if saved else "no step was done"
+            raise Interrupted(
+                f"{self.run_dir}: stopped by {stop.name or 'a signal'} after step {self.step}; {what}",
+                stop.signum or 15,
+            )
 
     # ------------------------------------------------------------------ non-finite losses
     def note_finite(self, loss: torch.Tensor) -> None:

@@ -317,7 +317,7 @@ def pretrain(
     from soco_det.engine.dynamics import TrainingDynamics  # imports this module
     from soco_det.engine.lars import build_lars
     from soco_det.errors import UserError
-    from soco_det.engine.signals import GracefulStop, Interrupted, ignore_stop_signals
+    from soco_det.engine.signals import ignore_stop_signals
     from soco_det.models import convert_sync_bn
     from soco_det.runlock import FolderLock
 
@@ -332,8 +332,7 @@ def pretrain(
     lock: FolderLock | None = None
     try:
         if dist_utils.is_main():  # one run per folder; the other ranks follow the main process
-            lock = FolderLock(run_dir, "run folder").acquire()
-            ckpt_io.prepare_run_folder(run_dir, resume, overwrite)
+            lock = ckpt_io.claim_run_folder(run_dir, resume, overwrite)
         # The checkpoint to resume from, read (and checked) before anything is written.
         ckpt = None
         if resume == "auto":
@@ -480,17 +479,9 @@ def pretrain(
             amp_dtype,
         )
         try:
-            with GracefulStop() as stop:
-                trainer.should_stop = stop.requested
-                trainer.train()
+            trainer.run(resume_hint="--resume auto")
         finally:
             writer.close()
-        if trainer.stopped:
-            saved = ckpt_io.find_resume(run_dir)
-            what = f"checkpoint {saved} saved; continue with --resume auto" if saved else "no step was done"
-            raise Interrupted(
-                f"{run_dir}: stopped by {stop.name or 'a signal'} after step {trainer.step}; {what}", stop.signum or 15
-            )
         return run_dir
     finally:
         if lock is not None:

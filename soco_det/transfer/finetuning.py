@@ -37,17 +37,17 @@ from soco_det.config import save_config, to_dict
 from soco_det.engine import distributed as dist
 from soco_det.engine.checkpoint import (
     capture_rng,
+    claim_run_folder,
     checkpoint_candidates,
     load_checkpoint,
     load_model_strict,
-    prepare_run_folder,
     resolve_checkpoint,
     restore_rng,
 )
 from soco_det.engine.hooks import CheckpointHook, EvalHook, MetricsHook
 from soco_det.engine.loop import TrainerBase, move_to, resolve_amp, set_train_mode
 from soco_det.engine.metrics import MetricsWriter, read_metrics
-from soco_det.engine.signals import GracefulStop, Interrupted, ignore_stop_signals
+from soco_det.engine.signals import ignore_stop_signals
 from soco_det.errors import UserError
 from soco_det.logs import get_logger
 from soco_det.models.maskrcnn import build_from_config, load_init, resolve_widths
@@ -308,8 +308,7 @@ def finetune(
     lock: FolderLock | None = None
     try:
         if rank == 0:
-            lock = FolderLock(out, "run folder").acquire()
-            prepare_run_folder(out, resume, overwrite)
+            lock = claim_run_folder(out, resume, overwrite)
         return _finetune(cfg, out, resume)
     finally:
         if lock is not None:
@@ -445,17 +444,9 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: str | Path | None) -> Path
         amp_dtype,
     )
     try:
-        with GracefulStop() as stop:
-            trainer.should_stop = stop.requested
-            trainer.train()
+        trainer.run(resume_hint="--resume")
     finally:
         writer.close()
-    if trainer.stopped:
-        raise Interrupted(
-            f"{out}: stopped by {stop.name or 'a signal'} after iteration {trainer.step}; checkpoint saved; "
-            "continue with --resume",
-            stop.signum or 15,
-        )
     if rank == 0 and evaluation.result is not None:
         atomic_write_json(out / "metrics.json", evaluation.result, indent=2)
         plot_losses(read_metrics(out), out / "loss.png")
