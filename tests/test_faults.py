@@ -405,7 +405,7 @@ def test_sigterm_during_finetuning_saves_a_checkpoint(tmp_path, monkeypatch):
     run = tmp_path / "ft"
     with pytest.raises(
         Interrupted,
-        match="stopped by SIGTERM after step 3; checkpoint .*step_00000003.pt saved; continue with --resume",
+        match=r"stopped by SIGTERM after step 3; checkpoint .*last\.pt saved; continue with --resume",
     ):
         finetune(cfg, run)
     assert len(calls) == 3 and ckpt_io.load_checkpoint(run)["step"] == 3
