@@ -215,6 +215,24 @@ def test_init_from_export_leaves_exactly_rpn_predictor_and_mask_branch(tmp_path)
     torch.testing.assert_close(state["roi_heads.box_head.5.weight"], soco.online.head.fc1.weight)
 
 
+def test_init_from_a_run_folder_or_checkpoint_equals_init_from_its_export(tmp_path):
+    """``--init RUN`` (or its checkpoint file) exports in memory: the same tensors land in the same
+    places as with ``soco-det export --to torchvision`` first, and the same parts stay random."""
+    from soco_det.export import export_checkpoint
+
+    _soco_checkpoint(tmp_path)
+    exported = export_checkpoint(tmp_path / "pre", "torchvision", tmp_path / "tv.pth")
+    via_export = build_maskrcnn(18, num_classes=4)
+    missing = load_init(via_export, exported)
+    for source in (tmp_path / "pre", tmp_path / "pre" / "checkpoints" / "last.pt"):
+        model = build_maskrcnn(18, num_classes=4)
+        assert load_init(model, source) == missing
+        loaded = {k: v for k, v in model.state_dict().items() if k not in missing}
+        assert len(loaded) > 150  # ResNet-18 trunk, FPN and box head
+        for key, value in loaded.items():
+            torch.testing.assert_close(value, via_export.state_dict()[key], rtol=0, atol=0, msg=key)
+
+
 def test_init_from_resnet_weights_loads_backbone_only(tmp_path):
     import torchvision
 
@@ -466,3 +484,21 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_of_a_ddp_run(scenes, tmp
     errors = [line for line in proc.stderr.splitlines() if "non-finite loss (nan) at step 2" in line]
     assert len(errors) == 2, worker_errors(proc.stderr)  # one line per process
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt", "step_00000001.pt"]
+
+
+def test_no_loader_worker_outlives_the_run(scenes, tmp_path):
+    """The loader workers ignore SIGTERM (a stop signal is the main process's to handle), so one
+    left to garbage collection can block the interpreter's exit: the loop ends them itself. With
+    the collector off, nothing else would."""
+    import gc
+    import multiprocessing
+
+    cfg = _short_config(
+        scenes, "solver.iterations=2", "solver.steps=[]", "solver.warmup_iters=1", "data.num_workers=1", "log_period=1"
+    )
+    gc.disable()
+    try:
+        finetune(cfg, tmp_path / "ft")
+        assert multiprocessing.active_children() == []
+    finally:
+        gc.enable()

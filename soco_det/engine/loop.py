@@ -126,19 +126,27 @@ class TrainerBase:
         self.stopped = self.stopped or self.should_stop()
         return self.stopped
 
+    def close_data(self) -> None:
+        """Drop the data iterator (its loader workers exit): called when :meth:`train` ends."""
+
     def train(self) -> None:
-        for hook in self.hooks:
-            hook.before_train(self)
-        while self.step < self.stop_step and not self._stop_now():
-            batch = self.next_batch()
+        try:
             for hook in self.hooks:
-                hook.before_step(self)
-            out = self.run_step(batch)
-            self.advance()
-            if self.step % self.check_every == 0 or self.step >= self.stop_step:
-                self.check_finite()
-            for hook in self.hooks:
-                hook.after_step(self, out)
+                hook.before_train(self)
+            while self.step < self.stop_step and not self._stop_now():
+                batch = self.next_batch()
+                for hook in self.hooks:
+                    hook.before_step(self)
+                out = self.run_step(batch)
+                self.advance()
+                if self.step % self.check_every == 0 or self.step >= self.stop_step:
+                    self.check_finite()
+                for hook in self.hooks:
+                    hook.after_step(self, out)
+        finally:
+            # Now, not whenever the trainer is collected: loader workers ignore SIGTERM
+            # (engine/signals.py), so one still alive at interpreter exit would block it.
+            self.close_data()
         for hook in self.hooks:
             hook.after_train(self)
 

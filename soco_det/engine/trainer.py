@@ -180,11 +180,8 @@ class Trainer(TrainerBase):
             self.epoch, self.sampler.position = self.epoch + 1, 0
             self._iterator = None  # the loader's workers end with it
 
-    def train(self) -> None:
-        try:
-            super().train()
-        finally:
-            self._iterator = self._pending = None
+    def close_data(self) -> None:
+        self._iterator = self._pending = None
 
     # ------------------------------------------------------------------ state
     def state_dict(self, config: dict) -> dict[str, Any]:

@@ -244,15 +244,23 @@ def build_from_config(model_cfg: Any, input_cfg: Any, num_classes: int, masks: b
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a weights file as a Mask R-CNN state dict (``backbone.body.*`` etc.).
+    """The tensors of ``model.init`` as a Mask R-CNN state dict (``backbone.body.*`` etc.).
 
-    Accepts a bare state dict or one under ``model``/``state_dict``; keys of a detection export
-    (``backbone.*``, ``roi_heads.*``) are kept, keys of a torchvision ResNet (``conv1.*``,
-    ``layer1.*``...) are moved under ``backbone.body.`` and its ``fc.*`` classifier dropped.
+    Accepts a bare state dict or one under ``model``/``state_dict``: keys of a detection export
+    (``backbone.*``, ``roi_heads.*``; also a fine-tuning checkpoint) are kept, keys of a torchvision
+    ResNet (``conv1.*``, ``layer1.*``...) are moved under ``backbone.body.`` and its ``fc.*``
+    classifier dropped. A SoCo pretraining run folder, its checkpoint or an official
+    ``ckpt_epoch_*.pth`` is exported in memory, as ``soco-det export --to torchvision`` would
+    (online network).
     """
     path = Path(path)
+    if path.is_dir():
+        return _pretrained_weights(path)
     if not path.is_file():
-        raise UserError(f"{path}: init weights file not found (model.init takes 'random' or a weights file)")
+        raise UserError(
+            f"{path}: init weights not found (model.init takes 'random', a weights file, or a soco-det "
+            "run folder / checkpoint)"
+        )
     obj = torch_load(path, what="cannot read weights")
     if isinstance(obj, dict):
         for key in ("model", "state_dict"):
@@ -262,15 +270,32 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, dict) else {}
     if not state:
         raise UserError(f"{path}: holds no state dict of tensors")
-    if any(k.startswith("online.") or k.startswith("target.") for k in state):
-        raise UserError(f"{path}: is a SoCo pretraining checkpoint; export it first (soco-det export --to torchvision)")
+    if any(k.startswith(("online.", "target.", "module.encoder.", "encoder.")) for k in state):
+        return _pretrained_weights(path)
     if any(k.startswith(("backbone.", "roi_heads.", "rpn.")) for k in state):
         return state
     if "conv1.weight" in state and any(k.startswith("layer1.") for k in state):
         return {f"backbone.body.{k}": v for k, v in state.items() if not k.startswith("fc.")}
     raise UserError(
-        f"{path}: keys are neither a torchvision detection export nor a ResNet (first: {sorted(state)[:3]})"
+        f"{path}: keys are neither a torchvision detection export nor a ResNet nor a SoCo checkpoint "
+        f"(first: {sorted(state)[:3]})"
     )
+
+
+def _pretrained_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The torchvision export of a SoCo run folder / checkpoint / official checkpoint, in memory."""
+    # export/ builds its target model with this module: imported here to avoid the cycle
+    from soco_det.export.source import load_source
+    from soco_det.export.torchvision import map_source
+
+    source = load_source(path)
+    log.info(
+        "init from %s (%s %s, online network), exported to torchvision names",
+        source.path,
+        source.origin,
+        source.variant,
+    )
+    return map_source(source).state_dict
 
 
 def load_init(model: nn.Module, path: str | Path) -> list[str]:

@@ -50,8 +50,10 @@ class FinetuneModelConfig:
     """Mask R-CNN v2 (torchvision architecture) on a ResNet-``depth`` FPN backbone.
 
     ``init``: ``random``; a torchvision-format export of a pretrained SoCo model
-    (``soco-det export --to torchvision``: backbone + FPN + box head); or a torchvision ImageNet-style
-    ResNet weights file (``resnet50-*.pth``, backbone only). Files are read locally, never downloaded.
+    (``soco-det export --to torchvision``: backbone + FPN + box head), or the pretraining run folder,
+    checkpoint or official ``ckpt_epoch_*.pth`` it comes from (exported in memory, online network);
+    or a torchvision ImageNet-style ResNet weights file (``resnet50-*.pth``, backbone only). Files are
+    read locally, never downloaded.
     """
 
     depth: int = 50

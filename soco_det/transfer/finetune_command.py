@@ -22,7 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-json", help="COCO instances JSON of the evaluation set")
     parser.add_argument("--val-images", help="folder the val JSON's file_names are relative to")
     parser.add_argument(
-        "--init", help="'random', a `soco-det export --to torchvision` file, or a torchvision ResNet weights file"
+        "--init",
+        help="'random', a soco-det pretraining run folder or checkpoint, an official SoCo checkpoint, "
+        "a `soco-det export --to torchvision` file, or a torchvision ResNet weights file",
     )
     parser.add_argument(
         "-o", "--out", required=True, help="run folder (checkpoints, metrics.jsonl, config.yaml, metrics.json)"

@@ -205,6 +205,9 @@ class FinetuneTrainer(TrainerBase):
         else:
             torch.manual_seed(seed)
 
+    def close_data(self) -> None:
+        self._data = None
+
     def next_batch(self) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
         images, targets = next(self._data)
         return move_to(images, self.device), move_to(targets, self.device)
