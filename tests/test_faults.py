@@ -371,27 +371,13 @@ def test_output_paths_that_cannot_be_written_are_one_line(sample_data, tmp_path,
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 def test_sigterm_during_finetuning_saves_a_checkpoint(tmp_path, monkeypatch):
     import soco_det.synth as synth
-    from soco_det.config import build_config
     from soco_det.engine.signals import Interrupted
-    from soco_det.transfer import FinetuneConfig, finetune
-    from soco_det.transfer import finetuning
+    from soco_det.transfer import finetune, finetuning
 
-    from test_finetune import TINY
+    from test_finetune import tiny_finetune_config
 
     scenes = synth.generate(tmp_path / "scenes", n_unlabeled=0, n_train=4, n_val=1, short_side=96, seed=3)
-    extra = {
-        "data": {
-            "train_json": str(scenes["train"]),
-            "train_images": str(scenes["images"]),
-            "val_json": str(scenes["val"]),
-            "val_images": str(scenes["images"]),
-        },
-        "model": {"init": "random"},
-        "device": "cpu",
-    }
-    cfg = build_config(
-        FinetuneConfig, "finetune_tiny_cpu", [*TINY, "checkpoint_period=100", "log_period=1"], extra=extra
-    )
+    cfg = tiny_finetune_config(scenes, "checkpoint_period=100", "log_period=1")
     real_step, calls = finetuning.FinetuneTrainer.run_step, []
 
     def step_then_signal(self, batch):

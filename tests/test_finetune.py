@@ -328,7 +328,8 @@ def test_precise_bn_averages_statistics_over_images_and_keeps_the_rng():
 # ------------------------------------------------------------------ on the engine's loop
 
 
-def _short_config(scenes, *overrides):
+def tiny_finetune_config(scenes, *overrides):
+    """``finetune_tiny_cpu`` with :data:`TINY` and ``overrides`` on the scenes of ``synth.generate``, from random init on CPU."""
     extra = {
         "data": {
             "train_json": str(scenes["train"]),
@@ -363,7 +364,7 @@ def test_a_non_finite_loss_stops_the_run_before_it_is_saved_and_overwrite_starts
 
     monkeypatch.setattr(FinetuneTrainer, "run_step", nan_at_step_3)
     run = tmp_path / "ft"
-    cfg = _short_config(
+    cfg = tiny_finetune_config(
         scenes,
         "solver.iterations=6",
         "solver.steps=[5]",
@@ -378,7 +379,7 @@ def test_a_non_finite_loss_stops_the_run_before_it_is_saved_and_overwrite_starts
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt", "step_00000002.pt"]
     monkeypatch.undo()
 
-    again = _short_config(
+    again = tiny_finetune_config(
         scenes, "solver.iterations=2", "solver.steps=[]", "solver.warmup_iters=1", "checkpoint_period=0", "log_period=1"
     )
     with pytest.raises(UserError, match="already holds the checkpoints"):
@@ -405,7 +406,7 @@ def test_frozen_batch_norm_stays_frozen_across_evaluations(scenes, tmp_path, mon
         return real_step(self, batch)
 
     monkeypatch.setattr(FinetuneTrainer, "run_step", record_bn_modes)
-    cfg = _short_config(
+    cfg = tiny_finetune_config(
         scenes,
         "solver.iterations=3",
         "solver.steps=[]",
@@ -493,7 +494,7 @@ def test_no_loader_worker_outlives_the_run(scenes, tmp_path):
     import gc
     import multiprocessing
 
-    cfg = _short_config(
+    cfg = tiny_finetune_config(
         scenes, "solver.iterations=2", "solver.steps=[]", "solver.warmup_iters=1", "data.num_workers=1", "log_period=1"
     )
     gc.disable()
