@@ -110,6 +110,9 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "", base: T | No
     """Build dataclass ``cls`` from ``data``; keys missing in ``data`` come from ``base`` or defaults."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    upgrade = getattr(cls, "upgrade_keys", None)  # a section's renamed keys, from older config files
+    if callable(upgrade):
+        data = upgrade(dict(data))
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))

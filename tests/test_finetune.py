@@ -503,3 +503,20 @@ def test_no_loader_worker_outlives_the_run(scenes, tmp_path):
         assert multiprocessing.active_children() == []
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize(
+    ("old", "amp"),
+    [
+        ({"amp": True, "amp_dtype": "float16"}, "fp16"),
+        ({"amp": True, "amp_dtype": "bfloat16"}, "bf16"),
+        ({"amp": False, "amp_dtype": "float16"}, "none"),
+        ({"amp": True}, "fp16"),
+    ],
+)
+def test_a_config_of_the_older_amp_keys_still_loads(tmp_path, old, amp):
+    """A run folder's config.yaml from before ``amp`` became ``auto|bf16|fp16|none`` (resume reads it)."""
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old))
+    assert build_config(FinetuneConfig, path).amp == amp
+    assert build_config(FinetuneConfig, path, ["amp=none"]).amp == "none"  # a new override wins

@@ -13,7 +13,11 @@ small dataset gets the same number of *epochs* as COCO 1x (about 12.2) rather th
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
+
+from soco_det.logs import get_logger
+
+log = get_logger(__name__)
 
 # COCO train2017 (the images with at least one annotation, as detectron2 trains on) and the 1x
 # schedule: 90k iterations at 16 images each = 12.17 epochs; LR steps at 2/3 and 8/9 of it.
@@ -197,6 +201,18 @@ class FinetuneConfig:
     seed: int = 0
     # auto: CUDA if available (the local rank's GPU under torchrun), else CPU.
     device: str = "auto"
+
+    @staticmethod
+    def upgrade_keys(data: dict[str, Any]) -> dict[str, Any]:
+        """Config files written before ``amp`` became pretraining's choice (``amp: true`` +
+        ``amp_dtype: float16|bfloat16``, e.g. the ``config.yaml`` of a run to resume) still load."""
+        if "amp_dtype" not in data and not isinstance(data.get("amp"), bool):
+            return data
+        dtype = data.pop("amp_dtype", "float16")
+        if isinstance(data.get("amp"), bool):
+            data["amp"] = {"float16": "fp16", "bfloat16": "bf16"}.get(dtype, dtype) if data["amp"] else "none"
+            log.warning("config: amp/amp_dtype of an older soco-det read as amp=%s", data["amp"])
+        return data
 
     def validate(self) -> None:
         for name in ("eval_period", "checkpoint_period", "keep_checkpoints"):
