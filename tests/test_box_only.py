@@ -18,6 +18,8 @@ from soco_det.transfer.box_only import annotation_kind, has_mask_branch
 from soco_det.transfer.coco_data import CocoInstances
 from soco_det.models.maskrcnn import build_maskrcnn
 
+from test_finetune import tiny_finetune_argv
+
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 TINY = [
@@ -116,26 +118,8 @@ def test_box_only_detector_is_the_mask_rcnn_without_its_mask_branch():
 def test_box_only_finetune_trains_a_faster_rcnn_and_reports_bbox_ap_only(scenes, tmp_path):
     torch.set_num_threads(1)
     out = tmp_path / "run"
-    argv = [
-        "finetune",
-        "--train-json",
-        str(scenes["train_boxes"]),
-        "--train-images",
-        str(scenes["images"]),
-        "--val-json",
-        str(scenes["val_boxes"]),
-        "--val-images",
-        str(scenes["images"]),
-        "--init",
-        "random",
-        "-o",
-        str(out),
-        "--recipe",
-        "finetune_tiny_cpu",
-        "--device",
-        "cpu",
-        *TINY,
-    ]
+    # this file's TINY (6 iterations) after test_finetune's, whose keys it all overrides
+    argv = tiny_finetune_argv(scenes, out, *TINY, train=scenes["train_boxes"], val=scenes["val_boxes"])
     assert main(argv) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]

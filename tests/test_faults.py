@@ -329,19 +329,25 @@ def test_disk_full_during_a_checkpoint_is_an_oserror_naming_the_file(tmp_path, m
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.endswith(".tmp")]
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 300 MiB tmpfs (needs root; skipped otherwise)."""
+@contextlib.contextmanager
+def _tmpfs(folder: Path, options: str):
+    """A tmpfs mounted on the new ``folder`` with ``options`` (needs root; the test is skipped otherwise)."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300m", "tmpfs", str(mnt)], capture_output=True).returncode:
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here")
     try:
-        yield mnt
+        yield folder
     finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 300 MiB tmpfs."""
+    with _tmpfs(tmp_path / "small", "size=300m") as mnt:
+        yield mnt
 
 
 def test_full_disk_in_pretrain_is_one_line_and_keeps_the_previous_checkpoint(sample_data, small_tmpfs, capsys):
@@ -777,17 +783,9 @@ def test_coco_boxes_that_are_dropped_or_clipped_are_counted_and_never_trained_on
 
 @pytest.fixture
 def readonly_dir(tmp_path):
-    """A read-only tmpfs (needs root; skipped otherwise)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    """A read-only tmpfs."""
+    with _tmpfs(tmp_path / "ro", "size=1m,ro") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def test_read_only_outputs_are_one_line_in_every_command(sample_data, readonly_dir, tmp_path, capsys):

@@ -59,27 +59,26 @@ def scenes(tmp_path_factory):
     return synth.generate(tmp_path_factory.mktemp("scenes"), n_unlabeled=0, n_train=6, n_val=2, short_side=112, seed=3)
 
 
-def _data_args(scenes):
+def _data_args(scenes, train=None, val=None):
+    """The four data flags of `soco-det finetune` for the scenes (``train``/``val``: other COCO files)."""
     return [
         "--train-json",
-        str(scenes["train"]),
+        str(train or scenes["train"]),
         "--train-images",
         str(scenes["images"]),
         "--val-json",
-        str(scenes["val"]),
+        str(val or scenes["val"]),
         "--val-images",
         str(scenes["images"]),
     ]
 
 
-@pytest.fixture(scope="module")
-def run_dir(scenes, tmp_path_factory):
-    """20 iterations of a ResNet-18 Mask R-CNN v2 from random init, through `soco-det finetune`."""
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("ft") / "run"
-    argv = [
+def tiny_finetune_argv(scenes, out, *overrides, train=None, val=None):
+    """`soco-det finetune` of a small Mask R-CNN (``finetune_tiny_cpu`` + :data:`TINY` + ``overrides``,
+    the later ones winning) from random init on the CPU."""
+    return [
         "finetune",
-        *_data_args(scenes),
+        *_data_args(scenes, train, val),
         "--init",
         "random",
         "-o",
@@ -89,8 +88,16 @@ def run_dir(scenes, tmp_path_factory):
         "--device",
         "cpu",
         *TINY,
+        *overrides,
     ]
-    assert main(argv) == 0
+
+
+@pytest.fixture(scope="module")
+def run_dir(scenes, tmp_path_factory):
+    """20 iterations of a ResNet-18 Mask R-CNN v2 from random init, through `soco-det finetune`."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("ft") / "run"
+    assert main(tiny_finetune_argv(scenes, out)) == 0
     return out
 
 
@@ -168,14 +175,7 @@ def test_missing_image_gives_clear_cli_error(scenes, tmp_path, capsys):
     bad.write_text(json.dumps(data))
     argv = [
         "finetune",
-        "--train-json",
-        str(bad),
-        "--train-images",
-        str(scenes["images"]),
-        "--val-json",
-        str(scenes["val"]),
-        "--val-images",
-        str(scenes["images"]),
+        *_data_args(scenes, train=bad),
         "-o",
         str(tmp_path / "run"),
         "--recipe",
@@ -456,7 +456,6 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_of_a_ddp_run(scenes, tmp
     script = tmp_path / "nan_on_rank_1.py"
     script.write_text(NAN_ON_RANK_1)
     run = tmp_path / "ft"
-    overrides = [a for a in TINY if not a.startswith(("checkpoint_period", "log_period"))]
     cmd = [
         sys.executable,
         "-m",
@@ -465,19 +464,7 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_of_a_ddp_run(scenes, tmp
         "--master_addr=127.0.0.1",
         f"--master_port={free_port()}",
         str(script),
-        "finetune",
-        *_data_args(scenes),
-        "--init",
-        "random",
-        "-o",
-        str(run),
-        "--recipe",
-        "finetune_tiny_cpu",
-        "--device",
-        "cpu",
-        *overrides,
-        "checkpoint_period=1",
-        "log_period=1",
+        *tiny_finetune_argv(scenes, run, "checkpoint_period=1", "log_period=1"),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
