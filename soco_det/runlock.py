@@ -31,12 +31,17 @@ def check_output_folder(folder: str | Path, what: str = "output folder") -> Path
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{folder}: exists and is not a folder (the {what} must be a folder)")
-    for parent in folder.parents:
+    check_parent_folders(folder)
+    return folder
+
+
+def check_parent_folders(path: Path) -> None:
+    """The nearest existing parent of ``path`` must be a folder (``mkdir`` would fail on a file)."""
+    for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise UserError(f"{folder}: {parent} is a file, not a folder")
-            break
-    return folder
+                raise UserError(f"{path}: {parent} is a file, not a folder")
+            return
 
 
 class FolderLock:

@@ -43,6 +43,7 @@ from soco_det.atomic import atomic_open, atomic_write_json
 from soco_det.errors import UserError
 from soco_det.imageio import check_relative_path
 from soco_det.proposals.filters import STAGE_NAMES, STAGE_NONE
+from soco_det.runlock import check_parent_folders
 
 FORMAT = "soco-det-proposals/1"
 STATUS_OK, STATUS_FAILED, STATUS_MISSING = 0, 1, 2
@@ -279,11 +280,7 @@ def check_new_output(out: str | Path, overwrite: bool, what: str = "proposal sto
                 f"{out}: folder is not empty ({len(entries)} entries, e.g. {sorted(entries)[0]!r}) and "
                 f"is not a proposal store; choose another -o"
             )
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"{out}: {parent} is a file, not a folder")
-            break
+    check_parent_folders(out)
     return out
 
 
@@ -294,11 +291,7 @@ def check_new_file(out: str | Path, overwrite: bool) -> Path:
         raise UserError(f"{out}: is a folder; give a file name for the JSON (e.g. {out / 'proposals.json'})")
     if out.exists() and not overwrite:
         raise UserError(f"{out}: file exists; pass --overwrite to replace it, or choose another -o")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"{out}: {parent} is a file, not a folder")
-            break
+    check_parent_folders(out)
     return out
 
 
