@@ -317,6 +317,20 @@ def load_checkpoint(src: str | Path, map_location: str | torch.device = "cpu") -
     raise UserError(f"{src}: every checkpoint is damaged ({'; '.join(errors)})")
 
 
+def load_resume(run_dir: str | Path, resume: str | Path | None) -> dict[str, Any] | None:
+    """The checkpoint a run in ``run_dir`` continues from, read on the CPU (pretraining and
+    fine-tuning): ``None`` starts fresh; ``"auto"`` reads the folder's newest intact checkpoint, or
+    starts fresh when it has none; anything else is a checkpoint file or run folder to read."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        if not checkpoint_candidates(run_dir):
+            log.info("no checkpoint in %s; starting a new run", run_dir)
+            return None
+        resume = run_dir
+    return load_checkpoint(resume, map_location="cpu")
+
+
 def load_model_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """``load_state_dict(strict=True)`` with an error that lists the missing and unexpected keys, or
     the tensors whose shapes differ."""

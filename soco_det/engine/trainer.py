@@ -331,14 +331,7 @@ def pretrain(
         if dist_utils.is_main():  # one run per folder; the other ranks follow the main process
             lock = ckpt_io.claim_run_folder(run_dir, resume, overwrite)
         # The checkpoint to resume from, read (and checked) before anything is written.
-        ckpt = None
-        if resume == "auto":
-            if ckpt_io.checkpoint_candidates(run_dir):
-                ckpt = ckpt_io.load_checkpoint(run_dir, map_location="cpu")  # newest intact one
-            else:
-                log.info("no checkpoint in %s; starting a new run", run_dir)
-        elif resume is not None:
-            ckpt = ckpt_io.load_checkpoint(resume, map_location="cpu")
+        ckpt = ckpt_io.load_resume(run_dir, resume)
         config_dict = to_dict(cfg)
 
         # Same initial weights on every process (DDP also broadcasts them from rank 0).

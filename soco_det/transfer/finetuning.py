@@ -38,10 +38,8 @@ from soco_det.engine import distributed as dist
 from soco_det.engine.checkpoint import (
     capture_rng,
     claim_run_folder,
-    checkpoint_candidates,
-    load_checkpoint,
     load_model_strict,
-    resolve_checkpoint,
+    load_resume,
     restore_rng,
 )
 from soco_det.engine.hooks import CheckpointHook, EvalHook, MetricsHook
@@ -279,18 +277,6 @@ def _device(cfg: FinetuneConfig) -> str:
     return torch.device(resolve_device(cfg.device, "device")).type
 
 
-def _resume_source(out: Path, resume: bool | str | Path | None) -> Path | None:
-    """The checkpoint (file, or run folder: its newest intact one) a run continues from."""
-    if resume in (None, False):
-        return None
-    if resume is True or resume == "auto":
-        if not checkpoint_candidates(out):
-            log.info("%s: no checkpoint to resume from; starting fresh", out)
-            return None
-        return out
-    return resolve_checkpoint(resume)
-
-
 def finetune(
     cfg: FinetuneConfig, out_dir: str | Path, resume: bool | str | Path | None = None, overwrite: bool = False
 ) -> Path:
@@ -353,11 +339,8 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: str | Path | None) -> Path
         )
 
     # The checkpoint to resume from, read and checked before anything is written.
-    ckpt = None
-    source = _resume_source(out, resume)
-    if source is not None:
-        # On the CPU: the RNG states must stay host tensors; model and optimizer copy to their device.
-        ckpt = load_checkpoint(source, map_location="cpu")
+    ckpt = load_resume(out, resume)
+    if ckpt is not None:
         if ckpt.get("kind") != "maskrcnn":
             raise UserError(f"{ckpt['path']}: not a fine-tuning checkpoint")
         if [int(c) for c in ckpt["cat_ids"]] != train_set.cat_ids:
