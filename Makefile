@@ -21,6 +21,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) tools/check_imports.py
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)

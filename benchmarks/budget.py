@@ -46,7 +46,7 @@ def movement(run: Path) -> dict[str, float]:
     import torch
 
     from soco_det.engine.dynamics import weight_groups
-    from soco_det.engine.trainer import init_model
+    from soco_det.models import init_model
     from soco_det.probe.network import read_run_config
 
     cfg = read_run_config(run)

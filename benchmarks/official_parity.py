@@ -6,7 +6,7 @@ class (views 224/224/112) are made; its weights are copied into our model (``leg
 as the official code); both run one training forward + backward. Printed per variant of ours
 (``batched_calls`` on/off, ``batched_backbone`` on/off): the loss difference, the largest relative
 gradient difference, and the largest relative difference of every BN running statistic, which
-depends on the order of the official calls (V1-12, V1-13, V2, V3 per level; SOCO_SPEC 3.4).
+depends on the order of the official calls (V1-12, V1-13, V2, V3 per level; docs/method.md 3.4).
 
     python benchmarks/official_parity.py --batch 2 --threads 1        # CPU, ~1-2 min
     python benchmarks/official_parity.py --device cuda --batch 32

@@ -328,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
+    import soco_det.synth as synth
     from soco_det.atomic import atomic_write_json
     from soco_det.config import build_config
     from soco_det.engine import PretrainConfig
@@ -336,7 +337,6 @@ def main(argv: list[str] | None = None) -> int:
     from soco_det.probe.objects import read_objects, spec_from_config
     from soco_det.probe.probe import combined_paired_difference, format_table, run_probe, summarise
     from soco_det.proposals import compute_store
-    import soco_det.synth as synth
 
     setup_logging()
     preset = PRESETS[args.preset]
@@ -433,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     finetuned: dict[str, dict[int, Any]] = {}
     if not args.no_finetune:
         from soco_det.export import export_checkpoint
-        from soco_det.models.maskrcnn import read_weights, widths_of
+        from soco_det.models.maskrcnn import widths_of
+        from soco_det.transfer.model import read_weights
 
         t = time.perf_counter()
         s0 = seeds[0]

@@ -34,7 +34,7 @@ from PIL import Image, ImageFilter, ImageOps
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-# --- naive official baseline (written from SOCO_SPEC 2.2-2.8; loops on purpose) -----------------
+# --- naive official baseline (written from docs/method.md 2.2-2.8; loops on purpose) -----------------
 class NaiveOfficialViews:
     """The official FPN-100ep sample, step by step as the official code does it."""
 

@@ -2,7 +2,7 @@
 
 import sys
 
-from soco_det.cli import main
+from soco_det.commands.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from soco_det import archives
 from soco_det.errors import ImageError, UserError
 
 # Pillow warns at 89 Mpx and refuses at 179 Mpx by default; we refuse anything above this many
@@ -51,12 +52,10 @@ def load_rgb(
 
     Grayscale, palette, RGBA (alpha dropped, as ``convert('RGB')`` does), CMYK and 16-bit images
     are accepted. ``path`` may address a member of a tar or zip archive, ``ARCHIVE::MEMBER``
-    (:mod:`soco_det.data.archives`). Raises :class:`~soco_det.errors.ImageError` naming the file for a missing,
+    (:mod:`soco_det.archives`). Raises :class:`~soco_det.errors.ImageError` naming the file for a missing,
     unreadable, truncated or non-image file, and for images above ``max_pixels`` pixels
     (decompression bombs).
     """
-    from soco_det.data import archives
-
     source: Path | io.BytesIO = Path(path)
     if archives.is_member_path(path):  # ARCHIVE::MEMBER, read without extracting
         try:
@@ -101,6 +100,25 @@ def list_images(root: str | Path) -> list[str]:
         for p in root.rglob("*")
         if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".")
     )
+
+
+def list_sources(images: str | Path) -> tuple[Path, list[str]]:
+    """``(root, keys)`` of the images under ``images`` (a folder or one archive).
+
+    Keys are posix paths relative to ``root``: loose images as :func:`list_images` lists them, then
+    ``ARCHIVE::MEMBER`` for the image members of each archive (:mod:`soco_det.archives`). The
+    proposal job and the training data both list with this function, so their keys agree.
+    """
+    path = Path(images).resolve()
+    if path.is_file():
+        if path.suffix.lower() not in archives.ARCHIVE_SUFFIXES:
+            raise UserError(f"{path}: not a folder, a .tar or a .zip")
+        return path.parent, [f"{path.name}{archives.SEP}{m}" for m in archives.list_members(path, IMAGE_EXTENSIONS)]
+    keys = list_images(path)
+    for archive in sorted(p for p in path.rglob("*") if p.suffix.lower() in archives.ARCHIVE_SUFFIXES and p.is_file()):
+        rel = archive.relative_to(path).as_posix()
+        keys += [f"{rel}{archives.SEP}{m}" for m in archives.list_members(archive, IMAGE_EXTENSIONS)]
+    return path, keys
 
 
 def check_relative_path(relpath: str, where: str) -> None:

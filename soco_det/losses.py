@@ -1,4 +1,4 @@
-"""The SoCo object-level BYOL loss (SOCO_SPEC 4, 9.21).
+"""The SoCo object-level BYOL loss (docs/method.md 4, 9.21).
 
 For one view pair (a, b) and image n, with ``p`` the online predictions of view a's box rows,
 ``z`` the target projections of view b's box rows (both L2-normalised) and ``C`` the 0/1

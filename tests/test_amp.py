@@ -12,12 +12,12 @@ import json
 
 import pytest
 import torch
+from engine_fixtures import TINY_OVERRIDES, sample_data  # noqa: F401
+from test_models import BATCHES, make_batch, tiny
 from torch import nn
 
-from engine_fixtures import TINY_OVERRIDES, sample_data  # noqa: F401
-from soco_det.cli import main
+from soco_det.commands.main import main
 from soco_det.models import build_model
-from test_models import BATCHES, make_batch, tiny
 
 
 def test_batchnorm_under_cpu_bf16_autocast_computes_its_statistics_in_fp32():

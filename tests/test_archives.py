@@ -15,7 +15,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from soco_det.data import archives
+from soco_det import archives, imageio
 from soco_det.data.config import DataConfig
 from soco_det.errors import ImageError
 from soco_det.imageio import load_rgb
@@ -64,10 +64,10 @@ def _expected_keys(loose):
 
 
 def test_listing_covers_loose_files_and_the_image_members_of_every_archive(packed):
-    root, keys = archives.list_sources(packed["root"])
+    root, keys = imageio.list_sources(packed["root"])
     assert root == packed["root"].resolve()
     assert sorted(keys) == sorted(_expected_keys(packed["loose"]))  # no .cls, no folder entry
-    root1, keys1 = archives.list_sources(packed["root"] / "train.zip")  # one archive as the images
+    root1, keys1 = imageio.list_sources(packed["root"] / "train.zip")  # one archive as the images
     assert root1 == packed["root"].resolve() and keys1 == [f"train.zip::imgs/{p.name}" for p in packed["loose"][3:5]]
 
 

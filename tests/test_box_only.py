@@ -11,14 +11,13 @@ import math
 
 import pytest
 import torch
+from test_finetune import tiny_finetune_argv
 
-from soco_det.cli import main
+from soco_det.commands.main import main
 from soco_det.errors import UserError
+from soco_det.models.maskrcnn import build_maskrcnn
 from soco_det.transfer.box_only import annotation_kind, has_mask_branch
 from soco_det.transfer.coco_data import CocoInstances
-from soco_det.models.maskrcnn import build_maskrcnn
-
-from test_finetune import tiny_finetune_argv
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

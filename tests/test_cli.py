@@ -1,5 +1,5 @@
 """The command line: every sub-command has --help, user errors print one line and exit 2; the
-installed ``soco-det`` console script runs ``soco_det.cli:main`` and its help imports no torch."""
+installed ``soco-det`` console script runs ``soco_det.commands.main:main`` and its help imports no torch."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from soco_det.cli import COMMANDS, main
-from soco_det.viz import KINDS
+from soco_det.commands.main import COMMANDS, main
+from soco_det.commands.viz import KINDS
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
@@ -57,7 +57,7 @@ def console_script() -> Path:
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("soco-det is not installed (pip install -e .): no console script to test")
     (entry,) = [e for e in dist.entry_points if e.group == "console_scripts" and e.name == "soco-det"]
-    assert entry.value == "soco_det.cli:main"
+    assert entry.value == "soco_det.commands.main:main"
     script = Path(sys.executable).parent / ("soco-det.exe" if os.name == "nt" else "soco-det")
     assert script.is_file(), f"soco-det is installed but {script} is missing"
     return script
@@ -99,7 +99,7 @@ def test_help_does_not_import_torch(args):
     proc = run_script(*args, PYTHONPROFILEIMPORTTIME="1")
     assert proc.returncode == 0 and proc.stdout.startswith("usage:") and "soco-det" in proc.stdout
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
-    assert "soco_det.cli" in imported  # the listing works
+    assert "soco_det.commands.main" in imported  # the listing works
     heavy = sorted(m for m in imported if m.split(".")[0] in ("torch", "torchvision", "numpy", "skimage", "numba"))
     assert not heavy, f"soco-det {' '.join(args)} imported {heavy[:5]}"
 
@@ -134,7 +134,7 @@ def test_each_proposals_subcommand_has_help_with_exactly_its_options(subcommand,
 
 
 def test_proposals_without_a_subcommand_word_is_compute():
-    from soco_det.cli import build_parser, normalize_argv
+    from soco_det.commands.main import build_parser, normalize_argv
 
     argv = [
         "proposals",

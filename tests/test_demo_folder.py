@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from soco_det.demo import DemoContext, claim_demo_folder
+from soco_det.commands.demo import DemoContext, claim_demo_folder
 from soco_det.synth import generate
 
 

@@ -21,11 +21,11 @@ import pytest
 import torch
 import yaml
 
-from soco_det.cli import main
+from soco_det.commands.main import main
 from soco_det.errors import UserError
 from soco_det.export import export, export_checkpoint
-from soco_det.models.maskrcnn import build_maskrcnn_v2
 from soco_det.models import ModelConfig, build_model
+from soco_det.models.maskrcnn import build_maskrcnn_v2
 
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 BLOCKS = {18: (2, 2, 2, 2), 50: (3, 4, 6, 3)}
@@ -410,7 +410,7 @@ def test_target_network_is_selectable(r18, tmp_path):
 def test_a_run_folder_of_step_files_exports_its_newest_intact_one(r18, tmp_path):
     import shutil
 
-    from soco_det.export.source import resolve_checkpoint_path, load_source
+    from soco_det.export.source import load_source, resolve_checkpoint_path
 
     run, _ = r18
     folder = tmp_path / "steps"

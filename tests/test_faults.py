@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from engine_fixtures import REPO, TINY_OVERRIDES, model_state, pretrain_cli_args, run_cli, sample_data, tiny_config  # noqa: F401
-from soco_det.cli import main
+
+from soco_det.commands.main import main
 from soco_det.engine import checkpoint as ckpt_io
 from soco_det.engine.metrics import read_metrics
 from soco_det.engine.trainer import Hook, pretrain
@@ -169,7 +169,7 @@ class SendSignal(Hook):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_finishes_the_step_and_saves_a_checkpoint(sample_data, tmp_path, signum):
-    from soco_det.engine.signals import Interrupted
+    from soco_det.errors import Interrupted
 
     run = tmp_path / "run"
     cfg = tiny_config(sample_data, "train.max_steps=6", "train.ckpt_every=1000")
@@ -322,7 +322,7 @@ def test_disk_full_during_a_checkpoint_is_an_oserror_naming_the_file(tmp_path, m
     with pytest.raises(OSError) as info:
         ckpt_io.save_checkpoint(run, _tiny_state(2))
     assert info.value.errno == errno.ENOSPC and info.value.filename.endswith("step_00000002.pt")
-    from soco_det.cli import describe_os_error
+    from soco_det.commands.main import describe_os_error
 
     assert describe_os_error(info.value).startswith(f"{run / 'checkpoints' / 'step_00000002.pt'}: No space left")
     assert ckpt_io.load_checkpoint(run)["step"] == 1 and _steps(run) == ["step_00000001.pt"]
@@ -376,11 +376,11 @@ def test_output_paths_that_cannot_be_written_are_one_line(sample_data, tmp_path,
 
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 def test_sigterm_during_finetuning_saves_a_checkpoint(tmp_path, monkeypatch):
-    import soco_det.synth as synth
-    from soco_det.engine.signals import Interrupted
-    from soco_det.transfer import finetune, finetuning
-
     from test_finetune import tiny_finetune_config
+
+    import soco_det.synth as synth
+    from soco_det.errors import Interrupted
+    from soco_det.transfer import finetune, finetuning
 
     scenes = synth.generate(tmp_path / "scenes", n_unlabeled=0, n_train=4, n_val=1, short_side=96, seed=3)
     cfg = tiny_finetune_config(scenes, "checkpoint_period=100", "log_period=1")

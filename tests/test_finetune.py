@@ -15,14 +15,15 @@ import pytest
 import torch
 import yaml
 
-from soco_det.cli import main
+from soco_det.commands.main import main
 from soco_det.config import build_config
 from soco_det.errors import UserError
+from soco_det.models.maskrcnn import build_maskrcnn
 from soco_det.transfer import FinetuneConfig, finetune
 from soco_det.transfer.coco_data import CocoInstances, TrainingSampler, hflip, resize
 from soco_det.transfer.config import SolverConfig, resolve_schedule
 from soco_det.transfer.finetuning import lr_factor
-from soco_det.models.maskrcnn import build_maskrcnn, load_init
+from soco_det.transfer.model import load_init
 
 # pycocotools 2.0 with NumPy 2 warns on every mask decode; it is harmless.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -295,8 +296,8 @@ def test_train_transforms_keep_boxes_on_masks(scenes):
 
 
 def test_precise_bn_averages_statistics_over_images_and_keeps_the_rng():
-    from soco_det.transfer.finetuning import freeze_batch_norm, peak_lr, precise_bn
     from soco_det.transfer.config import SolverConfig
+    from soco_det.transfer.finetuning import freeze_batch_norm, peak_lr, precise_bn
 
     class Toy(torch.nn.Module):
         def __init__(self) -> None:
@@ -441,7 +442,7 @@ def run_step(self, batch):
 
 
 finetuning.FinetuneTrainer.run_step = run_step
-from soco_det.cli import main
+from soco_det.commands.main import main
 
 sys.exit(main(sys.argv[1:]))
 """

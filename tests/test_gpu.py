@@ -49,10 +49,10 @@ def _to(batch, device):
 
 
 def test_sync_bn_conversion_equals_plain_bn_on_one_process(nccl_group):
+    from test_models import BATCHES, make_batch, tiny
     from torch.nn.parallel import DistributedDataParallel
 
     from soco_det.models import build_model, convert_sync_bn
-    from test_models import BATCHES, make_batch, tiny
 
     torch.manual_seed(0)
     plain = build_model(tiny()).cuda()
@@ -74,8 +74,9 @@ def test_sync_bn_conversion_equals_plain_bn_on_one_process(nccl_group):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_keeps_loss_fp32_and_finite(dtype):
-    from soco_det.models import build_model
     from test_models import BATCHES, make_batch, tiny
+
+    from soco_det.models import build_model
 
     torch.manual_seed(0)
     model = build_model(tiny()).cuda()
@@ -105,7 +106,7 @@ def scenes(tmp_path_factory):
     ids=["bf16", "fp16-gradscaler", "bf16-device-photometric"],
 )
 def test_pretrain_command_trains_on_cuda(scenes, tmp_path, extra):
-    from soco_det.cli import main
+    from soco_det.commands.main import main
 
     images, store = scenes
     run = tmp_path / "run"
@@ -151,8 +152,9 @@ def test_synced_segment_bn_on_nccl_equals_separate_calls(nccl_group):
 def test_batched_calls_equal_separate_calls_on_cuda(amp):
     import dataclasses
 
-    from soco_det.models import build_model
     from test_models import BATCHES, make_batch, tiny
+
+    from soco_det.models import build_model
 
     torch.manual_seed(0)
     batched = build_model(tiny(channels_last=True)).cuda().to(memory_format=torch.channels_last)

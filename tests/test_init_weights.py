@@ -17,9 +17,9 @@ import torchvision
 
 from soco_det.errors import UserError
 from soco_det.export import export_checkpoint
-from soco_det.models.maskrcnn import build_maskrcnn_v2
+from soco_det.export.init_weights import init_from_weights
 from soco_det.models import ModelConfig, build_model
-from soco_det.models.init_weights import init_from_weights
+from soco_det.models.maskrcnn import build_maskrcnn_v2
 from soco_det.models.official import ours_to_official
 
 # R18 with a narrow FPN / head; widths that torchvision's build_maskrcnn_v2 can reproduce.

@@ -1,4 +1,4 @@
-"""LARS against a hand-written reference update (SOCO_SPEC 5) on a toy model."""
+"""LARS against a hand-written reference update (docs/method.md 5) on a toy model."""
 
 import copy
 

@@ -17,6 +17,7 @@ import torchvision
 
 from soco_det.errors import UserError
 from soco_det.probe import linear_eval as le
+from soco_det.probe.config import LinearEvalSettings
 
 CLASSES = (1, 2, 4)  # the three most frequent shapes of these scenes
 
@@ -66,7 +67,7 @@ def folders(tmp_path_factory):
 
 
 def test_defaults_are_the_official_main_linear_recipe():
-    s = le.LinearEvalSettings()
+    s = LinearEvalSettings()
     assert (s.lr, s.momentum, s.weight_decay, s.batch_size, s.epochs) == (30.0, 0.9, 0.0, 256, 100)
     assert (s.warmup_epochs, s.warmup_multiplier, s.min_lr, s.crop_min_scale, s.image_size) == (
         5.0,
@@ -139,8 +140,10 @@ def test_the_backbone_stays_frozen_and_the_classifier_learns(folders, tmp_path, 
 def test_command_line_helpers_and_bad_input(folders, tmp_path, capsys):
     import argparse
 
+    from soco_det.commands.probe import add_classification_arguments, run_classification
+
     parser = argparse.ArgumentParser()
-    le.add_arguments(parser)
+    add_classification_arguments(parser)
     args = parser.parse_args(
         [
             "--weights",
@@ -167,11 +170,11 @@ def test_command_line_helpers_and_bad_input(folders, tmp_path, capsys):
             str(tmp_path / "cli"),
         ]
     )
-    assert le.run(args) == 0
+    assert run_classification(args) == 0
     out = capsys.readouterr().out
     assert "top-1" in out and "95% CI" in out and (tmp_path / "cli" / "metrics.json").is_file()
     # Through the real command: `soco-det probe SOURCE --task classification` (options shared with the probe).
-    from soco_det.cli import main
+    from soco_det.commands.main import main
 
     assert (
         main(

@@ -1,4 +1,4 @@
-"""The SoCo loss against a slow reference and against values worked out by hand (SOCO_SPEC 4)."""
+"""The SoCo loss against a slow reference and against values worked out by hand (docs/method.md 4)."""
 
 from __future__ import annotations
 

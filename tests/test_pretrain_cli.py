@@ -4,10 +4,9 @@ import json
 
 import pytest
 import yaml
-
 from engine_fixtures import TINY_OVERRIDES, pretrain_cli_args, sample_data  # noqa: F401
-from soco_det.cli import main
 
+from soco_det.commands.main import main
 
 cli_args = pretrain_cli_args
 

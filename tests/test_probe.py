@@ -140,7 +140,7 @@ def test_background_boxes_stay_away_from_objects():
 def test_untrained_network_is_the_one_pretraining_starts_from():
     from soco_det.config import build_config
     from soco_det.engine.config import PretrainConfig
-    from soco_det.engine.trainer import init_model
+    from soco_det.models import init_model
     from soco_det.probe.network import load_probe_network
 
     cfg = build_config(
@@ -166,7 +166,7 @@ def scenes(tmp_path_factory):
 
 
 def test_probe_command_end_to_end(scenes, tmp_path):
-    from soco_det.cli import main
+    from soco_det.commands.main import main
 
     out = tmp_path / "probe.json"
     rc = main(
@@ -200,7 +200,7 @@ def test_probe_command_end_to_end(scenes, tmp_path):
 
 
 def test_probe_command_refuses_untrained_alone(scenes, capsys):
-    from soco_det.cli import main
+    from soco_det.commands.main import main
 
     rc = main(
         [
@@ -253,7 +253,9 @@ def test_online_probe_is_logged_with_the_loss(scenes, tmp_path):
     with pytest.raises(ConfigError, match="probe_val_json"):
         build_config(PretrainConfig, "tiny_cpu", [*small, probe[0], probe[2], "train.probe_every=2"], extra=extra)
     cfg = build_config(PretrainConfig, "tiny_cpu", [*small, *probe, "train.probe_every=2"], extra=extra)
-    records = read_metrics(pretrain(cfg, tmp_path / "run"))
+    from soco_det.probe.online import OnlineProbe
+
+    records = read_metrics(pretrain(cfg, tmp_path / "run", metric_sources=[OnlineProbe(cfg)]))
     assert [r["step"] for r in records] == [2, 4]
     for r in records:
         assert 0 <= r["probe/head_linear_top1"] <= 1 and 0 <= r["probe/roi_knn_top1"] <= 1

@@ -10,7 +10,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from skimage import data
 
-from soco_det.cli import main
+from soco_det.commands.main import main
 from soco_det.errors import UserError
 from soco_det.proposals import ProposalStore, compute_store
 from soco_det.proposals.filters import STAGE_EMPTY, STAGE_MAIN, STAGE_NONE

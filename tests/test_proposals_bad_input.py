@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from soco_det.cli import main
+from soco_det.commands.main import main
 from soco_det.proposals import ProposalStore, compute_store
 
 EXIF_ORIENTATION = 0x0112

@@ -1,7 +1,7 @@
 """`soco-det proposals IMAGES -o STORE` with its defaults stores exactly what the official pipeline
 gives: the slow reference selective search (PyPI selectivesearch 0.4 + SoCo's change, scale 300,
 sigma 0.9, min_size 100, full resolution) on ``Image.open(path).convert("RGB")``, then the
-``ratio3size0308post`` filter written out here rule by rule from SOCO_SPEC 1.2-1.3."""
+``ratio3size0308post`` filter written out here rule by rule from docs/method.md 1.2-1.3."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from soco_det.cli import main
+from soco_det.commands.main import main
 from soco_det.proposals.reference import reference_selective_search
 from soco_det.proposals.store import ProposalStore
 

@@ -1,4 +1,4 @@
-"""The official proposal filters (SOCO_SPEC 1.2-1.3) on hand-made rects and against a naive loop."""
+"""The official proposal filters (docs/method.md 1.2-1.3) on hand-made rects and against a naive loop."""
 
 from math import sqrt
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from soco_det.cli import main
+from soco_det.commands.main import main
 from soco_det.errors import UserError
 from soco_det.proposals import ProposalStore, compute_store, merge_stores
 from soco_det.proposals.methods import run_method, upscale_rects

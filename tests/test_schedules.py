@@ -1,4 +1,4 @@
-"""Learning-rate and target-momentum schedules against their formulas (SOCO_SPEC 3.6, 5)."""
+"""Learning-rate and target-momentum schedules against their formulas (docs/method.md 3.6, 5)."""
 
 import math
 

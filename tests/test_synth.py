@@ -14,7 +14,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from soco_det.cli import main
+from soco_det.commands.main import main
 from soco_det.errors import UserError
 from soco_det.synth import generate, render_scenes
 from soco_det.synth.scenes import make_scene

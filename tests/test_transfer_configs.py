@@ -24,7 +24,7 @@ import torch
 import yaml
 from test_export import D2_CONFIG_KEYS, _flatten
 
-from soco_det.cli import main
+from soco_det.commands.main import main
 from soco_det.models import ModelConfig, build_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "soco_det" / "configs"

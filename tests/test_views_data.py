@@ -9,9 +9,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from _views_data import photo_store
 from PIL import Image
 
-from _views_data import photo_store
 from soco_det.config import ConfigError, build_config
 from soco_det.data import boxes as B
 from soco_det.data.config import PRESETS, DataConfig, PixelOptions, ViewsConfig
@@ -279,7 +279,7 @@ def test_collate_shapes_and_dtypes(photos, recipe):
 
 # -- viz -----------------------------------------------------------------------------------------
 def test_viz_views_cli_writes_png(photos, tmp_path):
-    from soco_det.cli import main
+    from soco_det.commands.main import main
 
     images, store = photos
     out = tmp_path / "views.png"
@@ -316,10 +316,11 @@ def test_draft_reduction_rule():
 
 
 def test_large_jpeg_decoded_reduced_gives_the_same_views(photos, tmp_path):
+    import skimage.data
+
     from soco_det.data.lazy_image import LazyImage
     from soco_det.data.photometric import denormalise
     from soco_det.data.sampler import ViewSampler
-    import skimage.data
 
     path = tmp_path / "big.jpg"
     Image.fromarray(skimage.data.astronaut()).resize((2048, 2048), Image.Resampling.BICUBIC).save(path, quality=92)

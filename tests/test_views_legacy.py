@@ -1,5 +1,5 @@
 """The legacy switch reproduces the official box conventions; values worked out by hand from the
-formulas of SOCO_SPEC 1.3, 1.4, 2.3, 2.4, 2.6, 2.7 (and the continuous default for contrast)."""
+formulas of docs/method.md 1.3, 1.4, 2.3, 2.4, 2.6, 2.7 (and the continuous default for contrast)."""
 
 from __future__ import annotations
 

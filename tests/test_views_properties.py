@@ -107,7 +107,7 @@ def _check_sample(ds, index: int, epoch: int) -> None:
         lev_a, lev_b = sample.levels[p]
         corr = correspondence(ids_a, lev_a, ids_b, lev_b, ds.num_levels)
         P = ds.num_levels
-        # the definition, entry by entry (SOCO_SPEC 2.7-2.8): row p*K+i matches column q*K+j iff the
+        # the definition, entry by entry (docs/method.md 2.7-2.8): row p*K+i matches column q*K+j iff the
         # ids are equal and box i of a sits on level p, box j of b on level q
         expected = np.zeros((P * K, P * K))
         for i in range(K):

@@ -1,6 +1,6 @@
 """Box geometry of the view sampler, vectorised over boxes (numpy).
 
-Two conventions (docs/architecture.md, SOCO_SPEC 1.4, 2.4, 9.5):
+Two conventions (docs/architecture.md, docs/method.md 1.4, 2.4, 9.5):
 
 * **continuous** (default): a box is ``[x1, y1, x2, y2]`` in continuous pixel coordinates, pixel
   ``i`` covering ``[i, i + 1)``. A store rect ``(x, y, w, h)`` (official selective-search
@@ -36,7 +36,7 @@ def rects_to_boxes(rects: np.ndarray, legacy: bool = False) -> np.ndarray:
 
 
 def whole_image_box(width: int, height: int, legacy: bool = False) -> np.ndarray:
-    """The single whole-image proposal ``[1, 4]`` used when an image has none (SOCO_SPEC 1.3)."""
+    """The single whole-image proposal ``[1, 4]`` used when an image has none (docs/method.md 1.3)."""
     end = -1.0 if legacy else 0.0
     return np.array([[0.0, 0.0, width + end, height + end]])
 
@@ -68,7 +68,7 @@ def clip_to_crop(boxes: np.ndarray, ids: np.ndarray, crop: Crop, legacy: bool = 
 
 
 def jitter(boxes: np.ndarray, rng: np.random.Generator, prob: float, ratio: float, legacy: bool = False) -> np.ndarray:
-    """Random box jitter (SOCO_SPEC 2.3): with probability ``prob`` per box, ``j ~ U(-r, r)^4`` and
+    """Random box jitter (docs/method.md 2.3): with probability ``prob`` per box, ``j ~ U(-r, r)^4`` and
     ``x1' = x1 + j0 w``, ``y1' = y1 + j1 h``, ``w' = w (1 + j2)``, ``h' = h (1 + j3)``.
 
     ``w = x2 - x1`` (continuous) or ``x2 - x1 + 1`` (legacy, with ``x2' = x1' + w' - 1``).

@@ -1,7 +1,7 @@
 """Configuration of the data stage: where the images and proposals are, and how views are made.
 
 ``ViewsConfig`` starts from a named recipe (``soco_fpn``, ``soco_fpn_400``, ``soco_star``,
-``soco_c4``, ``paper``; SOCO_SPEC 2.1, 6.1, 9.1). Every other field defaults to ``None``, which
+``soco_c4``, ``paper``; docs/method.md 2.1, 6.1, 9.1). Every other field defaults to ``None``, which
 means "take the recipe's value", so a YAML recipe or the command line can pick a recipe and
 override single values (``data.views.recipe=soco_c4 data.views.cutout_prob=0.3``).
 :meth:`ViewsConfig.resolved` returns the fully specified config the sampler uses.
@@ -14,7 +14,7 @@ A view is described by ``view_kinds[v]``:
 * ``"down:m"``: view ``m``'s resized crop downsampled to ``view_sizes[v]`` before ``m``'s flip and
   colour (SoCo*'s V4, the paper's V3). It shares ``m``'s proposals and boxes.
 
-Pairs are always ``(0, v)`` for every view ``v >= 1`` (SOCO_SPEC 2.2).
+Pairs are always ``(0, v)`` for every view ``v >= 1`` (docs/method.md 2.2).
 
 :class:`PixelOptions` holds the four options that change how the views' pixels are made (decoding,
 resize, where the colour runs) but never their geometry; :class:`DataConfig` has them as its own
@@ -34,7 +34,7 @@ RECIPES = ("soco_fpn", "soco_fpn_400", "soco_star", "soco_c4", "paper")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Values shared by every recipe (SOCO_SPEC 2.1, 2.3, 2.5, 2.6, 2.7).
+# Values shared by every recipe (docs/method.md 2.1-2.7).
 _COMMON: dict = dict(
     crop_scale=[0.5, 1.0],
     crop_ratio=[3.0 / 4.0, 4.0 / 3.0],
@@ -98,7 +98,7 @@ PRESETS: dict[str, dict] = {
         cutout_views=[1],
         scale_aware=False,
     ),
-    # The paper's description: V3 is V2 downsampled to 112 (SOCO_SPEC 9.1).
+    # The paper's description: V3 is V2 downsampled to 112 (docs/method.md 9.1).
     "paper": dict(
         _COMMON,
         view_kinds=["whole", "crop", "down:1"],
@@ -141,7 +141,7 @@ class ViewsConfig:
     scale_aware: Optional[bool] = None  # False: one level (C4), every box at level 0
     mean: Optional[list[float]] = None
     std: Optional[list[float]] = None
-    legacy: bool = False  # official inclusive-pixel box conventions (SOCO_SPEC 1.4, 2.4, 9.5)
+    legacy: bool = False  # official inclusive-pixel box conventions (docs/method.md 1.4, 2.4, 9.5)
 
     def resolved(self) -> "ViewsConfig":
         """A copy with every ``None`` field filled from the recipe preset."""

@@ -29,6 +29,7 @@ from soco_det.data.sampler import ViewSample, ViewSampler
 from soco_det.data.sources import ImageItem, join_with_store, resolve_items
 from soco_det.errors import ImageError, UserError
 from soco_det.logs import get_logger
+from soco_det.proposals.store import ProposalStore
 
 log = get_logger(__name__)
 
@@ -36,8 +37,6 @@ NO_PROPOSALS = np.zeros((0, 4), dtype=np.int32)
 
 
 def open_store(path: str | Path) -> Any:
-    from soco_det.proposals.store import ProposalStore
-
     return ProposalStore.open(path)
 
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from soco_det.archives import read_bytes
 from soco_det.errors import ImageError
-from soco_det.data.archives import read_bytes
 from soco_det.imageio import DEFAULT_MAX_PIXELS, _to_rgb, load_rgb
 
 

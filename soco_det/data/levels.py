@@ -1,4 +1,4 @@
-"""Scale-aware FPN level assignment and the correspondence matrices (SOCO_SPEC 2.7-2.8).
+"""Scale-aware FPN level assignment and the correspondence matrices (docs/method.md 2.7-2.8).
 
 A box goes to the first level ``p`` whose threshold is at least its size
 (``size <= thresholds[p]``; ``[48, 96, 192, 224]`` -> P2..P5), where size is ``sqrt(w * h)`` in

@@ -1,4 +1,4 @@
-"""Photometric augmentations of the views (BYOL-style asymmetric, SOCO_SPEC 2.5) and cutout (2.6).
+"""Photometric augmentations of the views (BYOL-style asymmetric, docs/method.md 2.5) and cutout (2.6).
 
 Same semantics as the official torchvision-v1 / PIL composition, without its per-op overhead (the
 PIL composition itself, the reference these are tested against, is ``tests/_photometric_reference.py``):
@@ -109,6 +109,7 @@ def apply_params(arr: np.ndarray, p: np.ndarray, mean: Sequence[float], std: Seq
     (:func:`soco_det.data.colour_kernels.colour_jitter_gray`), the bit-exact PIL Gaussian blur
     (:mod:`soco_det.data.box_blur`), then solarize + normalisation as one table lookup per value
     written straight into the output tensor's buffer."""
+    # lazy: numba compiles these kernels on first use, so paths that never blur or jitter skip it
     from soco_det.data import box_blur
     from soco_det.data import colour_kernels as ck
 
@@ -136,7 +137,7 @@ def denormalise(tensor: torch.Tensor, mean: Sequence[float], std: Sequence[float
 def cutout_regions(
     pixel_boxes: np.ndarray, rng: np.random.Generator, prob: float, ratio: Sequence[float], bound: int
 ) -> np.ndarray:
-    """Cutout squares for a view's box rows (SOCO_SPEC 2.6), padded duplicates included.
+    """Cutout squares for a view's box rows (docs/method.md 2.6), padded duplicates included.
 
     Args:
         pixel_boxes: int ``[K, 4]`` inclusive pixel index boxes ``x1, y1, x2, y2`` in the view.

@@ -1,4 +1,4 @@
-"""The view sampler: one class that makes all views of one sample, with their boxes (SOCO_SPEC 2).
+"""The view sampler: one class that makes all views of one sample, with their boxes (docs/method.md 2).
 
 For an image and its proposals, :class:`ViewSampler` draws:
 
@@ -168,7 +168,7 @@ class ViewSampler:
         fallback = len(common) == 0
         if fallback:
             # No proposal survived in both views (no overlap after 5 tries): whole-view boxes with
-            # id 1 in both, as the official clip_bboxs fallback (SOCO_SPEC 2.4, 9.10).
+            # id 1 in both, as the official clip_bboxs fallback (docs/method.md 2.4, 9.10).
             local0, local_v = self._whole_view(crop0), self._whole_view(crop_v)
             ids0 = ids_v = common = np.array([1], dtype=np.int64)
         local0, ids0, pad0 = self._pad(local0, ids0, common, rng)

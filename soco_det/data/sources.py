@@ -3,7 +3,7 @@
 Sources (labels are never read):
 
 * a folder of images, recursive, with the images inside its ``.tar`` / ``.zip`` archives, or a
-  single archive (:func:`soco_det.data.archives.list_sources`; members are ``ARCHIVE::MEMBER``);
+  single archive (:func:`soco_det.imageio.list_sources`; members are ``ARCHIVE::MEMBER``);
 * a text file listing images, one per line (the first tab-separated field, as in the official
   ``train_map.txt``; blank lines and ``#`` comments skipped), relative to the images root;
 * a COCO JSON: its ``images[].file_name``, relative to the images root.
@@ -24,9 +24,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from soco_det.data.archives import list_sources
 from soco_det.errors import UserError
-from soco_det.imageio import IMAGE_EXTENSIONS
+from soco_det.imageio import IMAGE_EXTENSIONS, list_sources
 from soco_det.logs import get_logger
 
 log = get_logger(__name__)
@@ -46,7 +45,7 @@ def _items(root: Path, keys: Sequence[str]) -> list[ImageItem]:
 
 def folder_items(root: str | Path) -> list[ImageItem]:
     """Images under a folder (loose files and the members of its .tar / .zip archives) or in one
-    archive; keys as :func:`soco_det.data.archives.list_sources` makes them (the proposal job's)."""
+    archive; keys as :func:`soco_det.imageio.list_sources` makes them (the proposal job's)."""
     given = root
     root, keys = list_sources(root)
     if Path(given).is_dir():

@@ -1,4 +1,4 @@
-"""`soco-det viz views`: a grid of SoCo views with their boxes, the picture to check before training.
+"""A grid of SoCo views (``soco-det viz views``) with their boxes, the picture to check before training.
 
 One row per sample; per pair (1, v) two panels: V1 with the pair's boxes and Vv with its boxes
 (de-normalised, after flips, colour and cutout). Boxes are coloured by proposal id (the same colour
@@ -7,20 +7,8 @@ in both views of a pair) and labelled ``P<level+2>#<id>``.
 
 from __future__ import annotations
 
-import argparse
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--images", required=True, help="images root folder")
-    parser.add_argument("--proposals", default=None, help="proposal store folder (default: whole-image boxes)")
-    parser.add_argument("-o", "--out", required=True, help="output PNG path")
-    parser.add_argument(
-        "--recipe", default="soco_fpn", help="views recipe: soco_fpn|soco_fpn_400|soco_star|soco_c4|paper"
-    )
-    parser.add_argument("--samples", type=int, default=4, help="number of samples (rows)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epoch", type=int, default=0)
-    parser.add_argument("--legacy", action="store_true", help="official box conventions")
+from soco_det.atomic import atomic_open
+from soco_det.data.photometric import denormalise
 
 
 def render_views(dataset, out_png: str, samples: int = 4, epoch: int = 0) -> str:
@@ -30,9 +18,6 @@ def render_views(dataset, out_png: str, samples: int = 4, epoch: int = 0) -> str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
-
-    from soco_det.atomic import atomic_open
-    from soco_det.data.photometric import denormalise
 
     cfg = dataset.sampler.cfg
     indices = sorted({int(i * len(dataset) / samples) for i in range(samples)})
@@ -73,23 +58,3 @@ def render_views(dataset, out_png: str, samples: int = 4, epoch: int = 0) -> str
         fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
     return out_png
-
-
-def run(args: argparse.Namespace) -> int:
-    from soco_det.data.config import DataConfig, ViewsConfig
-    from soco_det.data.dataset import build_pretrain_dataset
-    from soco_det.logs import get_logger
-
-    cfg = DataConfig(
-        images=args.images, proposals=args.proposals, views=ViewsConfig(recipe=args.recipe, legacy=args.legacy)
-    )
-    try:
-        cfg.validate()
-    except ValueError as exc:
-        from soco_det.errors import UserError
-
-        raise UserError(f"viz views: {exc}") from exc
-    dataset = build_pretrain_dataset(cfg, seed=args.seed)
-    out = render_views(dataset, args.out, samples=max(1, args.samples), epoch=args.epoch)
-    get_logger(__name__).info("wrote %s", out)
-    return 0

@@ -2,7 +2,7 @@
 
 ``PretrainConfig`` composes the three stage configs (data, model, train) and the run's seed; a
 recipe YAML (``soco_det/recipes/*.yaml``) fills it and ``key=value`` overrides adjust it
-(``train.epochs=10 data.batch_size=32``). Defaults follow SOCO_SPEC 5 (official values).
+(``train.epochs=10 data.batch_size=32``). Defaults follow docs/method.md 5 (official values).
 
 Batch and learning rate: ``data.batch_size`` is the batch *per process* (per GPU); the effective
 batch is ``batch_size * world_size * accum_steps`` and the peak learning rate is

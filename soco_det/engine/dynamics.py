@@ -20,14 +20,18 @@ rank falls under 5 % of its width (dimensional collapse; see ``model.head_decorr
 
 from __future__ import annotations
 
-import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from soco_det.engine.trainer import Hook, Trainer, init_model
+from soco_det.engine.loop import Hook
 from soco_det.logs import get_logger
+from soco_det.models import init_model
+from soco_det.stats import output_spread
+
+if TYPE_CHECKING:
+    from soco_det.engine.trainer import Trainer
 
 log = get_logger(__name__)
 
@@ -47,27 +51,6 @@ def weight_groups(model: nn.Module) -> dict[str, list[tuple[str, torch.Tensor]]]
         group = parts[1] if parts[0] == "online" else parts[0]
         groups.setdefault(group, []).append((name, param))
     return groups
-
-
-def effective_rank(x: torch.Tensor) -> float:
-    """``exp(entropy)`` of the normalised singular values of the centred rows of ``x`` ``[N, D]``."""
-    x = x.double()
-    x = x - x.mean(0)
-    # the Gram matrix of the smaller side has the same non-zero spectrum (squared)
-    gram = x @ x.T if x.shape[0] <= x.shape[1] else x.T @ x
-    s = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
-    p = s / s.sum().clamp_min(1e-12)
-    p = p[p > 0]
-    return float(torch.exp(-(p * p.log()).sum()))
-
-
-def output_spread(x: torch.Tensor) -> tuple[float, float]:
-    """``(effective rank of the centred rows of x, per-channel std x sqrt(D) of the L2-normalised
-    rows)``: the rank falls to ~1 when one direction carries the variance (dimensional collapse),
-    the std to ~0 when every row points the same way (complete collapse)."""
-    x = x.detach().float().flatten(1)
-    z = torch.nn.functional.normalize(x, dim=1)
-    return effective_rank(x), float(z.std(0).mean() * math.sqrt(z.shape[1]))
 
 
 class TrainingDynamics(Hook):

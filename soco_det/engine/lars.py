@@ -1,4 +1,4 @@
-"""LARS around SGD with momentum, as the official SoCo code uses it (SOCO_SPEC 5, 9.13).
+"""LARS around SGD with momentum, as the official SoCo code uses it (docs/method.md 5, 9.13).
 
 Two parameter groups, chosen by a rule rather than by names:
 

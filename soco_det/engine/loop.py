@@ -20,9 +20,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from soco_det.engine import checkpoint as ckpt_io
+from soco_det.checkpoint_files import find_resume
 from soco_det.engine import distributed as dist_utils
-from soco_det.engine.signals import GracefulStop, Interrupted
+from soco_det.engine.signals import GracefulStop
+from soco_det.errors import Interrupted
 
 
 def move_to(obj: Any, device: torch.device, channels_last: bool = False) -> Any:
@@ -153,12 +154,12 @@ class TrainerBase:
     def run(self, resume_hint: str) -> None:
         """:meth:`train` with SIGINT/SIGTERM handled (:mod:`soco_det.engine.signals`): every
         process finishes the step under way, the hooks save a checkpoint, and
-        :class:`~soco_det.engine.signals.Interrupted` names it and how to continue (``resume_hint``)."""
+        :class:`~soco_det.errors.Interrupted` names it and how to continue (``resume_hint``)."""
         with GracefulStop() as stop:
             self.should_stop = stop.requested
             self.train()
         if self.stopped:
-            saved = ckpt_io.find_resume(self.run_dir) if self.run_dir is not None else None
+            saved = find_resume(self.run_dir) if self.run_dir is not None else None
             what = f"checkpoint {saved} saved; continue with {resume_hint}" if saved else "no step was done"
             raise Interrupted(
                 f"{self.run_dir}: stopped by {stop.name or 'a signal'} after step {self.step}; {what}",
@@ -186,7 +187,7 @@ class TrainerBase:
         if bad.item() == 0:
             return
         step, value = (int(first[0].item()), first[1].item()) if first[0] >= 0 else (self.step, float("nan"))
-        last = ckpt_io.find_resume(self.run_dir) if self.run_dir is not None else None
+        last = find_resume(self.run_dir) if self.run_dir is not None else None
         hint = f"; {self.nonfinite_hint}" if self.nonfinite_hint else ""
         raise NonFiniteLossError(
             f"non-finite loss ({value}) at step {step} (epoch {self.epoch}); "

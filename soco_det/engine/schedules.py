@@ -1,8 +1,8 @@
-"""Per-iteration schedules as pure functions of the global optimizer step (SOCO_SPEC 3.6, 5, 9.11).
+"""Per-iteration schedules as pure functions of the global optimizer step (docs/method.md 3.6, 5, 9.11).
 
 The global step ``t`` counts optimizer steps from 0 and is stored in every checkpoint, so a
 resumed run continues both schedules exactly where it stopped (the official code restarts the
-momentum schedule at tau0 after a resume; SOCO_SPEC 9.11).
+momentum schedule at tau0 after a resume; docs/method.md 9.11).
 
 * learning rate: ``peak = base_lr * effective_batch / 256``; linear warmup over ``T_w`` steps
   ``peak/m * ((m-1) * t/T_w + 1)`` (m = 100), then a cosine

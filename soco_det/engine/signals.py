@@ -2,7 +2,7 @@
 
 ``with GracefulStop() as stop:`` installs handlers for both signals (main thread only). The first
 signal only sets ``stop.signum``: the loop finishes its current step, saves a checkpoint and raises
-:class:`Interrupted`. A second signal exits at once (``KeyboardInterrupt`` for SIGINT,
+:class:`~soco_det.errors.Interrupted`. A second signal exits at once (``KeyboardInterrupt`` for SIGINT,
 ``SystemExit(128 + signum)`` for SIGTERM). Under ``torchrun`` every process asks
 :meth:`GracefulStop.requested`, which all-reduces the flag, so all ranks stop after the same step.
 """
@@ -18,15 +18,6 @@ from soco_det.logs import get_logger
 log = get_logger(__name__)
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class Interrupted(Exception):
-    """The run stopped on a signal after saving its state; ``exit_code`` is 128 + the signal."""
-
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
-        self.signum = signum
-        self.exit_code = 128 + signum
 
 
 def ignore_stop_signals(*_: Any) -> None:
@@ -69,6 +60,7 @@ class GracefulStop:
 
     def requested(self) -> bool:
         """Whether any process got a stop signal (a collective call under torch.distributed)."""
+        # lazy: this module stays torch-free (loader workers import it for ignore_stop_signals)
         from soco_det.engine import distributed as dist_utils
 
         flag = self.signum is not None

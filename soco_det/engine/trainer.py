@@ -5,7 +5,7 @@ autocast, backward, LARS step); the loop around it, the non-finite-loss check an
 the engine's (:mod:`soco_det.engine.loop`, :mod:`soco_det.engine.hooks`), shared with fine-tuning.
 
 Step numbering: ``trainer.step`` counts *completed* optimizer steps (the global step of
-SOCO_SPEC 9.11); the step under way uses the schedules at ``trainer.step`` and is reported to the
+docs/method.md 9.11); the step under way uses the schedules at ``trainer.step`` and is reported to the
 user as step ``trainer.step + 1``; ``checkpoints/step_00000002.pt`` holds the state after 2 steps.
 """
 
@@ -18,14 +18,24 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from soco_det.config import save_config, to_dict
+from soco_det.data.dataset import build_pretrain_dataset, collate_views
+from soco_det.data.device_photometric import apply_device_photometric
 from soco_det.engine import checkpoint as ckpt_io
 from soco_det.engine import distributed as dist_utils
+from soco_det.engine.dynamics import TrainingDynamics
 from soco_det.engine.hooks import CheckpointHook, MetricsHook
+from soco_det.engine.lars import build_lars
 from soco_det.engine.loop import Hook, NonFiniteLossError, TrainerBase, move_to, resolve_amp, set_train_mode
 from soco_det.engine.metrics import MetricsWriter
 from soco_det.engine.prefetch import CopyStream
 from soco_det.engine.schedules import Schedule
+from soco_det.engine.signals import ignore_stop_signals
+from soco_det.errors import UserError
+from soco_det.export.init_weights import apply_init
 from soco_det.logs import get_logger
+from soco_det.models import convert_sync_bn, init_model
+from soco_det.runlock import FolderLock
 from soco_det.torch_io import resolve_device
 
 __all__ = ["Hook", "NonFiniteLossError", "Trainer", "move_to", "pretrain", "resolve_amp", "set_train_mode"]
@@ -89,8 +99,6 @@ class Trainer(TrainerBase):
         """Move a collated batch to the device; with ``data.photometric=device`` the colour, blur,
         solarize, normalisation and cutout of the views run there (the loader sent uint8 views)."""
         if self.device_photometric:
-            from soco_det.data.device_photometric import apply_device_photometric
-
             batch = apply_device_photometric(move_to(batch, self.device))
         return move_to(batch, self.device, self.channels_last)
 
@@ -240,16 +248,6 @@ class PretrainMetricsHook(MetricsHook):
 
 
 # ---------------------------------------------------------------------- assembling a run
-def init_model(model_cfg: Any, seed: int) -> nn.Module:
-    """The model a run with ``model_cfg`` and ``seed`` starts from: torch's RNG seeded with ``seed``
-    right before the model is built, so the untrained baseline of a probe or benchmark
-    (:mod:`soco_det.probe`) is exactly the network step 1 of the run starts from."""
-    from soco_det.models import build_model
-
-    torch.manual_seed(seed)
-    return build_model(model_cfg)
-
-
 def resolve_lars_eta(train: Any, schedule: Schedule) -> float:
     """LARS trust coefficient of a run. ``train.budget=paper``: ``train.lars_eta`` as given.
     ``train.budget=auto``: large enough that a conv weight moves by ``train.target_update`` of its
@@ -271,7 +269,7 @@ def find_unused_parameters(train: Any, model_cfg: Any) -> bool:
 
 
 def wrap_ddp(model: nn.Module, device: torch.device, find_unused: bool) -> nn.Module:
-    """DDP without buffer broadcasts in forward (SOCO_SPEC 5: ``broadcast_buffers=False``): each
+    """DDP without buffer broadcasts in forward (docs/method.md 5: ``broadcast_buffers=False``): each
     process keeps its own BN running statistics, as in the official runs."""
     import inspect
 
@@ -292,7 +290,12 @@ def _config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def pretrain(
-    cfg: Any, out_dir: str | Path, resume: str | Path | None = None, hooks: Sequence[Hook] = (), overwrite: bool = False
+    cfg: Any,
+    out_dir: str | Path,
+    resume: str | Path | None = None,
+    hooks: Sequence[Hook] = (),
+    overwrite: bool = False,
+    metric_sources: Sequence[Any] = (),
 ) -> Path:
     """Train SoCo with ``cfg`` (a :class:`~soco_det.engine.config.PretrainConfig`) into ``out_dir``.
 
@@ -303,20 +306,16 @@ def pretrain(
     lock on ``out_dir`` for the whole run. The checkpoint is checked against the config (names and
     shapes) before anything is written. Writes ``config.yaml``, ``metrics.jsonl``, ``tensorboard/``
     and ``checkpoints/`` in ``out_dir`` and returns it. On SIGINT/SIGTERM the current step is
-    finished, a checkpoint saved and :class:`~soco_det.engine.signals.Interrupted` raised.
+    finished, a checkpoint saved and :class:`~soco_det.errors.Interrupted` raised.
+
+    ``hooks`` run after the engine's own; ``metric_sources`` (objects with ``metrics(trainer) ->
+    dict``, used on the main process) add fields to every metrics record, e.g. the online object
+    probe of ``train.probe_every`` (:class:`soco_det.probe.online.OnlineProbe`), which the caller
+    builds: the engine does not import the probe stage.
     """
     import random
 
     import numpy as np
-
-    from soco_det.config import save_config, to_dict
-    from soco_det.data import build_pretrain_dataset, collate_views
-    from soco_det.engine.dynamics import TrainingDynamics  # imports this module
-    from soco_det.engine.lars import build_lars
-    from soco_det.errors import UserError
-    from soco_det.engine.signals import ignore_stop_signals
-    from soco_det.models import convert_sync_bn
-    from soco_det.runlock import FolderLock
 
     run_dir = Path(out_dir)
     train = cfg.train
@@ -365,8 +364,6 @@ def pretrain(
 
         model = init_model(cfg.model, cfg.seed)
         if cfg.model.init and ckpt is None:
-            from soco_det.models.init_weights import apply_init
-
             apply_init(model, cfg.model, run_dir if dist_utils.is_main() else None)
         if world > 1 and cfg.model.sync_bn:  # gloo (CPU) or NCCL: soco_det.models.segment_bn
             model = convert_sync_bn(model)
@@ -434,11 +431,13 @@ def pretrain(
             run_dir, enabled=dist_utils.is_main(), tensorboard=train.tensorboard, resume_step=trainer.step
         )
         dynamics = TrainingDynamics(train.log_every, schedule.warmup_steps, cfg.model, cfg.seed)
-        sources: list[Any] = [dynamics]
-        if train.probe_every and dist_utils.is_main():
-            from soco_det.probe.online import OnlineProbe
-
-            sources.append(OnlineProbe(cfg))
+        if train.probe_every and not metric_sources:
+            log.warning(
+                "train.probe_every=%d but no probe was passed: give pretrain(..., metric_sources=[OnlineProbe(cfg)]) "
+                "(soco_det.probe.online; soco-det pretrain does this)",
+                train.probe_every,
+            )
+        sources: list[Any] = [dynamics, *(metric_sources if dist_utils.is_main() else ())]
         trainer.hooks = [
             dynamics,
             PretrainMetricsHook(

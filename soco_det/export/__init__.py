@@ -51,6 +51,7 @@ class ExportResult:
     check: str
 
     def summary_lines(self) -> list[str]:
+        # lazy: see export()
         from soco_det.export.mapping import format_summary
 
         lines = [f"source: {self.source.describe()}", f"target: {self.target} -> {self.path}", "key mapping:"]
@@ -78,6 +79,7 @@ def export(
     src: str | Path, to: str, out: str | Path | None = None, network: str = "online", check: bool = True
 ) -> ExportResult:
     """Export ``src`` for ``to`` into ``out`` (default: :func:`default_output`); see the module doc."""
+    # lazy, like every submodule here: importing the package (for TARGETS) loads no torch
     from soco_det.export.source import load_source
 
     check_target(to)

@@ -5,7 +5,7 @@ File layout (a pickle)::
     {"model": {name: numpy.ndarray}, "__author__": "soco-det", "matching_heuristics": True}
 
 Unlike the official converters (which wrote short names such as ``res2.0.conv1.weight`` and relied
-on detectron2's suffix matching, SOCO_SPEC 7.2), names here are **fully qualified**, so they match
+on detectron2's suffix matching, docs/method.md 7.2), names here are **fully qualified**, so they match
 a detectron2 model exactly; ``matching_heuristics`` stays on so that a model whose names differ
 slightly (e.g. a wrapped one) still finds them.
 
@@ -34,7 +34,7 @@ kept them too.
 Fine-tune with ``soco_det/configs/detectron2/soco_mask_rcnn_R_50_FPN_1x.yaml`` (or the C4 one),
 setting ``MODEL.WEIGHTS`` to the exported file. Heads not in the file (RPN, box predictor, mask
 head) are initialised by detectron2. Note ``STRIDE_IN_1X1: False``: SoCo's ResNet has its stride in
-the 3x3 conv (SOCO_SPEC 3.1).
+the 3x3 conv (docs/method.md 3.1).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from soco_det.atomic import atomic_save
 from soco_det.errors import UserError
 from soco_det.export.mapping import Mapping, map_parts
 from soco_det.export.source import ExportSource
@@ -171,8 +172,6 @@ def check_names(mapping: Mapping, source: ExportSource) -> str:
 
 def export(source: ExportSource, out: Path, check: bool = True) -> tuple[Mapping, str]:
     """Map ``source``, check the names, write the pickle to ``out``."""
-    from soco_det.atomic import atomic_save
-
     mapping = map_source(source)
     note = check_names(mapping, source) if check else "not checked"
     payload = {

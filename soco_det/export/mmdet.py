@@ -27,6 +27,9 @@ from pathlib import Path
 
 import torch
 
+from soco_det import __version__
+from soco_det.atomic import atomic_save
+from soco_det.errors import UserError
 from soco_det.export.mapping import Mapping, map_parts
 from soco_det.export.source import ExportSource
 
@@ -77,8 +80,6 @@ def map_source(source: ExportSource) -> Mapping:
 
 
 def check_names(mapping: Mapping, source: ExportSource) -> str:
-    from soco_det.errors import UserError
-
     bad = [k for k in mapping.state_dict if not VALID_NAME.match(k)]
     if bad:
         raise UserError(f"{source.path}: names that are not mmdetection names: {bad[:6]}")
@@ -95,9 +96,6 @@ def check_names(mapping: Mapping, source: ExportSource) -> str:
 
 def export(source: ExportSource, out: Path, check: bool = True) -> tuple[Mapping, str]:
     """Map ``source``, check the names, write ``{"state_dict", "meta"}`` to ``out``."""
-    from soco_det import __version__
-    from soco_det.atomic import atomic_save
-
     mapping = map_source(source)
     note = check_names(mapping, source) if check else "not checked"
     payload = {

@@ -9,7 +9,7 @@ Accepted sources (docs/architecture.md, "Checkpoint format"):
 
 Only the detector parts are exported: the encoder (torchvision ResNet names), the FPN neck
 (mmdet names) and the 4conv1fc box head. The projector, predictor and the other network are
-left out. The converted official checkpoints used the online network (SOCO_SPEC 9.20), so that
+left out. The converted official checkpoints used the online network (docs/method.md 9.20), so that
 is the default; ``network="target"`` picks the momentum network instead.
 """
 
@@ -23,8 +23,11 @@ from typing import Any
 
 import torch
 
+from soco_det.checkpoint_files import resolve_checkpoint
 from soco_det.errors import UserError
 from soco_det.logs import get_logger
+from soco_det.models.config import ModelConfig
+from soco_det.models.official import load_official_state_dict
 from soco_det.torch_io import torch_load
 
 log = get_logger(__name__)
@@ -87,8 +90,6 @@ def resolve_checkpoint_path(src: str | Path) -> Path:
     """The checkpoint file of ``src``: the file itself, or the newest intact checkpoint of a run
     folder (``checkpoints/last.pt``, else the newest ``step_*.pt``). Raises :class:`UserError`
     naming the path when there is nothing to read."""
-    from soco_det.engine.checkpoint import resolve_checkpoint
-
     return resolve_checkpoint(src, intact=True, expected=_EXPECTED)
 
 
@@ -170,8 +171,6 @@ def _torch_load(path: Path) -> Any:
 
 
 def _from_official(path: Path, ckpt: dict) -> tuple[dict[str, torch.Tensor], str]:
-    from soco_det.models.official import load_official_state_dict
-
     raw = _strip_module_prefix(dict(ckpt["model"]))
     cfg = official_model_config(raw, path)
     try:
@@ -186,8 +185,6 @@ def official_model_config(raw: dict[str, torch.Tensor], where: object):
     """The :class:`~soco_det.models.config.ModelConfig` an official state dict was trained with,
     read from its weights (``module.`` stripped): the released ones are ResNet-50 SoCo_FPN / SoCo*
     (same weights; SoCo* only differs in its views) or SoCo_C4, but the shapes decide."""
-    from soco_det.models.config import ModelConfig
-
     encoder = {k[len("encoder.") :]: v for k, v in raw.items() if k.startswith("encoder.")}
     if not encoder:
         raise UserError(f"{where}: has no module.encoder.* weights: not an official SoCo checkpoint")

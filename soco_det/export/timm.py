@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from soco_det.atomic import atomic_save
 from soco_det.errors import UserError
 from soco_det.export.mapping import Mapping, map_parts
 from soco_det.export.source import ExportSource
@@ -49,8 +50,6 @@ def check_load(state_dict: dict[str, torch.Tensor], depth: int, where: object) -
 
 
 def export(source: ExportSource, out: Path, check: bool = True) -> tuple[Mapping, str]:
-    from soco_det.atomic import atomic_save
-
     mapping = map_source(source)
     note = check_load(mapping.state_dict, source.depth, source.path) if check else "not checked"
     atomic_save(out, lambda f: torch.save(mapping.state_dict, f))

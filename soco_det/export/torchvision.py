@@ -38,11 +38,13 @@ import math
 import re
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterable, Mapping as TMapping, Sequence
+from typing import Any, Iterable, Sequence
+from typing import Mapping as TMapping
 
 import torch
 from torch import nn
 
+from soco_det.atomic import atomic_save
 from soco_det.errors import UserError
 from soco_det.export.mapping import Mapping, map_parts
 from soco_det.export.source import ExportSource
@@ -204,8 +206,6 @@ def export(source: ExportSource, out: Path, check: bool = True) -> tuple[Mapping
 
     Returns the mapping and a one-line check result.
     """
-    from soco_det.atomic import atomic_save
-
     mapping = map_source(source)
     note = "not checked"
     if check:

@@ -1,7 +1,7 @@
 """The untrained network of a pretraining config, as a checkpoint to export.
 
 A fair "random" baseline for pretraining is the same architecture with the same init scheme and seed,
-untrained — exactly what the run started from (:func:`soco_det.engine.trainer.init_model`), not
+untrained — exactly what the run started from (:func:`soco_det.models.init_model`), not
 torchvision's default init: the benchmark and the demo fine-tune from its export.
 """
 
@@ -13,9 +13,9 @@ from typing import Any
 import torch
 
 from soco_det.atomic import atomic_save
+from soco_det.checkpoint_files import FORMAT
 from soco_det.config import to_dict
-from soco_det.engine.checkpoint import FORMAT
-from soco_det.engine.trainer import init_model
+from soco_det.models import init_model
 
 
 def save_untrained(cfg: Any, path: str | Path, seed: int | None = None) -> Path:

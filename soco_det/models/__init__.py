@@ -18,7 +18,7 @@ from soco_det.models.config import ModelConfig
 if TYPE_CHECKING:  # torch is imported lazily so that configs load without it (fast CLI --help)
     from torch import nn
 
-__all__ = ["ModelConfig", "build_model", "convert_sync_bn"]
+__all__ = ["ModelConfig", "build_model", "convert_sync_bn", "init_model"]
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -36,6 +36,16 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def init_model(cfg: ModelConfig, seed: int) -> nn.Module:
+    """The model a run with ``cfg`` and ``seed`` starts from: torch's RNG seeded with ``seed`` right
+    before the model is built, so the untrained baseline of a probe or benchmark
+    (:mod:`soco_det.probe`) is exactly the network step 1 of the run starts from."""
+    import torch
+
+    torch.manual_seed(seed)
+    return build_model(cfg)
 
 
 def convert_sync_bn(model: nn.Module, process_group=None) -> nn.Module:  # noqa: ANN001

@@ -3,7 +3,7 @@
 The module keeps torchvision's names (``conv1``, ``bn1``, ``layer1``..``layer4``) and drops
 ``avgpool`` and ``fc``, so its state dict is exactly ``torchvision.models.resnetNN().state_dict()``
 minus ``fc.*``: exporters to torchvision, timm, mmdet and detectron2 rename from these names.
-The stride sits in the 3x3 conv ("ResNet v1.5"), as in the official code (SOCO_SPEC 3.1).
+The stride sits in the 3x3 conv ("ResNet v1.5"), as in the official code (docs/method.md 3.1).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class ResNetTrunk(nn.Module):
     * ``out="c4"``: ``C4`` ``[B, C, ceil(H/16), ceil(W/16)]`` only; ``layer4`` is still a
       submodule (the C4 model runs it on RoI features, like detectron2's ``Res5ROIHeads``).
 
-    Initialisation is the official one (SOCO_SPEC 3.1): convs ``N(0, sqrt(2 / (k*k*C_out)))``,
+    Initialisation is the official one (docs/method.md 3.1): convs ``N(0, sqrt(2 / (k*k*C_out)))``,
     BN ``gamma=1, beta=0``, and with ``zero_init_residual`` the last BN gamma of every residual
     block (``bn3`` of a Bottleneck, ``bn2`` of a BasicBlock) is 0, so each block starts as identity.
     """

@@ -1,4 +1,4 @@
-"""The R-CNN box head "4conv1fc" (detectron2's ``FastRCNNConvFCHead`` with norm, SOCO_SPEC 3.4).
+"""The R-CNN box head "4conv1fc" (detectron2's ``FastRCNNConvFCHead`` with norm, docs/method.md 3.4).
 
 Pretraining this head is what lets SoCo transfer more than a backbone: the detectron2 and mmdet
 exporters rename ``conv{k}``/``bn{k}``/``fc1`` into the detector's box head.

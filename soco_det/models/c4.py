@@ -1,4 +1,4 @@
-"""SoCo_C4 (SOCO_SPEC 6): RoIAlign on C4, res5 as the RoI head, like detectron2's ``Res5ROIHeads``.
+"""SoCo_C4 (docs/method.md 6): RoIAlign on C4, res5 as the RoI head, like detectron2's ``Res5ROIHeads``.
 
 The encoder is the whole ResNet (``online.encoder.layer4`` is res5), so the state dict keeps
 torchvision names and the detectron2 C4 export places ``layer4`` in ``roi_heads.res5``. The batch

@@ -1,6 +1,6 @@
 """Configuration of the pretraining model (``model.*`` keys of a pretraining recipe).
 
-Defaults are the official SoCo_FPN network (SOCO_SPEC 3): ResNet-50, FPN P2-P5 with 256 channels,
+Defaults are the official SoCo_FPN network (docs/method.md 3): ResNet-50, FPN P2-P5 with 256 channels,
 a 4conv1fc box head (256 -> 1024), BYOL MLPs 1024 -> 4096 -> 256, 7x7 RoIAlign, every box pooled
 on every level. Tests shrink the widths (``proj_hidden_dim=64`` ...) to run on a CPU.
 """
@@ -25,10 +25,10 @@ class ModelConfig:
     * ``roi_output_size``: RoIAlign output side; ``None`` means the official value for the
       variant (7 for FPN variants, 14 for C4, where res5 halves it to 7).
     * ``roi_mode``: ``all_levels`` pools every box on every FPN level and runs the head once per
-      (view, pair, level), which is what the released models used (SOCO_SPEC 9.8);
+      (view, pair, level), which is what the released models used (docs/method.md 9.8);
       ``assigned_level`` pools each box only on its assigned level, one head call per
       (view, pair): about P times cheaper, with different BatchNorm statistics.
-    * ``legacy``: scale normalised boxes by the feature-map size (official, SOCO_SPEC 9.6) instead
+    * ``legacy``: scale normalised boxes by the feature-map size (official, docs/method.md 9.6) instead
       of ``view size / stride``; the two agree when the view side is a multiple of 32.
     * ``sync_bn``: the engine synchronises BatchNorm across processes when training distributed
       (:func:`soco_det.models.convert_sync_bn`; gloo or NCCL, per call and per segment as the
@@ -45,7 +45,7 @@ class ModelConfig:
     * ``init``: a local weights file (or soco-det run folder) to start the online network from:
       a torchvision/timm ResNet, a torchvision Mask R-CNN v2, a detectron2 or mmdetection
       checkpoint, one of our exports, a soco-det or official SoCo checkpoint. What matches is
-      loaded, the target starts as a copy (:mod:`soco_det.models.init_weights`); ignored on resume.
+      loaded, the target starts as a copy (:mod:`soco_det.export.init_weights`); ignored on resume.
     """
 
     variant: Literal["soco_fpn", "soco_star", "soco_c4", "image_byol"] = "soco_fpn"
@@ -99,7 +99,7 @@ class ModelConfig:
             raise ValueError(f"roi_mode: must be all_levels or assigned_level, got {self.roi_mode!r}")
         if self.init is not None and "://" in str(self.init):
             raise ValueError(f"init: must be a local file or run folder (nothing is downloaded), got {self.init!r}")
-        # The FPN is built on C2..C5, so it has exactly four outputs (P2..P5, no P6: SOCO_SPEC 3.2).
+        # The FPN is built on C2..C5, so it has exactly four outputs (P2..P5, no P6: docs/method.md 3.2).
         if self.variant in FPN_VARIANTS and self.num_levels != 4:
             raise ValueError(f"num_levels: the FPN outputs P2..P5, so it must be 4, got {self.num_levels}")
 

@@ -1,4 +1,4 @@
-"""Feature pyramid P2..P5 as in the official SoCo neck (mmdet FPN with BN, SOCO_SPEC 3.2).
+"""Feature pyramid P2..P5 as in the official SoCo neck (mmdet FPN with BN, docs/method.md 3.2).
 
 Names follow mmdet/mmcv (``lateral_convs.{i}.conv`` / ``.bn``, ``fpn_convs.{i}.conv`` / ``.bn``)
 so checkpoints convert to mmdet unchanged and to detectron2 by a fixed rename

@@ -1,4 +1,4 @@
-"""BYOL projector / predictor MLP (SOCO_SPEC 3.5).
+"""BYOL projector / predictor MLP (docs/method.md 3.5).
 
 Module names ``linear1``, ``bn1``, ``linear2`` are those of the official ``contrast/models/mlps.py``
 ``MLP``, so official checkpoints load into it without renaming.

@@ -16,7 +16,7 @@ official prefix            ours                    note
 ``module.neck_k.``         ``target.neck.``
 ``module.head_k.``         ``target.head.``
 ``module.projector_k.``    ``target.projector.``
-``module.queue``           (dropped)               unused MoCo leftovers of SoCo_C4 (SOCO_SPEC 3.6)
+``module.queue``           (dropped)               unused MoCo leftovers of SoCo_C4 (docs/method.md 3.6)
 ``module.queue_ptr``       (dropped)
 =========================  ======================  ==========================================
 
@@ -35,6 +35,7 @@ from typing import Any, Mapping
 import torch
 
 from soco_det.errors import UserError
+from soco_det.models import build_model
 from soco_det.models.config import ModelConfig
 from soco_det.torch_io import torch_load
 
@@ -105,8 +106,6 @@ def _read(src: str | Path | Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
 
 def expected_state(cfg: ModelConfig) -> dict[str, torch.Size]:
     """Key -> shape of our model's state dict for ``cfg``, built on the meta device (no memory, fast)."""
-    from soco_det.models import build_model
-
     with torch.device("meta"):
         model = build_model(cfg)
     return {k: v.shape for k, v in model.state_dict().items()}

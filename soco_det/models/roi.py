@@ -1,6 +1,6 @@
 """RoIAlign of normalised view boxes on one feature map, and the two level modes of SoCo.
 
-Box scaling (SOCO_SPEC 9.5-9.6). Boxes arrive as ``[x1, y1, x2, y2]`` normalised to the view.
+Box scaling (docs/method.md 9.5-9.6). Boxes arrive as ``[x1, y1, x2, y2]`` normalised to the view.
 
 * default (continuous): ``x_feat = x * W_view / stride`` (and ``y`` with ``H_view``). A box edge
   at continuous pixel ``u`` lies at ``u / stride`` in the grid of a stride-``stride`` map whose cell
@@ -10,8 +10,8 @@ Box scaling (SOCO_SPEC 9.5-9.6). Boxes arrive as ``[x1, y1, x2, y2]`` normalised
 * legacy (official): ``x_feat = x * W_feat``, scaling by the feature-map size; equal to the default
   when ``W_view`` is a multiple of ``stride``.
 
-RoIAlign always runs in fp32 (features are cast up, under autocast too), as the official code does
-and SOCO_SPEC 9.14 recommends: box coordinates of a few hundred pixels have only ~3 significant
+RoIAlign always runs in fp32 (features are cast up, under autocast too), as the official code does (docs/method.md 3.3)
+and docs/method.md 9.14 recommends: box coordinates of a few hundred pixels have only ~3 significant
 digits in half precision.
 """
 

@@ -1,7 +1,7 @@
 """Segment-wise BatchNorm: one batched call that normalises like several separate calls.
 
 The official SoCo forward runs the box head, projector and predictor once per (pair, view, level)
-and the backbone once per view, each call with its own BatchNorm statistics (SOCO_SPEC 3.4, 9.8).
+and the backbone once per view, each call with its own BatchNorm statistics (docs/method.md 3.4, 9.8).
 Batching those calls into one is much faster on a GPU, but plain BatchNorm would then pool the
 statistics of all calls. :class:`SegmentBatchNorm1d` / :class:`SegmentBatchNorm2d` keep the
 per-call semantics: inside ``with bn_segments(modules, S):`` an input ``[S*n, C, ...]`` is read as

@@ -1,4 +1,4 @@
-"""The SoCo pretraining model: online and momentum-target networks on object boxes (SOCO_SPEC 3-4).
+"""The SoCo pretraining model: online and momentum-target networks on object boxes (docs/method.md 3-4).
 
 ``SoCoFPN`` (variants ``soco_fpn`` and ``soco_star``) is ResNet -> FPN (P2..P5) -> RoIAlign 7x7 ->
 4conv1fc head -> projector (-> predictor, online only). :class:`MomentumModel` holds what every
@@ -15,7 +15,7 @@ level p), the layout of ``batch["corr"]``:
 
 * ``all_levels`` (default, official): every box is pooled on every level and the head, projector
   and predictor run once per (pair, view, level), so BatchNorm statistics are those of the official
-  per-call batches (SOCO_SPEC 3.4, 9.8);
+  per-call batches (docs/method.md 3.4, 9.8);
 * ``assigned_level``: each box is pooled only on its assigned level and the head runs once per
   (pair, view); rows of other levels are zeros, which ``corr`` never selects.
 
@@ -27,7 +27,7 @@ its own statistics, so losses, gradients and running statistics equal those of s
 float rounding. The backbone/FPN batches consecutive views of the same size (V1 and V2). Either way
 the calls (segments) follow the official order, which fixes the running statistics after a step:
 sides sorted by (view, pair), i.e. V1-of-pair-12, V1-of-13, V2, V3 (four levels each), online and
-then target (SOCO_SPEC 3.4; the official ``SoCo_FPN.forward``).
+then target (docs/method.md 3.4; the official ``SoCo_FPN.forward``).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class MomentumModel(nn.Module):
 
         One foreach update over all pairs. BatchNorm running statistics are not averaged: the
         target always runs in train mode on batch statistics, as in the official code
-        (SOCO_SPEC 3.6, 9.12).
+        (docs/method.md 3.6, 9.12).
         """
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must lie in [0, 1], got {momentum}")

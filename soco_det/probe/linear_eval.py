@@ -22,61 +22,36 @@ normalise with batch statistics and update their running averages while the "fro
 probed; ``bn_train_mode=True`` reproduces that.
 
 The score is top-1 (and top-5 with at least 5 classes) on the val folder, with a 95 % bootstrap
-interval for top-1 (:func:`bootstrap_ci`). Any weights :mod:`soco_det.models.init_weights` reads
+interval for top-1 (:func:`bootstrap_ci`). Any weights :mod:`soco_det.export.init_weights` reads
 can be probed (a soco-det run or checkpoint, an export, an official SoCo checkpoint, a torchvision
 or timm ResNet, a detector checkpoint), or ``random`` for the floor.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import numpy
 
+from soco_det.atomic import atomic_save, atomic_write_json
+from soco_det.engine.schedules import learning_rate
 from soco_det.errors import UserError
+from soco_det.export.init_weights import file_depth, init_from_weights
+from soco_det.imageio import load_rgb
 from soco_det.logs import get_logger
+from soco_det.models import ModelConfig, build_model
+from soco_det.probe.config import LinearEvalSettings
+from soco_det.torch_io import resolve_device
 
 log = get_logger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass
-class LinearEvalSettings:
-    """The recipe; defaults are the official ``main_linear.py`` values (module docstring)."""
-
-    epochs: int = 100
-    batch_size: int = 256
-    lr: float = 30.0
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    warmup_epochs: float = 5.0
-    warmup_multiplier: float = 100.0
-    min_lr: float = 1e-6
-    image_size: int = 224
-    crop_min_scale: float = 0.08
-    bn_train_mode: bool = False
-    num_workers: int = 4
-    seed: int = 0
-    bootstrap: int = 1000
-
-    def validate(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.image_size < 8:
-            raise UserError("linear eval: epochs and batch_size must be >= 1 and image_size >= 8")
-        if self.lr <= 0 or not 0 <= self.momentum < 1 or self.weight_decay < 0:
-            raise UserError("linear eval: lr must be > 0, momentum in [0, 1), weight_decay >= 0")
-        if not 0 <= self.warmup_epochs < self.epochs:
-            raise UserError(f"linear eval: warmup_epochs must lie in [0, epochs={self.epochs})")
-        if not 0 < self.crop_min_scale <= 1:
-            raise UserError("linear eval: crop_min_scale must lie in (0, 1]")
 
 
 def bootstrap_ci(
@@ -106,9 +81,6 @@ def load_backbone(weights: str | Path, depth: int | None = None) -> tuple[Any, s
     """
     import torch
 
-    from soco_det.models import ModelConfig, build_model
-    from soco_det.models.init_weights import file_depth, init_from_weights
-
     if str(weights) == "random":
         d = depth or 50
         torch.manual_seed(0)
@@ -123,8 +95,6 @@ def load_backbone(weights: str | Path, depth: int | None = None) -> tuple[Any, s
 
 def _datasets(train_dir: str | Path, val_dir: str | Path, s: LinearEvalSettings) -> tuple[Any, Any]:
     from torchvision import datasets, transforms
-
-    from soco_det.imageio import load_rgb
 
     normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     train_tf = transforms.Compose(
@@ -178,9 +148,6 @@ def linear_eval(
     import torch
     import torch.nn.functional as F
     from torch import nn
-
-    from soco_det.engine.schedules import learning_rate
-    from soco_det.torch_io import resolve_device
 
     s = settings or LinearEvalSettings()
     if overrides:
@@ -271,99 +238,8 @@ def linear_eval(
         len(train_set.classes),
     )
     if out_dir is not None:
-        from soco_det.atomic import atomic_save, atomic_write_json
-
         out = Path(out_dir)
         atomic_write_json(out / "metrics.json", result, indent=2)
         state = {"classifier": classifier.state_dict(), "classes": train_set.classes}
         atomic_save(out / "linear.pt", lambda f: torch.save(state, f))
     return result
-
-
-# ----------------------------------------------------------------------------- command line
-def _add(parser: argparse.ArgumentParser, *flags: str, **kwargs: Any) -> None:
-    """Add an option unless the parser already has one of its flags (the ``soco-det probe`` command
-    defines ``--device``, ``-o/--out`` and ``--seed`` for every task; those are then shared)."""
-    try:
-        parser.add_argument(*flags, **kwargs)
-    except argparse.ArgumentError:
-        pass
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of the classification probe (``soco-det probe --task classification``).
-
-    ``--weights`` may instead come as the probe command's first positional source; ``--train`` /
-    ``--val`` are checked by :func:`run` (not ``required``, so they can share a parser with tasks
-    that do not need them)."""
-    d = LinearEvalSettings()
-    _add(
-        parser,
-        "--weights",
-        default=None,
-        help="soco-det run folder or checkpoint, an export, an official SoCo checkpoint, a torchvision/timm "
-        "ResNet or detector checkpoint (local), or 'random'",
-    )
-    _add(parser, "--train", default=None, metavar="DIR", help="training ImageFolder (DIR/CLASS/IMAGE)")
-    _add(parser, "--val", default=None, metavar="DIR", help="validation ImageFolder with the same classes")
-    _add(parser, "-o", "--out", default=None, help="folder for metrics.json and linear.pt")
-    _add(parser, "--depth", type=int, default=None, help="ResNet depth (default: read from the weights)")
-    _add(parser, "--device", default="auto", help="auto (CUDA if available), cpu, cuda ...")
-    _add(parser, "--epochs", type=int, default=d.epochs, help="official: 100")
-    _add(parser, "--batch-size", type=int, default=d.batch_size, help="total batch; official: 256")
-    _add(parser, "--lr", type=float, default=d.lr, help="SGD learning rate (not scaled); official: 30")
-    _add(parser, "--momentum", type=float, default=d.momentum)
-    _add(parser, "--weight-decay", type=float, default=d.weight_decay)
-    _add(parser, "--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warmup from lr/100; official: 5")
-    _add(parser, "--image-size", type=int, default=d.image_size)
-    _add(
-        parser,
-        "--crop-min-scale",
-        type=float,
-        default=d.crop_min_scale,
-        help="RandomResizedCrop scale floor; official: 0.08",
-    )
-    _add(
-        parser,
-        "--bn-train-mode",
-        action="store_true",
-        help="BatchNorm in train mode as the official script (batch statistics, running stats updated)",
-    )
-    _add(parser, "--num-workers", type=int, default=d.num_workers)
-    _add(parser, "--seed", type=int, default=d.seed)
-    _add(parser, "--bootstrap", type=int, default=d.bootstrap, help="bootstrap resamples of the top-1 interval")
-
-
-def run(args: argparse.Namespace) -> int:
-    d = LinearEvalSettings()
-    weights = getattr(args, "weights", None) or (getattr(args, "sources", None) or [None])[0]
-    if not weights or not getattr(args, "train", None) or not getattr(args, "val", None):
-        raise UserError("linear evaluation needs --weights (or a source), --train DIR and --val DIR (ImageFolders)")
-    seed = getattr(args, "seed", None)
-    resamples = getattr(args, "bootstrap", None) or getattr(args, "resamples", None) or d.bootstrap
-    settings = LinearEvalSettings(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs,
-        image_size=args.image_size,
-        crop_min_scale=args.crop_min_scale,
-        bn_train_mode=args.bn_train_mode,
-        num_workers=args.num_workers,
-        seed=d.seed if seed is None else seed,
-        bootstrap=resamples,
-    )
-    result = linear_eval(
-        weights, args.train, args.val, out_dir=args.out, depth=args.depth, device=args.device, settings=settings
-    )
-    lo, hi = result["top1_ci95"]
-    print(
-        f"top-1 {100 * result['top1']:.2f}% (95% CI {100 * lo:.2f}-{100 * hi:.2f}) on {result['num_val']} images, "
-        f"{result['num_classes']} classes; backbone {result['backbone']}"
-    )
-    if result["top5"] is not None:
-        print(f"top-5 {100 * result['top5']:.2f}%")
-    print(json.dumps({k: result[k] for k in ("top1", "top1_ci95", "top5")}))
-    return 0

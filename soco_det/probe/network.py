@@ -4,7 +4,7 @@ A probe compares initialisations of *one* architecture, so every source is loade
 freshly built SoCo_FPN online network:
 
 * ``untrained``: the network as ``soco-det pretrain`` builds it before its first step, with the
-  run's model config and seed (:func:`soco_det.engine.trainer.init_model`): same init scheme
+  run's model config and seed (:func:`soco_det.models.init_model`): same init scheme
   (zero-init residual gammas), same seed — the honest "random" baseline;
 * a run folder or checkpoint (soco-det or official): its encoder, neck and head replace the
   untrained ones where it has them (an image-level BYOL run brings an encoder only; its FPN and
@@ -23,7 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from soco_det.checkpoint_files import load_checkpoint
+from soco_det.config import from_dict, load_config
+from soco_det.engine.config import PretrainConfig
 from soco_det.errors import UserError
+from soco_det.export.source import load_source
+from soco_det.models import init_model
+from soco_det.models.soco import FPN_STRIDES
 
 UNTRAINED = "untrained"
 PARTS = ("encoder", "neck", "head")
@@ -72,9 +78,6 @@ def fpn_model_config(model_cfg: Any) -> Any:
 
 def build_probe_network(model_cfg: Any, seed: int, name: str = UNTRAINED) -> ProbeNetwork:
     """The untrained online encoder/neck/head that pretraining with ``model_cfg`` and ``seed`` starts from."""
-    from soco_det.engine.trainer import init_model
-    from soco_det.models.soco import FPN_STRIDES
-
     cfg = fpn_model_config(model_cfg)
     model = init_model(cfg, seed)
     online = model.online
@@ -97,7 +100,6 @@ def load_probe_network(source: str | Path, model_cfg: Any, seed: int, network: s
     """
     if str(source) == UNTRAINED:
         return build_probe_network(model_cfg, seed)
-    from soco_det.export.source import load_source
 
     src = load_source(source, network=network)
     net = build_probe_network(model_cfg, seed, name=str(source))
@@ -124,16 +126,12 @@ def load_probe_network(source: str | Path, model_cfg: Any, seed: int, network: s
 def read_run_config(run_dir: str | Path) -> Any:
     """The :class:`~soco_det.engine.config.PretrainConfig` of a run folder (its ``config.yaml``) or
     of a checkpoint file (its stored config)."""
-    from soco_det.config import from_dict, load_config
-    from soco_det.engine.config import PretrainConfig
-
     path = Path(run_dir)
     if path.is_dir():
         cfg_path = path / "config.yaml"
         if not cfg_path.is_file():
             raise UserError(f"{path}: no config.yaml (is it a soco-det run folder?)")
         return load_config(PretrainConfig, cfg_path)
-    from soco_det.engine.checkpoint import load_checkpoint
 
     stored = load_checkpoint(path).get("config")
     if not isinstance(stored, dict):

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from soco_det.logs import get_logger
+from soco_det.models.soco import FPN_STRIDES
 from soco_det.probe.network import ProbeNetwork
 from soco_det.probe.objects import read_objects, spec_from_config
 from soco_det.probe.probe import run_probe
@@ -42,8 +43,6 @@ class OnlineProbe:
         )
 
     def network(self, model: Any) -> ProbeNetwork:
-        from soco_det.models.soco import FPN_STRIDES
-
         online = model.online
         return ProbeNetwork(
             encoder=copy.deepcopy(online["encoder"]),

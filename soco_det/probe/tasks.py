@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from soco_det import stats
+
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 
 
@@ -153,9 +155,7 @@ def retrieval_probe(view_a: np.ndarray, view_b: np.ndarray, valid: np.ndarray, t
 
 def effective_rank(x: np.ndarray) -> float:
     """``exp(H(p))`` with ``p`` the normalised singular values of the centred rows of ``x``."""
-    from soco_det.engine.dynamics import effective_rank as rank
-
-    return rank(torch.as_tensor(x))
+    return stats.effective_rank(torch.as_tensor(x))
 
 
 # ---------------------------------------------------------------------- bootstrap

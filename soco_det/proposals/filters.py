@@ -2,7 +2,7 @@
 
 All filters work on rects ``[x, y, w, h]`` int32 in the official selective-search convention
 (``w = max_x - min_x``, so the true extent is ``w + 1`` pixels) and compare ``w`` and ``h`` *as
-stored*, exactly as the official code does (SOCO_SPEC 1.2-1.3). They are vectorised: one numpy
+stored*, exactly as the official code does (docs/method.md 1.2-1.3). They are vectorised: one numpy
 expression over all rects of an image, in float64 like the official ``math.sqrt`` / ``w / h``, so
 boundary cases (``w/h == 3``, size ratio exactly 0.3 or 0.8) are decided identically.
 

@@ -6,7 +6,7 @@ selective-search convention** (``w = max_x - min_x``: the rect covers pixels ``x
 inclusive). Methods are looked up by name in :data:`METHODS`; :func:`register_method` adds one.
 
 * ``selective_search`` (default): the faithful fast re-implementation of the official code
-  (scale=300, sigma=0.9, min_size=100, full resolution; SOCO_SPEC 1.1).
+  (scale=300, sigma=0.9, min_size=100, full resolution; docs/method.md 1.1).
 * ``reference``: the slow line-by-line reference (same output, for checking).
 * ``opencv-single`` / ``opencv-fast`` / ``opencv-quality``: OpenCV's
   ``cv2.ximgproc.segmentation`` selective search (a different algorithm, needs the ``opencv``
@@ -90,12 +90,14 @@ def _as_rects(rects: Any) -> np.ndarray:
 
 
 def _selective_search(image: np.ndarray, params: dict) -> np.ndarray:
+    # lazy: numba and its compiled kernels load only when this method runs
     from soco_det.proposals.selective_search import selective_search
 
     return _as_rects(selective_search(image, scale=params["scale"], sigma=params["sigma"], min_size=params["min_size"]))
 
 
 def _reference(image: np.ndarray, params: dict) -> np.ndarray:
+    # lazy: needs PyPI's selectivesearch (the test extra)
     from soco_det.proposals.reference import reference_selective_search
 
     return _as_rects(

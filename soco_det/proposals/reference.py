@@ -1,7 +1,7 @@
 """Slow reference selective search: PyPI ``selectivesearch`` 0.4 as the official SoCo code runs it.
 
 The official SoCo repository vendors AlpacaDB's ``selectivesearch`` 0.4 with exactly the changes
-listed in SOCO_SPEC 1.1:
+listed in docs/method.md 1.1:
 
 1. ``_calc_texture_hist`` bins the LBP codes over ``(0, 255)`` instead of ``(0, 1)``
    (AlpacaDB issue #30);
@@ -63,7 +63,7 @@ def reference_selective_search(
     Args:
         image: ``[H, W, 3]`` uint8 RGB image.
         scale, sigma, min_size: Felzenszwalb parameters; the defaults are the ones SoCo used
-            (SOCO_SPEC 1.1), not the package's own defaults.
+            (docs/method.md 1.1), not the package's own defaults.
 
     Returns:
         ``[N, 4]`` int32 rects ``(x, y, w, h)`` with ``w = max_x - min_x`` and ``h = max_y - min_y``

@@ -31,12 +31,10 @@ import numpy as np
 
 from soco_det.atomic import atomic_write_json
 from soco_det.errors import ImageError, UserError
-from soco_det.data.archives import list_sources
-from soco_det.imageio import DEFAULT_MAX_PIXELS, load_rgb
+from soco_det.imageio import DEFAULT_MAX_PIXELS, list_sources, load_rgb
 from soco_det.logs import Progress, get_logger
 from soco_det.proposals.filters import STAGE_EMPTY, STAGE_NONE, parse_filter
 from soco_det.proposals.methods import get_method, resolve_params, run_method
-from soco_det.runlock import FolderLock, check_output_folder
 from soco_det.proposals.store import (
     STATUS_FAILED,
     STATUS_OK,
@@ -47,6 +45,7 @@ from soco_det.proposals.store import (
     paths_digest,
     write_store,
 )
+from soco_det.runlock import FolderLock, check_output_folder
 
 log = get_logger(__name__)
 
@@ -270,7 +269,7 @@ def compute_store(
         raise UserError(f"--max-pixels {max_pixels!r}: must be a whole number >= 0 (0: no limit)")
     if not Path(images).exists():
         raise UserError(f"{images}: images folder (or archive) not found")
-    root, listed = list_sources(images)  # loose images and ARCHIVE::MEMBER keys (soco_det.data.archives)
+    root, listed = list_sources(images)  # loose images and ARCHIVE::MEMBER keys (soco_det.imageio.list_sources)
     shard_kn = parse_shard(shard)
     spec = parse_filter(filter)
     get_method(method)

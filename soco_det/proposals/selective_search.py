@@ -1,7 +1,7 @@
 """Fast selective search that returns exactly the official SoCo proposals.
 
 The official SoCo code runs a slightly modified copy of AlpacaDB's ``selectivesearch`` 0.4
-(SOCO_SPEC 1.1; the slow original is :mod:`soco_det.proposals.reference`). This module computes the
+(docs/method.md 1.1; the slow original is :mod:`soco_det.proposals.reference`). This module computes the
 *same rect list in the same order*, quirks included, one to two orders of magnitude faster:
 
 * segmentation: Felzenszwalb on ``img_as_float(image)``, via
@@ -490,7 +490,7 @@ def selective_search_regions(
 
 
 def selective_search(image: np.ndarray, scale: float = 300.0, sigma: float = 0.9, min_size: int = 100) -> np.ndarray:
-    """SoCo's selective search (SOCO_SPEC 1.1), identical output to the official code, fast.
+    """SoCo's selective search (docs/method.md 1.1), identical output to the official code, fast.
 
     Args:
         image: ``[H, W, 3]`` uint8 RGB image, full resolution (the official proposals were computed

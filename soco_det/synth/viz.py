@@ -6,11 +6,12 @@ or ``soco-det viz scenes data/val.json --images data/images -o val.png`` (any CO
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
+from soco_det.atomic import atomic_save
 from soco_det.errors import UserError
+from soco_det.imageio import load_rgb
 
 # tab10, so neighbouring category ids get clearly different colours
 PALETTE = (
@@ -45,8 +46,6 @@ def _draw_tile(image_path: Path, annotations: list[dict], names: dict[int, str])
     import numpy as np
     from PIL import Image, ImageDraw, ImageFont
     from pycocotools import mask as mask_utils
-
-    from soco_det.imageio import load_rgb
 
     pixels = np.asarray(load_rgb(image_path), dtype=np.float32)
     for ann in annotations:
@@ -83,8 +82,6 @@ def render_scenes(coco_json: str | Path, images_dir: str | Path, out_png: str | 
     Returns ``out_png`` as a Path."""
     from PIL import Image, ImageDraw
 
-    from soco_det.atomic import atomic_save
-
     coco_json, images_dir, out_png = Path(coco_json), Path(images_dir), Path(out_png)
     if n < 1:
         raise UserError(f"the number of scenes to draw must be >= 1, got {n}")
@@ -112,36 +109,3 @@ def render_scenes(coco_json: str | Path, images_dir: str | Path, out_png: str | 
         grid.paste(tile, (x, y + 14))
     atomic_save(out_png, lambda handle: grid.save(handle, format="PNG"))
     return out_png
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", help="a `soco-det synth` output folder, or a COCO JSON file")
-    parser.add_argument(
-        "--split",
-        default="train",
-        choices=["unlabeled", "train", "val"],
-        help="split to draw when DATA is a synth folder",
-    )
-    parser.add_argument(
-        "--images",
-        default=None,
-        metavar="DIR",
-        help="images folder the JSON's file_name values are relative to "
-        "(default: DATA/images, or the JSON's folder/images)",
-    )
-    parser.add_argument("-n", "--num", type=int, default=6, help="number of scenes to draw")
-    parser.add_argument("-o", "--out", default="scenes.png", metavar="PNG", help="output picture")
-
-
-def run(args: argparse.Namespace) -> int:
-    from soco_det.logs import get_logger
-
-    data = Path(args.data)
-    if data.is_dir():
-        coco_json, default_images = data / f"{args.split}.json", data / "images"
-    else:
-        coco_json, default_images = data, data.parent / "images"
-    images_dir = Path(args.images) if args.images else default_images
-    out = render_scenes(coco_json, images_dir, args.out, n=args.num)
-    get_logger(__name__).info("wrote %s", out)
-    return 0

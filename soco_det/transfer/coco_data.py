@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from soco_det.errors import UserError
-from soco_det.imageio import load_rgb
+from soco_det.imageio import check_relative_path, load_rgb
 from soco_det.logs import get_logger
 
 log = get_logger(__name__)
@@ -82,7 +82,6 @@ def validate_coco(path: Path, data: dict[str, Any]) -> dict[str, int]:
     image, are kept in the file's index but never used as targets; boxes reaching outside their
     image are clipped to it. Those counts are returned and logged as one warning line.
     """
-    from soco_det.imageio import check_relative_path
 
     def entry(kind: str, i: int, item: Any) -> str:
         ident = item.get("id") if isinstance(item, dict) else None

@@ -1,4 +1,4 @@
-"""``FinetuneConfig``: everything a Mask R-CNN fine-tuning run reads (SOCO_SPEC 7.1).
+"""``FinetuneConfig``: everything a Mask R-CNN fine-tuning run reads (docs/method.md 7.1).
 
 The defaults are the SoCo detectron2 transfer recipe (Mask R-CNN R50-FPN, BN everywhere and SyncBN
 under DDP, nothing frozen, 1x = 90k iterations at batch 16, LR 0.02 with steps at 60k/80k,
@@ -167,7 +167,7 @@ class InputConfig:
     min_size_test: int = 800
     max_size_test: int = 1333
     hflip_prob: float = 0.5
-    # SoCo's detectron2 configs: RGB, PIXEL_MEAN/STD = ImageNet statistics (SOCO_SPEC 7.1).
+    # SoCo's detectron2 configs: RGB, PIXEL_MEAN/STD = ImageNet statistics (docs/method.md 7.1).
     pixel_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     pixel_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 

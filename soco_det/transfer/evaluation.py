@@ -28,9 +28,15 @@ import torch
 from torch import nn
 
 from soco_det.atomic import atomic_write_json
+from soco_det.checkpoint_files import load_checkpoint, load_model_strict
+from soco_det.config import from_dict
 from soco_det.errors import UserError
 from soco_det.logs import Progress, get_logger
 from soco_det.torch_io import resolve_device
+from soco_det.transfer.box_only import has_mask_branch, iou_types
+from soco_det.transfer.coco_data import CocoInstances, to_tensor
+from soco_det.transfer.config import FinetuneConfig
+from soco_det.transfer.model import build_from_config
 
 log = get_logger(__name__)
 
@@ -102,8 +108,6 @@ def predict(
 ) -> dict[str, list[dict]]:
     """COCO results (``{"bbox": [...], "segm": [...]}``) of ``model`` on every image of ``dataset``
     (a :class:`~soco_det.transfer.coco_data.CocoInstances` with ``train=False``)."""
-    from soco_det.transfer.coco_data import to_tensor
-
     was_training = model.training
     model.eval()
     results: dict[str, list[dict]] = {t: [] for t in IOU_TYPES}
@@ -122,18 +126,12 @@ def predict(
 
 
 def _model_from_checkpoint(path: str | Path, device: torch.device) -> tuple[nn.Module, list[int]]:
-    from soco_det.config import from_dict
-    from soco_det.engine.checkpoint import load_checkpoint, load_model_strict
-    from soco_det.transfer.config import FinetuneConfig
-    from soco_det.models.maskrcnn import build_from_config
-
     ckpt = load_checkpoint(path)
     if ckpt.get("kind") != "maskrcnn":
         raise UserError(
             f"{ckpt['path']}: not a fine-tuning checkpoint (kind {ckpt.get('kind')!r}); evaluate takes `soco-det finetune` runs"
         )
     cfg = from_dict(FinetuneConfig, ckpt["config"])
-    from soco_det.transfer.box_only import has_mask_branch
 
     model = build_from_config(
         cfg.model, cfg.input, num_classes=len(ckpt["cat_ids"]) + 1, masks=has_mask_branch(ckpt["model"])
@@ -160,8 +158,6 @@ def evaluate(
     its current device with labels mapped through the dataset's categories; a checkpoint must have
     been trained on the same category ids as ``coco_json`` holds.
     """
-    from soco_det.transfer.coco_data import CocoInstances
-
     if not isinstance(model_or_ckpt, nn.Module):
         device = torch.device(resolve_device(device, "--device"))  # before any reading: fail fast
     dataset = CocoInstances(coco_json, images_dir, train=False, max_images=max_images)
@@ -174,7 +170,6 @@ def evaluate(
             raise UserError(
                 f"{coco_json}: category ids {dataset.cat_ids} differ from the ones the model was trained on {cat_ids}"
             )
-    from soco_det.transfer.box_only import iou_types
 
     results = predict(model, dataset, device, batch_size=batch_size, show_progress=show_progress)
     # A box-only detector (no mask branch) is scored on boxes only.

@@ -16,7 +16,7 @@ folder holds::
     eval/step_XXXXXXXX/        metrics.json + COCO results of each evaluation
     metrics.json               the final evaluation
 
-Run it on one process, or on many with ``torchrun --nproc_per_node N -m soco_det.cli finetune ...``
+Run it on one process, or on many with ``torchrun --nproc_per_node N -m soco_det.commands.main finetune ...``
 (``solver.batch_size`` is the total over processes). The data order, the per-sample augmentation
 and (on CPU) the whole run are reproducible from ``seed``; resuming (``resume="auto"``) continues
 from the saved iteration with the same data stream, LR and RNG state.
@@ -48,13 +48,13 @@ from soco_det.engine.metrics import MetricsWriter, read_metrics
 from soco_det.engine.signals import ignore_stop_signals
 from soco_det.errors import UserError
 from soco_det.logs import get_logger
-from soco_det.models.maskrcnn import build_from_config, load_init, resolve_widths
 from soco_det.runlock import FolderLock
 from soco_det.torch_io import resolve_device
 from soco_det.transfer.box_only import annotation_kind
 from soco_det.transfer.coco_data import CocoInstances, TrainingSampler, collate
 from soco_det.transfer.config import FinetuneConfig, SolverConfig, resolve_schedule
 from soco_det.transfer.evaluation import evaluate, format_metrics
+from soco_det.transfer.model import build_from_config, load_init, resolve_widths
 
 log = get_logger(__name__)
 
@@ -287,7 +287,7 @@ def finetune(
     continues from the folder's newest intact checkpoint if there is one; a path continues from
     that checkpoint. Raises :class:`UserError` for bad data or init files,
     :class:`~soco_det.engine.loop.NonFiniteLossError` when the loss diverges and
-    :class:`~soco_det.engine.signals.Interrupted` after a stop signal (a checkpoint saved).
+    :class:`~soco_det.errors.Interrupted` after a stop signal (a checkpoint saved).
     """
     out = Path(out_dir)
     resume = "auto" if resume is True else (None if resume is False else resume)

@@ -28,5 +28,5 @@ model = dict(
     ),
 )
 
-# SoCo's fine-tuning weight decay (2.5e-5, SOCO_SPEC 7.1) with mmdet's 1x SGD settings.
+# SoCo's fine-tuning weight decay (2.5e-5, docs/method.md 7.1) with mmdet's 1x SGD settings.
 optim_wrapper = dict(optimizer=dict(type="SGD", lr=0.02, momentum=0.9, weight_decay=2.5e-5))

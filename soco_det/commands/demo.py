@@ -297,20 +297,20 @@ def stage_export(ctx: DemoContext) -> list[str]:
 
 def stage_transfer(ctx: DemoContext) -> list[str]:
     """Fine-tune the same Mask R-CNN from the untrained network and from the SoCo export; evaluate both."""
-    from soco_det.config import build_config
-    from soco_det.engine.metrics import read_metrics
-    from soco_det.plots import metric_curve, plot_curves
-    from soco_det.transfer import FinetuneConfig, finetune
-    from soco_det.models.maskrcnn import read_weights, widths_of
-
     import json
     import os
 
     import torch
 
+    from soco_det.config import build_config
+    from soco_det.engine.metrics import read_metrics
     from soco_det.export import export_checkpoint
     from soco_det.export.untrained import save_untrained
+    from soco_det.models.maskrcnn import widths_of
+    from soco_det.plots import metric_curve, plot_curves
     from soco_det.probe.network import read_run_config
+    from soco_det.transfer import FinetuneConfig, finetune
+    from soco_det.transfer.model import read_weights
 
     torch.set_num_threads(os.cpu_count() or 1)
     export = ctx.paths["export_torchvision"]

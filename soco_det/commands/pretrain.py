@@ -14,6 +14,7 @@ the current step and saves a checkpoint first (a second signal exits at once).
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 
@@ -65,8 +66,13 @@ def run(args: argparse.Namespace) -> int:
     if args.device is not None:
         extra.setdefault("train", {})["device"] = args.device
     cfg = build_config(PretrainConfig, args.recipe, args.overrides, extra=extra)
+    sources = []
+    if cfg.train.probe_every and os.environ.get("RANK", "0") == "0":  # main process (torchrun sets RANK)
+        from soco_det.probe.online import OnlineProbe
+
+        sources.append(OnlineProbe(cfg))
     try:
-        out = pretrain(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+        out = pretrain(cfg, args.out, resume=args.resume, overwrite=args.overwrite, metric_sources=sources)
     except NonFiniteLossError as exc:
         get_logger(__name__).error("%s", exc)
         return 1

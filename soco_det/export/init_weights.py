@@ -4,7 +4,7 @@ Most teams already have a ResNet they trust, or a whole detector. SoCo pretrains
 FPN and the box head together, so starting from such weights and adapting the whole detector to
 one's own unlabeled images is the common case. :func:`init_from_weights` reads a **local** file,
 recognises its naming, and copies what matches into the online network; the target network is then
-set to a copy of the online one (BYOL's start, SOCO_SPEC 3.6).
+set to a copy of the online one (BYOL's start, docs/method.md 3.6).
 
 Accepted files (the format is recognised from the names; nothing is downloaded):
 
@@ -49,8 +49,12 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from soco_det.atomic import atomic_write_text
 from soco_det.errors import UserError
+from soco_det.export import detectron2, mmdet, timm, torchvision
+from soco_det.export.source import ExportSource, infer_depth, load_source
 from soco_det.logs import get_logger
+from soco_det.models import build_model
 from soco_det.models.config import ModelConfig
 from soco_det.torch_io import torch_load
 
@@ -148,7 +152,6 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str, Callab
     ``head.*``, online network) and the rule is the identity; otherwise the rule is ``None`` and
     :func:`match_format` finds it.
     """
-    from soco_det.export.source import load_source
 
     p = _check_local(path)
     if p.is_dir():  # a soco-det run folder
@@ -217,8 +220,6 @@ def format_rules(model: nn.Module, variant: str) -> dict[str, dict[str, str]]:
     Built by running the exporters' renaming rules on our names (any ResNet depth for the encoder,
     ``model``'s own FPN and box head) and inverting them.
     """
-    from soco_det.export import detectron2, mmdet, timm, torchvision
-    from soco_det.export.source import ExportSource
 
     online = model.online
     neck = _names(online["neck"]) if "neck" in online else {}
@@ -276,8 +277,6 @@ def match_format(
 
 def file_depth(path: str | Path) -> int:
     """The ResNet depth of the backbone in a weights file (any format :func:`read_weights` reads)."""
-    from soco_det.export.source import infer_depth
-    from soco_det.models import build_model
 
     tensors, _, rule = read_weights(path)
     if rule is None:
@@ -302,7 +301,6 @@ def init_from_weights(model: nn.Module, path: str | Path, cfg: ModelConfig) -> I
     ``cfg``. Raises :class:`UserError` for a URL, a missing or unreadable file, a file with no
     recognisable backbone, an incomplete backbone, a depth mismatch or a shape mismatch.
     """
-    from soco_det.export.source import infer_depth
 
     tensors, kind, rule = read_weights(path)
     if rule is None:
@@ -388,7 +386,6 @@ def _file_keys(rule: Callable[[str], str | None], tensors: Mapping[str, Any], pa
 def apply_init(model: nn.Module, cfg: ModelConfig, run_dir: str | Path | None = None) -> InitReport:
     """:func:`init_from_weights` with ``cfg.init``; logs the summary and writes
     ``run_dir/init_weights.json`` (every loaded, random and unused key)."""
-    from soco_det.atomic import atomic_write_text
 
     report = init_from_weights(model, cfg.init, cfg)
     for line in report.summary_lines():

@@ -7,7 +7,7 @@ Examples::
     soco-det finetune ... --recipe finetune_tiny_cpu -o runs/ft solver.iterations=100 model.depth=18
     soco-det finetune -o runs/ft --resume                                  # continue (reads runs/ft/config.yaml)
     soco-det finetune ... -o runs/ft --overwrite                           # start over; old run -> runs/ft.old-<time>
-    torchrun --nproc_per_node 8 -m soco_det.cli finetune ...               # DDP, SyncBN on CUDA
+    torchrun --nproc_per_node 8 -m soco_det.commands.main finetune ...               # DDP, SyncBN on CUDA
 """
 
 from __future__ import annotations

@@ -8,10 +8,11 @@ The ``proposals`` and ``pretrain`` stages take them as they are:
   ``shards/shard-000.tar::n01440764/n01440764_10026.JPEG``; ``ARCHIVE`` is a path (relative to the
   images root in a proposal store's keys, so the store stays valid when the root moves) and
   ``MEMBER`` the member's name inside it (a leading ``./`` dropped);
-* **listing** (:func:`list_sources`): an images root may be a folder, whose loose images and the
-  image members of every ``.tar`` / ``.zip`` under it are listed (sorted, archives in sorted
-  order), or a single archive, whose root is then its folder. Both stages list with this one
-  function, so the proposal store's keys are the keys the training data looks up;
+* **listing** (:func:`list_members`; :func:`soco_det.imageio.list_sources` lists a whole images
+  root with it): an images root may be a folder, whose loose images and the image members of
+  every ``.tar`` / ``.zip`` under it are listed (sorted, archives in sorted order), or a single
+  archive, whose root is then its folder. Both stages list with that one function, so the proposal
+  store's keys are the keys the training data looks up;
 * **reading** (:func:`read_bytes`): each process opens each archive once and keeps the handle
   (a tar's member index is read once on opening, a zip has its own). A handle opened before a
   ``fork`` is never used by the child (file offsets would be shared): the child reopens;
@@ -102,10 +103,9 @@ def read_bytes(path: str | Path) -> bytes:
         raise OSError(f"unreadable member {member!r} of {archive}: {exc}") from exc
 
 
-def list_members(archive: str | Path) -> list[str]:
-    """Image members of ``archive`` (by extension, hidden files skipped), sorted."""
-    from soco_det.imageio import IMAGE_EXTENSIONS
-
+def list_members(archive: str | Path, suffixes: tuple[str, ...]) -> list[str]:
+    """Members of ``archive`` whose name ends in one of ``suffixes`` (lower case; hidden files
+    skipped), sorted."""
     try:
         _, index = _open(str(archive))
     except (OSError, FileNotFoundError) as exc:
@@ -113,25 +113,5 @@ def list_members(archive: str | Path) -> list[str]:
     return sorted(
         name
         for name in index
-        if PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS and not PurePosixPath(name).name.startswith(".")
+        if PurePosixPath(name).suffix.lower() in suffixes and not PurePosixPath(name).name.startswith(".")
     )
-
-
-def list_sources(images: str | Path) -> tuple[Path, list[str]]:
-    """``(root, keys)`` of the images under ``images`` (a folder or one archive).
-
-    Keys are posix paths relative to ``root``: loose images as :func:`soco_det.imageio.list_images`
-    lists them, then ``ARCHIVE::MEMBER`` for the image members of each archive.
-    """
-    from soco_det.imageio import list_images
-
-    path = Path(images).resolve()
-    if path.is_file():
-        if path.suffix.lower() not in ARCHIVE_SUFFIXES:
-            raise UserError(f"{path}: not a folder, a .tar or a .zip")
-        return path.parent, [f"{path.name}{SEP}{m}" for m in list_members(path)]
-    keys = list_images(path)
-    for archive in sorted(p for p in path.rglob("*") if p.suffix.lower() in ARCHIVE_SUFFIXES and p.is_file()):
-        rel = archive.relative_to(path).as_posix()
-        keys += [f"{rel}{SEP}{m}" for m in list_members(archive)]
-    return path, keys

@@ -1,7 +1,8 @@
 """The ``soco-det`` command line: one entry point, one sub-command per pipeline stage.
 
-Each sub-command lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
-this file only lists them, so ``soco-det --help`` stays fast (heavy imports happen inside ``run``).
+Each sub-command lives in its own module of :mod:`soco_det.commands` exposing
+``add_arguments(parser)`` and ``run(args) -> int``; this file only lists them, so ``soco-det --help``
+stays fast (heavy imports happen inside ``run``).
 Errors that are the user's (:class:`~soco_det.errors.UserError`) print one line and exit 2; I/O errors
 (disk full, read-only file system, a file where a folder belongs) print one line naming the path and
 exit 1; a run stopped by SIGINT/SIGTERM after saving its state exits 128 + the signal.
@@ -16,23 +17,23 @@ import logging
 import sys
 
 from soco_det import __version__
-from soco_det.errors import UserError
+from soco_det.errors import Interrupted, UserError
 from soco_det.logs import get_logger, setup_logging
 
 # name -> (module, one-line help). Order is the pipeline's order.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("soco_det.synth.command", "generate the seeded sample-scene dataset (images + COCO JSON)"),
-    "proposals": ("soco_det.proposals.command", "selective-search proposals: compute, merge, import, export"),
-    "pretrain": ("soco_det.engine.command", "SoCo pretraining (one CPU to many GPUs with torchrun)"),
-    "export": ("soco_det.export.command", "export a pretrained model to torchvision/detectron2/mmdet/timm"),
+    "synth": ("soco_det.commands.synth", "generate the seeded sample-scene dataset (images + COCO JSON)"),
+    "proposals": ("soco_det.commands.proposals", "selective-search proposals: compute, merge, import, export"),
+    "pretrain": ("soco_det.commands.pretrain", "SoCo pretraining (one CPU to many GPUs with torchrun)"),
+    "export": ("soco_det.commands.export", "export a pretrained model to torchvision/detectron2/mmdet/timm"),
     "probe": (
-        "soco_det.probe.command",
+        "soco_det.commands.probe",
         "object-level probe of frozen features (linear, k-NN, localisation, retrieval, rank)",
     ),
-    "finetune": ("soco_det.transfer.finetune_command", "fine-tune a Mask R-CNN on a COCO-format dataset"),
-    "evaluate": ("soco_det.transfer.evaluate_command", "COCO bbox/segm AP of a Mask R-CNN on a val set"),
-    "viz": ("soco_det.viz", "pictures: sample scenes, proposals, views"),
-    "demo": ("soco_det.demo", "the whole pipeline on the sample scenes, on CPU, with a report"),
+    "finetune": ("soco_det.commands.finetune", "fine-tune a Mask R-CNN on a COCO-format dataset"),
+    "evaluate": ("soco_det.commands.evaluate", "COCO bbox/segm AP of a Mask R-CNN on a val set"),
+    "viz": ("soco_det.commands.viz", "pictures: sample scenes, proposals, views"),
+    "demo": ("soco_det.commands.demo", "the whole pipeline on the sample scenes, on CPU, with a report"),
 }
 
 
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         get_logger(__name__).debug("user error", exc_info=True)
         print(f"soco-det {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"soco-det {args.command}: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
     except KeyboardInterrupt:
         logging.getLogger("soco_det").warning("interrupted")
         return 130
@@ -98,17 +102,6 @@ def main(argv: list[str] | None = None) -> int:
         get_logger(__name__).debug("I/O error", exc_info=True)
         print(f"soco-det {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 1
-    except Exception as exc:
-        interrupted = _interrupted_type()
-        if interrupted is not None and isinstance(exc, interrupted):
-            print(f"soco-det {args.command}: {exc}", file=sys.stderr)
-            return int(exc.exit_code)
-        raise
-
-
-def _interrupted_type() -> type | None:
-    module = sys.modules.get("soco_det.engine.signals")
-    return getattr(module, "Interrupted", None)
 
 
 def describe_os_error(exc: OSError) -> str:

@@ -19,9 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from soco_det.errors import UserError
 from soco_det.logs import get_logger
+from soco_det.probe.config import LinearEvalSettings
 
 log = get_logger(__name__)
 
@@ -66,9 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-o", "--out", default=None, help="objects: write the results as JSON here; classification: output folder"
     )
-    from soco_det.probe import linear_eval
-
-    linear_eval.add_arguments(parser)  # the classification task's options (shared ones are not repeated)
+    add_classification_arguments(parser)  # the classification task's options (shared ones are not repeated)
 
 
 def _config(args: argparse.Namespace):  # noqa: ANN202
@@ -91,9 +91,7 @@ def _config(args: argparse.Namespace):  # noqa: ANN202
 
 def run(args: argparse.Namespace) -> int:
     if args.task == "classification":
-        from soco_det.probe import linear_eval
-
-        return linear_eval.run(args)
+        return run_classification(args)
     missing = [f"--{k.replace('_', '-')}" for k in ("train_json", "val_json", "images") if not getattr(args, k)]
     if missing or not args.sources:
         raise UserError(
@@ -103,10 +101,10 @@ def run(args: argparse.Namespace) -> int:
         )
     import torch
 
-    from soco_det.torch_io import resolve_device
     from soco_det.probe.network import load_probe_network
     from soco_det.probe.objects import read_objects, spec_from_config, with_background_boxes
     from soco_det.probe.probe import TASKS, format_table, paired_difference, run_probe, summarise
+    from soco_det.torch_io import resolve_device
 
     cfg = _config(args)
     seed = cfg.seed if args.seed is None else args.seed
@@ -161,4 +159,95 @@ def run(args: argparse.Namespace) -> int:
 
         atomic_write_text(Path(args.out), json.dumps(report, indent=2))
         log.info("wrote %s", args.out)
+    return 0
+
+
+# ----------------------------------------------------------------------------- --task classification
+def _add(parser: argparse.ArgumentParser, *flags: str, **kwargs: Any) -> None:
+    """Add an option unless the parser already has one of its flags (the ``soco-det probe`` command
+    defines ``--device``, ``-o/--out`` and ``--seed`` for every task; those are then shared)."""
+    try:
+        parser.add_argument(*flags, **kwargs)
+    except argparse.ArgumentError:
+        pass
+
+
+def add_classification_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the classification probe (``soco-det probe --task classification``).
+
+    ``--weights`` may instead come as the probe command's first positional source; ``--train`` /
+    ``--val`` are checked by :func:`run_classification` (not ``required``, so they can share a parser with tasks
+    that do not need them)."""
+    d = LinearEvalSettings()
+    _add(
+        parser,
+        "--weights",
+        default=None,
+        help="soco-det run folder or checkpoint, an export, an official SoCo checkpoint, a torchvision/timm "
+        "ResNet or detector checkpoint (local), or 'random'",
+    )
+    _add(parser, "--train", default=None, metavar="DIR", help="training ImageFolder (DIR/CLASS/IMAGE)")
+    _add(parser, "--val", default=None, metavar="DIR", help="validation ImageFolder with the same classes")
+    _add(parser, "-o", "--out", default=None, help="folder for metrics.json and linear.pt")
+    _add(parser, "--depth", type=int, default=None, help="ResNet depth (default: read from the weights)")
+    _add(parser, "--device", default="auto", help="auto (CUDA if available), cpu, cuda ...")
+    _add(parser, "--epochs", type=int, default=d.epochs, help="official: 100")
+    _add(parser, "--batch-size", type=int, default=d.batch_size, help="total batch; official: 256")
+    _add(parser, "--lr", type=float, default=d.lr, help="SGD learning rate (not scaled); official: 30")
+    _add(parser, "--momentum", type=float, default=d.momentum)
+    _add(parser, "--weight-decay", type=float, default=d.weight_decay)
+    _add(parser, "--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warmup from lr/100; official: 5")
+    _add(parser, "--image-size", type=int, default=d.image_size)
+    _add(
+        parser,
+        "--crop-min-scale",
+        type=float,
+        default=d.crop_min_scale,
+        help="RandomResizedCrop scale floor; official: 0.08",
+    )
+    _add(
+        parser,
+        "--bn-train-mode",
+        action="store_true",
+        help="BatchNorm in train mode as the official script (batch statistics, running stats updated)",
+    )
+    _add(parser, "--num-workers", type=int, default=d.num_workers)
+    _add(parser, "--seed", type=int, default=d.seed)
+    _add(parser, "--bootstrap", type=int, default=d.bootstrap, help="bootstrap resamples of the top-1 interval")
+
+
+def run_classification(args: argparse.Namespace) -> int:
+    from soco_det.probe.linear_eval import linear_eval
+
+    d = LinearEvalSettings()
+    weights = getattr(args, "weights", None) or (getattr(args, "sources", None) or [None])[0]
+    if not weights or not getattr(args, "train", None) or not getattr(args, "val", None):
+        raise UserError("linear evaluation needs --weights (or a source), --train DIR and --val DIR (ImageFolders)")
+    seed = getattr(args, "seed", None)
+    resamples = getattr(args, "bootstrap", None) or getattr(args, "resamples", None) or d.bootstrap
+    settings = LinearEvalSettings(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs,
+        image_size=args.image_size,
+        crop_min_scale=args.crop_min_scale,
+        bn_train_mode=args.bn_train_mode,
+        num_workers=args.num_workers,
+        seed=d.seed if seed is None else seed,
+        bootstrap=resamples,
+    )
+    result = linear_eval(
+        weights, args.train, args.val, out_dir=args.out, depth=args.depth, device=args.device, settings=settings
+    )
+    lo, hi = result["top1_ci95"]
+    print(
+        f"top-1 {100 * result['top1']:.2f}% (95% CI {100 * lo:.2f}-{100 * hi:.2f}) on {result['num_val']} images, "
+        f"{result['num_classes']} classes; backbone {result['backbone']}"
+    )
+    if result["top5"] is not None:
+        print(f"top-5 {100 * result['top5']:.2f}%")
+    print(json.dumps({k: result[k] for k in ("top1", "top1_ci95", "top5")}))
     return 0

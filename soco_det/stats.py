@@ -1,0 +1,34 @@
+"""How spread a set of feature vectors is: the effective rank and the normalised per-channel spread.
+
+Two stages read these: the training dynamics of a pretraining run (``collapse/*`` records,
+:mod:`soco_det.engine.dynamics`) and the object probe's effective rank (:mod:`soco_det.probe`),
+so they live here, below both.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def effective_rank(x: torch.Tensor) -> float:
+    """``exp(entropy)`` of the normalised singular values of the centred rows of ``x`` ``[N, D]``
+    (~1 when one direction carries the variance, up to ``min(N, D)``)."""
+    x = torch.as_tensor(x).double()
+    x = x - x.mean(0)
+    # the Gram matrix of the smaller side has the same non-zero spectrum (squared)
+    gram = x @ x.T if x.shape[0] <= x.shape[1] else x.T @ x
+    s = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
+    p = s / s.sum().clamp_min(1e-12)
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def output_spread(x: torch.Tensor) -> tuple[float, float]:
+    """``(effective rank of the centred rows of x, per-channel std x sqrt(D) of the L2-normalised
+    rows)``: the rank falls to ~1 when one direction carries the variance (dimensional collapse),
+    the std to ~0 when every row points the same way (complete collapse)."""
+    x = x.detach().float().flatten(1)
+    z = torch.nn.functional.normalize(x, dim=1)
+    return effective_rank(x), float(z.std(0).mean() * math.sqrt(z.shape[1]))
