@@ -1,6 +1,6 @@
 """Budget-aware pretraining: what a small run's optimiser settings do to its features.
 
-The table behind README "Budget-aware pretraining" (docs/results.md): on 1000 unlabeled sample
+The table behind docs/budget.md (docs/results.md, "Budget-aware pretraining"): on 1000 unlabeled sample
 scenes (160 px), the tiny_cpu network (ResNet-18, 64/64/32 views, batch 16) is pretrained for 310
 steps (5 epochs) with
 

@@ -47,7 +47,7 @@ FROM_BYOL_PAIRS = (("soco_from_byol", "byol"), ("soco_from_byol", "soco"), ("soc
 PROBE_SCORES = ("linear_top1", "knn_top1", "loc_r2", "retrieval_top1")
 AP_KEYS = (("bbox", "AP", "box_ap"), ("bbox", "AP50", "box_ap50"), ("segm", "AP", "mask_ap"))
 
-# The budget rule of README "Budget-aware pretraining": LARS eta from the batch (train.budget=auto)
+# The budget rule of docs/budget.md: LARS eta from the batch (train.budget=auto)
 # and the head's variance-covariance term; same for SoCo and BYOL (BYOL has no box head: no term).
 SMALL_BUDGET = ["train.budget=auto", "model.head_decorrelation=1.0"]
 PRESETS: dict[str, dict[str, Any]] = {

@@ -233,7 +233,7 @@ class PixelOptions:
     """How the views' pixels are made; none of these changes a crop, a flip or a box."""
 
     # Decode large JPEGs at 1/2..1/8 scale while every crop stays >= this many times its view size
-    # (soco_det.data.lazy_image); null: always decode at full size (README, "Where we differ").
+    # (soco_det.data.lazy_image); null: always decode at full size (docs/differences.md).
     decode_reducing_gap: Optional[float] = 2.0
     # Where the colour jitter, grayscale, blur, solarize, normalisation and cutout run: "cpu" (in the
     # loader workers) or "device" (the loader emits uint8 views + the drawn parameters and the engine

@@ -27,7 +27,7 @@ class TrainConfig:
     lr_batch_denominator: int = 256
     lr_scaling: Literal["linear", "sqrt"] = "linear"  # linear: the paper's rule
     # paper: lars_eta as given. auto: eta raised so that peak_lr * eta >= target_update (a conv weight's
-    # relative step per optimizer step); see README "Budget-aware pretraining" and docs/results.md.
+    # relative step per optimizer step); see docs/budget.md and docs/results.md.
     budget: Literal["paper", "auto"] = "paper"
     target_update: float = 1.25e-3
     warmup_epochs: float = 10.0  # linear warmup from lr/warmup_multiplier, per iteration

@@ -14,7 +14,7 @@ Logged every ``train.log_every`` steps into ``metrics.jsonl`` and TensorBoard:
   indicator).
 
 It warns once (after the warmup) when the encoder has moved less than 1 % — the run is not
-training its features; see README "Budget-aware pretraining" — and when the head's effective
+training its features; see docs/budget.md — and when the head's effective
 rank falls under 5 % of its width (dimensional collapse; see ``model.head_decorrelation``).
 """
 
@@ -127,8 +127,8 @@ class TrainingDynamics(Hook):
             self.warned.add("move")
             log.warning(
                 "after %d steps the encoder's weights have moved %.2f %% from their start: this run is not "
-                "training its features (small batch or few steps with the paper's LARS settings); see README "
-                "'Budget-aware pretraining' (train.budget=auto)",
+                "training its features (small batch or few steps with the paper's LARS settings); see docs/budget.md "
+                "(train.budget=auto)",
                 trainer.step,
                 100 * move,
             )
@@ -137,7 +137,7 @@ class TrainingDynamics(Hook):
             self.warned.add("collapse")
             log.warning(
                 "step %d: the box head's outputs have collapsed onto %.1f effective directions (under %.0f): "
-                "the features are losing information; see README 'Budget-aware pretraining' "
+                "the features are losing information; see docs/budget.md "
                 "(model.head_decorrelation)",
                 trainer.step,
                 rank,

@@ -64,7 +64,7 @@ class ModelConfig:
     channels_last: bool = False
     batched_calls: bool = True
     batched_backbone: bool = True
-    # Not in the paper (README "Where we differ"): weight of a penalty on correlated channels of the
+    # Not in the paper (docs/differences.md): weight of a penalty on correlated channels of the
     # online box-head output (soco_det.losses.decorrelation_loss), which keeps small-budget runs from
     # collapsing onto a few directions. 0 = off (the paper recipes).
     head_decorrelation: float = 0.0
