@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 RECIPES = ("soco_fpn", "soco_fpn_400", "soco_star", "soco_c4", "paper")
 
@@ -280,7 +280,9 @@ class DataConfig(PixelOptions):
     fields of :class:`PixelOptions`; :attr:`pixels` gives them as one object.
     """
 
-    images: Optional[str] = None  # images root folder (default: the proposal store's root)
+    # images root folder (default: the proposal store's root), or inputs as `soco-det proposals` takes
+    # them: archives, patterns such as shards/shard-{000..009}.tar, .txt list files, or a list of them
+    images: Optional[Union[str, list[str]]] = None
     list_file: Optional[str] = None
     coco_json: Optional[str] = None
     proposals: Optional[str] = None  # proposal store (soco_det.proposals.store)
