@@ -46,7 +46,7 @@ def pillow_limit(max_pixels: int | None) -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         pillow = Image.MAX_IMAGE_PIXELS
-        if pillow is None or (max_pixels is not None and max_pixels <= 2 * pillow):
+        if pillow is None or (max_pixels is not None and max_pixels <= pillow):
             yield
             return
         with _PILLOW_LIMIT_LOCK:
