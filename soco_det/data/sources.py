@@ -2,8 +2,9 @@
 
 Sources (labels are never read):
 
-* a folder of images, recursive, with the images inside its ``.tar`` / ``.zip`` archives, or a
-  single archive (:func:`soco_det.imageio.list_sources`; members are ``ARCHIVE::MEMBER``);
+* a folder of images, recursive, with the images inside its ``.tar`` / ``.zip`` archives, or
+  archives, patterns (``shards/shard-{000..009}.tar``, ``*.tar``), ``.txt`` lists of those, one or
+  several (:func:`soco_det.imageio.list_sources`; members are ``ARCHIVE::MEMBER``);
 * a text file listing images, one per line (the first tab-separated field, as in the official
   ``train_map.txt``; blank lines and ``#`` comments skipped), relative to the images root;
 * a COCO JSON: its ``images[].file_name``, relative to the images root.

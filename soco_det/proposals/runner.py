@@ -236,7 +236,7 @@ def _run_chunks(
 
 
 def compute_store(
-    images: str | Path,
+    images: str | Path | Sequence[str | Path],
     out: str | Path,
     method: str = "selective_search",
     workers: int = 1,
@@ -250,7 +250,10 @@ def compute_store(
     chunk_size: int = 32,
     keep_parts: bool = False,
 ) -> Path:
-    """Compute (or resume, or extend) the proposal store ``out`` for the images under ``images``.
+    """Compute (or resume, or extend) the proposal store ``out`` for the images of ``images``: a
+    folder, archives, image files, patterns such as ``shards/shard-{000..009}.tar`` or ``.txt``
+    list files, one or several (:func:`soco_det.imageio.list_sources`, whose refused members are
+    counted in the summary). Images that cannot be read are failed entries, never an error.
 
     ``method``: a name of :data:`soco_det.proposals.methods.METHODS` with ``params`` overriding its
     defaults; ``max_side``: run the method on a copy whose longer side is at most this many pixels
