@@ -280,15 +280,9 @@ def init_from_weights(model: nn.Module, path: str | Path, cfg: ModelConfig) -> I
     if rule is None:
         kind, names = match_format(tensors, format_rules(model, cfg.variant))
         rule = names.get
-    ours: dict[str, torch.Tensor] = {}
-    source_key: dict[str, str] = {}  # our key -> the file's key (named in errors)
-    for key, value in tensors.items():
-        mine = rule(key)
-        if mine is not None:
-            ours[mine] = value
-            source_key[mine] = key
-    used = set(source_key.values())
-    unused = sorted(k for k in tensors if k not in used)
+    source_key = {mine: key for key in tensors if (mine := rule(key)) is not None}  # our key -> the file's
+    ours = {mine: tensors[key] for mine, key in source_key.items()}
+    unused = sorted(set(tensors) - set(source_key.values()))
 
     encoder = {k[len("encoder.") :]: v for k, v in ours.items() if k.startswith("encoder.")}
     if not encoder:

@@ -265,12 +265,7 @@ def compute_store(
     """
     t0 = time.perf_counter()
     out = check_output_folder(out, "proposal store")
-    _check_positive("--workers", workers)
-    _check_positive("--chunk-size", chunk_size)
-    if max_side is not None:
-        _check_positive("--max-side", max_side)
-    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 0):
-        raise UserError(f"--max-pixels {max_pixels!r}: must be a whole number >= 0 (0: no limit)")
+    _check_options(workers, chunk_size, max_side, max_pixels)
     listing = list_sources(images)  # loose images and ARCHIVE::MEMBER keys (soco_det.imageio.list_sources)
     root, listed = listing.root, listing.keys
     log_refused(listing.refused)
@@ -319,6 +314,15 @@ def compute_store(
             t0,
             listing.refused,
         )
+
+
+def _check_options(workers: Any, chunk_size: Any, max_side: Any, max_pixels: Any) -> None:
+    _check_positive("--workers", workers)
+    _check_positive("--chunk-size", chunk_size)
+    if max_side is not None:
+        _check_positive("--max-side", max_side)
+    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 0):
+        raise UserError(f"--max-pixels {max_pixels!r}: must be a whole number >= 0 (0: no limit)")
 
 
 def _check_positive(option: str, value: Any) -> None:
