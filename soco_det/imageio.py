@@ -9,21 +9,52 @@ the store's setting, so boxes and pixels always agree.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import threading
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from soco_det import archives
 from soco_det.errors import ImageError, UserError
+from soco_det.inputs import expand_inputs
 
 # Pillow warns at 89 Mpx and refuses at 179 Mpx by default; we refuse anything above this many
 # pixels with a clear message (ImageNet's largest train image is ~ 20 Mpx).
 DEFAULT_MAX_PIXELS = 64_000_000
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+_PILLOW_LIMIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def pillow_limit(max_pixels: int | None) -> Iterator[None]:
+    """A context in which our ``max_pixels`` decides which images are too large, not Pillow's own
+    decompression-bomb check (a warning above ``Image.MAX_IMAGE_PIXELS``, an error above twice
+    that): the warning is ignored (the caller checks ``max_pixels`` after opening), and where
+    Pillow's error would refuse an image that ``max_pixels`` allows (``None``: no limit, e.g.
+    ``--max-pixels 0``), Pillow's limit is lifted for the duration (under a lock: it is a global
+    of the module)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        pillow = Image.MAX_IMAGE_PIXELS
+        if pillow is None or (max_pixels is not None and max_pixels <= pillow):
+            yield
+            return
+        with _PILLOW_LIMIT_LOCK:
+            Image.MAX_IMAGE_PIXELS = None
+            try:
+                yield
+            finally:
+                Image.MAX_IMAGE_PIXELS = pillow
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -53,8 +84,9 @@ def load_rgb(
     Grayscale, palette, RGBA (alpha dropped, as ``convert('RGB')`` does), CMYK and 16-bit images
     are accepted. ``path`` may address a member of a tar or zip archive, ``ARCHIVE::MEMBER``
     (:mod:`soco_det.archives`). Raises :class:`~soco_det.errors.ImageError` naming the file for a missing,
-    unreadable, truncated or non-image file, and for images above ``max_pixels`` pixels
-    (decompression bombs).
+    unreadable, truncated or non-image file, for images above ``max_pixels`` pixels (decompression
+    bombs; ``None``: no limit, Pillow's own included) and for files or members above
+    :func:`soco_det.archives.max_member_bytes` bytes.
     """
     source: Path | io.BytesIO = Path(path)
     if archives.is_member_path(path):  # ARCHIVE::MEMBER, read without extracting
@@ -66,9 +98,14 @@ def load_rgb(
             raise ImageError(path, f"unreadable: {exc}") from exc
     elif not source.is_file():
         raise ImageError(path, "no such file")
+    elif source.stat().st_size > archives.max_member_bytes():
+        raise ImageError(
+            path,
+            f"file is {source.stat().st_size} bytes, above the limit of {archives.max_member_bytes()} bytes for "
+            f"one image (raise it with ${archives.MAX_MEMBER_ENV})",
+        )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with pillow_limit(max_pixels):
             with Image.open(source) as img:
                 w, h = img.size
                 if max_pixels is not None and w * h > max_pixels:
@@ -82,7 +119,7 @@ def load_rgb(
                 return _to_rgb(img)
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise ImageError(path, f"refused as a decompression bomb: {exc}") from exc
     except UnidentifiedImageError:
         raise ImageError(path, "not an image file (Pillow cannot identify it)") from None
@@ -102,23 +139,59 @@ def list_images(root: str | Path) -> list[str]:
     )
 
 
-def list_sources(images: str | Path) -> tuple[Path, list[str]]:
-    """``(root, keys)`` of the images under ``images`` (a folder or one archive).
+@dataclass
+class SourceList:
+    """What :func:`list_sources` found: ``root``, the ``keys`` of the images (posix paths relative
+    to ``root``, sorted as described there) and ``refused``: what was left out at listing time and
+    why (``ARCHIVE::MEMBER`` for a member with an unsafe or shared name, ``ARCHIVE`` for an
+    archive that cannot be opened). Refused names never become keys."""
 
-    Keys are posix paths relative to ``root``: loose images as :func:`list_images` lists them, then
-    ``ARCHIVE::MEMBER`` for the image members of each archive (:mod:`soco_det.archives`). The
-    proposal job and the training data both list with this function, so their keys agree.
+    root: Path
+    keys: list[str]
+    refused: dict[str, str] = field(default_factory=dict)
+
+
+def inputs_root(paths: Sequence[Path]) -> Path:
+    """The images root of several inputs: one folder is its own root; otherwise the deepest folder
+    that holds every input (a file's folder for a file)."""
+    if len(paths) == 1 and paths[0].is_dir():
+        return paths[0]
+    return Path(os.path.commonpath([str(p if p.is_dir() else p.parent) for p in paths]))
+
+
+def list_sources(inputs: str | Path | Sequence[str | Path]) -> SourceList:
+    """The images of one or more inputs (folders, archives, image files, patterns such as
+    ``shard-{000..009}.tar`` or ``*.tar``, ``.txt`` list files: :mod:`soco_det.inputs`).
+
+    The root is :func:`inputs_root` (one folder: itself; one archive: its folder). Keys: the loose
+    images sorted as :func:`list_images` sorts them, then ``ARCHIVE::MEMBER`` for the image
+    members of each archive, archives in path order (:mod:`soco_det.archives`). The proposal job
+    and the training data both list with this function, so their keys agree; one folder given as
+    its shards (``DIR/shard-{000..009}.tar``) lists the same keys as the folder.
     """
-    path = Path(images).resolve()
-    if path.is_file():
-        if path.suffix.lower() not in archives.ARCHIVE_SUFFIXES:
-            raise UserError(f"{path}: not a folder, a .tar or a .zip")
-        return path.parent, [f"{path.name}{archives.SEP}{m}" for m in archives.list_members(path, IMAGE_EXTENSIONS)]
-    keys = list_images(path)
-    for archive in sorted(p for p in path.rglob("*") if p.suffix.lower() in archives.ARCHIVE_SUFFIXES and p.is_file()):
-        rel = archive.relative_to(path).as_posix()
-        keys += [f"{rel}{archives.SEP}{m}" for m in archives.list_members(archive, IMAGE_EXTENSIONS)]
-    return path, keys
+    paths = expand_inputs(inputs)
+    for path in paths:
+        if path.is_file() and path.suffix.lower() not in archives.ARCHIVE_SUFFIXES + IMAGE_EXTENSIONS:
+            raise UserError(f"{path}: not a folder, a .tar, a .zip, an image or a .txt list of inputs")
+    root = inputs_root(paths)
+    loose: set[str] = set()
+    found: set[Path] = set()
+    for path in paths:
+        if path.is_dir():
+            rel = path.relative_to(root).as_posix()
+            loose.update(k if rel == "." else f"{rel}/{k}" for k in list_images(path))
+            found.update(p for p in path.rglob("*") if p.suffix.lower() in archives.ARCHIVE_SUFFIXES and p.is_file())
+        elif path.suffix.lower() in archives.ARCHIVE_SUFFIXES:
+            found.add(path)
+        else:
+            loose.add(path.relative_to(root).as_posix())
+    result = SourceList(root, sorted(loose))
+    for archive in sorted(found):
+        rel = archive.relative_to(root).as_posix()
+        names, refused = archives.list_members(archive, IMAGE_EXTENSIONS)
+        result.keys += [f"{rel}{archives.SEP}{m}" for m in names]
+        result.refused.update({f"{rel}{archives.SEP}{m}" if m else rel: why for m, why in refused.items()})
+    return result
 
 
 def check_relative_path(relpath: str, where: str) -> None:

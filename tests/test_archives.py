@@ -64,15 +64,18 @@ def _expected_keys(loose):
 
 
 def test_listing_covers_loose_files_and_the_image_members_of_every_archive(packed):
-    root, keys = imageio.list_sources(packed["root"])
-    assert root == packed["root"].resolve()
-    assert sorted(keys) == sorted(_expected_keys(packed["loose"]))  # no .cls, no folder entry
-    root1, keys1 = imageio.list_sources(packed["root"] / "train.zip")  # one archive as the images
-    assert root1 == packed["root"].resolve() and keys1 == [f"train.zip::imgs/{p.name}" for p in packed["loose"][3:5]]
+    listing = imageio.list_sources(packed["root"])
+    assert listing.root == packed["root"].resolve() and not listing.refused
+    assert sorted(listing.keys) == sorted(_expected_keys(packed["loose"]))  # no .cls, no folder entry
+    one = imageio.list_sources(packed["root"] / "train.zip")  # one archive as the images
+    assert one.root == packed["root"].resolve() and one.keys == [
+        f"train.zip::imgs/{p.name}" for p in packed["loose"][3:5]
+    ]
 
 
 def test_members_decode_to_the_loose_files_pixels_and_each_archive_opens_once(packed):
-    archives._HANDLES.clear()
+    archives._INDEXES.clear()
+    archives.close_all()
     before = archives.OPEN_COUNT["n"]
     root = packed["root"]
     for p in packed["loose"][:3]:
@@ -81,7 +84,8 @@ def test_members_decode_to_the_loose_files_pixels_and_each_archive_opens_once(pa
             assert np.array_equal(np.asarray(img), np.asarray(load_rgb(p)))
     for p in packed["loose"][3:5]:
         assert np.array_equal(np.asarray(load_rgb(f"{root}/train.zip::imgs/{p.name}")), np.asarray(load_rgb(p)))
-    assert archives.OPEN_COUNT["n"] - before == 2  # one tar, one zip: each opened once in this process
+    assert archives.OPEN_COUNT["n"] - before == 2  # one tar, one zip: each indexed once in this process
+    assert archives.open_count() == 2
 
 
 def test_bad_members_are_image_errors(packed):
@@ -97,18 +101,23 @@ def test_bad_members_are_image_errors(packed):
         load_rgb(root.parent / "junk.zip::a.jpg")
 
 
-def _read_in_child(path: str) -> tuple[int, int]:
-    return len(archives.read_bytes(path)), archives.OPEN_COUNT["n"]
+def _read_in_child(path: str) -> tuple[bytes, int, int, int]:
+    inherited = len(archives._FDS)
+    data = archives.read_bytes(path)
+    return data, inherited, archives.open_count(), archives.OPEN_COUNT["n"]
 
 
-def test_a_forked_worker_reopens_the_archive_instead_of_sharing_the_handle(packed):
+def test_a_forked_worker_opens_its_own_descriptor_and_reuses_the_index(packed):
     key = f"{packed['root']}/shards/shard-000.tar::{packed['loose'][1].name}"
-    archives.read_bytes(key)  # opened in the parent before the fork
+    want = packed["loose"][1].read_bytes()
+    assert archives.read_bytes(key) == want  # indexed and opened in the parent before the fork
     n_parent = archives.OPEN_COUNT["n"]
     with multiprocessing.get_context("fork").Pool(1) as pool:
-        size, n_child = pool.apply(_read_in_child, (key,))
-    assert size == packed["loose"][1].stat().st_size
-    assert n_child == n_parent + 1  # the child opened its own handle
+        data, inherited, held, n_child = pool.apply(_read_in_child, (key,))
+    assert data == want and inherited >= 1
+    assert held == 1  # the parent's descriptors were dropped in the child, which opened its own
+    assert n_child == n_parent  # the member index came with the fork
+    assert archives.read_bytes(key) == want  # the parent's descriptor still works
 
 
 @pytest.fixture(scope="module")

@@ -156,13 +156,13 @@ def test_proposals_without_a_subcommand_word_is_compute():
     implicit = build_parser().parse_args(normalize_argv(argv))
     explicit = build_parser().parse_args(normalize_argv(["proposals", "compute", *argv[1:]]))
     assert vars(implicit) == vars(explicit)
-    assert implicit.subcommand == "compute" and implicit.images == "/data/x" and implicit.workers == 3
+    assert implicit.subcommand == "compute" and implicit.images == ["/data/x"] and implicit.workers == 3
     # Options before the folder, and the global options before the command, too.
     args = build_parser().parse_args(normalize_argv(["--log-level", "DEBUG", "proposals", "-o", "s", "/data/x"]))
-    assert (args.subcommand, args.images, args.output, args.log_level) == ("compute", "/data/x", "s", "DEBUG")
+    assert (args.subcommand, args.images, args.output, args.log_level) == ("compute", ["/data/x"], "s", "DEBUG")
     # A folder named like a sub-command: after the word, or as ./merge.
-    assert build_parser().parse_args(normalize_argv(["proposals", "compute", "merge", "-o", "s"])).images == "merge"
-    assert build_parser().parse_args(normalize_argv(["proposals", "./merge", "-o", "s"])).images == "./merge"
+    assert build_parser().parse_args(normalize_argv(["proposals", "compute", "merge", "-o", "s"])).images == ["merge"]
+    assert build_parser().parse_args(normalize_argv(["proposals", "./merge", "-o", "s"])).images == ["./merge"]
 
 
 @pytest.mark.parametrize(

@@ -296,7 +296,9 @@ def test_resume_auto_skips_damaged_checkpoints(sample_data, tmp_path, caplog):
 def test_disk_full_during_a_checkpoint_is_an_oserror_naming_the_file(tmp_path, monkeypatch):
     run = tmp_path / "run"
     ckpt_io.save_checkpoint(run, _tiny_state(1))
-    real_open = ckpt_io.atomic_open
+    from soco_det import atomic
+
+    real_open = atomic.atomic_open
 
     class Full:
         def __init__(self, handle):
@@ -318,7 +320,7 @@ def test_disk_full_during_a_checkpoint_is_an_oserror_naming_the_file(tmp_path, m
         with real_open(path, mode) as handle:
             yield Full(handle)
 
-    monkeypatch.setattr(ckpt_io, "atomic_open", full_open)
+    monkeypatch.setattr(atomic, "atomic_open", full_open)
     with pytest.raises(OSError) as info:
         ckpt_io.save_checkpoint(run, _tiny_state(2))
     assert info.value.errno == errno.ENOSPC and info.value.filename.endswith("step_00000002.pt")

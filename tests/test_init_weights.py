@@ -158,7 +158,7 @@ def test_a_pickle_with_code_in_it_is_not_unpickled(tmp_path):
     with open(path, "wb") as f:
         pickle.dump({"model": {"x": Path("/")}}, f)  # any non-numpy class
     cfg = ModelConfig(**NARROW)
-    with pytest.raises(UserError, match="not allowed in a weights file"):
+    with pytest.raises(UserError, match="holds pathlib.PosixPath, which is not weights data; refused without running"):
         init_from_weights(_fresh(cfg), path, cfg)
 
 

@@ -8,6 +8,8 @@ Examples::
 
 Prints the key mapping (tensors per group, a few examples) and the result of the check against the
 target's layout; exits 2 with one line naming the problem when the source cannot be exported.
+An existing output file is refused unless --overwrite (it is then moved aside), and so is any
+file of a run folder's own (``-o RUN/checkpoints/last.pt``).
 """
 
 from __future__ import annotations
@@ -44,12 +46,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-check", action="store_true", help="skip the check against the target layout (not recommended)"
     )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output file (it is moved to OUT.old-<time>)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from soco_det.export import export
+    from soco_det.export import default_output, export
+    from soco_det.runlock import output_file
 
-    result = export(args.src, args.to, args.out, network=args.network, check=not args.no_check)
+    out = args.out if args.out is not None else default_output(args.src, args.to)
+    with output_file(out, args.overwrite, "export") as out:
+        result = export(args.src, args.to, out, network=args.network, check=not args.no_check)
     print("\n".join(result.summary_lines()))
     print(f"wrote {result.path}")
     return 0

@@ -15,7 +15,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
+
+from soco_det.errors import UserError
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="shipped recipe name (soco_fpn_r50_100ep, soco_fpn_r50_400ep, soco_star_r50_400ep, "
         "soco_c4_r50_100ep, tiny_cpu) or a YAML file",
     )
-    parser.add_argument("--images", help="images root folder (sets data.images; default: the proposal store's root)")
+    parser.add_argument(
+        "--images",
+        nargs="+",
+        metavar="IMAGES",
+        help="images root folder, or the inputs `soco-det proposals` took: archives, patterns such as "
+        "'shards/shard-{000..009}.tar', .txt list files (sets data.images; default: the proposal store's root)",
+    )
     parser.add_argument("--proposals", help="proposal store from `soco-det proposals` (sets data.proposals)")
     parser.add_argument("-o", "--out", required=True, help="run folder (config.yaml, metrics.jsonl, checkpoints/)")
     parser.add_argument(
@@ -60,7 +71,13 @@ def run(args: argparse.Namespace) -> int:
 
     extra: dict = {}
     if args.images is not None:
-        extra.setdefault("data", {})["images"] = str(Path(args.images).resolve())
+        # `--images DIR train.max_steps=2`: --images takes several words, so overrides right after it land there
+        overrides = [w for w in args.images if _OVERRIDE.match(w) and not Path(w).exists()]
+        args.overrides = overrides + list(args.overrides)
+        images = [str(Path(p).resolve()) for p in args.images if p not in overrides]
+        if not images:
+            raise UserError("--images: no images given (only key=value overrides)")
+        extra.setdefault("data", {})["images"] = images[0] if len(images) == 1 else images
     if args.proposals is not None:
         extra.setdefault("data", {})["proposals"] = str(Path(args.proposals).resolve())
     if args.device is not None:

@@ -68,6 +68,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-o", "--out", default=None, help="objects: write the results as JSON here; classification: output folder"
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing -o file (objects) or the results in the -o folder (classification); the old "
+        "ones are moved to NAME.old-<time>",
+    )
     add_classification_arguments(parser)  # the classification task's options (shared ones are not repeated)
 
 
@@ -90,8 +96,21 @@ def _config(args: argparse.Namespace):  # noqa: ANN202
 
 
 def run(args: argparse.Namespace) -> int:
+    from soco_det.runlock import output_file, output_folder
+
     if args.task == "classification":
-        return run_classification(args)
+        if args.out is None:
+            return run_classification(args)
+        with output_folder(args.out, ("metrics.json", "linear.pt"), args.overwrite, "linear evaluation folder"):
+            return run_classification(args)
+    if args.out is None:
+        return run_objects(args)
+    with output_file(args.out, args.overwrite, "probe results"):
+        return run_objects(args)
+
+
+def run_objects(args: argparse.Namespace) -> int:
+    """The object-level probe (``--task objects``)."""
     missing = [f"--{k.replace('_', '-')}" for k in ("train_json", "val_json", "images") if not getattr(args, k)]
     if missing or not args.sources:
         raise UserError(

@@ -50,7 +50,11 @@ def _add_compute(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "images",
         metavar="IMAGES",
-        help="folder of images (searched recursively, images inside its .tar/.zip archives included) or one .tar/.zip",
+        nargs="+",
+        help="folder of images (searched recursively, images inside its .tar/.zip archives included), .tar/.zip "
+        "archives, image files, patterns such as 'shards/shard-{000000..001281}.tar' or 'shards/*.tar' (quoted: "
+        "expanded here), or .txt files listing such inputs one per line; several inputs are keyed relative to the "
+        "folder that holds them all",
     )
     p.add_argument(
         "-o",
@@ -119,7 +123,11 @@ def _add_decode_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_overwrite(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--overwrite", action="store_true", help=f"replace an existing {what} at -o")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"replace an existing {what} at -o (the old one is moved to NAME.old-<time>)",
+    )
 
 
 def _add_merge(p: argparse.ArgumentParser) -> None:
@@ -256,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         from soco_det.proposals.store import ProposalStore, format_summary
 
-        store = ProposalStore.open(args.store)
+        store = ProposalStore.open(args.store, upgrade=False)
         print(f"store: {store.path}\nimages root: {store.root}")
         print("settings: " + json.dumps(store.settings()))
         print(format_summary(store.summary))

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 RECIPES = ("soco_fpn", "soco_fpn_400", "soco_star", "soco_c4", "paper")
 
@@ -280,7 +280,9 @@ class DataConfig(PixelOptions):
     fields of :class:`PixelOptions`; :attr:`pixels` gives them as one object.
     """
 
-    images: Optional[str] = None  # images root folder (default: the proposal store's root)
+    # images root folder (default: the proposal store's root), or inputs as `soco-det proposals` takes
+    # them: archives, patterns such as shards/shard-{000..009}.tar, .txt list files, or a list of them
+    images: Optional[Union[str, list[str]]] = None
     list_file: Optional[str] = None
     coco_json: Optional[str] = None
     proposals: Optional[str] = None  # proposal store (soco_det.proposals.store)
@@ -289,6 +291,9 @@ class DataConfig(PixelOptions):
     strict: bool = False  # raise on a bad image instead of skipping it
     min_side: int = 32  # images with a smaller side are bad input (proposals need >= 32 px)
     max_replacements: int = 16  # draws of a replacement index before giving up on a bad image
+    # Least share of the images that must have proposals (an 'ok' entry in data.proposals): below it
+    # pretraining refuses to start, as it would be mostly image-level (whole-image boxes). 0: no check.
+    min_proposal_coverage: float = 0.5
     views: ViewsConfig = field(default_factory=ViewsConfig)
 
     def validate(self) -> None:
@@ -302,5 +307,7 @@ class DataConfig(PixelOptions):
             raise ValueError(f"min_side: must be >= 1, got {self.min_side}")
         if self.max_replacements < 1:
             raise ValueError(f"max_replacements: must be >= 1, got {self.max_replacements}")
+        if not 0.0 <= self.min_proposal_coverage <= 1.0:
+            raise ValueError(f"min_proposal_coverage: a share in [0, 1], got {self.min_proposal_coverage}")
         super().validate()
         self.views.validate()

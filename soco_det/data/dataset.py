@@ -228,6 +228,25 @@ def collate_views(samples: list[dict]) -> dict:
     return batch
 
 
+def check_coverage(cfg: DataConfig, items: Sequence[ImageItem], indices: np.ndarray, store: Any) -> None:
+    """Refuse a store that gives proposals to less than ``cfg.min_proposal_coverage`` of the
+    images (no entry, or an entry that is not 'ok'): training would silently be image-level."""
+    ok = np.zeros(len(indices), bool)
+    found = indices >= 0
+    if found.any():
+        ok[found] = np.isin(indices[found], store.ok_indices())
+    covered = int(ok.sum())
+    if covered >= cfg.min_proposal_coverage * len(items):
+        return
+    root = cfg.images if isinstance(cfg.images, str) else (store.root if cfg.images is None else "IMAGES")
+    raise UserError(
+        f"{cfg.proposals}: only {covered} of the {len(items)} images have proposals there "
+        f"({100 * covered / len(items):.1f} %, data.min_proposal_coverage={cfg.min_proposal_coverage}), so most "
+        f"would be trained on the whole-image box; compute the missing ones with "
+        f"`soco-det proposals {root} -o {cfg.proposals}` (it extends the store), or lower data.min_proposal_coverage"
+    )
+
+
 def build_pretrain_dataset(cfg: DataConfig, seed: int) -> PretrainDataset:
     """The dataset a :class:`DataConfig` describes (images joined with the proposal store)."""
     cfg.validate()
@@ -244,6 +263,7 @@ def build_pretrain_dataset(cfg: DataConfig, seed: int) -> PretrainDataset:
                 f"none of the {len(items)} images (e.g. {items[0].key!r}) is in the proposal store {cfg.proposals} "
                 f"(e.g. {store.paths[0] if len(store) else 'empty store'!r}); do the image root and the store match?"
             )
+        check_coverage(cfg, items, indices, store)
         if missing:
             msg = f"{missing} of {len(items)} images have no entry in the proposal store {cfg.proposals}"
             if cfg.strict:

@@ -18,14 +18,13 @@ that the file still has that size.
 from __future__ import annotations
 
 import io
-import warnings
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
 from soco_det.archives import read_bytes
 from soco_det.errors import ImageError
-from soco_det.imageio import DEFAULT_MAX_PIXELS, _to_rgb, load_rgb
+from soco_det.imageio import DEFAULT_MAX_PIXELS, _to_rgb, load_rgb, pillow_limit
 
 
 class LazyImage:
@@ -79,8 +78,7 @@ class LazyImage:
         except OSError as exc:
             raise ImageError(self.path, f"unreadable file: {exc}") from exc
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with pillow_limit(self.max_pixels):
                 return Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
             raise ImageError(self.path, "not an image file (Pillow cannot identify it)") from None
@@ -98,8 +96,7 @@ class LazyImage:
         if self.max_pixels is not None and w * h > self.max_pixels:
             raise ImageError(self.path, f"image is {w}x{h} = {w * h} pixels, above the limit of {self.max_pixels}")
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with pillow_limit(self.max_pixels):
                 with img:
                     if reduce > 1 and img.format == "JPEG":
                         img.draft("RGB", (-(-w // reduce), -(-h // reduce)))

@@ -2,8 +2,9 @@
 
 Sources (labels are never read):
 
-* a folder of images, recursive, with the images inside its ``.tar`` / ``.zip`` archives, or a
-  single archive (:func:`soco_det.imageio.list_sources`; members are ``ARCHIVE::MEMBER``);
+* a folder of images, recursive, with the images inside its ``.tar`` / ``.zip`` archives, or
+  archives, patterns (``shards/shard-{000..009}.tar``, ``*.tar``), ``.txt`` lists of those, one or
+  several (:func:`soco_det.imageio.list_sources`; members are ``ARCHIVE::MEMBER``);
 * a text file listing images, one per line (the first tab-separated field, as in the official
   ``train_map.txt``; blank lines and ``#`` comments skipped), relative to the images root;
 * a COCO JSON: its ``images[].file_name``, relative to the images root.
@@ -43,16 +44,21 @@ def _items(root: Path, keys: Sequence[str]) -> list[ImageItem]:
     return [ImageItem(str(root / k), PurePosixPath(k).as_posix()) for k in keys]
 
 
-def folder_items(root: str | Path) -> list[ImageItem]:
-    """Images under a folder (loose files and the members of its .tar / .zip archives) or in one
-    archive; keys as :func:`soco_det.imageio.list_sources` makes them (the proposal job's)."""
-    given = root
-    root, keys = list_sources(root)
-    if Path(given).is_dir():
-        root = Path(given)  # keep the root as given (join_with_store compares resolved paths)
-    if not keys:
+def folder_items(images: str | Path | Sequence[str | Path]) -> list[ImageItem]:
+    """Images under a folder (loose files and the members of its .tar / .zip archives), in
+    archives, or in any of the inputs :func:`soco_det.imageio.list_sources` takes (patterns such
+    as ``shard-{000..009}.tar``, several inputs, list files); keys as it makes them (the proposal
+    job's). Members refused at listing time (unsafe or shared names) are left out with a warning."""
+    listing = list_sources(images)
+    root = listing.root
+    if isinstance(images, (str, Path)) and Path(images).is_dir():
+        root = Path(images)  # keep the root as given (join_with_store compares resolved paths)
+    if listing.refused:
+        name, why = next(iter(listing.refused.items()))
+        log.warning("%d archive member(s) or archive(s) left out (e.g. %s: %s)", len(listing.refused), name, why)
+    if not listing.keys:
         raise UserError(f"{root}: no image files found (extensions: {', '.join(IMAGE_EXTENSIONS)})")
-    return _items(root, keys)
+    return _items(root, listing.keys)
 
 
 def list_file_items(list_file: str | Path, root: str | Path | None = None) -> list[ImageItem]:
@@ -127,9 +133,13 @@ def join_with_store(items: Sequence[ImageItem], store: Any) -> np.ndarray:
 
 
 def resolve_items(
-    images: str | None, list_file: str | None, coco_json: str | None, store: Any | None
+    images: str | list[str] | None, list_file: str | None, coco_json: str | None, store: Any | None
 ) -> list[ImageItem]:
     """The image list a :class:`~soco_det.data.config.DataConfig` describes."""
+    if not isinstance(images, (str, type(None))) and (coco_json is not None or list_file is not None):
+        raise UserError(
+            "data.images: give one folder (the root of the file names) with data.list_file / data.coco_json"
+        )
     root = images if images is not None else (store.root if store is not None else None)
     if coco_json is not None:
         return coco_items(coco_json, root)

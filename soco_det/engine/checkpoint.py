@@ -21,14 +21,13 @@ from __future__ import annotations
 import errno
 import random
 import shutil
-import zlib
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any
 
 import numpy as np
 import torch
 
-from soco_det.atomic import atomic_open
+from soco_det.atomic import atomic_save
 
 # Reading and checking files lives below the engine; the names a resume needs are read from here too.
 from soco_det.checkpoint_files import (  # noqa: F401 (find_resume, load_model_strict: re-exported)
@@ -75,46 +74,6 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
 
 
-class _CountingWriter:
-    """A binary handle for ``torch.save`` that keeps the CRC32 and size of what was written, and the
-    first ``OSError`` of the underlying file (torch turns it into an opaque "unexpected pos")."""
-
-    def __init__(self, handle: IO[bytes]) -> None:
-        self.handle, self.crc, self.size, self.error = handle, 0, 0, None
-
-    def write(self, data: bytes) -> int:
-        try:
-            n = self.handle.write(data)
-        except OSError as exc:
-            self.error = exc
-            raise
-        self.crc = zlib.crc32(data, self.crc)
-        self.size += len(data)
-        return n
-
-    def flush(self) -> None:
-        self.handle.flush()
-
-
-def _write_file(path: Path, write: Callable[[IO[bytes]], None]) -> tuple[int, int]:
-    """Write ``path`` atomically through ``write(handle)``; returns ``(crc32, size)``. A failed write
-    is an ``OSError`` naming ``path`` (e.g. ENOSPC), never torch's "unexpected pos"."""
-    counter: _CountingWriter | None = None
-    try:
-        with atomic_open(path, "wb") as handle:
-            counter = _CountingWriter(handle)
-            write(counter)  # type: ignore[arg-type]
-    except OSError as exc:
-        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
-    except Exception as exc:
-        if counter is not None and counter.error is not None:
-            err = counter.error
-            raise OSError(err.errno, err.strerror or str(err), str(path)) from exc
-        raise
-    assert counter is not None
-    return counter.crc, counter.size
-
-
 def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep_last: int = 3) -> Path:
     """Write ``state`` (must hold ``step``) atomically, make ``last.pt`` a copy of it (written
     atomically too), and prune old step files (the newest ``keep_last`` intact ones stay).
@@ -122,7 +81,7 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep_last: int =
     A disk that fills up raises ``OSError(ENOSPC)`` naming the file; the previous checkpoints are
     untouched (the new file is written under a temporary name first)."""
     path = step_path(run_dir, int(state["step"]))
-    crc, size = _write_file(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+    crc, size = atomic_save(path, lambda f: torch.save({"format": FORMAT, **state}, f))
     mark_intact(path)
     _replace_last(path, crc, size)
     prune(path.parent, keep_last)
@@ -138,7 +97,7 @@ def _replace_last(path: Path, crc: int, size: int) -> None:
         with open(path, "rb") as src:
             shutil.copyfileobj(src, handle, 1 << 22)
 
-    copied = _write_file(last, copy)
+    copied = atomic_save(last, copy)
     if copied != (crc, size):
         raise OSError(errno.EIO, f"copy of {path.name} does not match it", str(last))
     mark_intact(last)

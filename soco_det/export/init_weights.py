@@ -12,8 +12,9 @@ Accepted files (the format is recognised from the names; nothing is downloaded):
   also our ``export --to timm``;
 * a torchvision Mask R-CNN / Faster R-CNN "v2" state dict, also our ``export --to torchvision``
   (backbone, FPN with BatchNorm, 4conv1fc box head);
-* a detectron2 checkpoint (``.pkl`` of numpy arrays, or a ``.pth``; fully qualified names, or the
-  short names of the official SoCo converters), also our ``export --to detectron2``;
+* a detectron2 checkpoint (``.pkl`` of numpy arrays, any pickle protocol, or a ``.pth``; fully
+  qualified names, or the short names of the official SoCo converters), also our ``export --to
+  detectron2``;
 * an mmdetection checkpoint (``{"state_dict": ...}``), also our ``export --to mmdet``;
 * a soco-det checkpoint or run folder (e.g. an ``image_byol`` run), or an official SoCo
   ``ckpt_epoch_*.pth`` (read by :func:`soco_det.export.source.load_source`, online network).
@@ -32,7 +33,9 @@ What is loaded, part by part:
   widths) is an error naming the keys and the config fields to change;
 * the projector and predictor always start random: image-level checkpoints have other shapes.
 
-``num_batches_tracked`` counters may be absent (FrozenBatchNorm checkpoints have none); the
+Files are read as data only (:func:`soco_det.torch_io.torch_load`: numpy values such as an mmdet
+``meta`` are accepted, no other global). A loaded tensor with NaN or infinite values is an error
+naming it. ``num_batches_tracked`` counters may be absent (FrozenBatchNorm checkpoints have none); the
 model's own counters are kept then. The report (:class:`InitReport`) lists every loaded key,
 every key that stays random and every unused key of the file; the engine logs its summary and
 writes it to ``RUN/init_weights.json``.
@@ -41,7 +44,6 @@ writes it to ``RUN/init_weights.json``.
 from __future__ import annotations
 
 import json
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -56,7 +58,7 @@ from soco_det.export.source import ExportSource, infer_depth, load_source
 from soco_det.logs import get_logger
 from soco_det.models import build_model
 from soco_det.models.config import ModelConfig
-from soco_det.torch_io import torch_load
+from soco_det.torch_io import check_finite, torch_load
 
 log = get_logger(__name__)
 
@@ -107,25 +109,6 @@ class InitReport:
 
 
 # ----------------------------------------------------------------------------- reading the file
-class _NumpyUnpickler(pickle.Unpickler):
-    """Unpickles detectron2 ``.pkl`` checkpoints: dicts of numpy arrays, nothing executable."""
-
-    ALLOWED = {
-        ("collections", "OrderedDict"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a weights file")
-        return super().find_class(module, name)
-
-
 def _check_local(path: str | Path) -> Path:
     text = str(path)
     if "://" in text:
@@ -157,16 +140,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str, Callab
     if p.is_dir():  # a soco-det run folder
         src = load_source(p, network="online")
         return _source_tensors(src), f"soco-det {src.variant} run", _identity
-    if p.suffix == ".pkl":
-        try:
-            with open(p, "rb") as f:
-                obj = _NumpyUnpickler(f, encoding="latin1").load()
-        except Exception as exc:  # noqa: BLE001 - any failure means "not a weights pickle"
-            raise UserError(
-                f"model.init: {p}: cannot be read as a detectron2 .pkl ({type(exc).__name__}: {exc})"
-            ) from exc
-    else:
-        obj = torch_load(p, mmap=True)
+    obj = torch_load(p, mmap=True, what="cannot be read as a weights file")  # also detectron2 .pkl
     if _is_ours_or_official(obj):
         src = load_source(p, network="online")
         return _source_tensors(src), f"{src.origin} {src.variant} checkpoint", _identity
@@ -306,14 +280,9 @@ def init_from_weights(model: nn.Module, path: str | Path, cfg: ModelConfig) -> I
     if rule is None:
         kind, names = match_format(tensors, format_rules(model, cfg.variant))
         rule = names.get
-    ours: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-    for key, value in tensors.items():
-        mine = rule(key)
-        if mine is not None:
-            ours[mine] = value
-            used.add(key)
-    unused = sorted(k for k in tensors if k not in used)
+    source_key = {mine: key for key in tensors if (mine := rule(key)) is not None}  # our key -> the file's
+    ours = {mine: tensors[key] for mine, key in source_key.items()}
+    unused = sorted(set(tensors) - set(source_key.values()))
 
     encoder = {k[len("encoder.") :]: v for k, v in ours.items() if k.startswith("encoder.")}
     if not encoder:
@@ -362,6 +331,7 @@ def init_from_weights(model: nn.Module, path: str | Path, cfg: ModelConfig) -> I
         if bad:
             extra_hint = f" (set {hints[part]} to the file's widths)" if part in hints else ""
             raise UserError(f"model.init: {path}: {PART_NAMES[part]} shapes differ{extra_hint}: {_few(bad, 4)}")
+        check_finite({source_key[f"{part}.{k}"]: v for k, v in have.items()}, f"model.init: {path}")
         with torch.no_grad():
             for k, v in have.items():
                 dst[k].copy_(v.to(dst[k].dtype))

@@ -14,7 +14,6 @@ images (or untrained) is read with statistics of the images it is probed on.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +24,15 @@ import torch
 from PIL import Image
 from torch import nn
 
+from soco_det.data.coco import check_image_files, read_coco
 from soco_det.data.levels import assign_levels
 from soco_det.errors import UserError
 from soco_det.imageio import load_rgb
+from soco_det.logs import get_logger
 from soco_det.models.roi import roi_align_boxes
 from soco_det.probe.network import ProbeNetwork
+
+log = get_logger(__name__)
 
 MIN_BOX_PIXELS = 4.0  # boxes thinner than this (in the original image) are left out
 
@@ -57,19 +60,18 @@ def read_objects(
 ) -> ObjectSet:
     """Objects of ``coco_json`` (non-crowd, at least :data:`MIN_BOX_PIXELS` wide and high), from
     the first ``max_images`` images (in file order) that have any. ``categories`` fixes the
-    label order (pass the train set's to the val set)."""
+    label order (pass the train set's to the val set); objects of other categories are left out
+    and counted in a warning.
+
+    The file is read and checked as fine-tuning reads it (:func:`soco_det.data.coco.read_coco`:
+    a ``bbox`` that is not four numbers, a category that ``categories`` does not list, a
+    ``file_name`` outside ``images_root`` are one-line errors), and every image used must exist."""
     path = Path(coco_json)
-    try:
-        coco = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: cannot read COCO annotations ({exc})") from exc
-    if not isinstance(coco, dict) or not isinstance(coco.get("images"), list):
-        raise UserError(f"{path}: not a COCO file (no 'images' list)")
-    images = {im["id"]: im for im in coco["images"]}
+    coco, _ = read_coco(path)
     per_image: dict[int, list[dict]] = {}
-    for ann in coco.get("annotations", []):
+    for ann in coco["annotations"]:
         x, y, w, h = ann["bbox"]
-        if ann.get("iscrowd", 0) or w < MIN_BOX_PIXELS or h < MIN_BOX_PIXELS or ann["image_id"] not in images:
+        if ann.get("iscrowd", 0) or w < MIN_BOX_PIXELS or h < MIN_BOX_PIXELS:
             continue
         per_image.setdefault(ann["image_id"], []).append(ann)
     cats = (
@@ -80,6 +82,9 @@ def read_objects(
         )
     )
     label_of = {c: i for i, c in enumerate(cats)}
+    other = sum(a["category_id"] not in label_of for v in per_image.values() for a in v)
+    if other:
+        log.warning("%s: %d object(s) of categories the train set does not have are left out", path, other)
     paths, index, boxes, labels = [], [], [], []
     for im in coco["images"]:
         anns = [a for a in per_image.get(im["id"], []) if a["category_id"] in label_of]
@@ -96,6 +101,7 @@ def read_objects(
         paths.append(Path(images_root) / im["file_name"])
     if not paths:
         raise UserError(f"{path}: no annotated objects to probe")
+    check_image_files(path, Path(images_root), [p.relative_to(Path(images_root)).as_posix() for p in paths])
     return ObjectSet(
         paths,
         np.asarray(index, np.int64),

@@ -25,19 +25,20 @@ from PIL import Image
 
 from soco_det.atomic import atomic_write_json
 from soco_det.errors import UserError
-from soco_det.imageio import DEFAULT_MAX_PIXELS, list_images
+from soco_det.imageio import DEFAULT_MAX_PIXELS, list_images, pillow_limit
 from soco_det.logs import get_logger
+from soco_det.runlock import output_file
 from soco_det.proposals.filters import STAGE_NONE
+from soco_det.proposals.methods import clip_rects
 from soco_det.proposals.store import (
     STATUS_FAILED,
     STATUS_MISSING,
     STATUS_OK,
     ProposalStore,
     ProposalTable,
-    check_new_file,
     check_new_output,
     format_summary,
-    write_store,
+    write_new_store,
 )
 
 log = get_logger(__name__)
@@ -51,7 +52,7 @@ def _stem(relpath: str) -> str:
 
 def _header_size(path: Path, exif_transpose: bool, max_pixels: int | None) -> tuple[int, int]:
     """Decoded ``(W, H)`` from the header only (no pixel decoding); raises OSError / ValueError."""
-    with Image.open(path) as img:
+    with pillow_limit(max_pixels), Image.open(path) as img:
         w, h = img.size
         if max_pixels is not None and w * h > max_pixels:
             raise ValueError(f"image is {w}x{h} pixels, above the limit of {max_pixels}")
@@ -75,8 +76,8 @@ def import_official_json(
     rects that reach outside their image are clipped to it, and rects with a negative side (or
     wholly outside) are dropped; both are counted in the log and in ``summary.json``
     (``import_clipped``, ``import_dropped``). Images without an entry get status ``missing`` (no
-    boxes); entries that match no image are reported. An existing store at ``out`` is replaced
-    only with ``overwrite``.
+    boxes); entries that match no image are reported. An existing store at ``out`` is moved
+    aside only with ``overwrite`` (:func:`soco_det.proposals.store.write_new_store`).
     """
     json_file, root = Path(json_file), Path(images).resolve()
     check_new_output(out, overwrite)
@@ -106,7 +107,7 @@ def import_official_json(
         key = _stem(relpath)
         try:
             size = _header_size(root / relpath, exif_transpose, max_pixels)
-        except (OSError, ValueError, SyntaxError) as exc:
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             table.append(relpath, (0, 0), STATUS_FAILED, f"unreadable image: {exc}", STAGE_NONE, -1, np.zeros((0, 4)))
             continue
         if key not in data:
@@ -163,7 +164,7 @@ def import_official_json(
         "import_clipped": clipped,
         "import_dropped": dropped,
     }
-    write_store(out, table, meta, extra)
+    write_new_store(out, table, meta, extra, overwrite=overwrite)
     log.info(
         "imported %s into %s\n%s", json_file, out, format_summary(json.loads((Path(out) / "summary.json").read_text()))
     )
@@ -187,45 +188,34 @@ def _parse_rects(entry: Any, where: str) -> np.ndarray:
     return array.astype(np.int32)
 
 
-def clip_rects(rects: np.ndarray, width: int, height: int) -> tuple[np.ndarray, int, int]:
-    """Clip official rects ``(x, y, w, h)`` (pixels ``x..x+w``) to a ``width`` x ``height`` image;
-    drop the ones with a negative side or wholly outside. Returns ``(rects, n_clipped, n_dropped)``."""
-    if not len(rects):
-        return rects.reshape(0, 4).astype(np.int32), 0, 0
-    x1, y1 = rects[:, 0].astype(np.int64), rects[:, 1].astype(np.int64)
-    x2, y2 = x1 + rects[:, 2], y1 + rects[:, 3]
-    valid = (rects[:, 2] >= 0) & (rects[:, 3] >= 0)
-    cx1, cy1 = np.clip(x1, 0, width - 1), np.clip(y1, 0, height - 1)
-    cx2, cy2 = np.clip(x2, 0, width - 1), np.clip(y2, 0, height - 1)
-    inside = valid & (x2 >= 0) & (y2 >= 0) & (x1 <= width - 1) & (y1 <= height - 1)
-    out = np.stack([cx1, cy1, cx2 - cx1, cy2 - cy1], axis=1)[inside]
-    changed = inside & ((cx1 != x1) | (cy1 != y1) | (cx2 != x2) | (cy2 != y2))
-    return out.astype(np.int32), int(changed.sum()), int((~inside).sum())
-
-
 def export_official_json(store: str | Path | ProposalStore, out: str | Path, overwrite: bool = False) -> Path:
     """Write ``{basename without extension: [[x, y, w, h], ...]}`` for every image of the store
-    (an existing file ``out`` is replaced only with ``overwrite``)."""
-    check_new_file(out, overwrite)
-    st = store if isinstance(store, ProposalStore) else ProposalStore.open(store)
-    result: dict[str, list] = {}
-    for i, relpath in enumerate(st.paths):
-        key = _stem(relpath)
-        if key in result:
-            raise UserError(
-                f"{st.path}: two images share the basename {key!r}, which the official JSON cannot "
-                "tell apart; use --format coco"
-            )
-        result[key] = st.boxes(i).tolist()
-    atomic_write_json(out, result)
-    return Path(out)
+    (an existing file ``out`` is moved aside only with ``overwrite``)."""
+    with output_file(out, overwrite, "proposals JSON") as out:
+        st = store if isinstance(store, ProposalStore) else ProposalStore.open(store, upgrade=False)
+        result: dict[str, list] = {}
+        for i, relpath in enumerate(st.paths):
+            key = _stem(relpath)
+            if key in result:
+                raise UserError(
+                    f"{st.path}: two images share the basename {key!r}, which the official JSON cannot "
+                    "tell apart; use --format coco"
+                )
+            result[key] = st.boxes(i).tolist()
+        atomic_write_json(out, result)
+    return out
 
 
 def export_coco(store: str | Path | ProposalStore, out: str | Path, overwrite: bool = False) -> Path:
     """Write a COCO-style JSON of the filtered proposals (conventions in the module docstring;
-    an existing file ``out`` is replaced only with ``overwrite``)."""
-    check_new_file(out, overwrite)
-    st = store if isinstance(store, ProposalStore) else ProposalStore.open(store)
+    an existing file ``out`` is moved aside only with ``overwrite``)."""
+    with output_file(out, overwrite, "proposals JSON") as out:
+        st = store if isinstance(store, ProposalStore) else ProposalStore.open(store, upgrade=False)
+        _write_coco(st, out)
+    return out
+
+
+def _write_coco(st: ProposalStore, out: Path) -> None:
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
     for i, relpath in enumerate(st.paths):
@@ -257,7 +247,6 @@ def export_coco(store: str | Path | ProposalStore, out: str | Path, overwrite: b
         "categories": [{"id": 1, "name": "proposal", "supercategory": "proposal"}],
     }
     atomic_write_json(out, coco)
-    return Path(out)
 
 
 __all__ = ["import_official_json", "export_official_json", "export_coco"]

@@ -224,12 +224,31 @@ def upscale_rects(rects: np.ndarray, sx: float, sy: float, width: int, height: i
     return _as_rects(np.stack([x1, y1, x2 - x1, y2 - y1], axis=1))
 
 
+def clip_rects(rects: np.ndarray, width: int, height: int) -> tuple[np.ndarray, int, int]:
+    """Clip official rects ``(x, y, w, h)`` (pixels ``x..x+w``) to a ``width`` x ``height`` image;
+    drop the ones with a negative side or wholly outside. Returns ``(rects, n_clipped, n_dropped)``."""
+    if not len(rects):
+        return rects.reshape(0, 4).astype(np.int32), 0, 0
+    x1, y1 = rects[:, 0].astype(np.int64), rects[:, 1].astype(np.int64)
+    x2, y2 = x1 + rects[:, 2], y1 + rects[:, 3]
+    valid = (rects[:, 2] >= 0) & (rects[:, 3] >= 0)
+    cx1, cy1 = np.clip(x1, 0, width - 1), np.clip(y1, 0, height - 1)
+    cx2, cy2 = np.clip(x2, 0, width - 1), np.clip(y2, 0, height - 1)
+    inside = valid & (x2 >= 0) & (y2 >= 0) & (x1 <= width - 1) & (y1 <= height - 1)
+    out = np.stack([cx1, cy1, cx2 - cx1, cy2 - cy1], axis=1)[inside]
+    changed = inside & ((cx1 != x1) | (cy1 != y1) | (cx2 != x2) | (cy2 != y2))
+    return out.astype(np.int32), int(changed.sum()), int((~inside).sum())
+
+
 def run_method(name: str, image: np.ndarray, params: dict, max_side: int | None = None) -> np.ndarray:
     """Run method ``name`` on ``image`` (``uint8 [H, W, 3]`` RGB), optionally at a reduced size
-    (``max_side``); returns full-resolution rects ``int32 [N, 4]`` in the official convention."""
+    (``max_side``); returns full-resolution rects ``int32 [N, 4]`` in the official convention,
+    inside the image (a method's rects that reach outside are clipped, those wholly outside or with
+    a negative side dropped: a proposal store holds no box outside its image)."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected a uint8 [H, W, 3] RGB image, got {image.dtype} {image.shape}")
     method = get_method(name)
     small, sx, sy = downscale(image, max_side)
     rects = method.fn(small, params)
-    return upscale_rects(rects, sx, sy, image.shape[1], image.shape[0])
+    rects = upscale_rects(rects, sx, sy, image.shape[1], image.shape[0])
+    return clip_rects(rects, image.shape[1], image.shape[0])[0]

@@ -43,6 +43,7 @@ from soco_det.proposals.store import (
     check_new_output,
     format_summary,
     paths_digest,
+    write_new_store,
     write_store,
 )
 from soco_det.runlock import FolderLock, check_output_folder
@@ -235,7 +236,7 @@ def _run_chunks(
 
 
 def compute_store(
-    images: str | Path,
+    images: str | Path | Sequence[str | Path],
     out: str | Path,
     method: str = "selective_search",
     workers: int = 1,
@@ -249,7 +250,10 @@ def compute_store(
     chunk_size: int = 32,
     keep_parts: bool = False,
 ) -> Path:
-    """Compute (or resume, or extend) the proposal store ``out`` for the images under ``images``.
+    """Compute (or resume, or extend) the proposal store ``out`` for the images of ``images``: a
+    folder, archives, image files, patterns such as ``shards/shard-{000..009}.tar`` or ``.txt``
+    list files, one or several (:func:`soco_det.imageio.list_sources`, whose refused members are
+    counted in the summary). Images that cannot be read are failed entries, never an error.
 
     ``method``: a name of :data:`soco_det.proposals.methods.METHODS` with ``params`` overriding its
     defaults; ``max_side``: run the method on a copy whose longer side is at most this many pixels
@@ -261,15 +265,10 @@ def compute_store(
     """
     t0 = time.perf_counter()
     out = check_output_folder(out, "proposal store")
-    _check_positive("--workers", workers)
-    _check_positive("--chunk-size", chunk_size)
-    if max_side is not None:
-        _check_positive("--max-side", max_side)
-    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 0):
-        raise UserError(f"--max-pixels {max_pixels!r}: must be a whole number >= 0 (0: no limit)")
-    if not Path(images).exists():
-        raise UserError(f"{images}: images folder (or archive) not found")
-    root, listed = list_sources(images)  # loose images and ARCHIVE::MEMBER keys (soco_det.imageio.list_sources)
+    _check_options(workers, chunk_size, max_side, max_pixels)
+    listing = list_sources(images)  # loose images and ARCHIVE::MEMBER keys (soco_det.imageio.list_sources)
+    root, listed = listing.root, listing.keys
+    log_refused(listing.refused)
     shard_kn = parse_shard(shard)
     spec = parse_filter(filter)
     get_method(method)
@@ -301,7 +300,29 @@ def compute_store(
     parts = out / "parts"
     # One process per job: a second one on the same folder gets an error naming the first.
     with FolderLock(parts, "proposal job folder"):
-        return _compute(out, parts, root, relpaths, settings, sources, workers, chunk_size, keep_raw, keep_parts, t0)
+        return _compute(
+            out,
+            parts,
+            root,
+            relpaths,
+            settings,
+            sources,
+            workers,
+            chunk_size,
+            keep_raw,
+            keep_parts,
+            t0,
+            listing.refused,
+        )
+
+
+def _check_options(workers: Any, chunk_size: Any, max_side: Any, max_pixels: Any) -> None:
+    _check_positive("--workers", workers)
+    _check_positive("--chunk-size", chunk_size)
+    if max_side is not None:
+        _check_positive("--max-side", max_side)
+    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 0):
+        raise UserError(f"--max-pixels {max_pixels!r}: must be a whole number >= 0 (0: no limit)")
 
 
 def _check_positive(option: str, value: Any) -> None:
@@ -342,6 +363,7 @@ def _compute(
     keep_raw: bool,
     keep_parts: bool,
     t0: float,
+    refused: dict[str, str],
 ) -> Path:
     _read_settings(parts, settings)
     tables, next_id = _load_parts(parts)
@@ -370,6 +392,7 @@ def _compute(
         "workers": workers,
         "seconds": round(time.perf_counter() - t0, 2),
         "images_per_s": round(len(todo) / run_s, 3) if todo and run_s > 0 else None,
+        "refused": refused,
     }
     write_store(out, table, settings, extra)
     if not keep_parts:
@@ -378,15 +401,26 @@ def _compute(
     return out
 
 
+def log_refused(refused: dict[str, str], limit: int = 10) -> None:
+    """Warn about the inputs left out at listing time (unsafe or shared member names, archives
+    that cannot be opened): they are counted in the store's summary, never stored."""
+    if not refused:
+        return
+    examples = "; ".join(f"{k}: {v}" for k, v in list(refused.items())[:limit])
+    more = f" (and {len(refused) - limit} more)" if len(refused) > limit else ""
+    log.warning("%d archive member(s) or archive(s) left out at listing: %s%s", len(refused), examples, more)
+
+
 def merge_stores(
     shards: Sequence[str | Path], out: str | Path, allow_missing: bool = False, overwrite: bool = False
 ) -> Path:
-    """Combine the partial stores of a sharded job (``--shard K/N``, K = 0..N-1) into one store.
-    An existing store at ``out`` is replaced only with ``overwrite``."""
+    """Combine the partial stores of a sharded job (``--shard K/N``, K = 0..N-1) into one store
+    (one store alone: a checked copy of it). An existing store at ``out`` is moved aside only with
+    ``overwrite``; the store is written next to ``out`` and renamed into place at the end."""
     if not shards:
         raise UserError("merge: no shard stores given")
     check_new_output(out, overwrite)
-    stores = [ProposalStore.open(s) for s in shards]
+    stores = [ProposalStore.open(s, upgrade=False) for s in shards]
     first = stores[0].meta
     base = {k: first.get(k) for k in _SETTING_KEYS if k != "shard"}
     seen: dict[int, Path] = {}
@@ -415,7 +449,7 @@ def merge_stores(
         raise UserError(f"merge: {len(dupes)} image(s) appear in more than one store, e.g. {dupes[0]}")
     table = table.reordered(paths)
     meta = {**base, "shard": None, "merged_from": [str(Path(s)) for s in shards]}
-    write_store(out, table, meta)
+    write_new_store(out, table, meta, overwrite=overwrite)
     log.info(
         "merged %d stores into %s\n%s",
         len(stores),

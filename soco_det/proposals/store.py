@@ -23,14 +23,24 @@ Label maps are never stored. The read API is the one of ``docs/architecture.md``
 
 Opening a store checks it once per process (the loader workers that re-open a pickled store skip
 it): every file against its recorded size and CRC32, the arrays' shapes and offsets against each
-other, and every image path (relative, inside the images root). A store that fails is "damaged,
-recompute it" (a :class:`~soco_det.errors.UserError`), never read.
+other, every image path (relative, inside the images root) and every box (inside its image, none
+for a failed image). A store that fails is "damaged, recompute it" (a
+:class:`~soco_det.errors.UserError`), never read. A store written before checksums were recorded
+is checked the same way (its JSON files too) and then gets them (``meta.json`` rewritten
+atomically); where its folder cannot be written, it is refused with the command that writes a
+checked copy (``soco-det proposals merge OLD -o NEW``).
+
+Merges and imports never leave a half-written store where the store goes: they write
+``.NAME.partial`` next to it, under its lock (a second writer gets "in use"), and rename it into
+place at the end (:func:`write_new_store`); an interrupted one is redone by the next run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,8 +52,11 @@ import numpy as np
 from soco_det.atomic import atomic_open, atomic_write_json
 from soco_det.errors import UserError
 from soco_det.imageio import check_relative_path
+from soco_det.logs import get_logger
 from soco_det.proposals.filters import STAGE_NAMES, STAGE_NONE
-from soco_det.runlock import check_parent_folders
+from soco_det.runlock import LOCK_NAME, FolderLock, aside_name, check_parent_folders
+
+log = get_logger(__name__)
 
 FORMAT = "soco-det-proposals/1"
 STATUS_OK, STATUS_FAILED, STATUS_MISSING = 0, 1, 2
@@ -236,9 +249,15 @@ def format_summary(s: dict[str, Any], max_failures: int = 20) -> str:
             f"this run: computed {s['computed']} images, reused {s['reused']}"
             + (f", {s['images_per_s']} images/s" if s.get("images_per_s") else "")
         )
-    for i, (p, r) in enumerate(s["failures"].items()):
+    refused = s.get("refused") or {}
+    if refused:
+        lines.append(
+            f"left out when listing: {len(refused)} archive member(s) or archive(s) (unsafe or shared member names, "
+            "archives that cannot be opened; never stored)"
+        )
+    for i, (p, r) in enumerate([*refused.items(), *s["failures"].items()]):
         if i == max_failures:
-            lines.append(f"  ... and {len(s['failures']) - max_failures} more (see failures.json)")
+            lines.append(f"  ... and {len(refused) + len(s['failures']) - max_failures} more (see summary.json)")
             break
         lines.append(f"  not used: {p}: {r}")
     return "\n".join(lines)
@@ -284,17 +303,6 @@ def check_new_output(out: str | Path, overwrite: bool, what: str = "proposal sto
     return out
 
 
-def check_new_file(out: str | Path, overwrite: bool) -> Path:
-    """Before an export writes the file ``out``: not a folder, and not an existing file unless ``overwrite``."""
-    out = Path(out)
-    if out.is_dir():
-        raise UserError(f"{out}: is a folder; give a file name for the JSON (e.g. {out / 'proposals.json'})")
-    if out.exists() and not overwrite:
-        raise UserError(f"{out}: file exists; pass --overwrite to replace it, or choose another -o")
-    check_parent_folders(out)
-    return out
-
-
 def write_store(out: str | Path, table: ProposalTable, meta: dict[str, Any], extra_summary: dict | None = None) -> Path:
     """Write ``table`` (rows already in the wanted order) as a store folder.
 
@@ -331,11 +339,45 @@ def write_store(out: str | Path, table: ProposalTable, meta: dict[str, Any], ext
     return out
 
 
+def write_new_store(
+    out: str | Path,
+    table: ProposalTable,
+    meta: dict[str, Any],
+    extra_summary: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a store (a merge, an import) that replaces nothing silently and is never seen half
+    written: into ``.NAME.partial`` next to ``out``, holding that folder's lock, then renamed to
+    ``out``. An existing store at ``out`` is refused unless ``overwrite``, which moves it aside to
+    ``NAME.old-<time>``; the leftovers of an interrupted write are removed first."""
+    out = check_new_output(out, overwrite)
+    partial = out.with_name(f".{out.name}.partial")
+    with FolderLock(partial, "proposal store being written"):
+        check_new_output(out, overwrite)  # again: another writer may have finished in the meantime
+        for entry in partial.iterdir():
+            if entry.name != LOCK_NAME:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        write_store(partial, table, meta, extra_summary)
+        aside = None
+        if out.is_dir() and any(out.iterdir()):
+            aside = aside_name(out)
+            os.replace(out, aside)
+        elif out.is_dir():
+            out.rmdir()
+        os.replace(partial, out)
+        (out / LOCK_NAME).unlink(missing_ok=True)
+    if aside is not None:
+        log.warning("--overwrite: the previous store %s is kept as %s", out, aside)
+    return out
+
+
 # --- reading -----------------------------------------------------------------------------------
 
 
 # (file, size, mtime_ns) -> the checksum it was verified against, in this process.
 _VERIFIED: dict[tuple[str, int, int], dict[str, int]] = {}
+# (file, size, mtime_ns) of sizes/offsets/boxes/status whose boxes were checked, in this process.
+_BOXES_CHECKED: set[tuple] = set()
 
 
 class _PathList(Sequence):
@@ -366,7 +408,9 @@ class ProposalStore:
     location, and the copy re-opens it.
     """
 
-    def __init__(self, path: Path, meta: dict[str, Any], root: str | None = None, verify: bool = True) -> None:
+    def __init__(
+        self, path: Path, meta: dict[str, Any], root: str | None = None, verify: bool = True, upgrade: bool = True
+    ) -> None:
         self.path = path
         self.meta = meta
         try:
@@ -375,6 +419,7 @@ class ProposalStore:
         except (KeyError, TypeError, ValueError) as exc:
             raise self.damaged(f"meta.json lacks a valid {exc}") from None
         arrays = _ARRAYS + (_RAW_ARRAYS if meta.get("keep_raw") else ())
+        legacy = meta.get("checksums") is None  # written before checksums were recorded
         if verify:
             self._verify_checksums(arrays)
         try:
@@ -383,18 +428,21 @@ class ProposalStore:
             raise self.damaged(f"{type(exc).__name__}: {exc}") from exc
         self._check_arrays(n, verify)
         self._paths = _PathList(self._a["paths"], self._a["path_offsets"])
+        self._index: dict[str, int] | None = None
+        self._failures: dict[str, str] | None = None
         if verify:
             for relpath in self._paths:
                 check_relative_path(relpath, str(path))
-        self._index: dict[str, int] | None = None
-        self._failures: dict[str, str] | None = None
+            self._check_boxes()
+            if legacy:
+                self._record_checksums(arrays, upgrade)
 
     def damaged(self, reason: str) -> UserError:
         return UserError(f"{self.path}: proposal store is damaged ({reason}); recompute it")
 
     def _verify_checksums(self, arrays: Sequence[str]) -> None:
-        """Every file against the size and CRC32 recorded in meta.json (stores written before
-        checksums were recorded are only checked for structure)."""
+        """Every file against the size and CRC32 recorded in meta.json (a store written before
+        checksums were recorded has none: :meth:`_record_checksums` then)."""
         recorded = self.meta.get("checksums")
         if recorded is None:
             return
@@ -417,6 +465,66 @@ class ProposalStore:
                 raise self.damaged(f"{name}: {exc.strerror}") from exc
             except AttributeError:
                 raise self.damaged("meta.json's checksums are malformed") from None
+
+    def _check_boxes(self, chunk: int = 1 << 22) -> None:
+        """Every box inside its image (``0 <= x``, ``x + w <= W - 1``, the same for y), no box for
+        an image that failed; once per process and file, ``chunk`` boxes at a time."""
+        a = self._a
+        try:
+            key = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in self._box_files())
+        except OSError as exc:
+            raise self.damaged(f"{exc.filename}: {exc.strerror}") from exc
+        if key in _BOXES_CHECKED:
+            return
+        offsets = np.asarray(a["offsets"], np.int64)
+        counts = np.diff(offsets)
+        sizes = np.asarray(a["sizes"], np.int64)
+        not_ok = np.flatnonzero((np.asarray(a["status"]) != STATUS_OK) & (counts > 0))
+        if len(not_ok):
+            i = int(not_ok[0])
+            raise self.damaged(f"image {i} ({self._paths[i]!r}) is {self.status(i)} but has {counts[i]} boxes")
+        start, n = 0, len(counts)
+        while start < n:
+            stop = max(start + 1, int(np.searchsorted(offsets, offsets[start] + chunk, side="right")) - 1)
+            boxes = np.asarray(a["boxes"][offsets[start] : offsets[stop]], np.int64)
+            wh = np.repeat(sizes[start:stop], counts[start:stop], axis=0)
+            bad = (boxes < 0).any(axis=1) | (boxes[:, :2] + boxes[:, 2:] > wh - 1).any(axis=1)
+            if bad.any():
+                j = int(np.argmax(bad))
+                i = int(np.searchsorted(offsets, offsets[start] + j, side="right")) - 1
+                raise self.damaged(
+                    f"image {i} ({self._paths[i]!r}): box {boxes[j].tolist()} (x, y, w, h) lies outside its "
+                    f"{sizes[i][0]}x{sizes[i][1]} image"
+                )
+            start = stop
+        _BOXES_CHECKED.add(key)
+
+    def _box_files(self) -> list[Path]:
+        return [self.path / f"{name}.npy" for name in ("sizes", "offsets", "boxes", "status")]
+
+    def _record_checksums(self, arrays: Sequence[str], upgrade: bool) -> None:
+        """A store written before checksums were recorded, checked like any other (its JSON files
+        too): record them in meta.json (``upgrade``) or refuse it if that cannot be written."""
+        for name in ("failures.json", "summary.json"):
+            self._read_json(name)
+        if not upgrade:
+            return
+        files = [f"{name}.npy" for name in arrays] + ["failures.json", "summary.json"]
+        checksums = {name: file_checksum(self.path / name) for name in files}
+        try:
+            atomic_write_json(self.path / "meta.json", {**self.meta, "checksums": checksums}, indent=1)
+        except OSError as exc:
+            raise UserError(
+                f"{self.path}: proposal store has no checksums (written by an older soco-det) and they cannot be "
+                f"added to its meta.json ({exc.strerror}); write a checked copy with "
+                f"`soco-det proposals merge {self.path} -o NEW_STORE` and use that"
+            ) from None
+        self.meta["checksums"] = checksums
+        log.warning(
+            "%s: store written without checksums (an older soco-det): its structure and boxes are checked and "
+            "checksums are now recorded in its meta.json",
+            self.path,
+        )
 
     def _check_arrays(self, n: int, full: bool) -> None:
         """Shapes, dtypes and CSR offsets agree with each other and with meta.json."""
@@ -449,10 +557,13 @@ class ProposalStore:
             raise self.damaged(f"{', '.join(problems)} do not match each other or meta.json ({n} images)")
 
     @classmethod
-    def open(cls, path: str | Path, root: str | Path | None = None, verify: bool = True) -> "ProposalStore":
+    def open(
+        cls, path: str | Path, root: str | Path | None = None, verify: bool = True, upgrade: bool = True
+    ) -> "ProposalStore":
         """Open the store folder ``path`` (or its ``meta.json``); ``root`` overrides the recorded
-        images root (for a dataset that was moved). ``verify``: check the files' checksums and the
-        arrays' structure (once per process and file; see the module docstring)."""
+        images root (for a dataset that was moved). ``verify``: check the files' checksums, the
+        arrays' structure and the boxes (once per process and file; see the module docstring).
+        ``upgrade``: record checksums in a store written without them (else it is only checked)."""
         path = Path(path)
         if path.name == "meta.json":
             path = path.parent
@@ -472,7 +583,7 @@ class ProposalStore:
             raise UserError(f"{path}: proposal store is damaged (meta.json is not an object); recompute it")
         if meta.get("format") != FORMAT:
             raise UserError(f"{path}: unknown proposal store format {meta.get('format')!r} (expected {FORMAT})")
-        return cls(path, meta, root, verify=verify)
+        return cls(path, meta, root, verify=verify, upgrade=upgrade)
 
     def __getstate__(self) -> dict:
         return {"path": self.path, "root": self._root}

@@ -32,6 +32,7 @@ from soco_det.checkpoint_files import load_checkpoint, load_model_strict
 from soco_det.config import from_dict
 from soco_det.errors import UserError
 from soco_det.logs import Progress, get_logger
+from soco_det.runlock import is_run_folder
 from soco_det.torch_io import resolve_device
 from soco_det.transfer.box_only import has_mask_branch, iou_types
 from soco_det.transfer.coco_data import CocoInstances, to_tensor
@@ -42,6 +43,7 @@ log = get_logger(__name__)
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 IOU_TYPES = ("bbox", "segm")
+RESULT_FILES = ("metrics.json", "bbox_results.json", "segm_results.json")  # what evaluate() writes to out_dir
 MASK_THRESHOLD = 0.5
 
 
@@ -158,6 +160,10 @@ def evaluate(
     its current device with labels mapped through the dataset's categories; a checkpoint must have
     been trained on the same category ids as ``coco_json`` holds.
     """
+    if out_dir is not None and is_run_folder(out_dir):
+        raise UserError(
+            f"{out_dir}: is a run folder (its metrics.json is the run's result); evaluate into a folder of its own"
+        )
     if not isinstance(model_or_ckpt, nn.Module):
         device = torch.device(resolve_device(device, "--device"))  # before any reading: fail fast
     dataset = CocoInstances(coco_json, images_dir, train=False, max_images=max_images)

@@ -29,7 +29,7 @@ from soco_det.export.source import load_source
 from soco_det.export.torchvision import load_torchvision_export, map_source, missing_summary
 from soco_det.logs import get_logger
 from soco_det.models.maskrcnn import DEFAULT_WIDTHS, build_maskrcnn, widths_of
-from soco_det.torch_io import torch_load
+from soco_det.torch_io import check_finite, torch_load
 
 log = get_logger(__name__)
 
@@ -129,6 +129,8 @@ def load_init(model: nn.Module, path: str | Path) -> list[str]:
     export), and the keys left random must be exactly the RPN, the box predictor and the mask branch
     (plus the FPN and box head for backbone-only weights). Raises :class:`UserError` otherwise.
     """
-    missing = load_torchvision_export(model, read_weights(path), where=path)
+    weights = read_weights(path)
+    check_finite(weights, f"model.init: {path}")
+    missing = load_torchvision_export(model, weights, where=path)
     log.info("init from %s; left random: %s", path, missing_summary(missing) or "nothing")
     return missing
