@@ -55,8 +55,9 @@ def add_proposals_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--image",
         required=True,
-        metavar="NAME",
-        help="relative path in the store, a basename (with or without extension) or an index",
+        metavar="IMAGE",
+        help="the image file (absolute or relative to the working folder), its path relative to the store's "
+        "images root, a basename (with or without extension) or an index",
     )
     parser.add_argument("-o", "--output", required=True, metavar="PNG", help="picture to write")
     parser.add_argument("--raw", action="store_true", help="draw the unfiltered rects (store computed with --keep-raw)")
