@@ -249,10 +249,10 @@ def pretrain_config(
     if device is not None:
         extra.setdefault("train", {})["device"] = device
     cfg = build_config(PretrainConfig, os.fspath(recipe), override_strings(overrides), extra=extra)
-    data = {k: absolute(getattr(cfg.data, k)) for k in ("images", "proposals", "list_file", "coco_json")}
+    paths = {k: getattr(cfg.data, k) for k in ("images", "proposals", "list_file", "coco_json")}
     return replace(
         cfg,
-        data=replace(cfg.data, **{k: v for k, v in data.items() if isinstance(v, str)}),
+        data=replace(cfg.data, **{k: absolute(v) for k, v in paths.items() if isinstance(v, str)}),
         model=replace(cfg.model, init=_absolute_init(cfg.model.init)),
     )
 
