@@ -176,6 +176,39 @@ def test_the_torchvision_check_rejects_a_wrong_key_set(r18, tmp_path):
         load_torchvision_export(wide, state, assign=True)
 
 
+def test_a_resnet18_export_says_how_to_build_its_mask_and_faster_rcnn(r18, tmp_path, image):
+    """torchvision has builders for ResNet-50 only: the export prints the build_maskrcnn_v2 call of its
+    network, and both the Mask R-CNN and the Faster R-CNN built that way load it and run."""
+    from soco_det.export.torchvision import load_torchvision_export
+
+    run, _ = r18
+    result = export(run, "torchvision", tmp_path / "tv18.pth")
+    assert result.settings == dict(
+        depth=18, fpn_channels=64, box_conv_dims=(64,) * 4, box_fc_dims=(128,), box_roi_size=7
+    )
+    assert "build_maskrcnn_v2(depth=18, num_classes=<classes + 1>, fpn_channels=64" in result.usage
+    assert "masks=False: the Faster R-CNN" in result.usage and "(and its Faster R-CNN)" in result.check
+    settings = dict(result.settings)
+    depth = settings.pop("depth")
+    boxes_new = {k for k in TV_NEW_KEYS if not k.startswith("roi_heads.mask_")}
+    for masks, new in ((True, TV_NEW_KEYS), (False, boxes_new)):
+        torch.manual_seed(0)
+        model = build_maskrcnn_v2(depth, num_classes=3, masks=masks, min_size=128, max_size=128, **settings)
+        assert set(load_torchvision_export(model, result.path)) == new
+        with torch.no_grad():
+            (out,) = model.eval()([image[0] * 0.2 + 0.5])  # any [0, 1] image
+        assert set(out) == ({"boxes", "labels", "scores", "masks"} if masks else {"boxes", "labels", "scores"})
+
+
+def test_build_maskrcnn_v2_without_masks_is_torchvisions_faster_rcnn_v2():
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn_v2
+
+    with torch.device("meta"):
+        ours = build_maskrcnn_v2(50, masks=False).state_dict()
+        theirs = fasterrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None).state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+
+
 # ----------------------------------------------------------------------------- detectron2
 def _d2_conv(prefix: str) -> set[str]:
     """detectron2 Conv2d with a norm: ``prefix.weight`` (no bias) + ``prefix.norm.*``."""

@@ -184,6 +184,22 @@ def test_a_torchvision_mask_rcnn_v2_checkpoint_loads_backbone_fpn_and_box_head(t
     assert all(k.startswith(("rpn.", "roi_heads.box_predictor.", "roi_heads.mask_")) for k in report.unused)
 
 
+def test_a_faster_rcnn_v2_checkpoint_is_reported_as_one(tmp_path):
+    """A box-only detector has the Mask R-CNN's names without the mask branch: it loads the same way and
+    the report names it for what it is."""
+    detector = _randomise(
+        build_maskrcnn_v2(18, 5, fpn_channels=64, box_conv_dims=(64,) * 4, box_fc_dims=(128,), masks=False), seed=5
+    )
+    path = tmp_path / "fasterrcnn.pth"
+    torch.save(detector.state_dict(), path)
+    cfg = ModelConfig(**NARROW)
+    model = _fresh(cfg)
+    report = init_from_weights(model, path, cfg)
+    assert report.kind == "torchvision Faster R-CNN v2" and report.skipped == {}
+    assert report.summary_lines()[0] == f"model.init: {path} (torchvision Faster R-CNN v2, ResNet-18)"
+    assert torch.equal(model.online["head"].fc1.weight, detector.state_dict()["roi_heads.box_head.5.weight"])
+
+
 def test_a_v1_fpn_without_batchnorm_stays_random_and_says_why(tmp_path):
     # torchvision's v1 Mask R-CNN: FrozenBN backbone (no counters), FPN convs with bias and no
     # norm, a TwoMLPHead box head: only the backbone fits SoCo's layers.

@@ -180,3 +180,25 @@ def test_viz_proposals_draws_the_boxes(computed, tmp_path):
     changed = np.abs(drawn - plain).sum(-1) > 0
     assert changed[y, x : x + w + 1].all() and changed.mean() < 0.9  # outlines, not filled boxes
     assert main(["viz", "proposals", str(path), "--image", "nope", "-o", str(tmp_path / "q.png")]) == 2
+
+
+def test_viz_proposals_takes_the_image_path_as_the_readme_shows(computed, tmp_path, monkeypatch, capsys):
+    """``--image`` accepts the image file itself, absolute or relative to the working folder, as well as
+    the store's key; a file outside the store's images root is a one-line error."""
+    from soco_det.proposals.viz import find_image
+
+    root, path = computed
+    store = ProposalStore.open(path)
+    coffee = store.index("sub/coffee.png")
+    assert find_image(store, str(root / "sub" / "coffee.png")) == coffee
+    monkeypatch.chdir(root.parent)
+    assert find_image(store, f"{root.name}/sub/coffee.png") == coffee
+    assert (
+        main(["viz", "proposals", str(path), "--image", f"{root.name}/sub/coffee.png", "-o", str(tmp_path / "c.png")])
+        == 0
+    )
+    assert Image.open(tmp_path / "c.png").size == (128, 96)
+    outside = tmp_path / "other.jpg"
+    Image.fromarray(data.chelsea()).save(outside)
+    assert main(["viz", "proposals", str(path), "--image", str(outside), "-o", str(tmp_path / "o.png")]) == 2
+    assert f"--image {outside}: not under the store's images root" in capsys.readouterr().err

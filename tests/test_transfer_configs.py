@@ -211,3 +211,141 @@ def test_mmdet_config_expects_exactly_the_exported_names(path, tmp_path):
     exported = set(torch.load(out, weights_only=True)["state_dict"])
     expected = mmdet_expected(cfg["model"])
     assert exported == expected, (sorted(expected - exported)[:5], sorted(exported - expected)[:5])
+
+
+# ----------------------------------------------------------------------------- configs written for other widths
+# The widths of the tiny_cpu recipe: ResNet-18, 64-channel FPN and box-head convs, a 256-wide fc.
+TINY_WIDTHS = dict(depth=18, fpn_channels=64, head_conv_dim=64, head_fc_dim=256)
+# detectron2/config/defaults.py keys the written configs set beyond the shipped files' ones.
+D2_WIDTH_KEYS = {
+    "MODEL.RESNETS.RES2_OUT_CHANNELS",
+    "MODEL.FPN.OUT_CHANNELS",
+    "MODEL.ROI_BOX_HEAD.CONV_DIM",
+    "MODEL.ROI_BOX_HEAD.FC_DIM",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    cfg = ModelConfig(variant="soco_fpn", **TINY_WIDTHS, **SMALL)
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("tiny") / "run"
+    (root / "checkpoints").mkdir(parents=True)
+    state = build_model(cfg).state_dict()
+    torch.save(
+        {"format": "soco-det/1", "model": state, "step": 1, "config": {"model": dataclasses.asdict(cfg)}},
+        root / "checkpoints" / "last.pt",
+    )
+    return root
+
+
+def test_a_resnet18_detectron2_export_writes_the_config_it_fits(tiny_run, tmp_path, capsys):
+    out = tmp_path / "soco_detectron2.pkl"
+    assert main(["export", str(tiny_run), "--to", "detectron2", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    config = out.with_suffix(".yaml")
+    cfg = _flatten(yaml.safe_load(config.read_text()))
+    assert set(cfg) <= D2_KEYS | D2_WIDTH_KEYS, set(cfg) - D2_KEYS - D2_WIDTH_KEYS
+    assert cfg["MODEL.WEIGHTS"] == str(out.resolve())
+    widths = {
+        "MODEL.RESNETS.DEPTH": 18,
+        "MODEL.RESNETS.RES2_OUT_CHANNELS": 64,
+        "MODEL.FPN.OUT_CHANNELS": 64,
+        "MODEL.ROI_BOX_HEAD.NUM_CONV": 4,
+        "MODEL.ROI_BOX_HEAD.CONV_DIM": 64,
+        "MODEL.ROI_BOX_HEAD.NUM_FC": 1,
+        "MODEL.ROI_BOX_HEAD.FC_DIM": 256,
+        "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION": 7,
+        "MODEL.FPN.NORM": "SyncBN",
+        "MODEL.ROI_BOX_HEAD.NORM": "SyncBN",
+    }
+    assert {k: cfg[k] for k in widths} == widths
+    for key, value in widths.items():  # every key is printed with its value
+        assert f"  {key}: {value}" in printed
+    assert f"(set in {config})" in printed and "names and shapes" in printed
+    with open(out, "rb") as f:
+        exported = pickle.load(f, encoding="latin1")["model"]
+    assert set(exported) == detectron2_expected(cfg)  # names, derived here independently of the exporter
+    # shapes worked out by hand from detectron2's modules for these widths
+    assert exported["backbone.bottom_up.res3.0.shortcut.weight"].shape == (128, 64, 1, 1)
+    assert exported["backbone.fpn_lateral3.weight"].shape == (64, 128, 1, 1)
+    assert exported["backbone.fpn_output5.weight"].shape == (64, 64, 3, 3)
+    assert exported["roi_heads.box_head.conv1.weight"].shape == (64, 64, 3, 3)
+    assert exported["roi_heads.box_head.fc1.weight"].shape == (256, 64 * 7 * 7)
+
+
+def test_a_resnet18_mmdet_export_writes_the_config_it_fits(tiny_run, tmp_path):
+    out = tmp_path / "soco_mmdet.pth"
+    assert main(["export", str(tiny_run), "--to", "mmdet", "-o", str(out)]) == 0
+    cfg = runpy.run_path(str(out.with_suffix(".py")))  # plain dicts: mmdet is not needed to read it
+    assert cfg["_base_"] == "mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py" and cfg["load_from"] == str(out.resolve())
+    model, roi = cfg["model"], cfg["model"]["roi_head"]
+    assert model["backbone"]["depth"] == 18 and model["neck"]["in_channels"] == [64, 128, 256, 512]
+    assert model["neck"]["out_channels"] == model["rpn_head"]["in_channels"] == model["rpn_head"]["feat_channels"] == 64
+    assert roi["bbox_roi_extractor"]["out_channels"] == roi["mask_roi_extractor"]["out_channels"] == 64
+    assert roi["mask_head"]["in_channels"] == roi["bbox_head"]["in_channels"] == 64
+    head = roi["bbox_head"]
+    assert (head["type"], head["conv_out_channels"], head["fc_out_channels"], head["roi_feat_size"]) == (
+        "Shared4Conv1FCBBoxHead",
+        64,
+        256,
+        7,
+    )
+    assert model["backbone"]["norm_cfg"] == model["neck"]["norm_cfg"] == head["norm_cfg"] == cfg["norm_cfg"]
+    exported = torch.load(out, weights_only=True)["state_dict"]
+    assert set(exported) == mmdet_expected(model)
+    assert exported["neck.lateral_convs.1.conv.weight"].shape == (64, 128, 1, 1)
+    assert exported["roi_head.bbox_head.shared_fcs.0.weight"].shape == (256, 64 * 7 * 7)
+
+
+def _source_and_mapping(run: Path, module):
+    from soco_det.export.source import load_source
+
+    source = load_source(run)
+    return source, module.map_source(source)
+
+
+def test_the_detectron2_check_compares_shapes_not_only_names(tiny_run, tmp_path):
+    """The hint printed before gave depth and res2 width only: that config has every name of the export,
+    but its 256-channel FPN and 1024-wide fc do not fit, which the check now says."""
+    from soco_det.errors import UserError
+    from soco_det.export import detectron2
+
+    source, mapping = _source_and_mapping(tiny_run, detectron2)
+    old_hint = yaml.safe_load(detectron2.FPN_CONFIG.read_text())
+    old_hint["MODEL"]["RESNETS"].update(DEPTH=18, RES2_OUT_CHANNELS=64)
+    assert set(mapping.state_dict) == detectron2_expected(_flatten(old_hint))  # the names all match
+    with pytest.raises(UserError, match=r"tensors of another shape \(backbone.fpn_lateral2.weight \(64, 64, 1, 1\)"):
+        detectron2.check_layout(mapping, source, yaml.safe_dump(old_hint))
+    written = detectron2.config_text(source, detectron2.target_settings(source, tmp_path / "x.pkl"))
+    assert "names and shapes" in detectron2.check_layout(mapping, source, written)
+
+
+def test_the_mmdet_check_compares_shapes_not_only_names(tiny_run, tmp_path):
+    from soco_det.errors import UserError
+    from soco_det.export import mmdet
+
+    source, mapping = _source_and_mapping(tiny_run, mmdet)
+    settings = mmdet.target_settings(source, tmp_path / "x.pth")
+    text = mmdet.config_text(source, settings)
+    assert "names and shapes" in mmdet.check_layout(mapping, source, settings, text)
+    old_hint = {
+        k: v for k, v in settings.items() if k in ("load_from", "model.backbone.depth", "model.neck.in_channels")
+    }
+    old_hint["model.roi_head.bbox_head.type"] = "Shared4Conv1FCBBoxHead"
+    with pytest.raises(UserError, match=r"another shape \(neck.lateral_convs.0.conv.weight \(64, 64, 1, 1\) vs"):
+        mmdet.check_layout(mapping, source, old_hint, mmdet.config_text(source, old_hint))
+
+
+@pytest.mark.parametrize("depth", [18, 34, 50, 101])
+def test_the_derived_mmdet_backbone_is_torchvisions_resnet(depth):
+    """mmdet's ResNet has torchvision's names and shapes: the layout derived from a config must too."""
+    import torchvision
+
+    from soco_det.export.layouts import mmdet_layout
+
+    with torch.device("meta"):
+        resnet = getattr(torchvision.models, f"resnet{depth}")(weights=None).state_dict()
+    expected = {f"backbone.{k}": tuple(v.shape) for k, v in resnet.items() if not k.startswith("fc.")}
+    layout = mmdet_layout({"backbone": {"depth": depth}})
+    assert {k: v for k, v in layout.items() if k.startswith("backbone.")} == expected

@@ -306,6 +306,24 @@ def test_viz_views_cli_writes_png(photos, tmp_path):
         assert img.format == "PNG" and img.size[0] > 800 and img.size[1] > 300
 
 
+def test_viz_views_rows_are_labelled_by_image_file(photos, tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from soco_det.data.viz import render_views
+
+    images, store = photos
+    titles: list[str] = []
+    original = matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "set_title", lambda ax, text, *a, **k: titles.append(text) or original(ax, text, *a, **k)
+    )
+    dataset = build_pretrain_dataset(DataConfig(images=str(images), proposals=str(store)), seed=0)
+    render_views(dataset, str(tmp_path / "v.png"), samples=2)
+    firsts = [t.split("\n")[0] for t in titles if "\n" in t]
+    assert firsts == [dataset.items[0].key, dataset.items[len(dataset) // 2].key]  # one per row, the file's path
+    assert all(t.startswith("V") for t in titles if "\n" not in t)
+
+
 # -- reduced-scale decoding of large JPEGs -------------------------------------------------------
 def test_draft_reduction_rule():
     from soco_det.data.lazy_image import draft_reduction

@@ -76,21 +76,17 @@ def claim_demo_folder(ctx: DemoContext) -> None:
 
 
 def stage_scenes(ctx: DemoContext) -> list[str]:
-    from soco_det.synth import generate, render_scenes
+    from soco_det import api
+    from soco_det.synth import render_scenes
 
     data = ctx.out / "scenes"
-    paths = generate(
-        data,
-        n_unlabeled=ctx.n_unlabeled,
-        n_train=ctx.n_train,
-        n_val=ctx.n_val,
-        short_side=ctx.short_side,
-        seed=ctx.seed,
+    scenes = api.synth(
+        data, unlabeled=ctx.n_unlabeled, train=ctx.n_train, val=ctx.n_val, size=ctx.short_side, seed=ctx.seed
     )
-    ctx.paths.update({f"scenes_{k}": Path(v) for k, v in paths.items()})
+    ctx.paths.update({f"scenes_{k}": getattr(scenes, k) for k in ("images", "unlabeled", "train", "val")})
     claim_demo_folder(ctx)
     picture = ctx.out / "scenes.png"
-    render_scenes(paths["train"], paths["images"], picture, n=6)
+    render_scenes(scenes.train, scenes.images, picture, n=6)
     return [
         "## 1. Sample scenes",
         "",
@@ -106,15 +102,13 @@ def stage_scenes(ctx: DemoContext) -> list[str]:
 
 
 def stage_proposals(ctx: DemoContext) -> list[str]:
-    import json
-
-    from soco_det.proposals import compute_store
+    from soco_det import api
     from soco_det.proposals.store import format_summary
 
     images = ctx.paths["scenes_images"] / "unlabeled"
-    store = compute_store(images, ctx.out / "proposals", workers=2)
+    result = api.proposals(images, ctx.out / "proposals", workers=2)
+    store, summary = result.path, result.summary
     ctx.paths["proposals"] = store
-    summary = json.loads((store / "summary.json").read_text())
     return [
         "## 2. Selective-search proposals",
         "",
@@ -151,23 +145,24 @@ def stage_views(ctx: DemoContext) -> list[str]:
 
 
 def stage_pretrain(ctx: DemoContext) -> list[str]:
-    from soco_det.config import build_config
-    from soco_det.engine import PretrainConfig, pretrain
+    from soco_det import api
     from soco_det.engine.metrics import read_metrics
     from soco_det.plots import metric_curve, plot_curves
+    from soco_det.probe.network import read_run_config
 
     images = ctx.paths["scenes_images"] / "unlabeled"
     # A whole schedule (warmup, cosine to the end, target momentum to 1) in a few epochs: a run cut
     # short at the peak learning rate leaves its features half-trained.
-    overrides = [
-        f"train.epochs={ctx.pretrain_epochs}",
-        "train.warmup_epochs=0.5",
-        f"seed={ctx.seed}",
-        "train.log_every=5",
-    ]
-    extra = {"data": {"images": str(images), "proposals": str(ctx.paths["proposals"])}}
-    cfg = build_config(PretrainConfig, "tiny_cpu", overrides, extra=extra)
-    run = pretrain(cfg, ctx.out / "pretrain", resume="auto")
+    overrides = {
+        "train.epochs": ctx.pretrain_epochs,
+        "train.warmup_epochs": 0.5,
+        "seed": ctx.seed,
+        "train.log_every": 5,
+    }
+    run = api.pretrain(
+        images, ctx.paths["proposals"], ctx.out / "pretrain", recipe="tiny_cpu", overrides=overrides, resume="auto"
+    ).path
+    cfg = read_run_config(run)
     ctx.paths["pretrain"] = run
     records = read_metrics(run)
     pairs = [k for k in records[0] if k.startswith("loss/")] if records else []
@@ -275,51 +270,50 @@ def stage_probe(ctx: DemoContext) -> list[str]:
 
 
 def stage_export(ctx: DemoContext) -> list[str]:
-    from soco_det.export import export_checkpoint
+    from soco_det import api
 
-    lines = ["## 6. Export", "", "| format | file |", "|---|---|"]
+    lines = ["## 6. Export", "", "| format | file | fine-tuning config |", "|---|---|---|"]
     for target, name in (
         ("torchvision", "soco_torchvision.pth"),
         ("detectron2", "soco_detectron2.pkl"),
         ("mmdet", "soco_mmdet.pth"),
         ("timm", "soco_timm_backbone.pth"),
     ):
-        path = export_checkpoint(ctx.paths["pretrain"], target, ctx.out / "export" / name)
-        ctx.paths[f"export_{target}"] = path
-        lines.append(f"| {target} | `{path}` |")
+        result = api.export(ctx.paths["pretrain"], to=target, out=ctx.out / "export" / name)
+        ctx.paths[f"export_{target}"] = result.path
+        config = f"`{result.config}`" if result.config is not None else "-"
+        lines.append(f"| {target} | `{result.path}` | {config} |")
     return lines + [
         "",
-        f"`soco-det export {ctx.paths['pretrain']} --to torchvision -o ...` (each export checks "
-        "the key set its framework will find missing).",
+        f"`soco-det export {ctx.paths['pretrain']} --to torchvision -o ...` (each export checks the names and "
+        "shapes its framework's model will find, and prints every config key the target needs; for detectron2 "
+        "and mmdetection it writes that config next to the file).",
         "",
     ]
 
 
 def stage_transfer(ctx: DemoContext) -> list[str]:
     """Fine-tune the same Mask R-CNN from the untrained network and from the SoCo export; evaluate both."""
-    import json
     import os
 
     import torch
 
-    from soco_det.config import build_config
+    from soco_det import api
     from soco_det.engine.metrics import read_metrics
-    from soco_det.export import export_checkpoint
     from soco_det.export.untrained import save_untrained
     from soco_det.models.maskrcnn import widths_of
     from soco_det.plots import metric_curve, plot_curves
     from soco_det.probe.network import read_run_config
-    from soco_det.transfer import FinetuneConfig, finetune
     from soco_det.transfer.model import read_weights
 
     torch.set_num_threads(os.cpu_count() or 1)
     export = ctx.paths["export_torchvision"]
     # "random" is the network SoCo started from (same architecture, init scheme and seed), untrained.
-    untrained = export_checkpoint(
+    untrained = api.export(
         save_untrained(read_run_config(ctx.paths["pretrain"]), ctx.out / "untrained.pt"),
-        "torchvision",
-        ctx.out / "export" / "untrained_torchvision.pth",
-    )
+        to="torchvision",
+        out=ctx.out / "export" / "untrained_torchvision.pth",
+    ).path
     # One architecture for both inits: the FPN / box-head widths of the (tiny) SoCo export.
     widths = {k: list(v) if isinstance(v, tuple) else v for k, v in widths_of(read_weights(export)).items()}
     data = {
@@ -329,23 +323,30 @@ def stage_transfer(ctx: DemoContext) -> list[str]:
         "val_images": str(ctx.paths["scenes_images"]),
     }
     iters = ctx.finetune_iters
-    overrides = [
-        f"solver.iterations={iters}",
-        f"solver.steps=[{int(iters * 0.75)}]",
-        f"solver.warmup_iters={max(1, iters // 10)}",
-        f"seed={ctx.seed}",
-        "device=cpu",
-        "log_period=5",
-        f"data.max_val_images={ctx.finetune_val_images}",
-        "model.score_thresh=0.001",
-    ]  # keep the low-score detections of a short run for COCO AP
+    overrides = {
+        "solver.iterations": iters,
+        "solver.steps": [int(iters * 0.75)],
+        "solver.warmup_iters": max(1, iters // 10),
+        "seed": ctx.seed,
+        "log_period": 5,
+        "data.max_val_images": ctx.finetune_val_images,
+        "model.score_thresh": 0.001,  # keep the low-score detections of a short run for COCO AP
+        "model.depth": 18,
+        **{f"model.{k}": v for k, v in widths.items()},
+    }
     rows, curves = [], {}
-    for name, init in (("untrained", str(untrained)), ("SoCo", str(export))):
-        extra = {"data": data, "model": {"init": init, "depth": 18, **widths}}
-        cfg = build_config(FinetuneConfig, "finetune_tiny_cpu", overrides, extra=extra)
-        run = finetune(cfg, ctx.out / f"finetune_{name.lower()}", resume="auto")
-        rows.append((name, json.loads((run / "metrics.json").read_text())))
-        curves[name] = metric_curve(read_metrics(run), "loss", x_key="iter")
+    for name, init in (("untrained", untrained), ("SoCo", export)):
+        result = api.finetune(
+            ctx.out / f"finetune_{name.lower()}",
+            init=init,
+            recipe="finetune_tiny_cpu",
+            overrides=overrides,
+            resume=True,
+            device="cpu",
+            **data,
+        )
+        rows.append((name, result.metrics))
+        curves[name] = metric_curve(read_metrics(result.path), "loss", x_key="iter")
     picture = plot_curves(
         curves, ctx.out / "finetune_loss.png", title="Mask R-CNN fine-tuning loss", xlabel="iteration"
     )

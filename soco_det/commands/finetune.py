@@ -13,7 +13,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,31 +51,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from soco_det.config import build_config
+    from soco_det import api
     from soco_det.engine.loop import NonFiniteLossError
     from soco_det.logs import get_logger
-    from soco_det.transfer import FinetuneConfig, finetune
 
-    out = Path(args.out)
-    recipe = args.recipe
-    if recipe is None:
-        saved = out / "config.yaml"
-        recipe = saved if args.resume and saved.is_file() else "finetune_1x"
-    flags = {
-        ("data", "train_json"): args.train_json,
-        ("data", "train_images"): args.train_images,
-        ("data", "val_json"): args.val_json,
-        ("data", "val_images"): args.val_images,
-        ("model", "init"): args.init,
-        (None, "device"): args.device,
-    }
-    extra: dict = {}
-    for (section, key), value in flags.items():
-        if value is not None:
-            (extra.setdefault(section, {}) if section else extra)[key] = str(value)
-    cfg = build_config(FinetuneConfig, recipe, args.overrides, extra=extra)
     try:
-        finetune(cfg, out, resume="auto" if args.resume else None, overwrite=args.overwrite)
+        api.finetune(
+            args.out,
+            init=args.init,
+            train_json=args.train_json,
+            train_images=args.train_images,
+            val_json=args.val_json,
+            val_images=args.val_images,
+            recipe=args.recipe,
+            overrides=args.overrides,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            device=args.device,
+        )
     except NonFiniteLossError as exc:
         get_logger(__name__).error("%s", exc)
         return 1

@@ -32,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "finetune": ("soco_det.commands.finetune", "fine-tune a Mask R-CNN on a COCO-format dataset"),
     "evaluate": ("soco_det.commands.evaluate", "COCO bbox/segm AP of a Mask R-CNN on a val set"),
-    "viz": ("soco_det.commands.viz", "pictures: sample scenes, proposals, views"),
+    "viz": ("soco_det.commands.viz", "pictures: sample scenes, proposals, views, a detector's predictions"),
     "demo": ("soco_det.commands.demo", "the whole pipeline on the sample scenes, on CPU, with a report"),
 }
 

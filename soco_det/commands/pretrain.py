@@ -9,12 +9,15 @@ written to ``RUN/config.yaml``. ``--resume auto`` continues ``RUN`` from its las
 (exactly: step, schedules, sampler position, RNG), or starts fresh when there is none; a run folder
 that holds checkpoints is never started over without ``--overwrite``. Ctrl-C or SIGTERM finishes
 the current step and saves a checkpoint first (a second signal exits at once).
+
+The logged ``loss`` is negative by design: it sums one term ``-2 cos(prediction, target)`` per view
+pair and direction (docs/method.md 4), BYOL's ``2 - 2 cos`` without its constant, so each term lies
+in [-2, 2] and the sum's minimum is -2 x the number of terms (-8 for the three views of SoCo_FPN).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 from pathlib import Path
 
@@ -22,8 +25,16 @@ from soco_det.errors import UserError
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
+LOSS_HELP = (
+    "The logged loss is negative by design: one term -2 cos(online prediction, target projection) per view pair "
+    "and direction, averaged over the matched boxes (BYOL's 2 - 2 cos without its constant 2), so each term lies in "
+    "[-2, 2] and 0 means unrelated features. The total sums the terms: with SoCo_FPN's three views (pairs V1-V2 and "
+    "V1-V3, both ways) it ends near its minimum of -8 when every matched box agrees; loss/1-2 etc. are the terms."
+)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = LOSS_HELP
     parser.add_argument(
         "--recipe",
         required=True,
@@ -64,34 +75,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from soco_det.config import build_config
-    from soco_det.engine.config import PretrainConfig
-    from soco_det.engine.trainer import NonFiniteLossError, pretrain
+    from soco_det import api
+    from soco_det.engine.trainer import NonFiniteLossError
     from soco_det.logs import get_logger
 
-    extra: dict = {}
+    images = None
     if args.images is not None:
         # `--images DIR train.max_steps=2`: --images takes several words, so overrides right after it land there
         overrides = [w for w in args.images if _OVERRIDE.match(w) and not Path(w).exists()]
         args.overrides = overrides + list(args.overrides)
-        images = [str(Path(p).resolve()) for p in args.images if p not in overrides]
+        images = [p for p in args.images if p not in overrides]
         if not images:
             raise UserError("--images: no images given (only key=value overrides)")
-        extra.setdefault("data", {})["images"] = images[0] if len(images) == 1 else images
-    if args.proposals is not None:
-        extra.setdefault("data", {})["proposals"] = str(Path(args.proposals).resolve())
-    if args.device is not None:
-        extra.setdefault("train", {})["device"] = args.device
-    cfg = build_config(PretrainConfig, args.recipe, args.overrides, extra=extra)
-    sources = []
-    if cfg.train.probe_every and os.environ.get("RANK", "0") == "0":  # main process (torchrun sets RANK)
-        from soco_det.probe.online import OnlineProbe
-
-        sources.append(OnlineProbe(cfg))
     try:
-        out = pretrain(cfg, args.out, resume=args.resume, overwrite=args.overwrite, metric_sources=sources)
+        result = api.pretrain(
+            images[0] if images and len(images) == 1 else images,
+            args.proposals,
+            args.out,
+            recipe=args.recipe,
+            overrides=args.overrides,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            device=args.device,
+        )
     except NonFiniteLossError as exc:
         get_logger(__name__).error("%s", exc)
         return 1
-    get_logger(__name__).info("pretraining finished: %s", out)
+    get_logger(__name__).info("pretraining finished: %s", result.path)
     return 0

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 from soco_det.errors import UserError
@@ -77,24 +76,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_classification_arguments(parser)  # the classification task's options (shared ones are not repeated)
 
 
-def _config(args: argparse.Namespace):  # noqa: ANN202
-    from soco_det.config import build_config, load_config
-    from soco_det.engine.config import PretrainConfig
-    from soco_det.probe.network import UNTRAINED, read_run_config
-
-    if args.config is not None:
-        path = Path(args.config)
-        return (
-            load_config(PretrainConfig, path)
-            if path.is_file() and path.suffix in (".yaml", ".yml") and path.name == "config.yaml"
-            else build_config(PretrainConfig, args.config)
-        )
-    for src in args.sources:
-        if src != UNTRAINED:
-            return read_run_config(src)
-    raise UserError("'untrained' alone needs --config (a recipe name or a run's config.yaml)")
-
-
 def run(args: argparse.Namespace) -> int:
     from soco_det.runlock import output_file, output_folder
 
@@ -118,66 +99,29 @@ def run_objects(args: argparse.Namespace) -> int:
             if missing
             else "the object probe needs at least one source (a run, a checkpoint or 'untrained')"
         )
-    import torch
+    from soco_det import api
+    from soco_det.probe.probe import format_table
 
-    from soco_det.probe.network import load_probe_network
-    from soco_det.probe.objects import read_objects, spec_from_config, with_background_boxes
-    from soco_det.probe.probe import TASKS, format_table, paired_difference, run_probe, summarise
-    from soco_det.torch_io import resolve_device
-
-    cfg = _config(args)
-    seed = cfg.seed if args.seed is None else args.seed
-    spec = spec_from_config(cfg, args.size)
-    device = torch.device(resolve_device(args.device, "--device"))
-    train = read_objects(args.train_json, args.images, args.max_images)
-    val = read_objects(args.val_json, args.images, args.max_images, categories=train.categories)
-    if len(train.categories) == 1:
-        log.info("one category: the classifiers tell objects from background boxes drawn away from them")
-        train, val = with_background_boxes(train, seed), with_background_boxes(val, seed + 1)
-    task_names = tuple(args.tasks or TASKS)
-    log.info(
-        "probe: %d train / %d val objects, %d classes, views %d px, tasks %s",
-        len(train),
-        len(val),
-        len(set(train.labels.tolist())),
-        spec.size,
-        " ".join(task_names),
-    )
-    results, summaries = [], {}
-    for src in args.sources:
-        net = load_probe_network(src, cfg.model, seed)
-        result = run_probe(net, train, val, spec, device, seed=seed, task_names=task_names, copy_network=False)
-        results.append(result)
-        summaries[src] = summarise(result, args.resamples)
-        log.info(
-            "%s: probed in %.1f s (parts: %s)",
-            src,
-            result.seconds,
-            ", ".join(f"{k} <- {v}" for k, v in result.loaded.items()),
-        )
-    report = {
-        "sources": args.sources,
-        "seed": seed,
-        "view_size": spec.size,
-        "n_train_objects": len(train),
-        "n_val_objects": len(val),
-        "seconds": {r.name: r.seconds for r in results},
-        "results": summaries,
-        "paired": {
-            f"{b.name} - {results[0].name}": paired_difference(b, results[0], args.resamples) for b in results[1:]
-        },
-    }
+    report = api.probe(
+        args.sources,
+        train_json=args.train_json,
+        val_json=args.val_json,
+        images=args.images,
+        out=args.out,
+        config=args.config,
+        seed=args.seed,
+        size=args.size,
+        max_images=args.max_images,
+        tasks=args.tasks,
+        device=args.device,
+        resamples=args.resamples,
+    ).report
     for kind in ("roi", "head"):
-        print(format_table(summaries, kind))
+        print(format_table(report["results"], kind))
         print()
     for name, diff in report["paired"].items():
         print(format_table({name: diff}, "roi"))
         print()
-    if args.out:
-        from soco_det.atomic import atomic_write_text
-
-        atomic_write_text(Path(args.out), json.dumps(report, indent=2))
-        log.info("wrote %s", args.out)
     return 0
 
 

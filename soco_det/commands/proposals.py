@@ -221,10 +221,9 @@ def run(args: argparse.Namespace) -> int:
     from soco_det.imageio import DEFAULT_MAX_PIXELS
 
     if args.subcommand == "compute":
-        from soco_det.proposals.runner import compute_store
+        from soco_det import api
 
-        max_pixels = args.max_pixels if args.max_pixels is not None else DEFAULT_MAX_PIXELS
-        compute_store(
+        api.proposals(
             args.images,
             args.output,
             method=args.method,
@@ -235,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
             keep_raw=args.keep_raw,
             params=_parse_params(args.param),
             exif_transpose=args.exif_transpose,
-            max_pixels=max_pixels,
+            max_pixels=args.max_pixels,
             chunk_size=args.chunk_size,
         )
     elif args.subcommand == "merge":

@@ -27,19 +27,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from soco_det import api
     from soco_det.logs import get_logger
-    from soco_det.synth import generate
 
-    paths = generate(
+    scenes = api.synth(
         args.out,
-        n_unlabeled=args.unlabeled,
-        n_train=args.train,
-        n_val=args.val,
-        short_side=args.size,
+        unlabeled=args.unlabeled,
+        train=args.train,
+        val=args.val,
+        size=args.size,
         seed=args.seed,
         workers=args.workers,
     )
     log = get_logger(__name__)
-    for key, path in paths.items():
-        log.info("%s: %s", key, path)
+    for key in ("images", "unlabeled", "train", "val"):
+        log.info("%s: %s", key, getattr(scenes, key))
     return 0

@@ -1,8 +1,9 @@
-"""Pictures to check each stage by eye: ``soco-det viz scenes|proposals|views ...``.
+"""Pictures to check each stage by eye: ``soco-det viz scenes|proposals|views|predictions ...``.
 
 The drawing lives with each stage (:func:`soco_det.synth.viz.render_scenes`,
-:func:`soco_det.proposals.viz.draw_proposals`, :func:`soco_det.data.viz.render_views`); this module
-parses the options of each kind and calls it.
+:func:`soco_det.proposals.viz.draw_proposals`, :func:`soco_det.data.viz.render_views`,
+:func:`soco_det.transfer.viz.render_predictions`); this module parses the options of each kind and
+calls it.
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ def add_proposals_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--image",
         required=True,
-        metavar="NAME",
-        help="relative path in the store, a basename (with or without extension) or an index",
+        metavar="IMAGE",
+        help="the image file (absolute or relative to the working folder), its path relative to the store's "
+        "images root, a basename (with or without extension) or an index",
     )
     parser.add_argument("-o", "--output", required=True, metavar="PNG", help="picture to write")
     parser.add_argument("--raw", action="store_true", help="draw the unfiltered rects (store computed with --keep-raw)")
@@ -124,6 +126,45 @@ def run_views(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- viz predictions
+def add_predictions_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", metavar="RUN", help="a `soco-det finetune` run folder or checkpoint")
+    parser.add_argument(
+        "--images",
+        required=True,
+        metavar="PATH",
+        help="an image, a folder of images (searched recursively), or with --json the folder its "
+        "file_name values are relative to",
+    )
+    parser.add_argument(
+        "--json", default=None, metavar="COCO", help="COCO file of the images: draws their ground truth beside"
+    )
+    parser.add_argument("-o", "--out", required=True, metavar="DIR", help="folder for one PNG per image")
+    parser.add_argument("--score-thresh", type=float, default=0.5, help="draw detections scoring at least this")
+    parser.add_argument("-n", "--num", type=int, default=8, help="draw the first N images (0: all)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
+
+
+def run_predictions(args: argparse.Namespace) -> int:
+    from soco_det.errors import UserError
+    from soco_det.logs import get_logger
+    from soco_det.transfer.viz import render_predictions
+
+    if args.num < 0:
+        raise UserError(f"--num: must be >= 0 (0: all images), got {args.num}")
+    written = render_predictions(
+        args.run,
+        args.images,
+        args.out,
+        coco_json=args.json,
+        score_thresh=args.score_thresh,
+        max_images=args.num,
+        device=args.device,
+    )
+    get_logger(__name__).info("wrote %d pictures to %s", len(written), args.out)
+    return 0
+
+
 # kind -> (add_arguments, run, help)
 KINDS: dict[str, tuple[Callable, Callable, str]] = {
     "scenes": (add_scenes_arguments, run_scenes, "sample scenes with their ground-truth boxes"),
@@ -132,6 +173,11 @@ KINDS: dict[str, tuple[Callable, Callable, str]] = {
         add_views_arguments,
         run_views,
         "a grid of SoCo views with boxes coloured by proposal id and labelled by level",
+    ),
+    "predictions": (
+        add_predictions_arguments,
+        run_predictions,
+        "a fine-tuned detector's boxes and masks on images, beside the ground truth with --json",
     ),
 }
 

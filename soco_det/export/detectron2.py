@@ -31,25 +31,43 @@ without it every norm would be reported as missing from the checkpoint. A ``Froz
 such buffer and only logs these keys as unused (harmless), as with the official converters, which
 kept them too.
 
-Fine-tune with ``soco_det/configs/detectron2/soco_mask_rcnn_R_50_FPN_1x.yaml`` (or the C4 one),
-setting ``MODEL.WEIGHTS`` to the exported file. Heads not in the file (RPN, box predictor, mask
-head) are initialised by detectron2. Note ``STRIDE_IN_1X1: False``: SoCo's ResNet has its stride in
-the 3x3 conv (docs/method.md 3.1).
+Fine-tune with the config written next to the file (``soco_detectron2.pkl`` ->
+``soco_detectron2.yaml``): ``soco_det/configs/detectron2/soco_mask_rcnn_R_50_FPN_1x.yaml`` (or the C4
+one) with ``MODEL.WEIGHTS`` set to the file and every key that decides the pretrained parts' shapes
+set to this network's values (:func:`target_settings`: ``MODEL.RESNETS.DEPTH`` and
+``RES2_OUT_CHANNELS``, ``MODEL.FPN.OUT_CHANNELS``, ``MODEL.ROI_BOX_HEAD.NUM_CONV/CONV_DIM/NUM_FC/
+FC_DIM/POOLER_RESOLUTION`` and the norms), so that a ResNet-18 or a narrow tiny-recipe export loads
+as well as a ResNet-50. The check compares every exported name and shape with the model that config
+builds (:mod:`soco_det.export.layouts`). Heads not in the file (RPN, box predictor, mask head) are
+initialised by detectron2. Note ``STRIDE_IN_1X1: False``: SoCo's ResNet has its stride in the 3x3
+conv (docs/method.md 3.1).
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
-from soco_det.atomic import atomic_save
+from soco_det.atomic import atomic_save, atomic_write_text
 from soco_det.errors import UserError
-from soco_det.export.mapping import Mapping, map_parts
+from soco_det.export.layouts import (
+    built_shapes,
+    compare_layout,
+    config_header,
+    detectron2_layout,
+    flatten,
+    with_settings,
+)
+from soco_det.export.mapping import Mapping, TargetExport, config_path, map_parts
 from soco_det.export.source import ExportSource
+from soco_det.models.maskrcnn import DEFAULT_WIDTHS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "detectron2"
 FPN_CONFIG = CONFIG_DIR / "soco_mask_rcnn_R_50_FPN_1x.yaml"
@@ -144,8 +162,9 @@ def to_numpy(value: torch.Tensor) -> np.ndarray:
     return value.numpy().copy()
 
 
-def check_names(mapping: Mapping, source: ExportSource) -> str:
-    """Every exported name is a detectron2 name and each norm has its five tensors."""
+def check_names(mapping: Mapping, source: ExportSource) -> int:
+    """Every exported name is a detectron2 name and each norm has its five tensors; returns the
+    number of norm layers."""
     bad = [k for k in mapping.state_dict if not VALID_NAME.match(k)]
     if bad:
         raise UserError(f"{source.path}: names that are not detectron2 names: {bad[:6]}")
@@ -160,24 +179,109 @@ def check_names(mapping: Mapping, source: ExportSource) -> str:
     ]
     if incomplete:
         raise UserError(f"{source.path}: incomplete norm layers (weight/bias/running stats): {incomplete[:6]}")
-    config = C4_CONFIG if source.is_c4 else FPN_CONFIG
+    return len(norms)
+
+
+# ----------------------------------------------------------------------------- the fine-tuning config
+def base_config(source: ExportSource) -> Path:
+    """The shipped config the export's own config starts from: the C4 one for SoCo_C4, else the FPN one."""
+    return C4_CONFIG if source.is_c4 else FPN_CONFIG
+
+
+def target_settings(source: ExportSource, out: Path) -> dict[str, Any]:
+    """Every key of the detectron2 config that decides the pretrained parts' names and shapes, for
+    ``source`` (its depth, res2 width, FPN width, box-head convs/fcs and norms) and ``out``."""
+    base = flatten(yaml.safe_load(base_config(source).read_text()))
+    settings: dict[str, Any] = {
+        "MODEL.WEIGHTS": os.path.abspath(out),
+        "MODEL.RESNETS.DEPTH": source.depth,
+        "MODEL.RESNETS.RES2_OUT_CHANNELS": source.res2_channels,
+        "MODEL.RESNETS.STRIDE_IN_1X1": False,
+        "MODEL.RESNETS.NORM": base["MODEL.RESNETS.NORM"],
+    }
+    if source.is_c4:
+        return settings
+    widths = {**DEFAULT_WIDTHS, **source.widths()}
+    convs, fcs = widths["box_conv_dims"], widths["box_fc_dims"]
+    if len(set(convs)) > 1 or len(set(fcs)) > 1:
+        raise UserError(
+            f"{source.path}: box-head convs {list(convs)} / fcs {list(fcs)} of different widths: detectron2's "
+            "FastRCNNConvFCHead has one CONV_DIM and one FC_DIM"
+        )
+    return {
+        **settings,
+        "MODEL.FPN.OUT_CHANNELS": widths["fpn_channels"],
+        "MODEL.FPN.NORM": base["MODEL.FPN.NORM"],
+        "MODEL.ROI_BOX_HEAD.NUM_CONV": len(convs),
+        "MODEL.ROI_BOX_HEAD.CONV_DIM": convs[0] if convs else base.get("MODEL.ROI_BOX_HEAD.CONV_DIM", 256),
+        "MODEL.ROI_BOX_HEAD.NUM_FC": len(fcs),
+        "MODEL.ROI_BOX_HEAD.FC_DIM": fcs[0] if fcs else base.get("MODEL.ROI_BOX_HEAD.FC_DIM", 1024),
+        "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION": widths["box_roi_size"],
+        "MODEL.ROI_BOX_HEAD.NORM": base["MODEL.ROI_BOX_HEAD.NORM"],
+    }
+
+
+def config_text(source: ExportSource, settings: dict[str, Any]) -> str:
+    """The shipped config with ``settings`` applied, as YAML, with a header saying where it came from."""
+    base = base_config(source)
+    tree = with_settings(yaml.safe_load(base.read_text()), settings)
+    header = config_header(
+        "detectron2",
+        Path(settings["MODEL.WEIGHTS"]).name,
+        base,
+        source.describe(),
+        list(settings),
+        "python tools/train_net.py --num-gpus 8 --config-file THIS_FILE",
+    )
+    return header + yaml.dump(tree, Dumper=_ConfigDumper, sort_keys=False, default_flow_style=False)
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    """Sections as blocks, lists on one line (``SIZES: [[32], [64]]``), as detectron2's own configs."""
+
+
+_ConfigDumper.add_representer(
+    list, lambda dumper, value: dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=True)
+)
+
+
+def check_layout(mapping: Mapping, source: ExportSource, text: str) -> str:
+    """Names (:func:`check_names`) and shapes against the detectron2 model the config builds: built by
+    detectron2 where it is importable, else the layout derived from the config's keys."""
+    norms = check_names(mapping, source)
+    target = built_shapes("detectron2", text, ".yaml")
+    how = "built by detectron2"
+    if target is None:
+        target = detectron2_layout(flatten(yaml.safe_load(text)))
+        how = "as its keys define it; detectron2 is not installed here"
+    parts = [
+        ("backbone", ("backbone.bottom_up.",)),
+        ("res5 RoI head", ("roi_heads.res5.",)),
+        ("FPN", ("backbone.fpn_",)),
+        ("box head", ("roi_heads.box_head.",)),
+    ]
+    new = compare_layout(mapping.state_dict, target, parts, source.path, "the model of the config")
+    left = ", ".join(new + ["RPN", "box predictor", "mask head"])
     return (
-        f"all {len(mapping.state_dict)} names are detectron2 names ({len(norms)} norm layers with weight, bias, "
-        f"running_mean, running_var, num_batches_tracked); fine-tune with {config.name} "
-        f"(MODEL.WEIGHTS=<this file>, MODEL.RESNETS.DEPTH={source.depth}"
-        + (", MODEL.RESNETS.RES2_OUT_CHANNELS=64" if not source.bottleneck else "")
-        + ")"
+        f"all {len(mapping.state_dict)} tensors have the names and shapes of the model the config builds ({how}); "
+        f"{norms} norm layers with weight, bias, running_mean, running_var, num_batches_tracked; "
+        f"detectron2 initialises the {left}"
     )
 
 
-def export(source: ExportSource, out: Path, check: bool = True) -> tuple[Mapping, str]:
-    """Map ``source``, check the names, write the pickle to ``out``."""
+def export(source: ExportSource, out: Path, check: bool = True) -> TargetExport:
+    """Map ``source``, check names and shapes, write the pickle to ``out`` and its config next to it."""
     mapping = map_source(source)
-    note = check_names(mapping, source) if check else "not checked"
+    settings = target_settings(source, out)
+    text = config_text(source, settings)
+    note = check_layout(mapping, source, text) if check else "not checked"
     payload = {
         "model": {k: to_numpy(v) for k, v in mapping.state_dict.items()},
         "__author__": "soco-det",
         "matching_heuristics": True,
     }
     atomic_save(out, lambda f: pickle.dump(payload, f))
-    return mapping, note
+    config = config_path(out, ".yaml")
+    atomic_write_text(config, text)
+    usage = f"python tools/train_net.py --config-file {config} (MODEL.WEIGHTS is this file)"
+    return TargetExport(mapping, note, usage, settings, config)

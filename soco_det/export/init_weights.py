@@ -63,6 +63,7 @@ from soco_det.torch_io import check_finite, torch_load
 log = get_logger(__name__)
 
 PARTS = ("encoder", "neck", "head")
+TORCHVISION_DETECTOR = "torchvision Mask R-CNN v2"  # also a Faster R-CNN v2 file: reported as such
 PART_NAMES = {"encoder": "backbone", "neck": "FPN", "head": "box head"}
 _COUNTER = ".num_batches_tracked"
 
@@ -216,7 +217,7 @@ def format_rules(model: nn.Module, variant: str) -> dict[str, dict[str, str]]:
 
     rules = {
         "torchvision/timm ResNet": inverse(timm, variant),
-        "torchvision Mask R-CNN v2": inverse(torchvision, variant),
+        TORCHVISION_DETECTOR: inverse(torchvision, variant),
         "detectron2": inverse(detectron2, "soco_fpn"),
         "detectron2 C4": inverse(detectron2, "soco_c4"),
         "mmdetection": inverse(mmdet, variant),
@@ -280,6 +281,8 @@ def init_from_weights(model: nn.Module, path: str | Path, cfg: ModelConfig) -> I
     if rule is None:
         kind, names = match_format(tensors, format_rules(model, cfg.variant))
         rule = names.get
+        if kind == TORCHVISION_DETECTOR and not any(k.startswith("roi_heads.mask_") for k in tensors):
+            kind = "torchvision Faster R-CNN v2"  # the same names, without the mask branch
     source_key = {mine: key for key in tensors if (mine := rule(key)) is not None}  # our key -> the file's
     ours = {mine: tensors[key] for mine, key in source_key.items()}
     unused = sorted(set(tensors) - set(source_key.values()))

@@ -11,7 +11,8 @@ that the command can print what went where.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping as TMapping, Optional
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping as TMapping, Optional
 
 import torch
 
@@ -60,6 +61,27 @@ class Mapping:
             if rec not in picked:
                 picked.append(rec)
         return picked
+
+
+@dataclass
+class TargetExport:
+    """What a target module's ``export(source, out, check)`` did: the ``mapping`` it wrote, the
+    check's one-line result, ``usage`` (one line: how the target framework builds the matching
+    model), ``settings`` (every config key or builder argument that model needs for this network,
+    in order) and ``config``, the ready fine-tuning config written next to the export (if any)."""
+
+    mapping: Mapping
+    check: str
+    usage: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    config: Optional[Path] = None
+
+
+def config_path(out: Path, suffix: str) -> Path:
+    """The fine-tuning config written next to the export ``out``: same stem, ``suffix``
+    (``soco_detectron2.pkl`` -> ``soco_detectron2.yaml``), never the export file itself."""
+    path = out.with_suffix(suffix)
+    return path if path != out else out.with_name(out.name + suffix)
 
 
 def map_parts(parts: Iterable[tuple[str, str, TMapping[str, torch.Tensor], Rule]]) -> Mapping:

@@ -78,6 +78,28 @@ class ExportSource:
     def bottleneck(self) -> bool:
         return "layer1.0.conv3.weight" in self.encoder
 
+    @property
+    def res2_channels(self) -> int:
+        """Output channels of the first ResNet stage (C2): 256 for ResNet-50+, 64 for ResNet-18/34."""
+        last_conv = "conv3" if self.bottleneck else "conv2"
+        return int(self.encoder[f"layer1.0.{last_conv}.weight"].shape[0])
+
+    def widths(self) -> dict[str, Any]:
+        """The FPN / box-head widths read from the weights, named as
+        :func:`soco_det.models.maskrcnn.build_maskrcnn_v2`'s keywords: ``fpn_channels`` (with a neck),
+        ``box_conv_dims``, ``box_fc_dims`` and ``box_roi_size`` (with a head)."""
+        widths: dict[str, Any] = {}
+        if self.neck:
+            widths["fpn_channels"] = int(self.neck["lateral_convs.0.conv.weight"].shape[0])
+        if self.head:
+            convs = sorted(int(k[4:-7]) for k in self.head if re.fullmatch(r"conv\d+\.weight", k))
+            fcs = sorted(int(k[2:-7]) for k in self.head if re.fullmatch(r"fc\d+\.weight", k))
+            widths["box_conv_dims"] = tuple(int(self.head[f"conv{k}.weight"].shape[0]) for k in convs)
+            widths["box_fc_dims"] = tuple(int(self.head[f"fc{j}.weight"].shape[0]) for j in fcs)
+            last = widths["box_conv_dims"][-1] if convs else widths.get("fpn_channels", 256)
+            widths["box_roi_size"] = math.isqrt(int(self.head["fc1.weight"].shape[1]) // last)
+        return widths
+
     def describe(self) -> str:
         unit = "step" if self.origin == "soco-det" else "epoch"
         step = f", {unit} {self.step}" if self.step is not None else ""

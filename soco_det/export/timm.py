@@ -24,7 +24,7 @@ from torch import nn
 
 from soco_det.atomic import atomic_save
 from soco_det.errors import UserError
-from soco_det.export.mapping import Mapping, map_parts
+from soco_det.export.mapping import Mapping, TargetExport, map_parts
 from soco_det.export.source import ExportSource
 
 
@@ -49,8 +49,13 @@ def check_load(state_dict: dict[str, torch.Tensor], depth: int, where: object) -
     )
 
 
-def export(source: ExportSource, out: Path, check: bool = True) -> tuple[Mapping, str]:
+def export(source: ExportSource, out: Path, check: bool = True) -> TargetExport:
     mapping = map_source(source)
     note = check_load(mapping.state_dict, source.depth, source.path) if check else "not checked"
     atomic_save(out, lambda f: torch.save(mapping.state_dict, f))
-    return mapping, note
+    arch = f"resnet{source.depth}"
+    usage = (
+        f"model = timm.create_model('{arch}', num_classes=0) (or torchvision.models.{arch}() with "
+        f"model.fc = torch.nn.Identity()); model.load_state_dict(torch.load('{out}'), strict=True)"
+    )
+    return TargetExport(mapping, note, usage, {"model_name": arch, "num_classes": 0})

@@ -21,20 +21,27 @@ are exactly ``rpn.*``, ``roi_heads.box_predictor.*``, ``roi_heads.mask_head.*`` 
 ``roi_heads.mask_predictor.*`` (plus ``backbone.fpn.*`` / ``roi_heads.box_head.*`` for a source
 without neck / head, e.g. C4).
 
-The file is a plain state dict (``torch.save``). To fine-tune::
+The file is a plain state dict (``torch.save``). torchvision's builders exist for ResNet-50 only
+(``maskrcnn_resnet50_fpn_v2``); :func:`soco_det.models.maskrcnn.build_maskrcnn_v2` builds the same
+architecture at any depth and width, and the export prints the exact call for its network
+(:func:`usage`). To fine-tune::
 
     from soco_det.export.torchvision import load_torchvision_export
     from soco_det.models.maskrcnn import build_maskrcnn_v2
     model = build_maskrcnn_v2(depth=50, num_classes=81)   # == maskrcnn_resnet50_fpn_v2 for R50
     load_torchvision_export(model, "soco_torchvision.pth")  # checks the exact missing keys
 
+    # a ResNet-18 export of the tiny_cpu recipe (64-channel FPN, 64-channel convs, 256-wide fc):
+    model = build_maskrcnn_v2(depth=18, num_classes=11, fpn_channels=64, box_conv_dims=(64, 64, 64, 64),
+                              box_fc_dims=(256,), masks=False)  # masks=False: the Faster R-CNN
+    load_torchvision_export(model, "soco_tv.pth")
+
 With ``num_classes`` other than 91 the predictors change shape, which does not matter: they are
-not in the file.
+not in the file. ``soco-det finetune --init FILE`` reads the widths from the file itself.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections import OrderedDict
 from pathlib import Path
@@ -46,7 +53,7 @@ from torch import nn
 
 from soco_det.atomic import atomic_save
 from soco_det.errors import UserError
-from soco_det.export.mapping import Mapping, map_parts
+from soco_det.export.mapping import Mapping, TargetExport, map_parts
 from soco_det.export.source import ExportSource
 from soco_det.models.maskrcnn import DEFAULT_WIDTHS, build_maskrcnn_v2
 from soco_det.torch_io import torch_load
@@ -106,31 +113,43 @@ def map_source(source: ExportSource) -> Mapping:
 
 
 # ----------------------------------------------------------------------------- target model
-def build_target_for(source: ExportSource) -> tuple[nn.Module, str]:
-    """A fresh Mask R-CNN v2 shaped like ``source`` (widths read from its weights) and its name.
+def target_settings(source: ExportSource) -> dict[str, Any]:
+    """The :func:`~soco_det.models.maskrcnn.build_maskrcnn_v2` arguments of the detector that
+    ``source`` fits: its depth and its FPN / box-head widths (the defaults for parts it has not)."""
+    return {"depth": source.depth, **DEFAULT_WIDTHS, **source.widths()}
+
+
+def build_target_for(source: ExportSource, masks: bool = True) -> tuple[nn.Module, str]:
+    """A fresh Mask R-CNN v2 (``masks=False``: Faster R-CNN v2) shaped like ``source`` and its name.
 
     Build it under ``torch.device("meta")`` when only names and shapes matter.
     """
-    widths: dict[str, Any] = {}
-    if source.neck:
-        widths["fpn_channels"] = int(source.neck["lateral_convs.0.conv.weight"].shape[0])
-    if source.head:
-        convs = sorted(int(k[4:-7]) for k in source.head if re.fullmatch(r"conv\d+\.weight", k))
-        fcs = sorted(int(k[2:-7]) for k in source.head if re.fullmatch(r"fc\d+\.weight", k))
-        widths["box_conv_dims"] = tuple(int(source.head[f"conv{k}.weight"].shape[0]) for k in convs)
-        widths["box_fc_dims"] = tuple(int(source.head[f"fc{j}.weight"].shape[0]) for j in fcs)
-        last = widths["box_conv_dims"][-1] if convs else widths.get("fpn_channels", 256)
-        side = math.isqrt(int(source.head["fc1.weight"].shape[1]) // last)
-        widths["box_roi_size"] = side
-    default = DEFAULT_WIDTHS
-    if source.depth == 50 and all(widths.get(k, v) == v for k, v in default.items()):
-        from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
+    settings = target_settings(source)
+    depth, widths = settings.pop("depth"), settings
+    if depth == 50 and widths == DEFAULT_WIDTHS:
+        from torchvision.models.detection import fasterrcnn_resnet50_fpn_v2, maskrcnn_resnet50_fpn_v2
 
-        model = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=91)
-        return model, "torchvision maskrcnn_resnet50_fpn_v2(weights=None, num_classes=91)"
-    detail = "".join(f", {k}={v}" for k, v in widths.items() if v != default[k])
-    model = build_maskrcnn_v2(source.depth, 91, **widths)
-    return model, f"soco_det build_maskrcnn_v2(depth={source.depth}{detail})"
+        builder = maskrcnn_resnet50_fpn_v2 if masks else fasterrcnn_resnet50_fpn_v2
+        model = builder(weights=None, weights_backbone=None, num_classes=91)
+        return model, f"torchvision {builder.__name__}(weights=None, num_classes=91)"
+    detail = "".join(f", {k}={v}" for k, v in widths.items() if v != DEFAULT_WIDTHS[k])
+    model = build_maskrcnn_v2(depth, 91, masks=masks, **widths)
+    return model, f"soco_det build_maskrcnn_v2(depth={depth}{detail}{'' if masks else ', masks=False'})"
+
+
+def usage(source: ExportSource, out: Path) -> str:
+    """How to build the detector the export loads into, as one line of Python."""
+    settings = target_settings(source)
+    args = ", ".join(f"{k}={v}" for k, v in settings.items() if k != "depth")
+    line = (
+        f"model = soco_det.models.maskrcnn.build_maskrcnn_v2(depth={source.depth}, num_classes=<classes + 1>, {args})"
+        " (masks=False: the Faster R-CNN)"
+    )
+    if source.depth == 50 and all(settings[k] == v for k, v in DEFAULT_WIDTHS.items()):
+        line += (
+            ", or torchvision's maskrcnn_resnet50_fpn_v2 / fasterrcnn_resnet50_fpn_v2(weights=None, num_classes=...)"
+        )
+    return f"{line}; then soco_det.export.torchvision.load_torchvision_export(model, '{out}')"
 
 
 # ----------------------------------------------------------------------------- loading + check
@@ -201,11 +220,9 @@ def missing_summary(missing: Iterable[str]) -> str:
     return ", ".join(f"{p}.* {n}" for p, n in counts.items())
 
 
-def export(source: ExportSource, out: Path, check: bool = True) -> tuple[Mapping, str]:
-    """Map ``source``, check that it loads into a fresh Mask R-CNN v2, write ``out``.
-
-    Returns the mapping and a one-line check result.
-    """
+def export(source: ExportSource, out: Path, check: bool = True) -> TargetExport:
+    """Map ``source``, check that it loads into a fresh Mask R-CNN v2 and Faster R-CNN v2 of its
+    widths, write ``out``."""
     mapping = map_source(source)
     note = "not checked"
     if check:
@@ -213,13 +230,15 @@ def export(source: ExportSource, out: Path, check: bool = True) -> tuple[Mapping
         # allocating or initialising a single weight.
         with torch.device("meta"):
             model, name = build_target_for(source)
+            boxes_only, _ = build_target_for(source, masks=False)
         missing = load_torchvision_export(model, mapping.state_dict, where=source.path, assign=True)
+        load_torchvision_export(boxes_only, mapping.state_dict, where=source.path, assign=True)
         note = (
-            f"loads into {name}: 0 unexpected keys, {len(missing)} missing keys = exactly the parts the "
-            f"export does not provide ({missing_summary(missing)})"
+            f"loads into {name} (and its Faster R-CNN): 0 unexpected keys, 0 shape mismatches, {len(missing)} "
+            f"missing keys = exactly the parts the export does not provide ({missing_summary(missing)})"
         )
     atomic_save(out, lambda f: torch.save(mapping.state_dict, f))
-    return mapping, note
+    return TargetExport(mapping, note, usage(source, out), target_settings(source))
 
 
 def _few(items: Sequence[str], n: int = 6) -> str:

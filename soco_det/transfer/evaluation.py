@@ -105,33 +105,46 @@ def coco_metrics(
 
 
 @torch.no_grad()
+def detect(model: nn.Module, images: Sequence[Any], device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """The detector's outputs (eval mode, on the CPU) for PIL ``images`` at their own size: per image
+    ``boxes`` float32 ``[N, 4]`` ``x1, y1, x2, y2`` pixels, ``labels`` int64 ``[N]`` in ``1..C``,
+    ``scores`` ``[N]`` and, with a mask branch, ``masks`` float32 ``[N, 1, H, W]`` probabilities.
+    The model's training mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        outputs = model([to_tensor(im).to(device) for im in images])
+    finally:
+        model.train(was_training)
+    return [{k: v.detach().cpu() for k, v in out.items()} for out in outputs]
+
+
 def predict(
     model: nn.Module, dataset: Any, device: torch.device, batch_size: int = 1, show_progress: bool = True
 ) -> dict[str, list[dict]]:
     """COCO results (``{"bbox": [...], "segm": [...]}``) of ``model`` on every image of ``dataset``
     (a :class:`~soco_det.transfer.coco_data.CocoInstances` with ``train=False``)."""
-    was_training = model.training
-    model.eval()
     results: dict[str, list[dict]] = {t: [] for t in IOU_TYPES}
     with Progress(total=len(dataset), desc="evaluate", unit="img", disable=not show_progress) as bar:
         for start in range(0, len(dataset), batch_size):
             indices = range(start, min(start + batch_size, len(dataset)))
-            images = [dataset.load_image(i) for i in indices]
-            outputs = model([to_tensor(im).to(device) for im in images])
+            outputs = detect(model, [dataset.load_image(i) for i in indices], device)
             for i, output in zip(indices, outputs):
                 bbox, segm = to_coco_results(output, dataset.ids[i], dataset.cat_ids)
                 results["bbox"] += bbox
                 results["segm"] += segm
             bar.update(len(indices))
-    model.train(was_training)
     return results
 
 
-def _model_from_checkpoint(path: str | Path, device: torch.device) -> tuple[nn.Module, list[int]]:
+def load_detector(path: str | Path, device: torch.device) -> tuple[nn.Module, list[int], FinetuneConfig]:
+    """The fine-tuned detector of a ``soco-det finetune`` checkpoint or run folder (its newest intact
+    checkpoint) on ``device``, the dataset category id of each label (``cat_ids[label - 1]``) and the
+    run's config."""
     ckpt = load_checkpoint(path)
     if ckpt.get("kind") != "maskrcnn":
         raise UserError(
-            f"{ckpt['path']}: not a fine-tuning checkpoint (kind {ckpt.get('kind')!r}); evaluate takes `soco-det finetune` runs"
+            f"{ckpt['path']}: not a fine-tuning checkpoint (kind {ckpt.get('kind')!r}); give a `soco-det finetune` run"
         )
     cfg = from_dict(FinetuneConfig, ckpt["config"])
 
@@ -139,7 +152,7 @@ def _model_from_checkpoint(path: str | Path, device: torch.device) -> tuple[nn.M
         cfg.model, cfg.input, num_classes=len(ckpt["cat_ids"]) + 1, masks=has_mask_branch(ckpt["model"])
     )
     load_model_strict(model, ckpt["model"], source=ckpt["path"])
-    return model.to(device), [int(c) for c in ckpt["cat_ids"]]
+    return model.to(device), [int(c) for c in ckpt["cat_ids"]], cfg
 
 
 def evaluate(
@@ -171,7 +184,7 @@ def evaluate(
         model = model_or_ckpt
         device = next(model.parameters()).device
     else:
-        model, cat_ids = _model_from_checkpoint(model_or_ckpt, device)
+        model, cat_ids, _ = load_detector(model_or_ckpt, device)
         if cat_ids != dataset.cat_ids:
             raise UserError(
                 f"{coco_json}: category ids {dataset.cat_ids} differ from the ones the model was trained on {cat_ids}"
