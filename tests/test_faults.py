@@ -160,11 +160,27 @@ def test_rejected_resume_leaves_the_run_folder_as_it_was(sample_data, tmp_path, 
 class SendSignal(Hook):
     def __init__(self, at_step: int, signum: int, times: int = 1) -> None:
         self.at_step, self.signum, self.times = at_step, signum, times
+        self.returned = False  # the hook came back from sending its signals
 
     def after_step(self, trainer, out) -> None:
         if trainer.step == self.at_step:
             for _ in range(self.times):
                 os.kill(os.getpid(), self.signum)
+            self.returned = True
+
+
+class SeenSteps(Hook):
+    """The steps that started (``before``) and those whose hooks ran to this one (``after``)."""
+
+    def __init__(self) -> None:
+        self.before: list[int] = []
+        self.after: list[int] = []
+
+    def before_step(self, trainer) -> None:
+        self.before.append(trainer.step + 1)
+
+    def after_step(self, trainer, out) -> None:
+        self.after.append(trainer.step)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -184,11 +200,21 @@ def test_a_stop_signal_finishes_the_step_and_saves_a_checkpoint(sample_data, tmp
         assert model_state(run)["step"] == 2 and [r["step"] for r in read_metrics(run)] == [1, 2]
 
 
-def test_a_second_signal_exits_at_once(sample_data, tmp_path):
+@pytest.mark.parametrize("signum, exits", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, SystemExit)])
+def test_a_second_signal_exits_at_once(sample_data, tmp_path, signum, exits):
     run = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        pretrain(tiny_config(sample_data, "train.max_steps=6"), run, hooks=[SendSignal(1, signal.SIGINT, times=2)])
-    assert not list((run / "checkpoints").glob("step_*.pt")) if (run / "checkpoints").exists() else True
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    sender, seen = SendSignal(1, signum, times=2), SeenSteps()
+    with pytest.raises(exits) as info:
+        pretrain(tiny_config(sample_data, "train.max_steps=6"), run, hooks=[sender, seen])
+    if exits is SystemExit:
+        assert info.value.code == 128 + signum
+    # at once: raised inside the second signal's handler, so neither the hook that sent it nor the
+    # hooks after it finished step 1, and no step 2 started
+    assert not sender.returned and seen.after == [] and seen.before == [1]
+    # nothing saved: no checkpoint file of any kind (the stop request of the first signal is void)
+    assert sorted(p.name for p in run.rglob("*") if "checkpoints" in p.relative_to(run).parts) == []
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # the previous handlers are back
 
 
 @pytest.mark.slow
