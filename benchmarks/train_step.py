@@ -44,7 +44,9 @@ def sample_batch(cfg: PretrainConfig, batch_size: int, workdir: Path) -> dict:
 
     n = min(batch_size, 16)
     if not (workdir / "proposals").exists():
-        generate(workdir, n_unlabeled=n, n_train=0, n_val=0, short_side=max(cfg.data.views.resolved().view_sizes))
+        generate(
+            workdir, n_unlabeled=n, n_train=0, n_val=0, short_side=max(cfg.data.views.resolved().geometry.view_sizes)
+        )
         compute_store(workdir / "images" / "unlabeled", workdir / "proposals")
     cfg.data.images, cfg.data.proposals = str(workdir / "images" / "unlabeled"), str(workdir / "proposals")
     dataset = build_pretrain_dataset(cfg.data, seed=cfg.seed)
@@ -63,7 +65,7 @@ def measure(cfg: PretrainConfig, batch: dict, device: str, amp: str, steps: int,
     model = build_model(cfg.model).to(dev)
     set_train_mode(model, False)
     schedule = Schedule(peak_lr=1.0, warmup_steps=0, total_steps=10_000)
-    optimizer = build_lars(model, 1.0, cfg.train.weight_decay)
+    optimizer = build_lars(model, 1.0, cfg.train.optim.weight_decay)
     amp_dtype = resolve_amp(amp, device)
     # run_step only: the stream is never read (one prepared batch is reused)
     stream = EpochStream(

@@ -62,7 +62,11 @@ def test_budget_rule():
 def test_run_logs_dynamics_and_warns_when_the_encoder_does_not_move(sample_data, tmp_path, caplog):  # noqa: F811
     # 8 images / batch 2 = 4 steps per epoch, warmup 1 epoch; paper eta: the encoder barely moves
     cfg = tiny_config(
-        sample_data, "train.epochs=3", "train.warmup_epochs=1", "model.head_decorrelation=0.1", "train.budget=paper"
+        sample_data,
+        "train.loop.epochs=3",
+        "train.optim.warmup_epochs=1",
+        "model.head_decorrelation=0.1",
+        "train.optim.budget=paper",
     )
     with caplog.at_level(logging.WARNING, logger="soco_det"):
         run = pretrain(cfg, tmp_path / "run")
@@ -86,7 +90,11 @@ def test_run_logs_dynamics_and_warns_when_the_encoder_does_not_move(sample_data,
     assert sum("encoder's weights have moved" in r.message for r in caplog.records) == 1
     # the movement is measured against the run's start, rebuilt on resume
     cfg_more = tiny_config(
-        sample_data, "train.epochs=4", "train.warmup_epochs=1", "model.head_decorrelation=0.1", "train.budget=paper"
+        sample_data,
+        "train.loop.epochs=4",
+        "train.optim.warmup_epochs=1",
+        "model.head_decorrelation=0.1",
+        "train.optim.budget=paper",
     )
     pretrain(cfg_more, run, resume="auto")
     after = read_metrics(run)[len(records) :]

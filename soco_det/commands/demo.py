@@ -160,10 +160,10 @@ def stage_pretrain(ctx: DemoContext) -> list[str]:
     # A whole schedule (warmup, cosine to the end, target momentum to 1) in a few epochs: a run cut
     # short at the peak learning rate leaves its features half-trained.
     overrides = [
-        f"train.epochs={ctx.pretrain_epochs}",
-        "train.warmup_epochs=0.5",
+        f"train.loop.epochs={ctx.pretrain_epochs}",
+        "train.optim.warmup_epochs=0.5",
         f"seed={ctx.seed}",
-        "train.log_every=5",
+        "train.loop.log_every=5",
     ]
     extra = {"data": {"images": str(images), "proposals": str(ctx.paths["proposals"])}}
     cfg = build_config(PretrainConfig, "tiny_cpu", overrides, extra=extra)
@@ -181,10 +181,10 @@ def stage_pretrain(ctx: DemoContext) -> list[str]:
         "## 4. SoCo pretraining",
         "",
         f"`soco-det pretrain --recipe tiny_cpu --images {images} --proposals {ctx.paths['proposals']} "
-        f"-o {run} train.epochs={ctx.pretrain_epochs} train.warmup_epochs=0.5`",
+        f"-o {run} train.loop.epochs={ctx.pretrain_epochs} train.optim.warmup_epochs=0.5`",
         "",
         f"ResNet-18 + FPN + 4conv1fc head, views 64/64/32, batch {cfg.data.batch_size}, "
-        f"{records[-1]['step']} steps ({ctx.pretrain_epochs} epochs) on the CPU with the small-budget rule (`train.budget={cfg.train.budget}`, "
+        f"{records[-1]['step']} steps ({ctx.pretrain_epochs} epochs) on the CPU with the small-budget rule (`train.optim.budget={cfg.train.optim.budget}`, "
         f"`model.head_decorrelation={cfg.model.head_decorrelation}`): loss {first:.3f} at step "
         f"{records[0]['step']} -> {last:.3f} at step {records[-1]['step']}; the encoder's weights moved "
         f"{100 * records[-1].get('move/encoder', float('nan')):.1f} %.",

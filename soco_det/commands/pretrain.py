@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=8 -m soco_det pretrain --recipe ... -o RUN      # one node, 8 GPUs
 
 The recipe (a shipped name or a YAML file) sets every value; ``key=value`` overrides adjust it
-(``train.epochs=10 data.batch_size=32 model.roi_mode=assigned_level``); the resolved config is
+(``train.loop.epochs=10 data.batch_size=32 model.roi_mode=assigned_level``); the resolved config is
 written to ``RUN/config.yaml``. ``--resume auto`` continues ``RUN`` from its last checkpoint
 (exactly: step, schedules, sampler position, RNG), or starts fresh when there is none; a run folder
 that holds checkpoints is never started over without ``--overwrite``. Ctrl-C or SIGTERM finishes
@@ -42,13 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--device",
         choices=["auto", "cpu", "cuda"],
         default=None,
-        help="sets train.device (default: the recipe's, auto = CUDA when available)",
+        help="sets train.loop.device (default: the recipe's, auto = CUDA when available)",
     )
     parser.add_argument(
         "overrides",
         nargs="*",
         metavar="key=value",
-        help="config overrides with dotted keys, e.g. train.max_steps=2 data.batch_size=2",
+        help="config overrides with dotted keys, e.g. train.loop.max_steps=2 data.batch_size=2",
     )
 
 
@@ -64,10 +64,10 @@ def run(args: argparse.Namespace) -> int:
     if args.proposals is not None:
         extra.setdefault("data", {})["proposals"] = str(Path(args.proposals).resolve())
     if args.device is not None:
-        extra.setdefault("train", {})["device"] = args.device
+        extra.setdefault("train", {}).setdefault("loop", {})["device"] = args.device
     cfg = build_config(PretrainConfig, args.recipe, args.overrides, extra=extra)
     sources = []
-    if cfg.train.probe_every and os.environ.get("RANK", "0") == "0":  # main process (torchrun sets RANK)
+    if cfg.train.probe.every and os.environ.get("RANK", "0") == "0":  # main process (torchrun sets RANK)
         from soco_det.probe.online import OnlineProbe
 
         sources.append(OnlineProbe(cfg))

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from soco_det.config import upgrade_keys
 from soco_det.engine import distributed as dist_utils
 from soco_det.engine.checkpoint import claim_run_folder, load_resume
 from soco_det.engine.hooks import CheckpointHook, MetricsHook
@@ -147,14 +148,23 @@ def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def resume_into(
-    trainer: TrainerBase, ckpt: dict[str, Any] | None, config: dict[str, Any], ignored: Sequence[str] = ()
+    trainer: TrainerBase,
+    ckpt: dict[str, Any] | None,
+    config: dict[str, Any],
+    ignored: Sequence[str] = (),
+    schema: Any = None,
 ) -> None:
     """Load ``ckpt`` (if any) into ``trainer`` strictly, warning about every config value that differs
-    from the checkpoint's (except keys starting with one of ``ignored``); a checkpoint that does not
-    fit this config is a :class:`UserError` naming it."""
+    from the checkpoint's (except keys starting with one of ``ignored``; with the config's ``schema``
+    class, the checkpoint's config is read with its old key names at their new places first:
+    checkpoints keep the flat layout of format soco-det/1); a checkpoint that does not fit this
+    config is a :class:`UserError` naming it."""
     if ckpt is None:
         return
-    diffs = [d for d in config_differences(ckpt.get("config", {}), config) if not d.startswith(tuple(ignored))]
+    saved = ckpt.get("config", {})
+    if schema is not None:
+        saved = upgrade_keys(schema, saved, quiet=True)
+    diffs = [d for d in config_differences(saved, config) if not d.startswith(tuple(ignored))]
     if diffs:
         log.warning("config differs from the checkpoint's: %s", "; ".join(diffs))
     try:

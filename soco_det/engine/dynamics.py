@@ -1,6 +1,6 @@
 """What a pretraining run is doing to its network, beyond the loss (issue: a falling loss is not learning).
 
-Logged every ``train.log_every`` steps into ``metrics.jsonl`` and TensorBoard:
+Logged every ``train.loop.log_every`` steps into ``metrics.jsonl`` and TensorBoard:
 
 * ``move/<group>``: relative movement ``||W - W0|| / ||W0||`` of the conv/linear weights of each
   online part (``encoder``, ``neck``, ``head``, ``projector``, and ``predictor``) since the start of
@@ -128,7 +128,7 @@ class TrainingDynamics(Hook):
             log.warning(
                 "after %d steps the encoder's weights have moved %.2f %% from their start: this run is not "
                 "training its features (small batch or few steps with the paper's LARS settings); see README "
-                "'Budget-aware pretraining' (train.budget=auto)",
+                "'Budget-aware pretraining' (train.optim.budget=auto)",
                 trainer.step,
                 100 * move,
             )

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from soco_det.config import save_config, to_dict
+from soco_det.config import downgrade_keys, save_config, to_dict
 from soco_det.data.dataset import build_pretrain_dataset, collate_views
 from soco_det.engine import checkpoint as ckpt_io
 from soco_det.engine import distributed as dist_utils
@@ -62,7 +62,7 @@ class Trainer(TrainerBase):
     is resumable mid-epoch). The loop, the hooks and the non-finite check are the engine's.
     """
 
-    nonfinite_hint = "lower train.base_lr or raise train.warmup_epochs"
+    nonfinite_hint = "lower train.optim.base_lr or raise train.optim.warmup_epochs"
 
     def __init__(
         self,
@@ -198,23 +198,23 @@ class PretrainMetricsHook(MetricsHook):
 
 
 # ---------------------------------------------------------------------- assembling a run
-def resolve_lars_eta(train: Any, schedule: Schedule) -> float:
-    """LARS trust coefficient of a run. ``train.budget=paper``: ``train.lars_eta`` as given.
-    ``train.budget=auto``: large enough that a conv weight moves by ``train.target_update`` of its
-    norm per step at the peak learning rate (``peak_lr * eta``), never below ``train.lars_eta``:
+def resolve_lars_eta(optim: Any, schedule: Schedule) -> float:
+    """LARS trust coefficient of a run (``optim``: ``train.optim``). ``budget=paper``: ``lars_eta`` as
+    given. ``budget=auto``: large enough that a conv weight moves by ``target_update`` of its
+    norm per step at the peak learning rate (``peak_lr * eta``), never below ``lars_eta``:
     the paper's batch 2048 (lr 8, eta 0.001: 8e-3 per step) is left as it is, while batch 16 (lr
     0.0625) gets eta 0.02 instead of a step of 6e-5 that leaves the features untrained
     (docs/results.md, "Budget-aware pretraining")."""
-    if train.budget == "paper":
-        return train.lars_eta
-    return max(train.lars_eta, train.target_update / schedule.peak_lr)
+    if optim.budget == "paper":
+        return optim.lars_eta
+    return max(optim.lars_eta, optim.target_update / schedule.peak_lr)
 
 
-def find_unused_parameters(train: Any, model_cfg: Any) -> bool:
-    """``train.find_unused_parameters``, or when it is null: only in ``assigned_level`` RoI mode,
+def find_unused_parameters(loop: Any, model_cfg: Any) -> bool:
+    """``train.loop.find_unused_parameters``, or when it is null: only in ``assigned_level`` RoI mode,
     where a level that gets no box in a batch leaves its FPN output conv without a gradient."""
-    if train.find_unused_parameters is not None:
-        return bool(train.find_unused_parameters)
+    if loop.find_unused_parameters is not None:
+        return bool(loop.find_unused_parameters)
     return getattr(model_cfg, "roi_mode", "all_levels") == "assigned_level"
 
 
@@ -236,13 +236,13 @@ def build_stream(cfg: Any, run: RunContext) -> EpochStream:
     from the global RNG, whose state the checkpoint restores; samples draw from their own
     per-sample generators)."""
     dataset = build_pretrain_dataset(cfg.data, seed=cfg.seed)
-    batch_size, accum_steps = cfg.data.batch_size, cfg.train.accum_steps
+    batch_size, accum_steps = cfg.data.batch_size, cfg.train.loop.accum_steps
     sampler = dist_utils.ResumableSampler(len(dataset), run.world, run.rank, seed=cfg.seed)
     steps_per_epoch = sampler.per_replica // batch_size // accum_steps
     if steps_per_epoch < 1:
         raise UserError(
             f"{len(dataset)} training images are fewer than one step needs "
-            f"(data.batch_size={batch_size} x {run.world} processes x train.accum_steps={accum_steps})"
+            f"(data.batch_size={batch_size} x {run.world} processes x train.loop.accum_steps={accum_steps})"
         )
     loader = build_loader(
         dataset,
@@ -270,7 +270,7 @@ def build_stream(cfg: Any, run: RunContext) -> EpochStream:
 def build_soco_model(cfg: Any, run: RunContext) -> tuple[nn.Module, nn.Module]:
     """``(model, forward_model)``: the SoCo network the run starts from (``init_model``, then
     ``model.init`` on a fresh run), SyncBN under several processes, on the device in train mode,
-    and what the step calls (DDP without buffer broadcasts, compiled if ``train.compile``)."""
+    and what the step calls (DDP without buffer broadcasts, compiled if ``train.loop.compile``)."""
     model = init_model(cfg.model, cfg.seed)
     if cfg.model.init and run.ckpt is None:
         apply_init(model, cfg.model, run.run_dir if run.is_main else None)
@@ -278,22 +278,23 @@ def build_soco_model(cfg: Any, run: RunContext) -> tuple[nn.Module, nn.Module]:
         model = convert_sync_bn(model)
     memory_format = torch.channels_last if cfg.model.channels_last else torch.preserve_format
     model = model.to(run.device, memory_format=memory_format)
-    set_train_mode(model, cfg.train.freeze_bn)
+    set_train_mode(model, cfg.train.loop.freeze_bn)
     forward_model = wrap_model(
         model,
         run.device,
         run.world,
         broadcast_buffers=False,
-        find_unused=find_unused_parameters(cfg.train, cfg.model),
-        compile=cfg.train.compile,
+        find_unused=find_unused_parameters(cfg.train.loop, cfg.model),
+        compile=cfg.train.loop.compile,
     )
     return model, forward_model
 
 
-def build_optimizer(train: Any, model: nn.Module, schedule: Schedule) -> tuple[torch.optim.Optimizer, float]:
-    """LARS at the schedule's peak LR and the run's trust coefficient (:func:`resolve_lars_eta`)."""
-    eta = resolve_lars_eta(train, schedule)
-    return build_lars(model, schedule.peak_lr, train.weight_decay, train.sgd_momentum, eta, train.lars_eps), eta
+def build_optimizer(optim: Any, model: nn.Module, schedule: Schedule) -> tuple[torch.optim.Optimizer, float]:
+    """LARS (``train.optim``) at the schedule's peak LR and the run's trust coefficient
+    (:func:`resolve_lars_eta`)."""
+    eta = resolve_lars_eta(optim, schedule)
+    return build_lars(model, schedule.peak_lr, optim.weight_decay, optim.sgd_momentum, eta, optim.lars_eps), eta
 
 
 def pretrain_hooks(
@@ -301,26 +302,28 @@ def pretrain_hooks(
 ) -> list[Hook]:
     """Training dynamics, the metrics records (with the dynamics and the callers' ``sources``, main
     process), the checkpoints, then the caller's ``hooks``."""
-    train = cfg.train
-    dynamics = TrainingDynamics(train.log_every, schedule.warmup_steps, cfg.model, cfg.seed)
-    if train.probe_every and not sources:
+    loop = cfg.train.loop
+    dynamics = TrainingDynamics(loop.log_every, schedule.warmup_steps, cfg.model, cfg.seed)
+    if cfg.train.probe.every and not sources:
         log.warning(
-            "train.probe_every=%d but no probe was passed: give pretrain(..., metric_sources=[OnlineProbe(cfg)]) "
+            "train.probe.every=%d but no probe was passed: give pretrain(..., metric_sources=[OnlineProbe(cfg)]) "
             "(soco_det.probe.online; soco-det pretrain does this)",
-            train.probe_every,
+            cfg.train.probe.every,
         )
     metrics = PretrainMetricsHook(
         writer,
-        train.log_every,
-        show_progress=train.progress and run.is_main,
+        loop.log_every,
+        show_progress=loop.progress and run.is_main,
         desc="pretrain",
         sources=[dynamics, *(sources if run.is_main else ())],
     )
-    return [dynamics, *standard_hooks(run, metrics, train.ckpt_every, train.keep_last, to_dict(cfg)), *hooks]
+    # checkpoints keep the config in the key layout of their format, soco-det/1 (flat train.* / data.views.*)
+    saved = downgrade_keys(type(cfg), to_dict(cfg))
+    return [dynamics, *standard_hooks(run, metrics, loop.ckpt_every, loop.keep_last, saved), *hooks]
 
 
 def _log_start(cfg: Any, run: RunContext, trainer: Trainer, lars_eta: float) -> None:
-    train, stream, schedule = cfg.train, trainer.stream, trainer.schedule
+    optim, stream, schedule = cfg.train.optim, trainer.stream, trainer.schedule
     log.info(
         "pretraining on %s x %d: %d images, %d steps/epoch, %d epochs, batch %d (%d per process), "
         "peak lr %.4g (%s scaling), LARS eta %.4g (budget %s: peak relative step %.2g), amp %s",
@@ -328,13 +331,13 @@ def _log_start(cfg: Any, run: RunContext, trainer: Trainer, lars_eta: float) -> 
         run.world,
         len(stream.dataset),
         stream.steps_per_epoch,
-        train.epochs,
+        cfg.train.loop.epochs,
         stream.images_per_step,
         cfg.data.batch_size,
         schedule.peak_lr,
-        train.lr_scaling,
+        optim.lr_scaling,
         lars_eta,
-        train.budget,
+        optim.budget,
         schedule.peak_lr * lars_eta,
         trainer.amp_dtype,
     )
@@ -358,20 +361,20 @@ def pretrain(
     and returns it. On SIGINT/SIGTERM the current step is finished, a checkpoint saved and
     :class:`~soco_det.errors.Interrupted` raised. ``hooks`` run after the engine's own;
     ``metric_sources`` (objects with ``metrics(trainer) -> dict``, used on the main process) add
-    fields to every metrics record, e.g. the online probe of ``train.probe_every``
+    fields to every metrics record, e.g. the online probe of ``train.probe.every``
     (:class:`soco_det.probe.online.OnlineProbe`): the engine does not import the probe stage.
     """
-    train = cfg.train
-    if train.cpu_threads is not None:
-        torch.set_num_threads(train.cpu_threads)
-    device_type = resolve_device(train.device, "train.device")
+    loop = cfg.train.loop
+    if loop.cpu_threads is not None:
+        torch.set_num_threads(loop.cpu_threads)
+    device_type = resolve_device(loop.device, "train.loop.device")
     with open_run(out_dir, resume, overwrite, device_type) as run:
         seed_everything(cfg.seed)
         stream = build_stream(cfg, run)
         model, forward_model = build_soco_model(cfg, run)
-        schedule = Schedule.from_config(train, stream.steps_per_epoch, stream.images_per_step)
-        optimizer, lars_eta = build_optimizer(train, model, schedule)
-        amp_dtype, scaler = build_precision(train.amp, device_type)
+        schedule = Schedule.from_config(cfg.train, stream.steps_per_epoch, stream.images_per_step)
+        optimizer, lars_eta = build_optimizer(cfg.train.optim, model, schedule)
+        amp_dtype, scaler = build_precision(loop.amp, device_type)
         trainer = Trainer(
             model=model,
             forward_model=forward_model,
@@ -380,17 +383,15 @@ def pretrain(
             schedule=schedule,
             stream=stream,
             amp_dtype=amp_dtype,
-            stop_step=min(train.max_steps or schedule.total_steps, schedule.total_steps),
+            stop_step=min(loop.max_steps or schedule.total_steps, schedule.total_steps),
             run_dir=run.run_dir,
-            check_every=train.log_every,
+            check_every=loop.log_every,
         )
-        # train.max_steps may change between a run and its resume: the schedules do not depend on it.
-        resume_into(trainer, run.ckpt, to_dict(cfg), ignored=("train.max_steps",))
+        # train.loop.max_steps may change between a run and its resume: the schedules do not depend on it.
+        resume_into(trainer, run.ckpt, to_dict(cfg), ignored=("train.loop.max_steps",), schema=type(cfg))
         if run.is_main:
             save_config(cfg, run.run_dir)  # only now: a rejected resume leaves the folder as it was
-        writer = MetricsWriter(
-            run.run_dir, enabled=run.is_main, tensorboard=train.tensorboard, resume_step=trainer.step
-        )
+        writer = MetricsWriter(run.run_dir, enabled=run.is_main, tensorboard=loop.tensorboard, resume_step=trainer.step)
         trainer.hooks = pretrain_hooks(cfg, run, writer, schedule, hooks, metric_sources)
         _log_start(cfg, run, trainer, lars_eta)
         run_training(trainer, writer, resume_hint="--resume auto")

@@ -428,7 +428,7 @@ def finetune(
             run_dir=run.run_dir,
             check_every=cfg.log_period,
         )
-        resume_into(trainer, run.ckpt, to_dict(cfg))
+        resume_into(trainer, run.ckpt, to_dict(cfg), schema=FinetuneConfig)
         # The RNG (RPN/RoI sampling) continues where the checkpoint left it; fresh runs seed per process.
         trainer.start(run.ckpt["rng"] if run.ckpt is not None else None, cfg.seed + run.rank)
         if run.is_main:
