@@ -349,10 +349,16 @@ def stage_transfer(ctx: DemoContext) -> list[str]:
     picture = plot_curves(
         curves, ctx.out / "finetune_loss.png", title="Mask R-CNN fine-tuning loss", xlabel="iteration"
     )
+    return _transfer_report(ctx, rows, picture.name)
+
+
+def _transfer_report(ctx: DemoContext, rows: list[tuple[str, dict]], picture: str) -> list[str]:
+    """The report's fine-tuning section: the COCO APs of each init, the loss curves."""
 
     def pct(v: float | None) -> str:
         return "-" if v is None or v < 0 else f"{100 * v:.2f}"
 
+    iters = ctx.finetune_iters
     lines = [
         "## 7. Fine-tuning and COCO evaluation",
         "",
@@ -375,7 +381,7 @@ def stage_transfer(ctx: DemoContext) -> list[str]:
         "end, not what SoCo is worth to a detector; `benchmarks/transfer.py` makes the like-for-like "
         "comparison with paired seeds.",
         "",
-        f"![fine-tuning loss]({picture.name})",
+        f"![fine-tuning loss]({picture})",
         "",
     ]
 
