@@ -22,6 +22,7 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) tools/check_imports.py
+	$(PY) tools/check_function_length.py
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)

@@ -5,9 +5,9 @@ scenes (160 px), the tiny_cpu network (ResNet-18, 64/64/32 views, batch 16) is p
 steps (5 epochs) with
 
 * ``paper``: the paper's LARS eta 0.001 (a conv weight moves 6e-5 of its norm per step at batch 16);
-* ``auto``: ``train.budget=auto`` (eta 0.02: 1.25e-3 per step), nothing else;
+* ``auto``: ``train.optim.budget=auto`` (eta 0.02: 1.25e-3 per step), nothing else;
 * ``auto+decorrelation``: the same and ``model.head_decorrelation=1.0`` (the small-budget rule);
-* ``byol auto``: image-level BYOL with ``train.budget=auto``;
+* ``byol auto``: image-level BYOL with ``train.optim.budget=auto``;
 
 and each is probed (``soco-det probe``, 128-px images, 300 train / 200 val labeled scenes) against
 the same network untrained (same init scheme and seed), with the relative movement of its weights.
@@ -24,20 +24,20 @@ import time
 from pathlib import Path
 
 VARIANTS = {
-    "paper": ["train.budget=paper", "model.head_decorrelation=0"],
-    "auto": ["train.budget=auto", "model.head_decorrelation=0"],
-    "auto+decorrelation": ["train.budget=auto", "model.head_decorrelation=1.0"],
-    "byol auto": ["train.budget=auto", "model.variant=image_byol"],
+    "paper": ["train.optim.budget=paper", "model.head_decorrelation=0"],
+    "auto": ["train.optim.budget=auto", "model.head_decorrelation=0"],
+    "auto+decorrelation": ["train.optim.budget=auto", "model.head_decorrelation=1.0"],
+    "byol auto": ["train.optim.budget=auto", "model.variant=image_byol"],
 }
 COMMON = [
-    "train.epochs=5",
-    "train.warmup_epochs=1",
+    "train.loop.epochs=5",
+    "train.optim.warmup_epochs=1",
     "data.num_workers=1",
-    "train.ckpt_every=1000",
-    "train.tensorboard=false",
-    "train.progress=false",
-    "train.cpu_threads=1",
-    "train.log_every=10",
+    "train.loop.ckpt_every=1000",
+    "train.loop.tensorboard=false",
+    "train.loop.progress=false",
+    "train.loop.cpu_threads=1",
+    "train.loop.log_every=10",
 ]
 
 

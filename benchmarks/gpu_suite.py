@@ -286,7 +286,7 @@ class Suite:
                 a.e2e_steps,
                 5,
             )
-            extra = ["train.amp=bf16"]
+            extra = ["train.loop.amp=bf16"]
         images = data / "images" / "unlabeled"
         if not (data / "props").exists():
             shutil.rmtree(data, ignore_errors=True)
@@ -353,16 +353,16 @@ class Suite:
                 f"data.batch_size={batch}",
                 f"data.num_workers={a.workers}",
                 f"data.photometric={photometric}",
-                f"train.max_steps={steps}",
-                f"train.log_every={log_every}",
-                "train.ckpt_every=1000000",
-                "train.progress=false",
-                "train.tensorboard=false",
+                f"train.loop.max_steps={steps}",
+                f"train.loop.log_every={log_every}",
+                "train.loop.ckpt_every=1000000",
+                "train.loop.progress=false",
+                "train.loop.tensorboard=false",
                 "model.sync_bn=false",
                 *extra,
             ]
             if a.tiny:
-                cmd.append(f"train.cpu_threads={a.threads}")
+                cmd.append(f"train.loop.cpu_threads={a.threads}")
             try:
                 t0 = time.monotonic()
                 self.sh(f"e2e_{photometric}", cmd, share)

@@ -32,6 +32,7 @@ from soco_det.config import build_config
 from soco_det.engine.config import PretrainConfig
 from soco_det.engine.lars import build_lars
 from soco_det.engine.schedules import Schedule
+from soco_det.engine.stream import EpochStream
 from soco_det.engine.trainer import Trainer, move_to, resolve_amp, set_train_mode
 
 
@@ -43,7 +44,9 @@ def sample_batch(cfg: PretrainConfig, batch_size: int, workdir: Path) -> dict:
 
     n = min(batch_size, 16)
     if not (workdir / "proposals").exists():
-        generate(workdir, n_unlabeled=n, n_train=0, n_val=0, short_side=max(cfg.data.views.resolved().view_sizes))
+        generate(
+            workdir, n_unlabeled=n, n_train=0, n_val=0, short_side=max(cfg.data.views.resolved().geometry.view_sizes)
+        )
         compute_store(workdir / "images" / "unlabeled", workdir / "proposals")
     cfg.data.images, cfg.data.proposals = str(workdir / "images" / "unlabeled"), str(workdir / "proposals")
     dataset = build_pretrain_dataset(cfg.data, seed=cfg.seed)
@@ -62,24 +65,28 @@ def measure(cfg: PretrainConfig, batch: dict, device: str, amp: str, steps: int,
     model = build_model(cfg.model).to(dev)
     set_train_mode(model, False)
     schedule = Schedule(peak_lr=1.0, warmup_steps=0, total_steps=10_000)
-    optimizer = build_lars(model, 1.0, cfg.train.weight_decay)
+    optimizer = build_lars(model, 1.0, cfg.train.optim.weight_decay)
     amp_dtype = resolve_amp(amp, device)
+    # run_step only: the stream is never read (one prepared batch is reused)
+    stream = EpochStream(
+        loader=None,
+        sampler=None,
+        dataset=None,
+        accum_steps=1,
+        steps_per_epoch=10_000,
+        images_per_step=batch["index"].numel(),
+        device=dev,
+        channels_last=cfg.model.channels_last,
+    )
     trainer = Trainer(
         model=model,
         forward_model=model,
         optimizer=optimizer,
         scaler=torch.amp.GradScaler(device, enabled=amp_dtype == torch.float16),
         schedule=schedule,
-        loader=None,
-        sampler=None,
-        dataset=None,
-        device=dev,
+        stream=stream,
         amp_dtype=amp_dtype,
-        accum_steps=1,
-        steps_per_epoch=10_000,
         stop_step=10_000,
-        images_per_step=batch["index"].numel(),
-        channels_last=cfg.model.channels_last,
     )
     batch = move_to(batch, dev, cfg.model.channels_last)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)

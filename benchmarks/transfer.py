@@ -47,22 +47,22 @@ FROM_BYOL_PAIRS = (("soco_from_byol", "byol"), ("soco_from_byol", "soco"), ("soc
 PROBE_SCORES = ("linear_top1", "knn_top1", "loc_r2", "retrieval_top1")
 AP_KEYS = (("bbox", "AP", "box_ap"), ("bbox", "AP50", "box_ap50"), ("segm", "AP", "mask_ap"))
 
-# The budget rule of docs/budget.md: LARS eta from the batch (train.budget=auto)
+# The budget rule of docs/budget.md: LARS eta from the batch (train.optim.budget=auto)
 # and the head's variance-covariance term; same for SoCo and BYOL (BYOL has no box head: no term).
-SMALL_BUDGET = ["train.budget=auto", "model.head_decorrelation=1.0"]
+SMALL_BUDGET = ["train.optim.budget=auto", "model.head_decorrelation=1.0"]
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
         "scenes": {"n_unlabeled": 48, "n_train": 16, "n_val": 12, "short_side": 96},
         "recipe": "tiny_cpu",
         "pretrain": [
             *SMALL_BUDGET,
-            "train.epochs=2",
-            "train.warmup_epochs=0.5",
+            "train.loop.epochs=2",
+            "train.optim.warmup_epochs=0.5",
             "data.batch_size=8",
             "data.num_workers=0",
-            "train.ckpt_every=1000",
-            "train.tensorboard=false",
-            "train.log_every=2",
+            "train.loop.ckpt_every=1000",
+            "train.loop.tensorboard=false",
+            "train.loop.log_every=2",
         ],
         "pretrain_seeds": [0, 1],
         "finetune_seeds": [0, 1, 2],
@@ -90,13 +90,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "recipe": "tiny_cpu",
         "pretrain": [
             *SMALL_BUDGET,
-            "train.epochs=6",
-            "train.warmup_epochs=0.5",
+            "train.loop.epochs=6",
+            "train.optim.warmup_epochs=0.5",
             "data.batch_size=16",
             "data.num_workers=1",
-            "train.ckpt_every=1000",
-            "train.tensorboard=false",
-            "train.log_every=10",
+            "train.loop.ckpt_every=1000",
+            "train.loop.tensorboard=false",
+            "train.loop.log_every=10",
         ],
         "pretrain_seeds": [0, 1],
         "finetune_seeds": [0, 1, 2],
@@ -124,15 +124,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "scenes": {"n_unlabeled": 4000, "n_train": 600, "n_val": 300, "short_side": 256},
         "recipe": "soco_fpn_r50_100ep",
         "pretrain": [
-            "train.budget=auto",
+            "train.optim.budget=auto",
             "model.head_decorrelation=1.0",
-            "train.epochs=12",
-            "train.warmup_epochs=1",
+            "train.loop.epochs=12",
+            "train.optim.warmup_epochs=1",
             "data.batch_size=64",
             "data.num_workers=12",
-            "train.ckpt_every=100000",
-            "train.tensorboard=false",
-            "train.log_every=25",
+            "train.loop.ckpt_every=100000",
+            "train.loop.tensorboard=false",
+            "train.loop.log_every=25",
             "data.photometric=device",
             "model.channels_last=true",
         ],
@@ -244,8 +244,8 @@ def pretrain_run(
         f"data.proposals={store}",
         f"model.variant={METHODS[method]}",
         f"seed={seed}",
-        f"train.device={device}",
-        "train.progress=false",
+        f"train.loop.device={device}",
+        "train.loop.progress=false",
         *preset["pretrain"],
         *extra,
     ]

@@ -40,8 +40,8 @@ def official_views(img: Image.Image, sample, cfg: ViewsConfig) -> list[np.ndarra
     """crop, then resize, then flip (``down:m``: view m's resized crop resized again)."""
     c = cfg.resolved()
     resized = []
-    for v, kind in enumerate(c.view_kinds):
-        size = (c.view_sizes[v],) * 2
+    for v, kind in enumerate(c.geometry.view_kinds):
+        size = (c.geometry.view_sizes[v],) * 2
         if kind.startswith("down:"):
             resized.append(resized[int(kind.split(":")[1])].resize(size, Image.Resampling.BILINEAR))
             continue

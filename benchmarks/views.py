@@ -241,7 +241,9 @@ def stage_times(ds, n: int) -> dict:
     def pil_resize(img, sample):
         return [
             np.asarray(
-                img.resize((c.view_sizes[v],) * 2, PILImage.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+                img.resize(
+                    (c.geometry.view_sizes[v],) * 2, PILImage.Resampling.BILINEAR, box=(left, top, left + w, top + h)
+                )
             )
             for v, (top, left, h, w) in enumerate(sample.crops)
         ]
@@ -249,7 +251,7 @@ def stage_times(ds, n: int) -> dict:
     def numba_resize(img, sample):
         src, views = np.asarray(img), []
         for v, (top, left, h, w) in enumerate(sample.crops):
-            out = np.empty((3, c.view_sizes[v], c.view_sizes[v]), np.uint8)
+            out = np.empty((3, c.geometry.view_sizes[v], c.geometry.view_sizes[v]), np.uint8)
             resize_into(src, (left, top, left + w, top + h), out, sample.flips[v])
             views.append(out.transpose(1, 2, 0))
         return views

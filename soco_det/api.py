@@ -11,13 +11,13 @@ message the CLI would print::
     scenes = api.synth("data", unlabeled=16, train=8, val=8, size=96)
     store = api.proposals(scenes.images / "unlabeled", "runs/props")
     run = api.pretrain(scenes.images / "unlabeled", store.path, "runs/soco", recipe="tiny_cpu",
-                       overrides={"train.epochs": 1})
+                       overrides={"train.loop.epochs": 1})
     tv = api.export(run.path, to="torchvision", out="soco_tv.pth")
     ft = api.finetune("runs/ft", init=tv.path, train_json=scenes.train, train_images=scenes.images,
                       val_json=scenes.val, val_images=scenes.images, recipe="finetune_tiny_cpu")
     print(ft.metrics["bbox"]["AP"], api.evaluate(ft.path, json=scenes.val, images=scenes.images).metrics)
 
-``overrides`` take a mapping of dotted keys (``{"train.epochs": 1, "data.batch_size": 8}``) or the
+``overrides`` take a mapping of dotted keys (``{"train.loop.epochs": 1, "data.batch_size": 8}``) or the
 CLI's ``key=value`` strings. Paths in a run's resolved config (images, proposals, COCO files,
 ``model.init``) are stored absolute, so a run folder means the same thing from any working folder.
 
@@ -250,7 +250,7 @@ def pretrain_config(
     if proposals is not None:
         extra.setdefault("data", {})["proposals"] = absolute(proposals)
     if device is not None:
-        extra.setdefault("train", {})["device"] = device
+        extra.setdefault("train", {}).setdefault("loop", {})["device"] = device
     cfg = build_config(PretrainConfig, os.fspath(recipe), override_strings(overrides), extra=extra)
     paths = {k: getattr(cfg.data, k) for k in ("images", "proposals", "list_file", "coco_json")}
     return replace(
@@ -291,14 +291,14 @@ def pretrain(
     ``data.images``); ``proposals``: the store from :func:`proposals`; ``recipe``: a shipped name
     or a YAML file; ``resume``: ``"auto"`` (the folder's last checkpoint, if any) or a checkpoint /
     run folder; ``overwrite``: move an existing run aside to ``OUT.old-<time>``. With
-    ``train.probe_every`` set, the online object probe adds its read-outs to the metrics. Raises
+    ``train.probe.every`` set, the online object probe adds its read-outs to the metrics. Raises
     :class:`~soco_det.engine.loop.NonFiniteLossError` when the loss diverges.
     """
     from soco_det.engine.trainer import pretrain as _pretrain
 
     cfg = pretrain_config(images, proposals, recipe=recipe, overrides=overrides, device=device)
     sources = []
-    if cfg.train.probe_every and os.environ.get("RANK", "0") == "0":  # main process (torchrun sets RANK)
+    if cfg.train.probe.every and os.environ.get("RANK", "0") == "0":  # main process (torchrun sets RANK)
         from soco_det.probe.online import OnlineProbe
 
         sources.append(OnlineProbe(cfg))

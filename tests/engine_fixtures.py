@@ -27,22 +27,22 @@ TINY_OVERRIDES = [
     "model.head_fc_dim=32",
     "model.proj_hidden_dim=32",
     "model.proj_dim=16",
-    "data.views.view_sizes=[64,64,32]",
-    "data.views.level_thresholds=[12,24,48,64]",
+    "data.views.geometry.view_sizes=[64,64,32]",
+    "data.views.levels.level_thresholds=[12,24,48,64]",
     "data.batch_size=2",
     "data.num_workers=0",
-    "train.epochs=4",
-    "train.warmup_epochs=1",
-    "train.log_every=1",
-    "train.ckpt_every=1000",
-    "train.tensorboard=false",
-    "train.progress=false",
-    "train.device=cpu",
+    "train.loop.epochs=4",
+    "train.optim.warmup_epochs=1",
+    "train.loop.log_every=1",
+    "train.loop.ckpt_every=1000",
+    "train.loop.tensorboard=false",
+    "train.loop.progress=false",
+    "train.loop.device=cpu",
     "seed=3",
     # The engine tests check the engine (resume, DDP == one process, ...) with the paper's optimiser and
     # loss: the small-budget rule of tiny_cpu is tested in test_dynamics / test_training_trains (its
     # decorrelation term, like BN, is computed over each process's rows).
-    "train.budget=paper",
+    "train.optim.budget=paper",
     "model.head_decorrelation=0",
 ]
 

@@ -83,7 +83,11 @@ def test_model_loss_under_cpu_autocast_is_fp32_finite_and_close_to_full_precisio
 
 @pytest.mark.parametrize(
     "extra",
-    [["train.amp=bf16"], ["train.amp=fp16"], ["train.amp=bf16", "data.photometric=device", "model.channels_last=true"]],
+    [
+        ["train.loop.amp=bf16"],
+        ["train.loop.amp=fp16"],
+        ["train.loop.amp=bf16", "data.photometric=device", "model.channels_last=true"],
+    ],
     ids=["bf16", "fp16-gradscaler", "bf16-device-photometric-channels-last"],
 )
 def test_pretrain_command_with_amp_on_cpu(sample_data, tmp_path, extra):
@@ -101,7 +105,7 @@ def test_pretrain_command_with_amp_on_cpu(sample_data, tmp_path, extra):
         "--device",
         "cpu",
         *TINY_OVERRIDES,
-        "train.max_steps=2",
+        "train.loop.max_steps=2",
         *extra,
     ]
     assert main(args) == 0
@@ -111,4 +115,4 @@ def test_pretrain_command_with_amp_on_cpu(sample_data, tmp_path, extra):
     assert ckpt["step"] == 2
     assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())
     # fp16 needs the GradScaler (its state is saved and its scale is live); the others disable it.
-    assert bool(ckpt["scaler"]) == ("train.amp=fp16" in extra)
+    assert bool(ckpt["scaler"]) == ("train.loop.amp=fp16" in extra)

@@ -28,7 +28,7 @@ README_EXAMPLE = """
 from soco_det import api
 
 store = api.proposals("imgs/", "runs/props")
-run = api.pretrain("imgs/", store.path, "runs/soco", recipe="tiny_cpu", overrides={"train.epochs": 3})
+run = api.pretrain("imgs/", store.path, "runs/soco", recipe="tiny_cpu", overrides={"train.loop.epochs": 3})
 api.export(run.path, to="torchvision", out="soco_tv.pth")
 """
 
@@ -130,14 +130,16 @@ def test_a_resumed_finetune_reads_the_runs_config(pipeline, tmp_path):
 
 
 def test_overrides_as_a_mapping_or_as_cli_strings():
-    assert api.override_strings({"train.epochs": 1, "data.views.view_sizes": [64, 64, 32], "model.init": "a b"}) == [
-        "train.epochs=1",
-        "data.views.view_sizes=[64, 64, 32]",
+    assert api.override_strings(
+        {"train.loop.epochs": 1, "data.views.geometry.view_sizes": [64, 64, 32], "model.init": "a b"}
+    ) == [
+        "train.loop.epochs=1",
+        "data.views.geometry.view_sizes=[64, 64, 32]",
         'model.init="a b"',
     ]
-    assert api.override_strings(["train.epochs=1"]) == ["train.epochs=1"] and api.override_strings(None) == []
-    cfg = api.pretrain_config(None, None, overrides={"train.amp": "none", "model.init": "w.pth", "seed": 7})
-    assert cfg.train.amp == "none" and cfg.seed == 7
+    assert api.override_strings(["train.loop.epochs=1"]) == ["train.loop.epochs=1"] and api.override_strings(None) == []
+    cfg = api.pretrain_config(None, None, overrides={"train.loop.amp": "none", "model.init": "w.pth", "seed": 7})
+    assert cfg.train.loop.amp == "none" and cfg.seed == 7
     assert cfg.model.init == os.path.abspath("w.pth")  # stored absolute, like the data paths
 
 

@@ -150,7 +150,7 @@ def test_pretraining_data_joins_every_archive_member_with_its_proposals(packed, 
     store, _ = stores
     for images in (str(packed["root"]), None):  # the folder, or the store's own list
         cfg = DataConfig(images=images, proposals=str(store.path), batch_size=2, num_workers=0, min_side=16)
-        cfg.views.view_sizes = [64, 64, 32]
+        cfg.views.geometry.view_sizes = [64, 64, 32]
         dataset = build_pretrain_dataset(cfg, seed=0)
         assert len(dataset) == 7 and (dataset.store_indices >= 0).all()
         keys = [item.key for item in dataset.items]

@@ -14,8 +14,9 @@ from soco_det.engine.metrics import read_metrics
 from soco_det.engine.schedules import Schedule, scaled_lr
 from soco_det.engine.trainer import pretrain, resolve_lars_eta
 from soco_det.losses import decorrelation_loss
+from soco_det.models import init_model
 
-from engine_fixtures import sample_data, tiny_config  # noqa: F401 - fixture
+from engine_fixtures import model_state, sample_data, tiny_config  # noqa: F401 - fixture
 
 
 def test_output_spread_tells_collapse_from_spread():
@@ -59,9 +60,13 @@ def test_budget_rule():
 
 
 def test_run_logs_dynamics_and_warns_when_the_encoder_does_not_move(sample_data, tmp_path, caplog):  # noqa: F811
-    # 4 images / batch 2 = 2 steps per epoch, warmup 1 epoch; paper eta: the encoder barely moves
+    # 8 images / batch 2 = 4 steps per epoch, warmup 1 epoch; paper eta: the encoder barely moves
     cfg = tiny_config(
-        sample_data, "train.epochs=3", "train.warmup_epochs=1", "model.head_decorrelation=0.1", "train.budget=paper"
+        sample_data,
+        "train.loop.epochs=3",
+        "train.optim.warmup_epochs=1",
+        "model.head_decorrelation=0.1",
+        "train.optim.budget=paper",
     )
     with caplog.at_level(logging.WARNING, logger="soco_det"):
         run = pretrain(cfg, tmp_path / "run")
@@ -85,11 +90,25 @@ def test_run_logs_dynamics_and_warns_when_the_encoder_does_not_move(sample_data,
     assert sum("encoder's weights have moved" in r.message for r in caplog.records) == 1
     # the movement is measured against the run's start, rebuilt on resume
     cfg_more = tiny_config(
-        sample_data, "train.epochs=4", "train.warmup_epochs=1", "model.head_decorrelation=0.1", "train.budget=paper"
+        sample_data,
+        "train.loop.epochs=4",
+        "train.optim.warmup_epochs=1",
+        "model.head_decorrelation=0.1",
+        "train.optim.budget=paper",
     )
     pretrain(cfg_more, run, resume="auto")
-    resumed = read_metrics(run)[-1]
-    assert resumed["move/encoder"] >= last["move/encoder"]
+    after = read_metrics(run)[len(records) :]
+    per_epoch = last["step"] // 3
+    assert [r["step"] for r in after] == list(range(3 * per_epoch + 1, 4 * per_epoch + 1))  # its 4th epoch
+    # ... and measured them from the run's start (init_model of the config and seed), not from the
+    # weights it resumed from: recompute ||W - W0|| / ||W0|| over the encoder from the last checkpoint
+    start = dict(init_model(cfg_more.model, cfg_more.seed).named_parameters())
+    final = model_state(run)["model"]
+    names = [name for name, _ in weight_groups(init_model(cfg_more.model, cfg_more.seed))["encoder"]]
+    moved = sum(float((final[n] - start[n].detach()).pow(2).sum()) for n in names) ** 0.5
+    expected = moved / sum(float(start[n].detach().pow(2).sum()) for n in names) ** 0.5
+    assert after[-1]["move/encoder"] == pytest.approx(expected, rel=1e-5)
+    assert after[-1]["move/encoder"] > last["move/encoder"]
 
 
 def test_weight_groups_cover_every_trainable_matrix():

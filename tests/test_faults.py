@@ -66,7 +66,7 @@ _cli_args = pretrain_cli_args
 
 def test_rerun_without_resume_refuses_and_keeps_the_old_run(sample_data, tmp_path, capsys):
     run = tmp_path / "run"
-    pretrain(tiny_config(sample_data, "train.max_steps=2", "train.ckpt_every=1"), run)
+    pretrain(tiny_config(sample_data, "train.loop.max_steps=2", "train.loop.ckpt_every=1"), run)
     before = {
         p: p.read_bytes()
         for p in [run / "config.yaml", run / "metrics.jsonl", *sorted((run / "checkpoints").iterdir())]
@@ -74,14 +74,14 @@ def test_rerun_without_resume_refuses_and_keeps_the_old_run(sample_data, tmp_pat
 
     # The same command with fewer steps and without --resume: refused, nothing touched (before, it
     # truncated the metrics and left last.pt at the new step 1 next to the old step 2).
-    assert main(_cli_args(sample_data, run, "train.max_steps=1", "train.ckpt_every=1")) == 2
+    assert main(_cli_args(sample_data, run, "train.loop.max_steps=1", "train.loop.ckpt_every=1")) == 2
     err = error_line(capsys.readouterr().err)
     assert "--resume auto" in err and "--overwrite" in err and str(run) in err
     assert {p: p.read_bytes() for p in before} == before
     assert ckpt_io.load_checkpoint(run)["step"] == 2
 
     # --overwrite: the old run is moved aside whole, the new one is alone in the folder.
-    pretrain(tiny_config(sample_data, "train.max_steps=1", "train.ckpt_every=1"), run, overwrite=True)
+    pretrain(tiny_config(sample_data, "train.loop.max_steps=1", "train.loop.ckpt_every=1"), run, overwrite=True)
     (aside,) = tmp_path.glob("run.old-*")
     assert _steps(aside) == ["step_00000001.pt", "step_00000002.pt"] and ckpt_io.load_checkpoint(aside)["step"] == 2
     assert [r["step"] for r in read_metrics(aside)] == [1, 2]
@@ -109,7 +109,7 @@ def test_a_second_process_on_a_locked_run_folder_gets_a_clear_error(sample_data,
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(UserError, match=rf"in use by another process \(pid {holder.pid} on "):
-            pretrain(tiny_config(sample_data, "train.max_steps=1"), run)
+            pretrain(tiny_config(sample_data, "train.loop.max_steps=1"), run)
         assert sorted(p.name for p in run.iterdir()) == [".lock"]  # nothing of the second run written
     finally:
         holder.kill()
@@ -124,7 +124,7 @@ def test_a_second_process_on_a_locked_run_folder_gets_a_clear_error(sample_data,
 @pytest.mark.slow
 def test_two_pretrain_processes_on_one_folder(sample_data, tmp_path):
     run = tmp_path / "run"
-    args = _cli_args(sample_data, run, "train.max_steps=3", "train.ckpt_every=1")
+    args = _cli_args(sample_data, run, "train.loop.max_steps=3", "train.loop.ckpt_every=1")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     procs = [
         subprocess.Popen(
@@ -146,9 +146,9 @@ def test_two_pretrain_processes_on_one_folder(sample_data, tmp_path):
 
 def test_rejected_resume_leaves_the_run_folder_as_it_was(sample_data, tmp_path, capsys):
     run = tmp_path / "run"
-    pretrain(tiny_config(sample_data, "train.max_steps=1"), run)
+    pretrain(tiny_config(sample_data, "train.loop.max_steps=1"), run)
     files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
-    assert main(_cli_args(sample_data, run, "train.max_steps=2", "model.fpn_channels=32", "--resume", "auto")) == 2
+    assert main(_cli_args(sample_data, run, "train.loop.max_steps=2", "model.fpn_channels=32", "--resume", "auto")) == 2
     err = error_line(capsys.readouterr().err)
     assert "shape" in err and "last.pt" in err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == files
@@ -160,11 +160,27 @@ def test_rejected_resume_leaves_the_run_folder_as_it_was(sample_data, tmp_path, 
 class SendSignal(Hook):
     def __init__(self, at_step: int, signum: int, times: int = 1) -> None:
         self.at_step, self.signum, self.times = at_step, signum, times
+        self.returned = False  # the hook came back from sending its signals
 
     def after_step(self, trainer, out) -> None:
         if trainer.step == self.at_step:
             for _ in range(self.times):
                 os.kill(os.getpid(), self.signum)
+            self.returned = True
+
+
+class SeenSteps(Hook):
+    """The steps that started (``before``) and those whose hooks ran to this one (``after``)."""
+
+    def __init__(self) -> None:
+        self.before: list[int] = []
+        self.after: list[int] = []
+
+    def before_step(self, trainer) -> None:
+        self.before.append(trainer.step + 1)
+
+    def after_step(self, trainer, out) -> None:
+        self.after.append(trainer.step)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -172,7 +188,7 @@ def test_a_stop_signal_finishes_the_step_and_saves_a_checkpoint(sample_data, tmp
     from soco_det.errors import Interrupted
 
     run = tmp_path / "run"
-    cfg = tiny_config(sample_data, "train.max_steps=6", "train.ckpt_every=1000")
+    cfg = tiny_config(sample_data, "train.loop.max_steps=6", "train.loop.ckpt_every=1000")
     with pytest.raises(Interrupted, match=rf"stopped by {signal.Signals(signum).name} after step 1") as info:
         pretrain(cfg, run, hooks=[SendSignal(1, signum)])
     assert info.value.exit_code == 128 + signum
@@ -180,22 +196,32 @@ def test_a_stop_signal_finishes_the_step_and_saves_a_checkpoint(sample_data, tmp
     assert [r["step"] for r in read_metrics(run)] == [1]
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
     if signum == signal.SIGTERM:  # the saved state resumes like any other checkpoint
-        pretrain(tiny_config(sample_data, "train.max_steps=2", "train.ckpt_every=1000"), run, resume="auto")
+        pretrain(tiny_config(sample_data, "train.loop.max_steps=2", "train.loop.ckpt_every=1000"), run, resume="auto")
         assert model_state(run)["step"] == 2 and [r["step"] for r in read_metrics(run)] == [1, 2]
 
 
-def test_a_second_signal_exits_at_once(sample_data, tmp_path):
+@pytest.mark.parametrize("signum, exits", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, SystemExit)])
+def test_a_second_signal_exits_at_once(sample_data, tmp_path, signum, exits):
     run = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        pretrain(tiny_config(sample_data, "train.max_steps=6"), run, hooks=[SendSignal(1, signal.SIGINT, times=2)])
-    assert not list((run / "checkpoints").glob("step_*.pt")) if (run / "checkpoints").exists() else True
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    sender, seen = SendSignal(1, signum, times=2), SeenSteps()
+    with pytest.raises(exits) as info:
+        pretrain(tiny_config(sample_data, "train.loop.max_steps=6"), run, hooks=[sender, seen])
+    if exits is SystemExit:
+        assert info.value.code == 128 + signum
+    # at once: raised inside the second signal's handler, so neither the hook that sent it nor the
+    # hooks after it finished step 1, and no step 2 started
+    assert not sender.returned and seen.after == [] and seen.before == [1]
+    # nothing saved: no checkpoint file of any kind (the stop request of the first signal is void)
+    assert sorted(p.name for p in run.rglob("*") if "checkpoints" in p.relative_to(run).parts) == []
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # the previous handlers are back
 
 
 @pytest.mark.slow
 def test_sigterm_to_the_pretrain_command(sample_data, tmp_path):
     """The real thing: SIGTERM to `soco-det pretrain` (data-loader workers running) saves and exits 143."""
     run = tmp_path / "run"
-    args = _cli_args(sample_data, run, "train.max_steps=200", "train.ckpt_every=1000", "data.num_workers=1")
+    args = _cli_args(sample_data, run, "train.loop.max_steps=200", "train.loop.ckpt_every=1000", "data.num_workers=1")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.Popen(
         [sys.executable, "-m", "soco_det", *args], env=env, cwd=REPO, stderr=subprocess.PIPE, text=True
@@ -277,12 +303,12 @@ ckpt_io.save_checkpoint({str(run)!r}, {{"step": 2, "model": {{}}}})
 
 def test_resume_auto_skips_damaged_checkpoints(sample_data, tmp_path, caplog):
     run = tmp_path / "run"
-    pretrain(tiny_config(sample_data, "train.max_steps=2", "train.ckpt_every=1"), run)
+    pretrain(tiny_config(sample_data, "train.loop.max_steps=2", "train.loop.ckpt_every=1"), run)
     _corrupt(run / "checkpoints" / "last.pt")
     _corrupt(run / "checkpoints" / "step_00000002.pt")
     leftover = run / "checkpoints" / ".step_00000003.pt.k1ll3d.tmp"  # a write killed half-way
     leftover.write_bytes(b"PK\x03\x04" + bytes(1000))
-    pretrain(tiny_config(sample_data, "train.max_steps=3", "train.ckpt_every=1"), run, resume="auto")
+    pretrain(tiny_config(sample_data, "train.loop.max_steps=3", "train.loop.ckpt_every=1"), run, resume="auto")
     assert not leftover.exists()
     assert "step_00000001.pt" in caplog.text and "damaged" in caplog.text
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
@@ -355,7 +381,7 @@ def small_tmpfs(tmp_path):
 def test_full_disk_in_pretrain_is_one_line_and_keeps_the_previous_checkpoint(sample_data, small_tmpfs, capsys):
     run = small_tmpfs / "run"
     # A tiny-config checkpoint is about 135 MB: step 1 and its last.pt copy fit, step 2 does not.
-    assert main(_cli_args(sample_data, run, "train.max_steps=3", "train.ckpt_every=1")) == 1
+    assert main(_cli_args(sample_data, run, "train.loop.max_steps=3", "train.loop.ckpt_every=1")) == 1
     err = error_line(capsys.readouterr().err)
     assert "No space left on device" in err and str(run / "checkpoints") in err
     assert "unexpected pos" not in err
@@ -368,10 +394,10 @@ def test_full_disk_in_pretrain_is_one_line_and_keeps_the_previous_checkpoint(sam
 def test_output_paths_that_cannot_be_written_are_one_line(sample_data, tmp_path, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    assert main(_cli_args(sample_data, a_file, "train.max_steps=1")) == 2
+    assert main(_cli_args(sample_data, a_file, "train.loop.max_steps=1")) == 2
     err = error_line(capsys.readouterr().err)
     assert "not a folder" in err and str(a_file) in err
-    assert main(_cli_args(sample_data, a_file / "run", "train.max_steps=1")) == 2
+    assert main(_cli_args(sample_data, a_file / "run", "train.loop.max_steps=1")) == 2
     err = error_line(capsys.readouterr().err)
     assert "is a file" in err
 
@@ -484,7 +510,7 @@ def test_damaged_headers_and_metadata_are_one_line(store_copy, what, capsys):
 
 def test_pretraining_refuses_a_damaged_store(sample_data, store_copy):
     _corrupt(store_copy / "boxes.npy", offset=_npy_data_offset(store_copy / "boxes.npy") + 8, n=8)
-    cfg = tiny_config({"images": sample_data["images"], "proposals": store_copy}, "train.max_steps=1")
+    cfg = tiny_config({"images": sample_data["images"], "proposals": store_copy}, "train.loop.max_steps=1")
     with pytest.raises(UserError, match="proposal store is damaged"):
         pretrain(cfg, store_copy.parent / "run")
 
@@ -794,7 +820,7 @@ def test_read_only_outputs_are_one_line_in_every_command(sample_data, readonly_d
     exported = tmp_path / "props.json"
     assert main(["proposals", "export", str(sample_data["proposals"]), "-o", str(exported)]) == 0
     cases = [
-        _cli_args(sample_data, readonly_dir / "run", "train.max_steps=1"),
+        _cli_args(sample_data, readonly_dir / "run", "train.loop.max_steps=1"),
         ["proposals", str(sample_data["images"]), "-o", str(readonly_dir / "store"), "--method", "random"],
         ["proposals", "export", str(sample_data["proposals"]), "-o", str(readonly_dir / "p.json")],
         ["proposals", "import", str(exported), "--images", str(sample_data["images"]), "-o", str(readonly_dir / "s")],
@@ -810,7 +836,7 @@ def test_export_of_a_run_skips_a_damaged_last_checkpoint(sample_data, tmp_path, 
     from soco_det.export.source import resolve_checkpoint_path
 
     run = tmp_path / "run"
-    pretrain(tiny_config(sample_data, "train.max_steps=2", "train.ckpt_every=1"), run)
+    pretrain(tiny_config(sample_data, "train.loop.max_steps=2", "train.loop.ckpt_every=1"), run)
     assert resolve_checkpoint_path(run) == run / "checkpoints" / "last.pt"
     _corrupt(run / "checkpoints" / "last.pt")
     assert resolve_checkpoint_path(run) == run / "checkpoints" / "step_00000002.pt"

@@ -102,7 +102,11 @@ def scenes(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "extra",
-    [["train.amp=bf16"], ["train.amp=fp16"], ["train.amp=bf16", "data.photometric=device", "model.channels_last=true"]],
+    [
+        ["train.loop.amp=bf16"],
+        ["train.loop.amp=fp16"],
+        ["train.loop.amp=bf16", "data.photometric=device", "model.channels_last=true"],
+    ],
     ids=["bf16", "fp16-gradscaler", "bf16-device-photometric"],
 )
 def test_pretrain_command_trains_on_cuda(scenes, tmp_path, extra):
@@ -121,8 +125,8 @@ def test_pretrain_command_trains_on_cuda(scenes, tmp_path, extra):
             str(store),
             "-o",
             str(run),
-            "train.device=cuda",
-            "train.max_steps=4",
+            "train.loop.device=cuda",
+            "train.loop.max_steps=4",
             "data.batch_size=8",
             "data.num_workers=0",
             *extra,

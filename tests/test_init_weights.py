@@ -269,7 +269,7 @@ def test_pretrain_with_init_logs_and_writes_the_report(soco_run, tmp_path, caplo
     run, source, _ = soco_run
     data = make_sample_data(tmp_path / "data", n_images=4)
     timm_file = export_checkpoint(run, "timm", tmp_path / "r18_timm.pth")
-    cfg = tiny_config(data, f"model.init={timm_file}", "train.max_steps=1")
+    cfg = tiny_config(data, f"model.init={timm_file}", "train.loop.max_steps=1")
     caplog.set_level("INFO")
     out = pretrain(cfg, tmp_path / "pre")
     report = json.loads((out / "init_weights.json").read_text())

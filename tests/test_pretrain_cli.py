@@ -13,9 +13,9 @@ cli_args = pretrain_cli_args
 
 def test_two_steps_write_config_metrics_and_checkpoints(sample_data, tmp_path):
     out = tmp_path / "run"
-    assert main(cli_args(sample_data, out, "train.max_steps=2", "data.batch_size=2")) == 0
+    assert main(cli_args(sample_data, out, "train.loop.max_steps=2", "data.batch_size=2")) == 0
     cfg = yaml.safe_load((out / "config.yaml").read_text())
-    assert cfg["train"]["max_steps"] == 2 and cfg["data"]["batch_size"] == 2 and cfg["model"]["depth"] == 18
+    assert cfg["train"]["loop"]["max_steps"] == 2 and cfg["data"]["batch_size"] == 2 and cfg["model"]["depth"] == 18
     assert cfg["data"]["proposals"] == str(sample_data["proposals"].resolve())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
@@ -23,7 +23,7 @@ def test_two_steps_write_config_metrics_and_checkpoints(sample_data, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.pt", "step_00000002.pt"]
 
     # --resume auto on a finished run: nothing left to do, the run stays at step 2.
-    assert main(cli_args(sample_data, out, "train.max_steps=2", "--resume", "auto")) == 0
+    assert main(cli_args(sample_data, out, "train.loop.max_steps=2", "--resume", "auto")) == 0
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
@@ -71,14 +71,20 @@ def test_shipped_recipes_resolve():
         cfg = build_config(PretrainConfig, name)
         assert (cfg.model.variant, cfg.data.views.recipe, cfg.model.depth) == (variant, views, depth), name
         if epochs is not None:
-            assert (cfg.train.epochs, cfg.data.batch_size, cfg.train.base_lr) == (epochs, batch, 1.0)
-            assert (cfg.train.warmup_epochs, cfg.train.weight_decay, cfg.train.target_momentum) == (10, 1e-5, 0.99)
+            assert (cfg.train.loop.epochs, cfg.data.batch_size, cfg.train.optim.base_lr) == (epochs, batch, 1.0)
+            assert (cfg.train.optim.warmup_epochs, cfg.train.optim.weight_decay, cfg.train.optim.target_momentum) == (
+                10,
+                1e-5,
+                0.99,
+            )
 
 
 def test_device_photometric_path_trains(sample_data, tmp_path):
     """data.photometric=device: the loader sends uint8 views and the trainer finishes them on the device."""
     out = tmp_path / "run"
-    assert main(cli_args(sample_data, out, "train.max_steps=2", "data.batch_size=2", "data.photometric=device")) == 0
+    assert (
+        main(cli_args(sample_data, out, "train.loop.max_steps=2", "data.batch_size=2", "data.photometric=device")) == 0
+    )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     assert all(-8.0 <= r["loss"] <= 8.0 for r in records)  # four -2cos terms: the loss lies in [-8, 8]

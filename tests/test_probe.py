@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from engine_fixtures import sample_data, tiny_config  # noqa: F401 - fixture
 from soco_det.probe import tasks
 from soco_det.probe.objects import ObjectSet, augmented_views, box_iou, jittered_boxes, with_background_boxes
 from soco_det.probe.probe import ProbeResult, combined_paired_difference, paired_difference, summarise
@@ -137,23 +138,24 @@ def test_background_boxes_stay_away_from_objects():
         assert box_iou(np.repeat(box[None], len(own), 0), own).max() < 0.3
 
 
-def test_untrained_network_is_the_one_pretraining_starts_from():
-    from soco_det.config import build_config
-    from soco_det.engine.config import PretrainConfig
-    from soco_det.models import init_model
+def test_untrained_network_is_the_one_pretraining_starts_from(sample_data, tmp_path):
+    from soco_det.engine.trainer import Hook, pretrain
     from soco_det.probe.network import load_probe_network
 
-    cfg = build_config(
-        PretrainConfig,
-        "tiny_cpu",
-        ["model.fpn_channels=16", "model.head_conv_dim=16", "model.head_fc_dim=32", "seed=5"],
-    )
+    class StartingWeights(Hook):
+        def before_train(self, trainer) -> None:
+            self.online = {part: trainer.model.online[part].state_dict() for part in ("encoder", "neck", "head")}
+            self.online = {p: {k: v.clone() for k, v in sd.items()} for p, sd in self.online.items()}
+
+    cfg = tiny_config(sample_data, "train.loop.max_steps=1", "seed=5")
+    start = StartingWeights()
     torch.manual_seed(123)  # whatever the global RNG holds before
+    pretrain(cfg, tmp_path / "run", hooks=[start])
+    torch.manual_seed(321)
     net = load_probe_network("untrained", cfg.model, cfg.seed)
-    model = init_model(cfg.model, cfg.seed)
     for part in ("encoder", "neck", "head"):
-        a, b = getattr(net, part).state_dict(), model.online[part].state_dict()
-        assert all(torch.equal(a[k], b[k]) for k in a)
+        a, b = getattr(net, part).state_dict(), start.online[part]
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), part
     other = load_probe_network("untrained", cfg.model, cfg.seed + 1)
     assert not torch.equal(other.encoder.conv1.weight, net.encoder.conv1.weight)
 
@@ -228,9 +230,9 @@ def test_online_probe_is_logged_with_the_loss(scenes, tmp_path):
     unl = generate(tmp_path / "unl", n_unlabeled=8, n_train=0, n_val=0, short_side=96, seed=4)
     store = compute_store(unl["images"] / "unlabeled", tmp_path / "props")
     probe = [
-        f"train.probe_train_json={scenes['train']}",
-        f"train.probe_val_json={scenes['val']}",
-        f"train.probe_images={scenes['images']}",
+        f"train.probe.train_json={scenes['train']}",
+        f"train.probe.val_json={scenes['val']}",
+        f"train.probe.images={scenes['images']}",
     ]
     small = [
         "model.fpn_channels=16",
@@ -240,19 +242,19 @@ def test_online_probe_is_logged_with_the_loss(scenes, tmp_path):
         "model.proj_dim=16",
         "data.batch_size=4",
         "data.num_workers=0",
-        "train.epochs=2",
-        "train.warmup_epochs=0",
-        "train.log_every=2",
-        "train.tensorboard=false",
-        "train.progress=false",
-        "train.device=cpu",
+        "train.loop.epochs=2",
+        "train.optim.warmup_epochs=0",
+        "train.loop.log_every=2",
+        "train.loop.tensorboard=false",
+        "train.loop.progress=false",
+        "train.loop.device=cpu",
     ]
     extra = {"data": {"images": str(unl["images"] / "unlabeled"), "proposals": str(store)}}
-    with pytest.raises(ConfigError, match="multiple of log_every"):
-        build_config(PretrainConfig, "tiny_cpu", [*small, *probe, "train.probe_every=3"], extra=extra)
-    with pytest.raises(ConfigError, match="probe_val_json"):
-        build_config(PretrainConfig, "tiny_cpu", [*small, probe[0], probe[2], "train.probe_every=2"], extra=extra)
-    cfg = build_config(PretrainConfig, "tiny_cpu", [*small, *probe, "train.probe_every=2"], extra=extra)
+    with pytest.raises(ConfigError, match="multiple of loop.log_every"):
+        build_config(PretrainConfig, "tiny_cpu", [*small, *probe, "train.probe.every=3"], extra=extra)
+    with pytest.raises(ConfigError, match="train.probe: every=2 needs val_json"):
+        build_config(PretrainConfig, "tiny_cpu", [*small, probe[0], probe[2], "train.probe.every=2"], extra=extra)
+    cfg = build_config(PretrainConfig, "tiny_cpu", [*small, *probe, "train.probe.every=2"], extra=extra)
     from soco_det.probe.online import OnlineProbe
 
     records = read_metrics(pretrain(cfg, tmp_path / "run", metric_sources=[OnlineProbe(cfg)]))

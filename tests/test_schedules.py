@@ -4,13 +4,13 @@ import math
 
 import pytest
 
-from soco_det.engine.config import TrainConfig
+from soco_det.engine.config import LoopConfig, OptimConfig, TrainConfig
 from soco_det.engine.schedules import Schedule, learning_rate, scaled_lr, target_momentum
 
 
 def test_linear_scaling_rule_paper_batch():
     assert scaled_lr(1.0, 128 * 16) == 8.0
-    cfg = TrainConfig(epochs=100, warmup_epochs=10)
+    cfg = TrainConfig(optim=OptimConfig(warmup_epochs=10), loop=LoopConfig(epochs=100))
     sched = Schedule.from_config(cfg, steps_per_epoch=625, effective_batch=2048)
     assert sched.peak_lr == 8.0 and sched.warmup_steps == 6250 and sched.total_steps == 62500
 

@@ -22,7 +22,7 @@ def test_tiny_cpu_loss_falls(tmp_path):
     cfg = build_config(
         PretrainConfig,
         "tiny_cpu",
-        ["train.epochs=50", "train.log_every=5", "train.device=cpu", "train.tensorboard=false"],
+        ["train.loop.epochs=50", "train.loop.log_every=5", "train.loop.device=cpu", "train.loop.tensorboard=false"],
         extra=extra,
     )
     run = pretrain(cfg, tmp_path / "run")

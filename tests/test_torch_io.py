@@ -16,8 +16,8 @@ def test_resolve_device_refuses_cuda_without_cuda(monkeypatch):
     assert resolve_device("auto") == "cpu" and resolve_device(None) == "cpu"
     assert resolve_device(torch.device("cpu")) == "cpu"
     for choice in ("cuda", "cuda:1", torch.device("cuda", 0)):
-        with pytest.raises(UserError, match="train.device=cuda.* no CUDA device"):
-            resolve_device(choice, "train.device")
+        with pytest.raises(UserError, match="train.loop.device=cuda.* no CUDA device"):
+            resolve_device(choice, "train.loop.device")
 
 
 def test_every_user_of_the_device_choice_refuses_missing_cuda(monkeypatch, tmp_path):

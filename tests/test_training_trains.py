@@ -20,13 +20,13 @@ SMALL = [
     "model.proj_dim=32",
     "data.batch_size=8",
     "data.num_workers=0",
-    "train.epochs=12",
-    "train.warmup_epochs=1",
-    "train.log_every=5",
-    "train.ckpt_every=1000",
-    "train.tensorboard=false",
-    "train.progress=false",
-    "train.device=cpu",
+    "train.loop.epochs=12",
+    "train.optim.warmup_epochs=1",
+    "train.loop.log_every=5",
+    "train.loop.ckpt_every=1000",
+    "train.loop.tensorboard=false",
+    "train.loop.progress=false",
+    "train.loop.device=cpu",
     "seed=0",
 ]
 
@@ -53,7 +53,7 @@ def test_small_budget_rule_trains_without_collapse_and_beats_untrained(scenes):
     from soco_det.probe.objects import read_objects, spec_from_config
     from soco_det.probe.probe import paired_difference, run_probe
 
-    cfg, run = _run(scenes, "auto")  # tiny_cpu: train.budget=auto, model.head_decorrelation=1.0
+    cfg, run = _run(scenes, "auto")  # tiny_cpu: train.optim.budget=auto, model.head_decorrelation=1.0
     last = read_metrics(run)[-1]
     assert last["move/encoder"] > 0.03, last  # the paper's eta at batch 8 moves it ~0.1 %
     assert last["collapse/head_rank"] > last["collapse/head_rank_limit"], last

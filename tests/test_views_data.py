@@ -14,7 +14,15 @@ from PIL import Image
 
 from soco_det.config import ConfigError, build_config
 from soco_det.data import boxes as B
-from soco_det.data.config import PRESETS, DataConfig, PixelOptions, ViewsConfig
+from soco_det.data.config import (
+    PRESETS,
+    DataConfig,
+    PixelOptions,
+    ViewBoxes,
+    ViewGeometry,
+    ViewPhotometric,
+    ViewsConfig,
+)
 from soco_det.data.dataset import PretrainDataset, build_pretrain_dataset, collate_views
 from soco_det.data.levels import correspondence
 from soco_det.data.sources import coco_items, folder_items, join_with_store, list_file_items
@@ -83,12 +91,17 @@ def test_build_dataset_errors(photos, tmp_path):
     with pytest.raises(UserError, match="none of the 1 images"):
         _dataset(other, store)
     with pytest.raises(ConfigError, match="view_sizes"):
-        build_config(DataConfig, overrides=["views.recipe=soco_star", "views.view_sizes=[224,224]"])
+        build_config(DataConfig, overrides=["views.recipe=soco_star", "views.geometry.view_sizes=[224,224]"])
     with pytest.raises(ValueError, match="unknown views recipe"):
         ViewsConfig(recipe="nope").validate()
-    cfg = build_config(DataConfig, overrides=["views.recipe=soco_c4", "views.cutout_prob=0.3"])
+    cfg = build_config(DataConfig, overrides=["views.recipe=soco_c4", "views.photometric.cutout_prob=0.3"])
     r = cfg.views.resolved()
-    assert r.crop_scale == [0.6, 1.0] and r.cutout_prob == 0.3 and r.jitter_prob == 0.0 and cfg.views.num_levels == 1
+    assert (
+        r.geometry.crop_scale == [0.6, 1.0]
+        and r.photometric.cutout_prob == 0.3
+        and r.boxes.jitter_prob == 0.0
+        and cfg.views.num_levels == 1
+    )
 
 
 # -- fallback ------------------------------------------------------------------------------------
@@ -98,7 +111,7 @@ def test_whole_image_fallback_for_images_without_proposals(photos, tmp_path):
     shutil.copytree(images, root)
     Image.open(root / "astronaut.jpg").save(root / "extra.png")  # not in the store
     ds = build_pretrain_dataset(
-        DataConfig(images=str(root), proposals=str(store), views=ViewsConfig(jitter_prob=0.0)), seed=0
+        DataConfig(images=str(root), proposals=str(store), views=ViewsConfig(boxes=ViewBoxes(jitter_prob=0.0))), seed=0
     )
     i = [it.key for it in ds.items].index("extra.png")
     assert ds.store_indices[i] == -1
@@ -177,24 +190,22 @@ def test_view_pixels_are_the_crop_resized_and_flipped(photos, recipe):
     n = len(PRESETS[recipe]["view_kinds"])
     no_colour = ViewsConfig(
         recipe=recipe,
-        color_jitter_prob=0.0,
-        grayscale_prob=0.0,
-        blur_prob=[0.0] * n,
-        solarize_prob=[0.0] * n,
-        cutout_views=[],
+        photometric=ViewPhotometric(
+            color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=[0.0] * n, solarize_prob=[0.0] * n, cutout_views=[]
+        ),
     )
     ds = build_pretrain_dataset(DataConfig(images=str(images), proposals=str(store), views=no_colour), seed=3)
     cfg = ds.sampler.cfg
     for index in (0, 3):
         sample, used, _ = ds.views(index)
         original = Image.open(ds.items[used].path).convert("RGB")
-        for v, kind in enumerate(cfg.view_kinds):
+        for v, kind in enumerate(cfg.geometry.view_kinds):
             top, left, h, w = sample.crops[v]
-            size = cfg.view_sizes[v]
+            size = cfg.geometry.view_sizes[v]
             ref = original.crop((left, top, left + w, top + h)).resize((size, size), Image.Resampling.BILINEAR)
             ref = np.asarray(ref, dtype=np.float64)
             ref = ref[:, ::-1] if sample.flips[v] else ref
-            got = denormalise(sample.images[v], cfg.mean, cfg.std).astype(np.float64)
+            got = denormalise(sample.images[v], cfg.photometric.mean, cfg.photometric.std).astype(np.float64)
             # box-resize from the original vs crop-then-resize differ only at the crop border;
             # a down:m view is resized twice
             tol = 12.0 if kind.startswith("down:") else 3.0
@@ -231,13 +242,15 @@ def _covers(region, box):
 @pytest.mark.parametrize("mirrored", [False, True])
 def test_cutout_placement(photos, mirrored):
     images, store = photos
-    cfg = ViewsConfig(flip_prob=1.0, cutout_prob=1.0, cutout_mirrored=mirrored)
+    cfg = ViewsConfig(
+        geometry=ViewGeometry(flip_prob=1.0), photometric=ViewPhotometric(cutout_prob=1.0, cutout_mirrored=mirrored)
+    )
     ds = build_pretrain_dataset(DataConfig(images=str(images), proposals=str(store), views=cfg), seed=0)
     misses_other = 0
     for index in range(len(ds)):
         sample, _, _ = ds.views(index)
         for v in (1, 2):
-            size = ds.sampler.cfg.view_sizes[v]
+            size = ds.sampler.cfg.geometry.view_sizes[v]
             post = sample.boxes[v - 1][1].astype(np.float64)
             pre = B.hflip(post)
             here, other = (pre, post) if mirrored else (post, pre)
@@ -258,8 +271,8 @@ def test_collate_shapes_and_dtypes(photos, recipe):
     ds = _dataset(images, store, recipe)
     r = ds.sampler.cfg
     batch = collate_views([ds[i] for i in range(3)])
-    P, K, V = ds.num_levels, r.padding_k, len(r.view_kinds)
-    assert [tuple(t.shape) for t in batch["images"]] == [(3, 3, s, s) for s in r.view_sizes]
+    P, K, V = ds.num_levels, r.boxes.padding_k, len(r.geometry.view_kinds)
+    assert [tuple(t.shape) for t in batch["images"]] == [(3, 3, s, s) for s in r.geometry.view_sizes]
     assert all(t.dtype == torch.float32 for t in batch["images"])
     assert batch["pairs"] == [(0, v) for v in range(1, V)]
     for p in range(V - 1):
@@ -344,7 +357,9 @@ def test_large_jpeg_decoded_reduced_gives_the_same_views(photos, tmp_path):
     Image.fromarray(skimage.data.astronaut()).resize((2048, 2048), Image.Resampling.BICUBIC).save(path, quality=92)
     rects = np.array([[100, 200, 900, 700], [1000, 300, 800, 1200]], np.int32)
     cfg = ViewsConfig(
-        color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=[0, 0, 0], solarize_prob=[0, 0, 0], cutout_views=[]
+        photometric=ViewPhotometric(
+            color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=[0, 0, 0], solarize_prob=[0, 0, 0], cutout_views=[]
+        )
     )
     lazy = LazyImage(path)
     assert lazy.load(4)[0].size == (512, 512)  # decoded at 1/4 scale
@@ -358,7 +373,7 @@ def test_large_jpeg_decoded_reduced_gives_the_same_views(photos, tmp_path):
             np.testing.assert_array_equal(fast.boxes[p][side], full.boxes[p][side])
     for a, b in zip(fast.images, full.images):
         diff = np.abs(
-            denormalise(a, cfg.resolved().mean, cfg.resolved().std).astype(float)
-            - denormalise(b, cfg.resolved().mean, cfg.resolved().std).astype(float)
+            denormalise(a, cfg.resolved().photometric.mean, cfg.resolved().photometric.std).astype(float)
+            - denormalise(b, cfg.resolved().photometric.mean, cfg.resolved().photometric.std).astype(float)
         )
         assert diff.mean() < 2.0  # same picture, up to resampling differences

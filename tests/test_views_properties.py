@@ -36,7 +36,7 @@ def _check_sample(ds, index: int, epoch: int) -> None:
     rects = store.boxes(int(ds.store_indices[used]))
     props = B.rects_to_boxes(rects) if len(rects) else B.whole_image_box(*sample.image_size)
     W, H = sample.image_size
-    K = cfg.padding_k
+    K = cfg.boxes.padding_k
     for p, (a, b) in enumerate(sample.pairs):
         ids_a, ids_b = sample.ids[p]
         assert ids_a.shape == ids_b.shape == (K,)
@@ -57,9 +57,9 @@ def _check_sample(ds, index: int, epoch: int) -> None:
                 continue
             prop = props[ids - 1]
             crop = B.crop_box(sample.crops[view])
-            if view == 0 and cfg.jitter_prob > 0:
+            if view == 0 and cfg.boxes.jitter_prob > 0:
                 # V1 boxes: the proposal jittered within the bounds, then clipped to the image
-                r = cfg.jitter_ratio
+                r = cfg.boxes.jitter_ratio
                 w, h = prop[:, 2] - prop[:, 0], prop[:, 3] - prop[:, 1]
                 lo = np.stack(
                     [
@@ -87,14 +87,14 @@ def _check_sample(ds, index: int, epoch: int) -> None:
                 )
                 np.testing.assert_allclose(back, expected, atol=TOL)
             # level assignment follows the thresholds, in this view's own pixel grid
-            size = cfg.view_sizes[view]
+            size = cfg.geometry.view_sizes[view]
             sizes = np.sqrt((norm[:, 2] - norm[:, 0]) * size * (norm[:, 3] - norm[:, 1]) * size)
             levels = sample.levels[p][side]
             for s, lv in zip(sizes, levels):
-                if not cfg.scale_aware:
+                if not cfg.levels.scale_aware:
                     assert lv == 0
                     continue
-                t = cfg.level_thresholds
+                t = cfg.levels.level_thresholds
                 want = next((j for j, tj in enumerate(t) if s <= tj), -1)
                 near_edge = any(abs(s - tj) < 1e-3 for tj in t)
                 assert lv == want or near_edge

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from _views_data import photo_store
-from soco_det.data.config import PixelOptions, ViewsConfig
+from soco_det.data.config import PixelOptions, ViewPhotometric, ViewsConfig
 from soco_det.data.lazy_image import LazyImage
 from soco_det.data.resize import resize_into
 from soco_det.data.sampler import ViewSampler
@@ -139,18 +139,18 @@ def test_sampler_numba_backend_keeps_geometry_and_pixels(photos, recipe):
     images, _ = photos
     paths = sorted(images.rglob("*.jpg"))[:4]
     g = np.random.default_rng(0)
-    n = len(ViewsConfig(recipe=recipe).resolved().view_kinds)
+    n = len(ViewsConfig(recipe=recipe).resolved().geometry.view_kinds)
     plain = {k: v[:n] if isinstance(v, list) and k != "cutout_views" else v for k, v in NO_PHOTOMETRIC.items()}
     settings_ = {"device": ("device", {}), "cpu": ("cpu", {}), "cpu_plain": ("cpu", plain)}
     samplers = {
         (name, backend): ViewSampler(
-            ViewsConfig(recipe=recipe, **extra),
+            ViewsConfig(recipe=recipe, photometric=ViewPhotometric(**extra)),
             PixelOptions(photometric=mode, decode_reducing_gap=1.0, resize_backend=backend),
         )
         for name, (mode, extra) in settings_.items()
         for backend in ("numba", "pil")
     }
-    std = min(ViewsConfig(recipe=recipe).resolved().std)
+    std = min(ViewsConfig(recipe=recipe).resolved().photometric.std)
     same = total = 0
     for i, path in enumerate(paths):
         w, h = Image.open(path).size

@@ -13,7 +13,7 @@ from PIL import Image, ImageFilter
 from _views_data import photo_store
 from soco_det.data import box_blur
 from soco_det.data import device_photometric as dp
-from soco_det.data.config import DataConfig, PixelOptions, ViewsConfig
+from soco_det.data.config import DataConfig, PixelOptions, ViewPhotometric, ViewsConfig
 from soco_det.data.dataset import build_pretrain_dataset, collate_views
 
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -86,10 +86,9 @@ def test_device_path_exact_without_jitter_and_blur(photos):
     """Grayscale, solarize, normalisation and cutout reproduce the CPU path exactly."""
     views = ViewsConfig(
         recipe="soco_fpn",
-        color_jitter_prob=0.0,
-        blur_prob=[0.0, 0.0, 0.0],
-        grayscale_prob=0.5,
-        solarize_prob=[0.0, 0.5, 0.5],
+        photometric=ViewPhotometric(
+            color_jitter_prob=0.0, blur_prob=[0.0, 0.0, 0.0], grayscale_prob=0.5, solarize_prob=[0.0, 0.5, 0.5]
+        ),
     )
     images, store = photos
     mk = lambda mode: build_pretrain_dataset(

@@ -154,10 +154,10 @@ def stage_pretrain(ctx: DemoContext) -> list[str]:
     # A whole schedule (warmup, cosine to the end, target momentum to 1) in a few epochs: a run cut
     # short at the peak learning rate leaves its features half-trained.
     overrides = {
-        "train.epochs": ctx.pretrain_epochs,
-        "train.warmup_epochs": 0.5,
+        "train.loop.epochs": ctx.pretrain_epochs,
+        "train.optim.warmup_epochs": 0.5,
         "seed": ctx.seed,
-        "train.log_every": 5,
+        "train.loop.log_every": 5,
     }
     run = api.pretrain(
         images, ctx.paths["proposals"], ctx.out / "pretrain", recipe="tiny_cpu", overrides=overrides, resume="auto"
@@ -176,10 +176,10 @@ def stage_pretrain(ctx: DemoContext) -> list[str]:
         "## 4. SoCo pretraining",
         "",
         f"`soco-det pretrain --recipe tiny_cpu --images {images} --proposals {ctx.paths['proposals']} "
-        f"-o {run} train.epochs={ctx.pretrain_epochs} train.warmup_epochs=0.5`",
+        f"-o {run} train.loop.epochs={ctx.pretrain_epochs} train.optim.warmup_epochs=0.5`",
         "",
         f"ResNet-18 + FPN + 4conv1fc head, views 64/64/32, batch {cfg.data.batch_size}, "
-        f"{records[-1]['step']} steps ({ctx.pretrain_epochs} epochs) on the CPU with the small-budget rule (`train.budget={cfg.train.budget}`, "
+        f"{records[-1]['step']} steps ({ctx.pretrain_epochs} epochs) on the CPU with the small-budget rule (`train.optim.budget={cfg.train.optim.budget}`, "
         f"`model.head_decorrelation={cfg.model.head_decorrelation}`): loss {first:.3f} at step "
         f"{records[0]['step']} -> {last:.3f} at step {records[-1]['step']}; the encoder's weights moved "
         f"{100 * records[-1].get('move/encoder', float('nan')):.1f} %.",
@@ -350,10 +350,16 @@ def stage_transfer(ctx: DemoContext) -> list[str]:
     picture = plot_curves(
         curves, ctx.out / "finetune_loss.png", title="Mask R-CNN fine-tuning loss", xlabel="iteration"
     )
+    return _transfer_report(ctx, rows, picture.name)
+
+
+def _transfer_report(ctx: DemoContext, rows: list[tuple[str, dict]], picture: str) -> list[str]:
+    """The report's fine-tuning section: the COCO APs of each init, the loss curves."""
 
     def pct(v: float | None) -> str:
         return "-" if v is None or v < 0 else f"{100 * v:.2f}"
 
+    iters = ctx.finetune_iters
     lines = [
         "## 7. Fine-tuning and COCO evaluation",
         "",
@@ -376,7 +382,7 @@ def stage_transfer(ctx: DemoContext) -> list[str]:
         "end, not what SoCo is worth to a detector; `benchmarks/transfer.py` makes the like-for-like "
         "comparison with paired seeds.",
         "",
-        f"![fine-tuning loss]({picture.name})",
+        f"![fine-tuning loss]({picture})",
         "",
     ]
 

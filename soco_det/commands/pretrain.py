@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=8 -m soco_det pretrain --recipe ... -o RUN      # one node, 8 GPUs
 
 The recipe (a shipped name or a YAML file) sets every value; ``key=value`` overrides adjust it
-(``train.epochs=10 data.batch_size=32 model.roi_mode=assigned_level``); the resolved config is
+(``train.loop.epochs=10 data.batch_size=32 model.roi_mode=assigned_level``); the resolved config is
 written to ``RUN/config.yaml``. ``--resume auto`` continues ``RUN`` from its last checkpoint
 (exactly: step, schedules, sampler position, RNG), or starts fresh when there is none; a run folder
 that holds checkpoints is never started over without ``--overwrite``. Ctrl-C or SIGTERM finishes
@@ -64,13 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--device",
         choices=["auto", "cpu", "cuda"],
         default=None,
-        help="sets train.device (default: the recipe's, auto = CUDA when available)",
+        help="sets train.loop.device (default: the recipe's, auto = CUDA when available)",
     )
     parser.add_argument(
         "overrides",
         nargs="*",
         metavar="key=value",
-        help="config overrides with dotted keys, e.g. train.max_steps=2 data.batch_size=2",
+        help="config overrides with dotted keys, e.g. train.loop.max_steps=2 data.batch_size=2",
     )
 
 
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
     images = None
     if args.images is not None:
-        # `--images DIR train.max_steps=2`: --images takes several words, so overrides right after it land there
+        # `--images DIR train.loop.max_steps=2`: --images takes several words, so overrides right after it land there
         overrides = [w for w in args.images if _OVERRIDE.match(w) and not Path(w).exists()]
         args.overrides = overrides + list(args.overrides)
         images = [p for p in args.images if p not in overrides]

@@ -49,6 +49,64 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _entry(path: Path, kind: str, i: int, item: Any) -> str:
+    ident = item.get("id") if isinstance(item, dict) else None
+    return f"{path}: {kind} #{i}" + (f" (id {ident!r})" if ident is not None else "")
+
+
+def _check_categories(path: Path, data: dict[str, Any]) -> set[int]:
+    categories: set[int] = set()
+    for i, cat in enumerate(data["categories"]):
+        if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or isinstance(cat.get("id"), bool):
+            raise UserError(f"{_entry(path, 'category', i, cat)} has no whole-number 'id'")
+        if cat["id"] in categories:
+            raise UserError(f"{_entry(path, 'category', i, cat)}: category id {cat['id']} is listed twice")
+        categories.add(cat["id"])
+    return categories
+
+
+def _check_images(path: Path, data: dict[str, Any]) -> dict[int, tuple[float, float]]:
+    """``{image id: (width, height)}`` of the listed images, each checked."""
+    sizes: dict[int, tuple[float, float]] = {}
+    for i, img in enumerate(data["images"]):
+        if not isinstance(img, dict):
+            raise UserError(f"{path}: image #{i} is not an object")
+        missing = [k for k in ("id", "file_name", "width", "height") if k not in img]
+        if missing:
+            raise UserError(f"{path}: image #{i} has no {', '.join(missing)}")
+        where = _entry(path, "image", i, img)
+        if not isinstance(img["id"], int) or isinstance(img["id"], bool):
+            raise UserError(f"{where}: 'id' must be a whole number")
+        if img["id"] in sizes:
+            raise UserError(f"{where}: image id {img['id']} is listed twice (one image would be lost)")
+        if not (_is_number(img["width"]) and _is_number(img["height"]) and img["width"] >= 1 and img["height"] >= 1):
+            raise UserError(f"{where}: width/height must be positive numbers, got {img['width']!r} x {img['height']!r}")
+        if not isinstance(img["file_name"], str):
+            raise UserError(f"{where}: 'file_name' must be a string")
+        check_relative_path(img["file_name"], where)
+        sizes[img["id"]] = (float(img["width"]), float(img["height"]))
+    return sizes
+
+
+def _check_annotation(path: Path, i: int, ann: Any, ann_ids: set, categories: set[int]) -> None:
+    if not isinstance(ann, dict):
+        raise UserError(f"{path}: annotation #{i} is not an object")
+    missing = [k for k in ("id", "image_id", "category_id", "bbox") if k not in ann]
+    if missing:
+        raise UserError(f"{path}: annotation #{i} (id {ann.get('id')}) has no {', '.join(missing)}")
+    where = _entry(path, "annotation", i, ann)
+    if ann["id"] in ann_ids:
+        raise UserError(f"{where}: annotation id {ann['id']!r} is used twice")
+    ann_ids.add(ann["id"])
+    bbox = ann["bbox"]
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+        raise UserError(f"{where}: 'bbox' must be [x, y, width, height] numbers, got {bbox!r}")
+    if ann["category_id"] not in categories:
+        raise UserError(
+            f"{where}: category_id {ann['category_id']!r} is not in 'categories' (ids {sorted(categories)[:10]})"
+        )
+
+
 def validate_coco(path: Path, data: dict[str, Any]) -> dict[str, int]:
     """Check a COCO instances dict before anything trains or scores on it.
 
@@ -59,64 +117,18 @@ def validate_coco(path: Path, data: dict[str, Any]) -> dict[str, int]:
     image, are kept in the file's index but never used as targets; boxes reaching outside their
     image are clipped to it. Those counts are returned and logged as one warning line.
     """
-
-    def entry(kind: str, i: int, item: Any) -> str:
-        ident = item.get("id") if isinstance(item, dict) else None
-        return f"{path}: {kind} #{i}" + (f" (id {ident!r})" if ident is not None else "")
-
-    categories: set[int] = set()
-    for i, cat in enumerate(data["categories"]):
-        if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or isinstance(cat.get("id"), bool):
-            raise UserError(f"{entry('category', i, cat)} has no whole-number 'id'")
-        if cat["id"] in categories:
-            raise UserError(f"{entry('category', i, cat)}: category id {cat['id']} is listed twice")
-        categories.add(cat["id"])
-    sizes: dict[int, tuple[float, float]] = {}
-    for i, img in enumerate(data["images"]):
-        if not isinstance(img, dict):
-            raise UserError(f"{path}: image #{i} is not an object")
-        missing = [k for k in ("id", "file_name", "width", "height") if k not in img]
-        if missing:
-            raise UserError(f"{path}: image #{i} has no {', '.join(missing)}")
-        if not isinstance(img["id"], int) or isinstance(img["id"], bool):
-            raise UserError(f"{entry('image', i, img)}: 'id' must be a whole number")
-        if img["id"] in sizes:
-            raise UserError(f"{entry('image', i, img)}: image id {img['id']} is listed twice (one image would be lost)")
-        if not (_is_number(img["width"]) and _is_number(img["height"]) and img["width"] >= 1 and img["height"] >= 1):
-            raise UserError(
-                f"{entry('image', i, img)}: width/height must be positive numbers, "
-                f"got {img['width']!r} x {img['height']!r}"
-            )
-        if not isinstance(img["file_name"], str):
-            raise UserError(f"{entry('image', i, img)}: 'file_name' must be a string")
-        check_relative_path(img["file_name"], f"{entry('image', i, img)}")
-        sizes[img["id"]] = (float(img["width"]), float(img["height"]))
+    categories = _check_categories(path, data)
+    sizes = _check_images(path, data)
     report = {"orphans": 0, "degenerate": 0, "outside": 0, "clipped": 0}
-    kept, ann_ids = [], set()
+    kept: list[dict[str, Any]] = []
+    ann_ids: set = set()
     for i, ann in enumerate(data["annotations"]):
-        if not isinstance(ann, dict):
-            raise UserError(f"{path}: annotation #{i} is not an object")
-        missing = [k for k in ("id", "image_id", "category_id", "bbox") if k not in ann]
-        if missing:
-            raise UserError(f"{path}: annotation #{i} (id {ann.get('id')}) has no {', '.join(missing)}")
-        if ann["id"] in ann_ids:
-            raise UserError(f"{entry('annotation', i, ann)}: annotation id {ann['id']!r} is used twice")
-        ann_ids.add(ann["id"])
-        bbox = ann["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-            raise UserError(
-                f"{entry('annotation', i, ann)}: 'bbox' must be [x, y, width, height] numbers, got {bbox!r}"
-            )
-        if ann["category_id"] not in categories:
-            raise UserError(
-                f"{entry('annotation', i, ann)}: category_id {ann['category_id']!r} is not in 'categories' "
-                f"(ids {sorted(categories)[:10]})"
-            )
+        _check_annotation(path, i, ann, ann_ids, categories)
         if ann["image_id"] not in sizes:
             report["orphans"] += 1
             continue
         kept.append(ann)
-        x, y, w, h = bbox
+        x, y, w, h = ann["bbox"]
         width, height = sizes[ann["image_id"]]
         if w <= 0 or h <= 0:
             report["degenerate"] += 1

@@ -1,12 +1,15 @@
 """Configuration of the data stage: where the images and proposals are, and how views are made.
 
 ``ViewsConfig`` starts from a named recipe (``soco_fpn``, ``soco_fpn_400``, ``soco_star``,
-``soco_c4``, ``paper``; docs/method.md 2.1, 6.1, 9.1). Every other field defaults to ``None``, which
-means "take the recipe's value", so a YAML recipe or the command line can pick a recipe and
-override single values (``data.views.recipe=soco_c4 data.views.cutout_prob=0.3``).
+``soco_c4``, ``paper``; docs/method.md 2.1, 6.1, 9.1). Its values sit in four sections,
+``geometry`` (views, crops, flips), ``boxes`` (proposals per pair, padding, jitter),
+``photometric`` (colour, blur, solarize, normalisation, cutout) and ``levels`` (FPN level
+assignment); every field there defaults to ``None``, which means "take the recipe's value", so a
+YAML recipe or the command line can pick a recipe and override single values
+(``data.views.recipe=soco_c4 data.views.photometric.cutout_prob=0.3``).
 :meth:`ViewsConfig.resolved` returns the fully specified config the sampler uses.
 
-A view is described by ``view_kinds[v]``:
+A view is described by ``geometry.view_kinds[v]``:
 
 * ``"whole"``: the whole image resized to ``view_sizes[v]`` (aspect ratio not kept); must be view 0;
 * ``"crop"``: an independent RandomResizedCrop of the *original* image (``crop_scale``,
@@ -27,7 +30,9 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
+
+from soco_det.config import moved_keys
 
 RECIPES = ("soco_fpn", "soco_fpn_400", "soco_star", "soco_c4", "paper")
 
@@ -110,22 +115,89 @@ PRESETS: dict[str, dict] = {
 }
 
 
-@dataclass
-class ViewsConfig:
-    """How the views of one sample are made. ``None`` fields take the recipe's value."""
+def _lo_hi(name: str, lo_hi: list[float], most: float | None = None, what: str = "") -> None:
+    if len(lo_hi) != 2 or not (0 < lo_hi[0] <= lo_hi[1]):
+        raise ValueError(f"{name}: expected [lo, hi] with 0 < lo <= hi, got {lo_hi}")
+    if most is not None and lo_hi[1] > most:
+        raise ValueError(f"{name}: {what} (<= {most:g}), got {lo_hi}")
 
-    recipe: str = "soco_fpn"
+
+def _probabilities(section: str, values: dict[str, float | list[float]]) -> None:
+    for name, value in values.items():
+        if any(not (0.0 <= p <= 1.0) for p in (value if isinstance(value, list) else [value])):
+            raise ValueError(f"{section}.{name}: probabilities must lie in [0, 1], got {value}")
+
+
+@dataclass
+class ViewGeometry:
+    """``data.views.geometry``: what each view shows (docs/method.md 2.1-2.2): its kind
+    (``whole``, ``crop``, ``down:m``), its size, the crop's scale, ratio and attempts, the flip."""
+
     view_kinds: Optional[list[str]] = None
     view_sizes: Optional[list[int]] = None
     crop_scale: Optional[list[float]] = None  # area fraction of the original image, [lo, hi]
     crop_ratio: Optional[list[float]] = None  # aspect ratio w/h range, drawn log-uniformly
     crop_attempts: Optional[int] = None  # then the centre-crop fallback (torchvision semantics)
+    flip_prob: Optional[float] = None  # per view, independently
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the first inconsistent value (of a resolved config)."""
+        kinds, n = self.view_kinds, len(self.view_kinds)
+        if n < 2:
+            raise ValueError("geometry.view_kinds: at least two views are needed")
+        if kinds[0] != "whole":
+            raise ValueError(f"geometry.view_kinds[0] must be 'whole' (V1 is the whole image), got {kinds[0]!r}")
+        for v, kind in enumerate(kinds[1:], start=1):
+            if kind == "crop":
+                continue
+            if not kind.startswith("down:"):
+                raise ValueError(f"geometry.view_kinds[{v}]: {kind!r} is not 'crop' or 'down:M'")
+            try:
+                m = int(kind.split(":", 1)[1])
+            except ValueError:
+                raise ValueError(f"geometry.view_kinds[{v}]: {kind!r} does not name a view index") from None
+            if not (1 <= m < v) or kinds[m] != "crop":
+                raise ValueError(f"geometry.view_kinds[{v}]: {kind!r} must name an earlier 'crop' view")
+        if len(self.view_sizes) != n:
+            raise ValueError(f"geometry.view_sizes: expected {n} values (one per view), got {len(self.view_sizes)}")
+        if any(s < 8 for s in self.view_sizes):
+            raise ValueError(f"geometry.view_sizes: every size must be >= 8, got {self.view_sizes}")
+        _lo_hi("geometry.crop_scale", self.crop_scale, 1.0, "the upper bound is a fraction of the image area")
+        _lo_hi("geometry.crop_ratio", self.crop_ratio)
+        if self.crop_attempts < 1:
+            raise ValueError(f"geometry.crop_attempts: must be >= 1, got {self.crop_attempts}")
+        _probabilities("geometry", {"flip_prob": self.flip_prob})
+
+
+@dataclass
+class ViewBoxes:
+    """``data.views.boxes``: the proposals of each view pair (docs/method.md 2.3-2.5): how many are
+    drawn among those overlapping the crop, padded to ``padding_k`` rows, after up to ``max_tries``
+    crop draws, and the jitter of V1's boxes."""
+
     select_k: Optional[int] = None  # proposals drawn per pair from those overlapping the crop
     padding_k: Optional[int] = None  # K: rows per view and pair after padding
     max_tries: Optional[int] = None  # crop re-draws until every pair has enough proposals
     jitter_prob: Optional[float] = None  # per V1 box, separately per pair
     jitter_ratio: Optional[float] = None
-    flip_prob: Optional[float] = None  # per view, independently
+
+    def check(self) -> None:
+        for name in ("select_k", "padding_k", "max_tries"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"boxes.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.select_k > self.padding_k:
+            raise ValueError(f"boxes.select_k ({self.select_k}) must not exceed boxes.padding_k ({self.padding_k})")
+        _probabilities("boxes", {"jitter_prob": self.jitter_prob})
+        if not (0.0 <= self.jitter_ratio < 0.5):
+            raise ValueError(f"boxes.jitter_ratio: must lie in [0, 0.5), got {self.jitter_ratio}")
+
+
+@dataclass
+class ViewPhotometric:
+    """``data.views.photometric``: the colour jitter, grayscale, blur and solarize of each view, the
+    normalisation, and the cutout inside the boxes (docs/method.md 2.6). Where they run (loader
+    workers or the device) is ``data.photometric``."""
+
     color_jitter: Optional[list[float]] = None  # brightness, contrast, saturation, hue
     color_jitter_prob: Optional[float] = None
     grayscale_prob: Optional[float] = None
@@ -133,99 +205,119 @@ class ViewsConfig:
     blur_sigma: Optional[list[float]] = None  # PIL GaussianBlur(radius=sigma), sigma ~ U(lo, hi)
     solarize_prob: Optional[list[float]] = None  # per view
     solarize_threshold: Optional[int] = None
+    mean: Optional[list[float]] = None
+    std: Optional[list[float]] = None
     cutout_views: Optional[list[int]] = None  # view indices that get cutout inside their boxes
     cutout_prob: Optional[float] = None  # per box row, padded duplicates included
     cutout_ratio: Optional[list[float]] = None  # square area as a fraction of the box area
     cutout_mirrored: bool = False  # official pre-fix placement: pre-flip boxes, clip at view_sizes[0]
+
+    def check(self, n: int) -> None:
+        """As :meth:`ViewGeometry.check`, for ``n`` views."""
+        for name in ("blur_prob", "solarize_prob"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(
+                    f"photometric.{name}: expected {n} values (one per view), got {len(getattr(self, name))}"
+                )
+        _lo_hi("photometric.blur_sigma", self.blur_sigma)
+        _lo_hi("photometric.cutout_ratio", self.cutout_ratio, 1.0, "fractions of the box area")
+        _probabilities(
+            "photometric",
+            {
+                "color_jitter_prob": self.color_jitter_prob,
+                "grayscale_prob": self.grayscale_prob,
+                "cutout_prob": self.cutout_prob,
+                "blur_prob": list(self.blur_prob),
+                "solarize_prob": list(self.solarize_prob),
+            },
+        )
+        cj = self.color_jitter
+        if len(cj) != 4 or any(c < 0 for c in cj) or cj[3] > 0.5:
+            raise ValueError(f"photometric.color_jitter: [brightness, contrast, saturation, hue>=0,<=0.5], got {cj}")
+        if any(not (1 <= v < n) for v in self.cutout_views):
+            raise ValueError(f"photometric.cutout_views: view indices in 1..{n - 1}, got {self.cutout_views}")
+        if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
+            raise ValueError("photometric.mean/std: three values each, std > 0")
+        if not (0 <= self.solarize_threshold <= 256):
+            raise ValueError(f"photometric.solarize_threshold: in 0..256, got {self.solarize_threshold}")
+
+
+@dataclass
+class ViewLevels:
+    """``data.views.levels``: the FPN level each box is assigned to, by its size in view pixels
+    (docs/method.md 2.7)."""
+
     level_thresholds: Optional[list[float]] = None  # sqrt-area upper bounds of P2.. in view pixels
     scale_aware: Optional[bool] = None  # False: one level (C4), every box at level 0
-    mean: Optional[list[float]] = None
-    std: Optional[list[float]] = None
+
+    def check(self) -> None:
+        t = self.level_thresholds
+        if self.scale_aware and (not t or any(b <= a for a, b in zip(t, t[1:])) or t[0] <= 0):
+            raise ValueError(f"levels.level_thresholds: a non-empty increasing list of sizes, got {t}")
+
+
+SECTIONS = {"geometry": ViewGeometry, "boxes": ViewBoxes, "photometric": ViewPhotometric, "levels": ViewLevels}
+
+# The flat keys of soco-det before the sections (data.views.crop_scale is now data.views.geometry.crop_scale, ...).
+VIEWS_MOVED_KEYS = {f.name: f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+
+
+@moved_keys(VIEWS_MOVED_KEYS)
+@dataclass
+class ViewsConfig:
+    """How the views of one sample are made: a ``recipe`` preset, then four sections whose ``None``
+    fields take the recipe's value (``geometry``, ``boxes``, ``photometric``, ``levels``), and
+    ``legacy`` box conventions. The flat keys of older versions (``data.views.crop_scale``, ...) are
+    still read (soco_det/config.py)."""
+
+    recipe: str = "soco_fpn"
+    geometry: ViewGeometry = field(default_factory=ViewGeometry)
+    boxes: ViewBoxes = field(default_factory=ViewBoxes)
+    photometric: ViewPhotometric = field(default_factory=ViewPhotometric)
+    levels: ViewLevels = field(default_factory=ViewLevels)
     legacy: bool = False  # official inclusive-pixel box conventions (docs/method.md 1.4, 2.4, 9.5)
 
     def resolved(self) -> "ViewsConfig":
-        """A copy with every ``None`` field filled from the recipe preset."""
+        """A copy with every ``None`` field of every section filled from the recipe preset."""
         if self.recipe not in PRESETS:
             raise ValueError(f"unknown views recipe {self.recipe!r} (known: {', '.join(RECIPES)})")
         preset = PRESETS[self.recipe]
-        values = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if value is None:
-                value = preset[f.name]
-            values[f.name] = list(value) if isinstance(value, (list, tuple)) else value
-        return ViewsConfig(**values)
+
+        def fill(section: Any) -> Any:
+            values = {}
+            for f in dataclasses.fields(section):
+                value = getattr(section, f.name)
+                if value is None:
+                    value = preset[f.name]
+                values[f.name] = list(value) if isinstance(value, (list, tuple)) else value
+            return type(section)(**values)
+
+        return ViewsConfig(
+            recipe=self.recipe, **{name: fill(getattr(self, name)) for name in SECTIONS}, legacy=self.legacy
+        )
 
     @property
     def num_views(self) -> int:
-        return len(self.resolved().view_kinds)
+        return len(self.resolved().geometry.view_kinds)
 
     @property
     def num_levels(self) -> int:
         """P: number of FPN levels boxes are assigned to (1 without scale-aware assignment)."""
-        r = self.resolved()
-        return len(r.level_thresholds) if r.scale_aware else 1
+        levels = self.resolved().levels
+        return len(levels.level_thresholds) if levels.scale_aware else 1
 
     def source_view(self, v: int) -> int:
         """The view whose crop (and proposals) view ``v`` uses: ``m`` for ``down:m``, else ``v``."""
-        kind = self.resolved().view_kinds[v]
+        kind = self.resolved().geometry.view_kinds[v]
         return int(kind.split(":", 1)[1]) if kind.startswith("down:") else v
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first inconsistent value."""
+        """Raise ``ValueError`` naming the first inconsistent value (section.key)."""
         r = self.resolved()
-        n = len(r.view_kinds)
-        if n < 2:
-            raise ValueError("view_kinds: at least two views are needed")
-        if r.view_kinds[0] != "whole":
-            raise ValueError(f"view_kinds[0] must be 'whole' (V1 is the whole image), got {r.view_kinds[0]!r}")
-        for v, kind in enumerate(r.view_kinds[1:], start=1):
-            if kind == "crop":
-                continue
-            if not kind.startswith("down:"):
-                raise ValueError(f"view_kinds[{v}]: {kind!r} is not 'crop' or 'down:M'")
-            try:
-                m = int(kind.split(":", 1)[1])
-            except ValueError:
-                raise ValueError(f"view_kinds[{v}]: {kind!r} does not name a view index") from None
-            if not (1 <= m < v) or r.view_kinds[m] != "crop":
-                raise ValueError(f"view_kinds[{v}]: {kind!r} must name an earlier 'crop' view")
-        for name in ("view_sizes", "blur_prob", "solarize_prob"):
-            if len(getattr(r, name)) != n:
-                raise ValueError(f"{name}: expected {n} values (one per view), got {len(getattr(r, name))}")
-        if any(s < 8 for s in r.view_sizes):
-            raise ValueError(f"view_sizes: every size must be >= 8, got {r.view_sizes}")
-        for name in ("crop_scale", "crop_ratio", "blur_sigma", "cutout_ratio"):
-            lo_hi = getattr(r, name)
-            if len(lo_hi) != 2 or not (0 < lo_hi[0] <= lo_hi[1]):
-                raise ValueError(f"{name}: expected [lo, hi] with 0 < lo <= hi, got {lo_hi}")
-        if r.crop_scale[1] > 1.0:
-            raise ValueError(f"crop_scale: the upper bound is a fraction of the image area (<= 1), got {r.crop_scale}")
-        if r.cutout_ratio[1] > 1.0:
-            raise ValueError(f"cutout_ratio: fractions of the box area (<= 1), got {r.cutout_ratio}")
-        for name in ("crop_attempts", "select_k", "padding_k", "max_tries"):
-            if getattr(r, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(r, name)}")
-        if r.select_k > r.padding_k:
-            raise ValueError(f"select_k ({r.select_k}) must not exceed padding_k ({r.padding_k})")
-        probs = [r.jitter_prob, r.flip_prob, r.color_jitter_prob, r.grayscale_prob, r.cutout_prob]
-        probs += list(r.blur_prob) + list(r.solarize_prob)
-        if any(not (0.0 <= p <= 1.0) for p in probs):
-            raise ValueError("probabilities (jitter/flip/colour/grayscale/blur/solarize/cutout) must lie in [0, 1]")
-        if not (0.0 <= r.jitter_ratio < 0.5):
-            raise ValueError(f"jitter_ratio: must lie in [0, 0.5), got {r.jitter_ratio}")
-        if len(r.color_jitter) != 4 or any(c < 0 for c in r.color_jitter) or r.color_jitter[3] > 0.5:
-            raise ValueError(f"color_jitter: [brightness, contrast, saturation, hue>=0,<=0.5], got {r.color_jitter}")
-        if any(not (1 <= v < n) for v in r.cutout_views):
-            raise ValueError(f"cutout_views: view indices in 1..{n - 1}, got {r.cutout_views}")
-        if r.scale_aware:
-            t = r.level_thresholds
-            if not t or any(b <= a for a, b in zip(t, t[1:])) or t[0] <= 0:
-                raise ValueError(f"level_thresholds: a non-empty increasing list of sizes, got {t}")
-        if len(r.mean) != 3 or len(r.std) != 3 or any(s <= 0 for s in r.std):
-            raise ValueError("mean/std: three values each, std > 0")
-        if not (0 <= r.solarize_threshold <= 256):
-            raise ValueError(f"solarize_threshold: in 0..256, got {r.solarize_threshold}")
+        r.geometry.check()
+        r.boxes.check()
+        r.photometric.check(len(r.geometry.view_kinds))
+        r.levels.check()
 
 
 @dataclass

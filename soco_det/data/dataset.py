@@ -161,10 +161,10 @@ class PretrainDataset(torch.utils.data.Dataset):
             "skipped": skipped,
         }
         if self.photometric == "device":
-            k = self.sampler.cfg.padding_k
+            k = self.sampler.cfg.boxes.padding_k
             out["photometric"] = sample.params
             out["cutout"] = [_pad_regions(r, k) for r in sample.cutouts]
-            out["norm"] = (self.sampler.cfg.mean, self.sampler.cfg.std)
+            out["norm"] = (self.sampler.cfg.photometric.mean, self.sampler.cfg.photometric.std)
         return out
 
 

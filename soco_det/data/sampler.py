@@ -113,29 +113,31 @@ class ViewSampler:
         self.pixels = pixels
         self.cfg = cfg.resolved()
         c = self.cfg
-        self.num_views = len(c.view_kinds)
+        self.num_views = len(c.geometry.view_kinds)
         self.source = [cfg.source_view(v) for v in range(self.num_views)]
         self.pairs = [(0, v) for v in range(1, self.num_views)]
-        self.thresholds = c.level_thresholds if c.scale_aware else None
-        self.num_levels = len(c.level_thresholds) if c.scale_aware else 1
+        self.thresholds = c.levels.level_thresholds if c.levels.scale_aware else None
+        self.num_levels = len(c.levels.level_thresholds) if c.levels.scale_aware else 1
 
     # -- geometry ---------------------------------------------------------------------------
     def _draw_crops(self, width: int, height: int, props: np.ndarray, rng: np.random.Generator):
         c = self.cfg
-        least_common = max(c.padding_k // 2, 1)
+        least_common = max(c.boxes.padding_k // 2, 1)
         crops: list[B.Crop] = []
         selected: dict[int, np.ndarray] = {}
         tries = 0
-        while tries < c.max_tries:
-            crops = [whole_image(width, height) if kind == "whole" else None for kind in c.view_kinds]
-            for v, kind in enumerate(c.view_kinds):
+        while tries < c.boxes.max_tries:
+            crops = [whole_image(width, height) if kind == "whole" else None for kind in c.geometry.view_kinds]
+            for v, kind in enumerate(c.geometry.view_kinds):
                 if kind == "crop":
-                    crops[v] = random_resized_crop(width, height, c.crop_scale, c.crop_ratio, c.crop_attempts, rng)
-            for v, kind in enumerate(c.view_kinds):
+                    crops[v] = random_resized_crop(
+                        width, height, c.geometry.crop_scale, c.geometry.crop_ratio, c.geometry.crop_attempts, rng
+                    )
+            for v, kind in enumerate(c.geometry.view_kinds):
                 if kind == "crop":
                     pool = np.flatnonzero(B.overlaps(props, B.crop_box(crops[v], c.legacy)))
-                    if len(pool) > c.select_k:
-                        pool = rng.choice(pool, c.select_k, replace=False)
+                    if len(pool) > c.boxes.select_k:
+                        pool = rng.choice(pool, c.boxes.select_k, replace=False)
                     selected[v] = pool
             tries += 1
             if all(len(s) >= least_common for s in selected.values()):
@@ -152,7 +154,7 @@ class ViewSampler:
         return np.array([[0.0, 0.0, w + end, h + end]])
 
     def _pad(self, local: np.ndarray, ids: np.ndarray, common: np.ndarray, rng: np.random.Generator):
-        need = self.cfg.padding_k - len(ids)
+        need = self.cfg.boxes.padding_k - len(ids)
         if need <= 0:
             return local, ids, 0
         # ids and common hold <= select_k values: a broadcast compare beats np.isin's sorting
@@ -161,7 +163,7 @@ class ViewSampler:
 
     def _pair_boxes(self, props, prop_ids, sel, crop0, crop_v, rng) -> _PairBoxes:
         c = self.cfg
-        jittered = B.jitter(props[sel], rng, c.jitter_prob, c.jitter_ratio, c.legacy)
+        jittered = B.jitter(props[sel], rng, c.boxes.jitter_prob, c.boxes.jitter_ratio, c.legacy)
         local0, ids0 = B.clip_to_crop(jittered, prop_ids[sel], crop0, c.legacy)
         local_v, ids_v = B.clip_to_crop(props[sel], prop_ids[sel], crop_v, c.legacy)
         common = ids_v[(ids_v[:, None] == ids0[None, :]).any(axis=1)]  # ids in both (unique: ids_v is)
@@ -207,16 +209,16 @@ class ViewSampler:
         chw: list = [None] * self.num_views
         for v in direct:
             top, left, h, w = crops[v]
-            views[v], chw[v] = self._view_buffer(c.view_sizes[v])
+            views[v], chw[v] = self._view_buffer(c.geometry.view_sizes[v])
             resize_into(src, (left * sx, top * sy, (left + w) * sx, (top + h) * sy), chw[v], flips[v])
-        for v, kind in enumerate(c.view_kinds):
+        for v, kind in enumerate(c.geometry.view_kinds):
             if kind.startswith("down:"):  # view m's resized crop before m's flip and colour
                 m = self.source[v]
                 src_m = chw[m].transpose(1, 2, 0)  # [S_m, S_m, 3] as stored
                 if flips[m]:
                     src_m = src_m[:, ::-1]  # un-flip by indexing: m's pixels before its flip
-                size_m = c.view_sizes[m]
-                views[v], chw[v] = self._view_buffer(c.view_sizes[v])
+                size_m = c.geometry.view_sizes[m]
+                views[v], chw[v] = self._view_buffer(c.geometry.view_sizes[v])
                 resize_into(src_m, (0.0, 0.0, float(size_m), float(size_m)), chw[v], flips[v])
         return views
 
@@ -229,14 +231,14 @@ class ViewSampler:
         resized: list[Image.Image] = [None] * self.num_views  # type: ignore[list-item]
         for v in direct:
             top, left, h, w = crops[v]
-            size = (c.view_sizes[v], c.view_sizes[v])
+            size = (c.geometry.view_sizes[v], c.geometry.view_sizes[v])
             box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
             resized[v] = pixels.resize(
                 size, Image.Resampling.BILINEAR, box=box, reducing_gap=self.pixels.resize_reducing_gap
             )
-        for v, kind in enumerate(c.view_kinds):
+        for v, kind in enumerate(c.geometry.view_kinds):
             if kind.startswith("down:"):  # before view m's flip and colour
-                resized[v] = resized[self.source[v]].resize((c.view_sizes[v],) * 2, Image.Resampling.BILINEAR)
+                resized[v] = resized[self.source[v]].resize((c.geometry.view_sizes[v],) * 2, Image.Resampling.BILINEAR)
         views = []
         for v, view in enumerate(resized):
             arr = np.asarray(view, dtype=np.uint8)
@@ -294,10 +296,10 @@ class ViewSampler:
         }
         pairs = [by_source[self.source[v]] for _, v in self.pairs]
         levels = [
-            tuple(self._levels(pb.local[s], crops[view], c.view_sizes[view]) for s, view in enumerate(pair))
+            tuple(self._levels(pb.local[s], crops[view], c.geometry.view_sizes[view]) for s, view in enumerate(pair))
             for pb, pair in zip(pairs, self.pairs)
         ]
-        flips = [bool(rng.random() < c.flip_prob) for _ in range(self.num_views)]
+        flips = [bool(rng.random() < c.geometry.flip_prob) for _ in range(self.num_views)]
         norm_pre = [
             tuple(B.normalise(pb.local[s], crops[view]) for s, view in enumerate(pair))
             for pb, pair in zip(pairs, self.pairs)
@@ -324,12 +326,14 @@ class ViewSampler:
         once, at a reduced JPEG scale when every crop allows it)."""
         c = self.cfg
         crops = geo.crops
-        direct = [v for v, kind in enumerate(c.view_kinds) if not kind.startswith("down:")]
+        direct = [v for v, kind in enumerate(c.geometry.view_kinds) if not kind.startswith("down:")]
         if isinstance(img, LazyImage):
             reduce = 1
             if self.pixels.decode_reducing_gap:
                 crop_wh = [(crops[v][3], crops[v][2]) for v in direct]
-                reduce = draft_reduction(crop_wh, [c.view_sizes[v] for v in direct], self.pixels.decode_reducing_gap)
+                reduce = draft_reduction(
+                    crop_wh, [c.geometry.view_sizes[v] for v in direct], self.pixels.decode_reducing_gap
+                )
             pixels, sx, sy = img.load(reduce)
         else:
             pixels, sx, sy = img, 1.0, 1.0
@@ -345,30 +349,32 @@ class ViewSampler:
         for v, view in enumerate(views):
             p = photometric.draw_params(
                 rng,
-                jitter=c.color_jitter,
-                jitter_prob=c.color_jitter_prob,
-                grayscale_prob=c.grayscale_prob,
-                blur_prob=c.blur_prob[v],
-                blur_sigma=c.blur_sigma,
-                solarize_prob=c.solarize_prob[v],
-                solarize_threshold=c.solarize_threshold,
+                jitter=c.photometric.color_jitter,
+                jitter_prob=c.photometric.color_jitter_prob,
+                grayscale_prob=c.photometric.grayscale_prob,
+                blur_prob=c.photometric.blur_prob[v],
+                blur_sigma=c.photometric.blur_sigma,
+                solarize_prob=c.photometric.solarize_prob[v],
+                solarize_threshold=c.photometric.solarize_threshold,
             )
             if self.pixels.photometric == "cpu":  # view: uint8 [S, S, 3], flipped already
-                tensor = photometric.apply_params(view, p, c.mean, c.std)
+                tensor = photometric.apply_params(view, p, c.photometric.mean, c.photometric.std)
             else:  # uint8 [3, S, S]; colour, blur, normalisation and cutout happen on the device
                 tensor = view
             regions = np.zeros((0, 4), dtype=np.int64)
-            if v in c.cutout_views:
+            if v in c.photometric.cutout_views:
                 p_idx = v - 1  # view v >= 1 appears in exactly one pair, (0, v)
-                size = c.view_sizes[v]
-                if c.cutout_mirrored:
+                size = c.geometry.view_sizes[v]
+                if c.photometric.cutout_mirrored:
                     # Official pre-fix placement: pre-flip integer boxes, bound hard-wired to V1's size.
                     pixel = self._cutout_pixel_boxes(geo.norm_pre[p_idx][1], size)
-                    bound = c.view_sizes[0]
+                    bound = c.geometry.view_sizes[0]
                 else:
                     pixel = self._cutout_pixel_boxes(geo.norm[p_idx][1], size)
                     bound = size - 1
-                regions = photometric.cutout_regions(pixel, rng, c.cutout_prob, c.cutout_ratio, bound)
+                regions = photometric.cutout_regions(
+                    pixel, rng, c.photometric.cutout_prob, c.photometric.cutout_ratio, bound
+                )
                 if self.pixels.photometric == "cpu":
                     photometric.apply_cutout(tensor, regions)
             images.append(tensor)

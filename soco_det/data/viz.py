@@ -38,8 +38,11 @@ def render_views(dataset, out_png: str, samples: int = 4, epoch: int = 0) -> str
         for p, pair in enumerate(sample.pairs):
             for side, view in enumerate(pair):
                 ax = axes[row][2 * p + side]
-                size = cfg.view_sizes[view]
-                ax.imshow(denormalise(sample.images[view], cfg.mean, cfg.std), extent=(0, size, size, 0))
+                size = cfg.geometry.view_sizes[view]
+                ax.imshow(
+                    denormalise(sample.images[view], cfg.photometric.mean, cfg.photometric.std),
+                    extent=(0, size, size, 0),
+                )
                 for box, pid, level in zip(sample.boxes[p][side], sample.ids[p][side], sample.levels[p][side]):
                     x1, y1, x2, y2 = (float(c) * size for c in box)
                     color = cmap(int(pid) % 20)

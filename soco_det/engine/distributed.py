@@ -8,7 +8,7 @@ BatchNorm across processes: with ``model.sync_bn=true`` the model's BN layers ar
 the official runs) by :mod:`soco_det.models.segment_bn` over ``torch.distributed``, so on CPU (gloo)
 as well as CUDA (NCCL), with the per-call statistics of the official SyncBatchNorm also inside
 batched calls; then a 2-process run equals one process over the same global batch. Without it each
-process keeps its own BN statistics; ``train.freeze_bn=true`` (running statistics) also makes the
+process keeps its own BN statistics; ``train.loop.freeze_bn=true`` (running statistics) also makes the
 result independent of how the global batch is split.
 """
 

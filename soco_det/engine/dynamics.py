@@ -128,7 +128,7 @@ class TrainingDynamics(Hook):
             log.warning(
                 "after %d steps the encoder's weights have moved %.2f %% from their start: this run is not "
                 "training its features (small batch or few steps with the paper's LARS settings); see docs/budget.md "
-                "(train.budget=auto)",
+                "(train.optim.budget=auto)",
                 trainer.step,
                 100 * move,
             )

@@ -1,9 +1,9 @@
 """The training loop that pretraining and fine-tuning share: a step function and hooks around it.
 
-A :class:`TrainerBase` subclass says how to get the next batch (:meth:`~TrainerBase.next_batch`)
-and what one optimizer step is (:meth:`~TrainerBase.run_step`); the loop, the stop signal, the
-non-finite-loss check and the hooks are here, in the manner of detectron2's ``SimpleTrainer`` and
-its hooks. Everything around the step (metrics, progress, checkpoints, evaluation) is a
+A :class:`TrainerBase` holds the model, its optimizer and the step count; a subclass says how to
+get the next batch (:meth:`~TrainerBase.next_batch`) and what one optimizer step is
+(:meth:`~TrainerBase.run_step`); the loop, the stop signal, the non-finite-loss check and the hooks
+are here, in the manner of detectron2's ``SimpleTrainer`` and its hooks. Everything around the step (metrics, progress, checkpoints, evaluation) is a
 :class:`Hook`, called before/after each step and at the ends of the run
 (:mod:`soco_det.engine.hooks`).
 
@@ -20,8 +20,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from soco_det.checkpoint_files import find_resume
+from soco_det.checkpoint_files import find_resume, load_model_strict
 from soco_det.engine import distributed as dist_utils
+from soco_det.engine.checkpoint import capture_rng
 from soco_det.engine.signals import GracefulStop
 from soco_det.errors import Interrupted
 
@@ -75,17 +76,24 @@ class TrainerBase:
     """The loop: ``next_batch`` -> hooks' ``before_step`` -> ``run_step`` -> ``advance`` -> the
     non-finite check when due -> hooks' ``after_step``, until ``stop_step`` or a stop request.
 
-    ``amp_dtype`` is the autocast dtype of :meth:`autocast` (``None``: full precision).
+    ``model`` is the unwrapped network (what checkpoints hold); ``forward_model`` is what the step
+    calls (the model itself, or its DDP / compiled wrapper); ``scaler`` is the GradScaler of fp16
+    (disabled otherwise). ``amp_dtype`` is the autocast dtype of :meth:`autocast` (``None``: full precision).
     ``check_every``: how often (in steps) the losses noted by :meth:`note_finite` are checked; a
     check is one host sync, and the last step and every checkpoint are always checked.
     ``nonfinite_hint`` ends the message of :class:`NonFiniteLossError`.
     """
 
     nonfinite_hint = ""
+    epoch = 0  # the epoch under way (a subclass that tracks its data's epochs overrides it)
 
     def __init__(
         self,
         *,
+        model: nn.Module,
+        forward_model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
         device: torch.device,
         stop_step: int,
         amp_dtype: torch.dtype | None = None,
@@ -93,10 +101,10 @@ class TrainerBase:
         hooks: Sequence[Hook] = (),
         check_every: int = 1,
     ) -> None:
+        self.model, self.forward_model, self.optimizer, self.scaler = model, forward_model, optimizer, scaler
         self.device, self.stop_step, self.amp_dtype, self.run_dir = device, stop_step, amp_dtype, run_dir
         self.hooks = list(hooks)
         self.step = 0
-        self.epoch = 0
         self.epoch_ended = False  # True right after the step that finished an epoch
         self.check_every = max(1, int(check_every))
         self._first_bad: torch.Tensor | None = None  # [step of the first non-finite loss or -1, that loss]
@@ -116,6 +124,27 @@ class TrainerBase:
 
     def advance(self) -> None:
         """Bookkeeping after a step, before the hooks see it (data position, epoch end)."""
+
+    # ------------------------------------------------------------------ state (the checkpoint format)
+    def state_dict(self, config: dict) -> dict[str, Any]:
+        """What a checkpoint holds (docs/architecture.md, "Checkpoint format"); subclasses add theirs."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "rng": capture_rng(),
+            "config": config,
+        }
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        """Strict: the weights (every key and shape), the optimizer, the scaler and the step."""
+        load_model_strict(self.model, ckpt["model"], source=str(ckpt.get("path", "checkpoint")))
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.step = int(ckpt["step"])
 
     # ------------------------------------------------------------------ the loop
     def autocast(self) -> contextlib.AbstractContextManager:

@@ -62,16 +62,16 @@ class Schedule:
 
     @classmethod
     def from_config(cls, train, steps_per_epoch: int, effective_batch: int) -> "Schedule":  # noqa: ANN001
-        """From a :class:`~soco_det.engine.config.TrainConfig` and the loader's steps per epoch."""
+        """From a :class:`~soco_det.engine.config.TrainConfig` (``optim`` and ``loop.epochs``) and the
+        loader's steps per epoch."""
+        optim = train.optim
         return cls(
-            peak_lr=scaled_lr(
-                train.base_lr, effective_batch, train.lr_batch_denominator, getattr(train, "lr_scaling", "linear")
-            ),
-            warmup_steps=int(round(train.warmup_epochs * steps_per_epoch)),
-            total_steps=train.epochs * steps_per_epoch,
-            min_lr=train.min_lr,
-            warmup_multiplier=train.warmup_multiplier,
-            tau0=train.target_momentum,
+            peak_lr=scaled_lr(optim.base_lr, effective_batch, optim.lr_batch_denominator, optim.lr_scaling),
+            warmup_steps=int(round(optim.warmup_epochs * steps_per_epoch)),
+            total_steps=train.loop.epochs * steps_per_epoch,
+            min_lr=optim.min_lr,
+            warmup_multiplier=optim.warmup_multiplier,
+            tau0=optim.target_momentum,
         )
 
     def lr(self, step: int) -> float:

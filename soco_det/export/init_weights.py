@@ -298,47 +298,11 @@ def init_from_weights(model: nn.Module, path: str | Path, cfg: ModelConfig) -> I
         )
 
     report = InitReport(path=str(path), kind=kind, depth=depth, unused=unused)
-    hints = {"neck": "model.fpn_channels", "head": "model.head_conv_dim / model.head_fc_dim / model.roi_output_size"}
     for part in PARTS:
         have = {k[len(part) + 1 :]: v for k, v in ours.items() if k.startswith(part + ".")}
-        if part not in model.online:
-            if have:
-                report.skipped[part] = (
-                    f"the file has {len(have)} {PART_NAMES[part]} tensors, variant {cfg.variant} has no {PART_NAMES[part]}"
-                )
-                report.unused += sorted(_file_keys(rule, tensors, part))
-            continue
-        dst = model.online[part].state_dict()
-        wanted = [k for k in dst if not k.endswith(_COUNTER)]
-        missing = [k for k in wanted if k not in have]
-        extra = [k for k in have if k not in dst]
-        if part == "encoder" and (missing or extra):
-            raise UserError(
-                f"model.init: {path}: the backbone is incomplete for ResNet-{depth}: "
-                f"missing {_few(missing)}; unknown {_few(extra)}"
-            )
-        if not have:
-            continue
-        if missing or extra:
-            report.skipped[part] = (
-                f"the file has {len(have)} of its {len(wanted)} tensors (missing {_few(missing, 3)}), "
-                f"e.g. a {PART_NAMES[part]} without BatchNorm or of another layout"
-            )
-            report.unused += sorted(_file_keys(rule, tensors, part))
-            continue
-        bad = [
-            f"{part}.{k} {tuple(v.shape)} vs model {tuple(dst[k].shape)}"
-            for k, v in have.items()
-            if v.shape != dst[k].shape
-        ]
-        if bad:
-            extra_hint = f" (set {hints[part]} to the file's widths)" if part in hints else ""
-            raise UserError(f"model.init: {path}: {PART_NAMES[part]} shapes differ{extra_hint}: {_few(bad, 4)}")
-        check_finite({source_key[f"{part}.{k}"]: v for k, v in have.items()}, f"model.init: {path}")
-        with torch.no_grad():
-            for k, v in have.items():
-                dst[k].copy_(v.to(dst[k].dtype))
-        report.loaded += [f"online.{part}.{k}" for k in have if not k.endswith(_COUNTER)]
+        _load_part(
+            model, part, have, report, cfg, path, lambda part=part: sorted(_file_keys(rule, tensors, part)), source_key
+        )
 
     # BYOL's start: the target is a copy of the online network (loaded parts and random ones alike).
     with torch.no_grad():
@@ -350,6 +314,64 @@ def init_from_weights(model: nn.Module, path: str | Path, cfg: ModelConfig) -> I
     ]
     report.unused = sorted(set(report.unused))
     return report
+
+
+_WIDTH_HINTS = {"neck": "model.fpn_channels", "head": "model.head_conv_dim / model.head_fc_dim / model.roi_output_size"}
+
+
+def _load_part(
+    model: nn.Module,
+    part: str,
+    have: dict[str, torch.Tensor],
+    report: InitReport,
+    cfg: ModelConfig,
+    path: str | Path,
+    file_keys: Callable[[], list[str]],
+    source_key: dict[str, str],
+) -> None:
+    """Copy the file's tensors ``have`` of one online ``part`` into the model, recorded in ``report``:
+    all of a part or none (a part without BatchNorm or of another layout stays random, named in
+    ``report.skipped``); an incomplete backbone or shapes that differ are an error.
+    ``file_keys()``: the file's keys of that part (reported as unused when it is skipped);
+    ``source_key``: our key -> the file's (a non-finite tensor is refused by the file's name)."""
+    if part not in model.online:
+        if have:
+            report.skipped[part] = (
+                f"the file has {len(have)} {PART_NAMES[part]} tensors, variant {cfg.variant} has no {PART_NAMES[part]}"
+            )
+            report.unused += file_keys()
+        return
+    dst = model.online[part].state_dict()
+    wanted = [k for k in dst if not k.endswith(_COUNTER)]
+    missing = [k for k in wanted if k not in have]
+    extra = [k for k in have if k not in dst]
+    if part == "encoder" and (missing or extra):
+        raise UserError(
+            f"model.init: {path}: the backbone is incomplete for ResNet-{report.depth}: "
+            f"missing {_few(missing)}; unknown {_few(extra)}"
+        )
+    if not have:
+        return
+    if missing or extra:
+        report.skipped[part] = (
+            f"the file has {len(have)} of its {len(wanted)} tensors (missing {_few(missing, 3)}), "
+            f"e.g. a {PART_NAMES[part]} without BatchNorm or of another layout"
+        )
+        report.unused += file_keys()
+        return
+    bad = [
+        f"{part}.{k} {tuple(v.shape)} vs model {tuple(dst[k].shape)}"
+        for k, v in have.items()
+        if v.shape != dst[k].shape
+    ]
+    if bad:
+        extra_hint = f" (set {_WIDTH_HINTS[part]} to the file's widths)" if part in _WIDTH_HINTS else ""
+        raise UserError(f"model.init: {path}: {PART_NAMES[part]} shapes differ{extra_hint}: {_few(bad, 4)}")
+    check_finite({source_key[f"{part}.{k}"]: v for k, v in have.items()}, f"model.init: {path}")
+    with torch.no_grad():
+        for k, v in have.items():
+            dst[k].copy_(v.to(dst[k].dtype))
+    report.loaded += [f"online.{part}.{k}" for k in have if not k.endswith(_COUNTER)]
 
 
 def _file_keys(rule: Callable[[str], str | None], tensors: Mapping[str, Any], part: str) -> list[str]:

@@ -126,45 +126,13 @@ def _datasets(train_dir: str | Path, val_dir: str | Path, s: LinearEvalSettings)
     return out[0], out[1]
 
 
-def linear_eval(
-    weights: str | Path,
-    train_dir: str | Path,
-    val_dir: str | Path,
-    out_dir: str | Path | None = None,
-    depth: int | None = None,
-    device: str = "auto",
-    settings: LinearEvalSettings | None = None,
-    **overrides: Any,
-) -> dict[str, Any]:
-    """Train a linear classifier on the frozen backbone of ``weights`` and score it on ``val_dir``.
-
-    ``train_dir`` / ``val_dir``: ImageFolder layouts (``ROOT/CLASS/IMAGE``) with the same classes.
-    ``settings`` (or keyword ``overrides`` of its fields) default to the official recipe.
-    Returns ``{"top1", "top1_ci95": [lo, hi], "top5", "num_classes", "num_train", "num_val",
-    "iterations", "final_loss" (mean over the last epoch), "backbone", "settings", "seconds"}`` (accuracies as fractions) and, with
-    ``out_dir``, writes ``metrics.json`` and the classifier (``linear.pt``) there.
-    """
-    import numpy as np
+def _train_loader(train_set: Any, s: LinearEvalSettings, dev: Any):  # noqa: ANN202
+    """Shuffled by its own generator; the random crops and flips draw from the global RNG, seeded here."""
     import torch
-    import torch.nn.functional as F
-    from torch import nn
-
-    s = settings or LinearEvalSettings()
-    if overrides:
-        s = LinearEvalSettings(**{**asdict(s), **overrides})
-    s.validate()
-    dev = torch.device(resolve_device(device, "device"))
-    t0 = time.perf_counter()
-    train_set, val_set = _datasets(train_dir, val_dir, s)
-    backbone, described = load_backbone(weights, depth)
-    backbone.requires_grad_(False)
-    backbone.to(dev).train(s.bn_train_mode)
-    classifier = nn.Linear(backbone.channels[3], len(train_set.classes)).to(dev)
-    optimizer = torch.optim.SGD(classifier.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
 
     gen = torch.Generator().manual_seed(s.seed)
     torch.manual_seed(s.seed)  # the random crops and flips (torchvision draws from the global RNG)
-    loader = torch.utils.data.DataLoader(
+    return torch.utils.data.DataLoader(
         train_set,
         batch_size=s.batch_size,
         shuffle=True,
@@ -173,14 +141,17 @@ def linear_eval(
         generator=gen,
         pin_memory=dev.type == "cuda",
     )
+
+
+def _train_classifier(features: Any, classifier: Any, optimizer: Any, loader: Any, s: LinearEvalSettings, dev: Any):  # noqa: ANN202
+    """``s.epochs`` epochs of SGD on the linear classifier over the frozen ``features``, at the official
+    per-iteration schedule; returns ``(iterations, mean training loss of the last epoch)``."""
+    import numpy as np
+    import torch.nn.functional as F
+
     steps_per_epoch = len(loader)
     total = s.epochs * steps_per_epoch
     warmup = int(round(s.warmup_epochs * steps_per_epoch))
-
-    def features(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return backbone(x.to(dev, non_blocking=True))[-1].mean(dim=(2, 3))  # pooled C5 [B, C]
-
     step, loss_value = 0, float("nan")
     for epoch in range(s.epochs):
         classifier.train()
@@ -201,25 +172,73 @@ def linear_eval(
             losses.append(loss.item())
         loss_value = float(np.mean(losses))  # the epoch's mean training loss
         log.info("linear eval: epoch %d/%d, loss %.4f, lr %.4g", epoch + 1, s.epochs, loss_value, lr)
+    return step, loss_value
 
-    # Score: top-1 / top-5 over the val folder.
-    backbone.eval()
+
+def _score(features: Any, classifier: Any, val_set: Any, s: LinearEvalSettings, k: int):  # noqa: ANN202
+    """Top-1 and top-``k`` hits (bool ``[N]`` each) of the classifier over the val folder."""
+    import numpy as np
+    import torch
+
     classifier.eval()
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=s.batch_size, shuffle=False, num_workers=s.num_workers)
+    loader = torch.utils.data.DataLoader(val_set, batch_size=s.batch_size, shuffle=False, num_workers=s.num_workers)
     correct1, correct5 = [], []
-    k = min(5, len(train_set.classes))
     with torch.no_grad():
-        for images, labels in val_loader:
-            logits = classifier(features(images)).cpu()
-            top = logits.topk(k, dim=1).indices
+        for images, labels in loader:
+            top = classifier(features(images)).cpu().topk(k, dim=1).indices
             correct1.append((top[:, 0] == labels).numpy())
             correct5.append((top == labels[:, None]).any(dim=1).numpy())
-    hits1 = np.concatenate(correct1)
+    return np.concatenate(correct1), np.concatenate(correct5)
+
+
+def linear_eval(
+    weights: str | Path,
+    train_dir: str | Path,
+    val_dir: str | Path,
+    out_dir: str | Path | None = None,
+    depth: int | None = None,
+    device: str = "auto",
+    settings: LinearEvalSettings | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Train a linear classifier on the frozen backbone of ``weights`` and score it on ``val_dir``.
+
+    ``train_dir`` / ``val_dir``: ImageFolder layouts (``ROOT/CLASS/IMAGE``) with the same classes.
+    ``settings`` (or keyword ``overrides`` of its fields) default to the official recipe.
+    Returns ``{"top1", "top1_ci95": [lo, hi], "top5", "num_classes", "num_train", "num_val",
+    "iterations", "final_loss" (mean over the last epoch), "backbone", "settings", "seconds"}`` (accuracies as fractions) and, with
+    ``out_dir``, writes ``metrics.json`` and the classifier (``linear.pt``) there.
+    """
+    import torch
+    from torch import nn
+
+    s = settings or LinearEvalSettings()
+    if overrides:
+        s = LinearEvalSettings(**{**asdict(s), **overrides})
+    s.validate()
+    dev = torch.device(resolve_device(device, "device"))
+    t0 = time.perf_counter()
+    train_set, val_set = _datasets(train_dir, val_dir, s)
+    backbone, described = load_backbone(weights, depth)
+    backbone.requires_grad_(False)
+    backbone.to(dev).train(s.bn_train_mode)
+    classifier = nn.Linear(backbone.channels[3], len(train_set.classes)).to(dev)
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+
+    loader = _train_loader(train_set, s, dev)
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return backbone(x.to(dev, non_blocking=True))[-1].mean(dim=(2, 3))  # pooled C5 [B, C]
+
+    step, loss_value = _train_classifier(features, classifier, optimizer, loader, s, dev)
+    backbone.eval()
+    hits1, hits5 = _score(features, classifier, val_set, s, min(5, len(train_set.classes)))
     lo, hi = bootstrap_ci(hits1, s.bootstrap, seed=s.seed)
     result = {
         "top1": float(hits1.mean()),
         "top1_ci95": [lo, hi],
-        "top5": float(np.concatenate(correct5).mean()) if len(train_set.classes) >= 5 else None,
+        "top5": float(hits5.mean()) if len(train_set.classes) >= 5 else None,
         "num_classes": len(train_set.classes),
         "num_train": len(train_set),
         "num_val": len(val_set),

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from soco_det.checkpoint_files import load_checkpoint
-from soco_det.config import from_dict, load_config
+from soco_det.config import from_dict, load_config, upgrade_keys
 from soco_det.engine.config import PretrainConfig
 from soco_det.errors import UserError
 from soco_det.export.source import load_source
@@ -136,4 +136,5 @@ def read_run_config(run_dir: str | Path) -> Any:
     stored = load_checkpoint(path).get("config")
     if not isinstance(stored, dict):
         raise UserError(f"{path}: the checkpoint holds no config; pass --config RECIPE")
-    return from_dict(PretrainConfig, stored)
+    # checkpoints store the flat keys of format soco-det/1 (soco_det.config.downgrade_keys): no deprecation lines
+    return from_dict(PretrainConfig, upgrade_keys(PretrainConfig, stored, quiet=True))

@@ -365,11 +365,11 @@ def spec_from_config(cfg, size: int | None = None) -> PoolSpec:  # noqa: ANN001 
     """The V1 view side, level thresholds and normalisation of a pretraining config; with ``size``,
     images are probed at that side instead and the level thresholds scale with it."""
     views = cfg.data.views.resolved()
-    v1 = int(views.view_sizes[0])
+    v1 = int(views.geometry.view_sizes[0])
     size = v1 if size is None else int(size)
     return PoolSpec(
         size=size,
-        thresholds=[t * size / v1 for t in views.level_thresholds],
-        mean=list(views.mean),
-        std=list(views.std),
+        thresholds=[t * size / v1 for t in views.levels.level_thresholds],
+        mean=list(views.photometric.mean),
+        std=list(views.photometric.std),
     )

@@ -1,8 +1,8 @@
-"""The object probe as a pretraining hook (``train.probe_every``): object-level quality as it grows.
+"""The object probe as a pretraining hook (``train.probe.every``): object-level quality as it grows.
 
-Every ``train.probe_every`` steps (a multiple of ``train.log_every``), the online encoder, FPN and
+Every ``train.probe.every`` steps (a multiple of ``train.loop.log_every``), the online encoder, FPN and
 box head are copied, their BatchNorm statistics re-estimated on the probe images, and the
-read-outs of :func:`soco_det.probe.probe.run_probe` (``train.probe_tasks``; linear and k-NN top-1
+read-outs of :func:`soco_det.probe.probe.run_probe` (``train.probe.tasks``; linear and k-NN top-1
 and the effective rank by default: a few seconds on a small set) are logged with the loss as
 ``probe/<feature>_<score>`` (e.g. ``probe/roi_linear_top1``). The training state is not touched.
 """
@@ -27,13 +27,11 @@ class OnlineProbe:
     """A metrics source for :class:`~soco_det.engine.hooks.MetricsHook` (``metrics(trainer)``)."""
 
     def __init__(self, cfg: Any) -> None:
-        train = cfg.train
-        self.every, self.tasks = train.probe_every, tuple(train.probe_tasks)
+        probe = cfg.train.probe
+        self.every, self.tasks = probe.every, tuple(probe.tasks)
         self.spec = spec_from_config(cfg)
-        self.train = read_objects(train.probe_train_json, train.probe_images, train.probe_max_images)
-        self.val = read_objects(
-            train.probe_val_json, train.probe_images, train.probe_max_images, categories=self.train.categories
-        )
+        self.train = read_objects(probe.train_json, probe.images, probe.max_images)
+        self.val = read_objects(probe.val_json, probe.images, probe.max_images, categories=self.train.categories)
         log.info(
             "online probe every %d steps: %d train / %d val objects (%s)",
             self.every,

@@ -61,6 +61,80 @@ def _header_size(path: Path, exif_transpose: bool, max_pixels: int | None) -> tu
     return w, h
 
 
+def _read_official_json(json_file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(json_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{json_file}: cannot read proposals JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"{json_file}: expected a JSON object {{basename: [[x, y, w, h], ...]}}")
+    return data
+
+
+def _images_by_stem(root: Path, data: dict[str, Any], json_file: Path) -> tuple[list[str], dict[str, list[str]]]:
+    """The images under ``root`` and their basenames (what the official JSON is keyed by); a basename
+    of the file that matches several images is an error."""
+    relpaths = list_images(root)
+    by_stem: dict[str, list[str]] = defaultdict(list)
+    for p in relpaths:
+        by_stem[_stem(p)].append(p)
+    ambiguous = {s: ps for s, ps in by_stem.items() if len(ps) > 1 and s in data}
+    if ambiguous:
+        s, ps = next(iter(ambiguous.items()))
+        raise UserError(
+            f"{root}: {len(ambiguous)} basename(s) of {json_file.name} match several images, "
+            f"e.g. {s!r} -> {ps[:3]}; the official JSON is keyed by basename only"
+        )
+    return relpaths, by_stem
+
+
+def _imported_table(
+    root: Path, relpaths: list[str], data: dict[str, Any], json_file: Path, exif_transpose: bool, max_pixels: int | None
+) -> tuple[ProposalTable, int, int]:
+    """``(table, clipped, dropped)``: every image with its checked rects, ``missing`` without an entry,
+    ``failed`` when its header cannot be read."""
+    table = ProposalTable()
+    clipped = dropped = 0
+    for relpath in relpaths:
+        key = _stem(relpath)
+        try:
+            size = _header_size(root / relpath, exif_transpose, max_pixels)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            table.append(relpath, (0, 0), STATUS_FAILED, f"unreadable image: {exc}", STAGE_NONE, -1, np.zeros((0, 4)))
+            continue
+        if key not in data:
+            table.append(
+                relpath, size, STATUS_MISSING, f"no entry in {json_file.name}", STAGE_NONE, -1, np.zeros((0, 4))
+            )
+            continue
+        boxes = _parse_rects(data[key], f"{json_file}: entry {key!r}")
+        boxes, n_clipped, n_dropped = clip_rects(boxes, *size)
+        clipped += n_clipped
+        dropped += n_dropped
+        table.append(relpath, size, STATUS_OK, "", STAGE_NONE, -1, boxes)
+    return table, clipped, dropped
+
+
+def _warn_import(json_file: Path, root: Path, n_images: int, n_entries: int, unmatched: list, missing: int) -> None:
+    if unmatched:
+        log.warning(
+            "%d of %d entries of %s match no image under %s, e.g. %s",
+            len(unmatched),
+            n_entries,
+            json_file.name,
+            root,
+            unmatched[:5],
+        )
+    if missing:
+        log.warning(
+            "%d of %d images under %s have no entry in %s (stored without proposals, status 'missing')",
+            missing,
+            n_images,
+            root,
+            json_file.name,
+        )
+
+
 def import_official_json(
     json_file: str | Path,
     images: str | Path,
@@ -84,61 +158,11 @@ def import_official_json(
     if not root.is_dir():
         raise UserError(f"{root}: images folder not found")
     max_pixels = max_pixels or None  # 0 means no limit, as for compute_store
-    try:
-        data = json.loads(json_file.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{json_file}: cannot read proposals JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise UserError(f"{json_file}: expected a JSON object {{basename: [[x, y, w, h], ...]}}")
-    relpaths = list_images(root)
-    by_stem: dict[str, list[str]] = defaultdict(list)
-    for p in relpaths:
-        by_stem[_stem(p)].append(p)
-    ambiguous = {s: ps for s, ps in by_stem.items() if len(ps) > 1 and s in data}
-    if ambiguous:
-        s, ps = next(iter(ambiguous.items()))
-        raise UserError(
-            f"{root}: {len(ambiguous)} basename(s) of {json_file.name} match several images, "
-            f"e.g. {s!r} -> {ps[:3]}; the official JSON is keyed by basename only"
-        )
-    table = ProposalTable()
-    clipped = dropped = 0
-    for relpath in relpaths:
-        key = _stem(relpath)
-        try:
-            size = _header_size(root / relpath, exif_transpose, max_pixels)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            table.append(relpath, (0, 0), STATUS_FAILED, f"unreadable image: {exc}", STAGE_NONE, -1, np.zeros((0, 4)))
-            continue
-        if key not in data:
-            table.append(
-                relpath, size, STATUS_MISSING, f"no entry in {json_file.name}", STAGE_NONE, -1, np.zeros((0, 4))
-            )
-            continue
-        boxes = _parse_rects(data[key], f"{json_file}: entry {key!r}")
-        boxes, n_clipped, n_dropped = clip_rects(boxes, *size)
-        clipped += n_clipped
-        dropped += n_dropped
-        table.append(relpath, size, STATUS_OK, "", STAGE_NONE, -1, boxes)
+    data = _read_official_json(json_file)
+    relpaths, by_stem = _images_by_stem(root, data, json_file)
+    table, clipped, dropped = _imported_table(root, relpaths, data, json_file, exif_transpose, max_pixels)
     unmatched = sorted(set(data) - set(by_stem))
-    if unmatched:
-        log.warning(
-            "%d of %d entries of %s match no image under %s, e.g. %s",
-            len(unmatched),
-            len(data),
-            json_file.name,
-            root,
-            unmatched[:5],
-        )
-    n_missing = table.status.count(STATUS_MISSING)
-    if n_missing:
-        log.warning(
-            "%d of %d images under %s have no entry in %s (stored without proposals, status 'missing')",
-            n_missing,
-            len(relpaths),
-            root,
-            json_file.name,
-        )
+    _warn_import(json_file, root, len(relpaths), len(data), unmatched, table.status.count(STATUS_MISSING))
     meta = {
         "method": "imported",
         "params": {"source": str(json_file.resolve())},

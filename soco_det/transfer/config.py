@@ -190,7 +190,7 @@ class FinetuneConfig:
     model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     input: InputConfig = field(default_factory=InputConfig)
-    # Autocast as in pretraining (train.amp): auto = bf16 on CUDA where supported, full precision on
+    # Autocast as in pretraining (train.loop.amp): auto = bf16 on CUDA where supported, full precision on
     # CPU; fp16 runs with a GradScaler, as torchvision's detection reference.
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
     eval_period: int = 0
@@ -203,7 +203,7 @@ class FinetuneConfig:
     device: str = "auto"
 
     @staticmethod
-    def upgrade_keys(data: dict[str, Any]) -> dict[str, Any]:
+    def upgrade_values(data: dict[str, Any]) -> dict[str, Any]:
         """Config files written before ``amp`` became pretraining's choice (``amp: true`` +
         ``amp_dtype: float16|bfloat16``, e.g. the ``config.yaml`` of a run to resume) still load."""
         if "amp_dtype" not in data and not isinstance(data.get("amp"), bool):

@@ -24,7 +24,6 @@ from the saved iteration with the same data stream, LR and RNG state.
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -35,20 +34,22 @@ from torch import nn
 from soco_det.atomic import atomic_save, atomic_write_json
 from soco_det.config import save_config, to_dict
 from soco_det.engine import distributed as dist
-from soco_det.engine.checkpoint import (
-    capture_rng,
-    claim_run_folder,
-    load_model_strict,
-    load_resume,
-    restore_rng,
+from soco_det.engine.build import (
+    RunContext,
+    build_loader,
+    build_precision,
+    open_run,
+    resume_into,
+    run_training,
+    standard_hooks,
+    wrap_model,
 )
-from soco_det.engine.hooks import CheckpointHook, EvalHook, MetricsHook
-from soco_det.engine.loop import TrainerBase, move_to, resolve_amp, set_train_mode
+from soco_det.engine.checkpoint import capture_rng, restore_rng
+from soco_det.engine.hooks import EvalHook, MetricsHook
+from soco_det.engine.loop import Hook, TrainerBase, move_to, set_train_mode
 from soco_det.engine.metrics import MetricsWriter, read_metrics
-from soco_det.engine.signals import ignore_stop_signals
 from soco_det.errors import UserError
 from soco_det.logs import get_logger
-from soco_det.runlock import FolderLock
 from soco_det.torch_io import resolve_device
 from soco_det.transfer.box_only import annotation_kind
 from soco_det.transfer.coco_data import CocoInstances, TrainingSampler, collate
@@ -177,21 +178,33 @@ class FinetuneTrainer(TrainerBase):
         forward_model: nn.Module,
         optimizer: torch.optim.Optimizer,
         scaler: torch.amp.GradScaler,
+        amp_dtype: torch.dtype | None,
         solver: SolverConfig,
         loader: torch.utils.data.DataLoader,
         cat_ids: list[int],
         num_images: int,
         device: torch.device,
-        amp_dtype: torch.dtype | None,
         run_dir: Path,
         check_every: int,
     ) -> None:
         super().__init__(
-            device=device, stop_step=solver.iterations, amp_dtype=amp_dtype, run_dir=run_dir, check_every=check_every
+            model=model,
+            forward_model=forward_model,
+            optimizer=optimizer,
+            scaler=scaler,
+            device=device,
+            stop_step=solver.iterations,
+            amp_dtype=amp_dtype,
+            run_dir=run_dir,
+            check_every=check_every,
         )
-        self.model, self.forward_model, self.optimizer, self.scaler = model, forward_model, optimizer, scaler
         self.solver, self.loader, self.cat_ids, self.num_images = solver, loader, cat_ids, num_images
         self._data: Any = None
+
+    @property  # type: ignore[override]
+    def epoch(self) -> int:
+        """Epochs of the training set completed (the stream is endless: a count, not a boundary)."""
+        return self.step * self.solver.batch_size // self.num_images
 
     def start(self, rng: dict[str, Any] | None, seed: int) -> None:
         """Open the data stream, then set the RNG of the RPN/RoI sampling: the checkpoint's state
@@ -234,25 +247,9 @@ class FinetuneTrainer(TrainerBase):
         return {"loss": loss.detach(), "terms": {k: v.detach().float() for k, v in terms.items()}, "lr": lr}
 
     def state_dict(self, config: dict) -> dict[str, Any]:
-        return {
-            "kind": "maskrcnn",
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "step": self.step,
-            "epoch": self.step * self.solver.batch_size // self.num_images,
-            "cat_ids": self.cat_ids,
-            "rng": capture_rng(),
-            "config": config,
-        }
+        return {"kind": "maskrcnn", **super().state_dict(config), "cat_ids": self.cat_ids}
 
-    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
-        """Weights, optimizer, scaler and iteration (the RNG is set by :meth:`start`)."""
-        load_model_strict(self.model, ckpt["model"], source=str(ckpt.get("path", "checkpoint")))
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.step = int(ckpt["step"])
+    # load_state_dict: TrainerBase's (weights, optimizer, scaler, step); the RNG is set by start().
 
 
 class FinetuneMetricsHook(MetricsHook):
@@ -277,6 +274,122 @@ def _device(cfg: FinetuneConfig) -> str:
     return torch.device(resolve_device(cfg.device, "device")).type
 
 
+def check_resume(ckpt: dict[str, Any] | None, train_set: CocoInstances, cfg: FinetuneConfig) -> None:
+    """A checkpoint to continue from must be a fine-tuning one, of the same categories."""
+    if ckpt is None:
+        return
+    if ckpt.get("kind") != "maskrcnn":
+        raise UserError(f"{ckpt['path']}: not a fine-tuning checkpoint")
+    if [int(c) for c in ckpt["cat_ids"]] != train_set.cat_ids:
+        raise UserError(
+            f"{ckpt['path']}: trained on category ids {ckpt['cat_ids']}, but {cfg.data.train_json} has {train_set.cat_ids}"
+        )
+
+
+def build_train_set(cfg: FinetuneConfig, run: RunContext) -> tuple[CocoInstances, FinetuneConfig]:
+    """The training images and the config resolved for them: the schedule preset (which depends on
+    the number of usable training images) and the auto widths, resolved once and saved, so that the
+    run (and its checkpoints) can be rebuilt from ``config.yaml`` alone."""
+    if cfg.solver.batch_size % run.world:
+        raise UserError(f"solver.batch_size={cfg.solver.batch_size} is not divisible by the {run.world} processes")
+    train_set = CocoInstances(
+        cfg.data.train_json,
+        cfg.data.train_images,
+        train=True,
+        min_sizes=cfg.input.min_size_train,
+        max_size=cfg.input.max_size_train,
+        hflip_prob=cfg.input.hflip_prob,
+        seed=cfg.seed,
+        filter_empty=cfg.data.filter_empty,
+    )
+    widths = resolve_widths(cfg.model)
+    model_cfg = replace(cfg.model, **{k: list(v) if isinstance(v, tuple) else v for k, v in widths.items()})
+    cfg = replace(cfg, model=model_cfg, solver=resolve_schedule(cfg.solver, len(train_set)))
+    if cfg.model.num_classes not in (0, train_set.num_classes):
+        raise UserError(
+            f"model.num_classes={cfg.model.num_classes} but {cfg.data.train_json} has "
+            f"{train_set.num_classes - 1} categories (+1 background)"
+        )
+    check_resume(run.ckpt, train_set, cfg)
+    return train_set, cfg
+
+
+def build_detector(cfg: FinetuneConfig, run: RunContext, train_set: CocoInstances) -> tuple[nn.Module, nn.Module]:
+    """``(model, forward_model)``: the Mask R-CNN (box-only for box annotations) with the same
+    initial weights on every process (seeded), then ``model.init`` on a fresh run; SyncBN under
+    several CUDA processes, frozen BN for ``bn_mode=frozen``; DDP around it when there are several."""
+    torch.manual_seed(cfg.seed)
+    model = build_from_config(cfg.model, cfg.input, train_set.num_classes, masks=annotation_kind(train_set) == "masks")
+    if run.ckpt is None and cfg.model.init != "random":
+        load_init(model, cfg.model.init)
+    model.to(run.device)
+    if run.world > 1 and run.device.type == "cuda" and cfg.model.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.model.bn_mode == "frozen":
+        freeze_batch_norm(model)
+    forward_model = wrap_model(model, run.device, run.world)
+    set_train_mode(forward_model, cfg.model.bn_mode == "frozen")
+    return model, forward_model
+
+
+def build_train_loader(cfg: FinetuneConfig, run: RunContext, train_set: CocoInstances) -> torch.utils.data.DataLoader:
+    """The endless training stream of this process, from the resumed iteration on."""
+    per_rank = cfg.solver.batch_size // run.world
+    start_iter = int(run.ckpt["step"]) if run.ckpt is not None else 0
+    return build_loader(
+        train_set,
+        batch_size=per_rank,
+        sampler=TrainingSampler(len(train_set), per_rank, run.rank, run.world, seed=cfg.seed, start_iter=start_iter),
+        collate_fn=collate,
+        num_workers=cfg.data.num_workers,
+        device=run.device,
+    )
+
+
+def finetune_hooks(cfg: FinetuneConfig, run: RunContext, writer: MetricsWriter, train_set: Any) -> list[Hook]:
+    """The metrics records (means over each log period), the checkpoints (each followed by the loss
+    plot) and the periodic and final evaluation (:func:`_evaluation`)."""
+    metrics = FinetuneMetricsHook(writer, cfg.log_period, show_progress=run.is_main, desc="finetune", window=True)
+    out = run.run_dir
+    return [
+        *standard_hooks(
+            run,
+            metrics,
+            cfg.checkpoint_period,
+            cfg.keep_checkpoints or 10**9,
+            to_dict(cfg),
+            after_save=lambda _: plot_losses(read_metrics(out), out / "loss.png"),
+        ),
+        EvalHook(cfg.eval_period, _evaluation(cfg, out, train_set, cfg.solver.batch_size // run.world, writer)),
+    ]
+
+
+def _log_start(cfg: FinetuneConfig, run: RunContext, trainer: FinetuneTrainer) -> None:
+    log.info(
+        "fine-tuning %d iterations (batch %d, lr %.4g, %d train images, %d classes) on %s x%d; init %s; BN %s%s; amp %s",
+        cfg.solver.iterations,
+        cfg.solver.batch_size,
+        peak_lr(cfg.solver),
+        trainer.num_images,
+        len(trainer.cat_ids),
+        run.device.type,
+        run.world,
+        cfg.model.init,
+        cfg.model.bn_mode,
+        f", precise BN over {cfg.model.precise_bn_images} images" if cfg.model.precise_bn_images else "",
+        trainer.amp_dtype,
+    )
+
+
+def _finish(run: RunContext, trainer: FinetuneTrainer) -> None:
+    """After the run, on the main process: the final evaluation as ``metrics.json``, the loss plot."""
+    result = next(h for h in trainer.hooks if isinstance(h, EvalHook)).result
+    if run.is_main and result is not None:
+        atomic_write_json(run.run_dir / "metrics.json", result, indent=2)
+        plot_losses(read_metrics(run.run_dir), run.run_dir / "loss.png")
+        log.info("final: %s", format_metrics(result))
+
+
 def finetune(
     cfg: FinetuneConfig, out_dir: str | Path, resume: bool | str | Path | None = None, overwrite: bool = False
 ) -> Path:
@@ -289,159 +402,49 @@ def finetune(
     :class:`~soco_det.engine.loop.NonFiniteLossError` when the loss diverges and
     :class:`~soco_det.errors.Interrupted` after a stop signal (a checkpoint saved).
     """
-    out = Path(out_dir)
     resume = "auto" if resume is True else (None if resume is False else resume)
-    created_group = not dist.is_initialized()
-    # One run per folder: the main process holds its lock (torchrun ranks share the main's folder).
-    rank = dist.rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))  # torchrun sets RANK
-    lock: FolderLock | None = None
-    try:
-        if rank == 0:
-            lock = claim_run_folder(out, resume, overwrite)
-        return _finetune(cfg, out, resume)
-    finally:
-        if lock is not None:
-            lock.release()
-        if created_group:
-            dist.cleanup()
-
-
-def _finetune(cfg: FinetuneConfig, out: Path, resume: str | Path | None) -> Path:
     try:
         cfg.check_data()
     except ValueError as exc:
         raise UserError(f"finetune: {exc} (give --train-json/--train-images/--val-json/--val-images)") from exc
-    device = dist.init_distributed(_device(cfg))
-    rank, world = dist.rank(), dist.world_size()
-    if cfg.solver.batch_size % world:
-        raise UserError(f"solver.batch_size={cfg.solver.batch_size} is not divisible by the {world} processes")
-
-    # Data: the schedule preset depends on the number of usable training images.
-    train_set = CocoInstances(
-        cfg.data.train_json,
-        cfg.data.train_images,
-        train=True,
-        min_sizes=cfg.input.min_size_train,
-        max_size=cfg.input.max_size_train,
-        hflip_prob=cfg.input.hflip_prob,
-        seed=cfg.seed,
-        filter_empty=cfg.data.filter_empty,
-    )
-    # Schedule presets and auto widths are resolved once and saved, so the run (and its checkpoints)
-    # can be rebuilt from config.yaml alone.
-    widths = resolve_widths(cfg.model)
-    model_cfg = replace(cfg.model, **{k: list(v) if isinstance(v, tuple) else v for k, v in widths.items()})
-    cfg = replace(cfg, model=model_cfg, solver=resolve_schedule(cfg.solver, len(train_set)))
-    solver, num_classes = cfg.solver, train_set.num_classes
-    if cfg.model.num_classes not in (0, num_classes):
-        raise UserError(
-            f"model.num_classes={cfg.model.num_classes} but {cfg.data.train_json} has {num_classes - 1} categories (+1 background)"
+    with open_run(out_dir, resume, overwrite, _device(cfg)) as run:
+        train_set, cfg = build_train_set(cfg, run)
+        model, forward_model = build_detector(cfg, run, train_set)
+        optimizer = torch.optim.SGD(
+            param_groups(model, cfg.solver), lr=peak_lr(cfg.solver), momentum=cfg.solver.momentum
         )
-
-    # The checkpoint to resume from, read and checked before anything is written.
-    ckpt = load_resume(out, resume)
-    if ckpt is not None:
-        if ckpt.get("kind") != "maskrcnn":
-            raise UserError(f"{ckpt['path']}: not a fine-tuning checkpoint")
-        if [int(c) for c in ckpt["cat_ids"]] != train_set.cat_ids:
-            raise UserError(
-                f"{ckpt['path']}: trained on category ids {ckpt['cat_ids']}, but {cfg.data.train_json} has {train_set.cat_ids}"
-            )
-
-    # Model: the same initial weights on every process (seeded), then the init file.
-    torch.manual_seed(cfg.seed)
-    model = build_from_config(cfg.model, cfg.input, num_classes, masks=annotation_kind(train_set) == "masks")
-    if ckpt is None and cfg.model.init != "random":
-        load_init(model, cfg.model.init)
-    model.to(device)
-    if world > 1 and device.type == "cuda" and cfg.model.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    frozen_bn = cfg.model.bn_mode == "frozen"
-    if frozen_bn:
-        freeze_batch_norm(model)
-    forward_model: nn.Module = model
-    if world > 1:
-        forward_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+        amp_dtype, scaler = build_precision(cfg.amp, run.device.type)
+        trainer = FinetuneTrainer(
+            model=model,
+            forward_model=forward_model,
+            optimizer=optimizer,
+            scaler=scaler,
+            amp_dtype=amp_dtype,
+            solver=cfg.solver,
+            loader=build_train_loader(cfg, run, train_set),
+            cat_ids=train_set.cat_ids,
+            num_images=len(train_set),
+            device=run.device,
+            run_dir=run.run_dir,
+            check_every=cfg.log_period,
         )
-    set_train_mode(forward_model, frozen_bn)
-    optimizer = torch.optim.SGD(param_groups(model, solver), lr=peak_lr(solver), momentum=solver.momentum)
-    amp_dtype = resolve_amp(cfg.amp, device.type)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
-    per_rank = solver.batch_size // world
-    start_iter = int(ckpt["step"]) if ckpt is not None else 0
-    loader = torch.utils.data.DataLoader(
-        train_set,
-        batch_size=per_rank,
-        sampler=TrainingSampler(len(train_set), per_rank, rank, world, seed=cfg.seed, start_iter=start_iter),
-        num_workers=cfg.data.num_workers,
-        collate_fn=collate,
-        pin_memory=device.type == "cuda",
-        worker_init_fn=ignore_stop_signals if cfg.data.num_workers > 0 else None,
-    )
-    trainer = FinetuneTrainer(
-        model=model,
-        forward_model=forward_model,
-        optimizer=optimizer,
-        scaler=scaler,
-        solver=solver,
-        loader=loader,
-        cat_ids=train_set.cat_ids,
-        num_images=len(train_set),
-        device=device,
-        amp_dtype=amp_dtype,
-        run_dir=out,
-        check_every=cfg.log_period,
-    )
-    if ckpt is not None:
-        trainer.load_state_dict(ckpt)
-        log.info("resumed from %s at iteration %d", ckpt["path"], trainer.step)
-    # The RNG (RPN/RoI sampling) continues where the checkpoint left it; fresh runs seed per process.
-    trainer.start(ckpt["rng"] if ckpt is not None else None, cfg.seed + rank)
-    if rank == 0:
-        save_config(cfg, out)  # only now: a rejected resume leaves the folder as it was
-
-    writer = MetricsWriter(out, enabled=rank == 0, tensorboard=False, resume_step=trainer.step, step_key="iter")
-    evaluation = EvalHook(cfg.eval_period, _evaluation(cfg, out, train_set, per_rank, writer, frozen_bn))
-    trainer.hooks = [
-        FinetuneMetricsHook(writer, cfg.log_period, show_progress=rank == 0, desc="finetune", window=True),
-        CheckpointHook(
-            out,
-            cfg.checkpoint_period,
-            cfg.keep_checkpoints or 10**9,
-            to_dict(cfg),
-            after_save=lambda _: plot_losses(read_metrics(out), out / "loss.png"),
-        ),
-        evaluation,
-    ]
-    log.info(
-        "fine-tuning %d iterations (batch %d, lr %.4g, %d train images, %d classes) on %s x%d; init %s; BN %s%s; amp %s",
-        solver.iterations,
-        solver.batch_size,
-        peak_lr(solver),
-        len(train_set),
-        num_classes - 1,
-        device.type,
-        world,
-        cfg.model.init,
-        cfg.model.bn_mode,
-        f", precise BN over {cfg.model.precise_bn_images} images" if cfg.model.precise_bn_images else "",
-        amp_dtype,
-    )
-    try:
-        trainer.run(resume_hint="--resume")
-    finally:
-        writer.close()
-    if rank == 0 and evaluation.result is not None:
-        atomic_write_json(out / "metrics.json", evaluation.result, indent=2)
-        plot_losses(read_metrics(out), out / "loss.png")
-        log.info("final: %s", format_metrics(evaluation.result))
-    return out
+        resume_into(trainer, run.ckpt, to_dict(cfg), schema=FinetuneConfig)
+        # The RNG (RPN/RoI sampling) continues where the checkpoint left it; fresh runs seed per process.
+        trainer.start(run.ckpt["rng"] if run.ckpt is not None else None, cfg.seed + run.rank)
+        if run.is_main:
+            save_config(cfg, run.run_dir)  # only now: a rejected resume leaves the folder as it was
+        writer = MetricsWriter(
+            run.run_dir, enabled=run.is_main, tensorboard=False, resume_step=trainer.step, step_key="iter"
+        )
+        trainer.hooks = finetune_hooks(cfg, run, writer, train_set)
+        _log_start(cfg, run, trainer)
+        run_training(trainer, writer, resume_hint="--resume")
+        _finish(run, trainer)
+    return run.run_dir
 
 
 def _evaluation(
-    cfg: FinetuneConfig, out: Path, train_set: Any, per_rank: int, writer: MetricsWriter, frozen_bn: bool
+    cfg: FinetuneConfig, out: Path, train_set: Any, per_rank: int, writer: MetricsWriter
 ) -> Callable[[TrainerBase], dict[str, Any] | None]:
     """The evaluation of :class:`EvalHook`: PreciseBN on every process (so that SyncBN, if any,
     stays in step), then COCO evaluation of the val set on the main process, recorded in
@@ -474,7 +477,7 @@ def _evaluation(
                 show_progress=False,
             )
             writer.write(trainer.step, {t: result[t] for t in ("bbox", "segm") if t in result})
-        set_train_mode(trainer.forward_model, frozen_bn)
+        set_train_mode(trainer.forward_model, cfg.model.bn_mode == "frozen")
         dist.barrier()
         return result
 
