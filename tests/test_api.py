@@ -81,7 +81,7 @@ def test_the_readme_example_runs_and_returns_paths(pipeline):
     cfg = yaml.safe_load((work / run.config).read_text())
     # the resolved config holds absolute paths, whatever the working folder was
     assert cfg["data"]["images"] == str(work / "imgs") and cfg["data"]["proposals"] == str(work / "runs" / "props")
-    assert cfg["train"]["epochs"] == 3 and cfg["model"]["depth"] == 18
+    assert cfg["train"]["loop"]["epochs"] == 3 and cfg["model"]["depth"] == 18
     exported = torch.load(work / "soco_tv.pth", weights_only=True)
     assert exported["backbone.fpn.inner_blocks.0.0.weight"].shape[0] == 64  # the tiny_cpu FPN
 
