@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from soco_det.config import upgrade_keys
+from soco_det.cpus import WorkerCount, loader_workers
 from soco_det.engine import distributed as dist_utils
 from soco_det.engine.checkpoint import claim_run_folder, load_resume
 from soco_det.engine.hooks import CheckpointHook, MetricsHook
@@ -78,15 +79,19 @@ def build_loader(
     batch_size: int,
     sampler: torch.utils.data.Sampler,
     collate_fn: Callable,
-    num_workers: int,
+    num_workers: WorkerCount,
     device: torch.device,
     drop_last: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.utils.data.DataLoader:
     """A training loader: pinned batches on CUDA (the asynchronous copies need them), and workers
     that leave Ctrl-C / SIGTERM to the main process (it reaches the whole process group).
+    ``num_workers``: a count or ``"auto"`` (:func:`soco_det.cpus.loader_workers`).
     ``generator``: the loader's own, so that starting an iterator does not draw from the global RNG
     (``None``: it does, as torch's default)."""
+    if num_workers == "auto":
+        num_workers = loader_workers(num_workers)
+        log.info("data.num_workers=auto: %d loader workers per process", num_workers)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,

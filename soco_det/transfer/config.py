@@ -13,7 +13,7 @@ small dataset gets the same number of *epochs* as COCO 1x (about 12.2) rather th
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 from soco_det.logs import get_logger
 
@@ -36,15 +36,16 @@ class FinetuneDataConfig:
     train_images: str = ""
     val_json: str = ""
     val_images: str = ""
-    num_workers: int = 2
+    # loader workers per process; auto: the cores available to this node's processes, less one each
+    num_workers: Union[int, Literal["auto"]] = 2
     # Training skips images without a usable (non-crowd, non-degenerate) instance, as detectron2 does.
     filter_empty: bool = True
     # Evaluate on at most this many val images (0 = all); for quick periodic checks.
     max_val_images: int = 0
 
     def validate(self) -> None:
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.num_workers != "auto" and self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 or auto, got {self.num_workers}")
         if self.max_val_images < 0:
             raise ValueError(f"max_val_images must be >= 0, got {self.max_val_images}")
 
