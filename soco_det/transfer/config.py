@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Union
 
+from soco_det.engine.config import LoggingConfig
 from soco_det.logs import get_logger
 
 log = get_logger(__name__)
@@ -191,6 +192,8 @@ class FinetuneConfig:
     model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     input: InputConfig = field(default_factory=InputConfig)
+    # Where the records go besides metrics.jsonl: TensorBoard by default, W&B, MLflow (as pretraining's logging)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     # Autocast as in pretraining (train.loop.amp): auto = bf16 on CUDA where supported, full precision on
     # CPU; fp16 runs with a GradScaler, as torchvision's detection reference.
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
