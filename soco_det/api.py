@@ -192,7 +192,7 @@ def proposals(
     out: PathLike,
     *,
     method: str = "selective_search",
-    workers: int = 1,
+    workers: int | str = "auto",
     max_side: int | None = None,
     shard: str | None = None,
     filter: str = "ratio3size0308post",
@@ -204,8 +204,10 @@ def proposals(
 ) -> ProposalsResult:
     """Compute (or resume) the proposal store of every image under ``images`` (``soco-det proposals``).
 
-    The options are ``soco-det proposals compute``'s; ``max_pixels=None`` is the decoder's default
-    limit (64 Mpx), 0 no limit. A finished store is left as it is."""
+    The options are ``soco-det proposals compute``'s; ``workers="auto"``: one per CPU core this
+    process may use (:func:`soco_det.cpus.available_cpus`); ``max_pixels=None`` is the decoder's
+    default limit (64 Mpx), 0 no limit. A finished store is left as it is."""
+    from soco_det.cpus import parse_workers
     from soco_det.imageio import DEFAULT_MAX_PIXELS
     from soco_det.proposals.runner import compute_store
 
@@ -213,7 +215,7 @@ def proposals(
         images,
         out,
         method=method,
-        workers=workers,
+        workers=parse_workers(workers, "--workers"),
         max_side=max_side,
         shard=shard,
         filter=filter,

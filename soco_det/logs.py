@@ -3,7 +3,7 @@
 ``setup_logging`` configures the ``soco_det`` logger once per process; under torchrun only rank 0
 logs at INFO, other ranks log warnings and errors. ``progress`` wraps a loop in a progress bar with
 rate and ETA when stderr is a terminal, and otherwise logs a short line every ``log_every_s``
-seconds, so CI logs and batch jobs stay readable.
+seconds (10 by default), so CI logs and batch jobs stay readable.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import time
-from typing import Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -48,19 +48,25 @@ def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(name)
 
 
-def _fmt_eta(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
+def format_duration(seconds: float) -> str:
+    """``42s``, ``25m22s``, ``3h05m22s``: a duration that cannot be read as a time of day (log lines
+    start with one)."""
+    seconds = int(round(max(seconds, 0)))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
-    return f"{h:d}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+    if h:
+        return f"{h:d}h{m:02d}m{s:02d}s"
+    return f"{m:d}m{s:02d}s" if m else f"{s:d}s"
 
 
 class Progress:
     """A progress reporter usable as an iterator wrapper or updated by hand.
 
     On a TTY (and rank 0) it draws a tqdm bar with rate and ETA; otherwise it logs
-    ``desc: n/total (rate unit/s, ETA)`` at most every ``log_every_s`` seconds. ``disable`` turns
-    both off.
+    ``desc: n/total (rate unit/s, ETA 25m22s) postfix`` at most every ``log_every_s`` seconds.
+    ``disable`` turns both off. The postfix (:meth:`set_postfix`) may be a function, called only
+    when a log line is written: the line then shows the value of that moment (the loss of the
+    latest step, say) at the cost of one call per line, not one per update.
     """
 
     def __init__(
@@ -69,7 +75,7 @@ class Progress:
         desc: str = "",
         unit: str = "it",
         disable: bool = False,
-        log_every_s: float = 30.0,
+        log_every_s: float = 10.0,
         initial: int = 0,
     ) -> None:
         self.total, self.desc, self.unit = total, desc, unit
@@ -78,7 +84,7 @@ class Progress:
         self._t0 = time.perf_counter()
         self._last_log = self._t0
         self.log_every_s = log_every_s
-        self._postfix = ""
+        self._postfix: str | Callable[[], str] = ""
         self._logger = get_logger("progress")
         self._bar = None
         self._quiet = disable or get_rank() != 0
@@ -97,9 +103,16 @@ class Progress:
             return None
         return (self.total - self.n) / self.rate
 
-    def set_postfix(self, text: str) -> None:
+    @property
+    def is_bar(self) -> bool:
+        """Whether a terminal bar is drawn (else log lines, or nothing)."""
+        return self._bar is not None
+
+    def set_postfix(self, text: str | Callable[[], str]) -> None:
+        """Text after the rate: a string, or a function of none that gives it when a log line is
+        written (a bar keeps the last string it was given)."""
         self._postfix = text
-        if self._bar is not None:
+        if self._bar is not None and isinstance(text, str):
             self._bar.set_postfix_str(text, refresh=False)
 
     def update(self, n: int = 1) -> None:
@@ -115,8 +128,9 @@ class Progress:
     def line(self) -> str:
         total = f"/{self.total}" if self.total is not None else ""
         eta = self.eta()
-        eta_text = f", ETA {_fmt_eta(eta)}" if eta is not None else ""
-        post = f" {self._postfix}" if self._postfix else ""
+        eta_text = f", ETA {format_duration(eta)}" if eta is not None else ""
+        postfix = self._postfix() if callable(self._postfix) else self._postfix
+        post = f" {postfix}" if postfix else ""
         return f"{self.desc}: {self.n}{total} ({self.rate:.2f} {self.unit}/s{eta_text}){post}"
 
     def close(self) -> None:

@@ -41,6 +41,11 @@ RUN_ENTRIES = (
     "init_weights.json",
     "loss.png",
     "tensorboard",
+    "wandb",
+    "mlruns",
+    "tracking.json",
+    "views.png",
+    "train_samples.png",
     LOCK_NAME,
 )
 

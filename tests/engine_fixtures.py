@@ -101,3 +101,20 @@ def model_state(run_dir: Path, name: str = "last.pt") -> dict:
     import torch
 
     return torch.load(Path(run_dir) / "checkpoints" / name, map_location="cpu", weights_only=True)
+
+
+def read_tensorboard(folder: Path) -> dict:
+    """What a run's ``tensorboard/`` holds: ``{"scalars": {tag: [(step, value), ...]}, "text": {tag:
+    the last text}, "images": [tags]}`` (the events of every file in the folder)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    events.Reload()
+    tags = events.Tags()
+    scalars = {t: [(e.step, e.value) for e in events.Scalars(t)] for t in tags["scalars"]}
+    text = {}
+    for tag in tags["tensors"]:
+        if tag.endswith("/text_summary"):
+            last = events.Tensors(tag)[-1].tensor_proto.string_val[0].decode()
+            text[tag[: -len("/text_summary")]] = last
+    return {"scalars": scalars, "text": text, "images": sorted(tags["images"])}

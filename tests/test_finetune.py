@@ -4,6 +4,7 @@ init from a SoCo export and from ResNet weights, schedule, sampler, transforms a
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -122,6 +123,77 @@ def test_finetune_writes_checkpoints_metrics_and_finite_losses(run_dir):
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["kind"] == "maskrcnn" and ckpt["step"] == ITERS and ckpt["cat_ids"] == list(range(1, 11))
     assert (run_dir / "loss.png").stat().st_size > 0
+
+
+def test_a_finetuning_run_has_tensorboard_with_loss_ap_config_and_a_picture(run_dir):
+    from engine_fixtures import read_tensorboard
+
+    events = read_tensorboard(run_dir / "tensorboard")
+    scalars = events["scalars"]
+    assert [step for step, _ in scalars["loss"]] == [5, 10, 15, 20]
+    assert {"loss_mask", "lr", "img_per_s", "time/data_wait", "time/step", "bbox/AP", "segm/AP50"} <= set(scalars)
+    final = json.loads((run_dir / "metrics.json").read_text())
+    assert scalars["bbox/AP"] == [(ITERS, pytest.approx(final["bbox"]["AP"]))]
+    assert events["text"]["eval/AP"].startswith("| type | AP | AP50 |") and "| segm |" in events["text"]["eval/AP"]
+    assert "precise_bn_images: 64" in events["text"]["config"]
+    assert events["images"] == ["data/train_samples"] and (run_dir / "train_samples.png").stat().st_size > 0
+    train = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= r["time/data_wait"] < r["time/step"] for r in train if "loss" in r)
+
+
+def test_finetune_command_logs_to_wandb_offline_and_mlflow(scenes, tmp_path, monkeypatch):
+    """`soco-det finetune ... logging.backends=[wandb,mlflow]`: W&B's offline run files and an MLflow
+    file store in the run folder, with the loss and the AP; no TensorBoard (not listed)."""
+    pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    out = tmp_path / "ft"
+    argv = tiny_finetune_argv(
+        scenes,
+        out,
+        "solver.iterations=2",
+        "solver.steps=[]",
+        "solver.warmup_iters=1",
+        "log_period=1",
+        "model.precise_bn_images=0",
+        "logging.backends=[wandb,mlflow]",
+        "logging.wandb_mode=offline",
+    )
+    assert main(argv) == 0
+    ids = json.loads((out / "tracking.json").read_text())
+    assert (out / "wandb" / "latest-run" / f"run-{ids['wandb']}.wandb").is_file()
+    assert not (out / "tensorboard").exists()
+    client = MlflowClient(tracking_uri=(out / "mlruns").as_uri())
+    run = client.get_run(ids["mlflow"])
+    assert run.info.run_name == "ft" and run.data.params["solver.iterations"] == "2"
+    assert [m.step for m in client.get_metric_history(ids["mlflow"], "loss")] == [1, 2]
+    final = json.loads((out / "metrics.json").read_text())
+    assert run.data.metrics["bbox/AP"] == pytest.approx(final["bbox"]["AP"])
+
+
+def test_precise_bn_uses_at_most_the_training_set_and_says_so(scenes, tmp_path, monkeypatch, caplog):
+    """6 training images and model.precise_bn_images=64 (finetune_tiny_cpu): 6 images, one log line."""
+    from soco_det.transfer import finetuning
+
+    real, asked = finetuning.precise_bn, []
+
+    def record(model, batches, n_images, device):
+        asked.append(n_images)
+        return real(model, batches, n_images, device)
+
+    monkeypatch.setattr(finetuning, "precise_bn", record)
+    cfg = tiny_finetune_config(
+        scenes, "solver.iterations=2", "solver.steps=[]", "solver.warmup_iters=1", "checkpoint_period=0", "log_period=1"
+    )
+    assert cfg.model.precise_bn_images == 64
+    with caplog.at_level(logging.INFO, logger="soco_det"):
+        finetune(cfg, tmp_path / "ft")
+    assert asked == [6]
+    lines = [r.getMessage() for r in caplog.records if "precise_bn_images" in r.getMessage()]
+    assert lines == ["precise BN: model.precise_bn_images=64 is more than the 6 training images; using 6"]
 
 
 def test_resume_continues_from_saved_iteration_and_matches(run_dir, tmp_path):

@@ -46,6 +46,16 @@ def normalize_argv(words: list[str]) -> list[str]:
     return list(words)
 
 
+def _workers(text: str) -> int | str:
+    """``--workers``: ``auto`` or a whole number (its range is checked by the job, with the others)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a whole number nor auto") from None
+
+
 def _add_compute(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "images",
@@ -78,7 +88,12 @@ def _add_compute(p: argparse.ArgumentParser) -> None:
         help="override a method parameter, e.g. --param scale=500 (selective search: scale, sigma, "
         "min_size; opencv: base_k, inc_k, sigma; random: n, min_size, max_size, ratio, seed)",
     )
-    p.add_argument("--workers", type=int, default=1, help="worker processes (e.g. the number of CPU cores)")
+    p.add_argument(
+        "--workers",
+        type=_workers,
+        default="auto",
+        help="worker processes: a number, or auto (default): one per CPU core this process may use",
+    )
     p.add_argument(
         "--max-side",
         type=int,

@@ -379,7 +379,7 @@ class DataConfig(PixelOptions):
     coco_json: Optional[str] = None
     proposals: Optional[str] = None  # proposal store (soco_det.proposals.store)
     batch_size: int = 64  # per process
-    num_workers: int = 4
+    num_workers: Union[int, Literal["auto"]] = 4  # per process; auto: soco_det/cpus.py loader_workers
     strict: bool = False  # raise on a bad image instead of skipping it
     min_side: int = 32  # images with a smaller side are bad input (proposals need >= 32 px)
     max_replacements: int = 16  # draws of a replacement index before giving up on a bad image
@@ -393,8 +393,8 @@ class DataConfig(PixelOptions):
             raise ValueError("give at most one of list_file and coco_json")
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers: must be >= 0, got {self.num_workers}")
+        if self.num_workers != "auto" and self.num_workers < 0:
+            raise ValueError(f"num_workers: must be >= 0 or auto, got {self.num_workers}")
         if self.min_side < 1:
             raise ValueError(f"min_side: must be >= 1, got {self.min_side}")
         if self.max_replacements < 1:

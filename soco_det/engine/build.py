@@ -1,8 +1,9 @@
 """The set-up that pretraining and fine-tuning share, as named steps (detectron2's ``DefaultTrainer``
 builders): the run folder and process group (:func:`open_run`), the data loader
 (:func:`build_loader`), the DDP / compile wrapper (:func:`wrap_model`), the precision
-(:func:`build_precision`), resuming (:func:`resume_into`), the standard hooks
-(:func:`standard_hooks`) and the run itself (:func:`run_training`).
+(:func:`build_precision`), resuming (:func:`resume_into`), the records and their logging back-ends
+(:func:`build_writer`), the standard hooks (:func:`standard_hooks`) and the run itself
+(:func:`run_training`).
 
 ``pretrain`` (:mod:`soco_det.engine.trainer`) and ``finetune`` (:mod:`soco_det.transfer.finetuning`)
 read as a list of these steps plus their own model, optimizer and step; neither builder takes a
@@ -18,15 +19,18 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+import yaml
 from torch import nn
 
 from soco_det.config import upgrade_keys
+from soco_det.cpus import WorkerCount, loader_workers
 from soco_det.engine import distributed as dist_utils
 from soco_det.engine.checkpoint import claim_run_folder, load_resume
 from soco_det.engine.hooks import CheckpointHook, MetricsHook
 from soco_det.engine.loop import Hook, TrainerBase, resolve_amp
 from soco_det.engine.metrics import MetricsWriter
 from soco_det.engine.signals import ignore_stop_signals
+from soco_det.engine.tracking import open_tracker
 from soco_det.errors import UserError
 from soco_det.logs import get_logger
 from soco_det.runlock import FolderLock
@@ -78,15 +82,19 @@ def build_loader(
     batch_size: int,
     sampler: torch.utils.data.Sampler,
     collate_fn: Callable,
-    num_workers: int,
+    num_workers: WorkerCount,
     device: torch.device,
     drop_last: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.utils.data.DataLoader:
     """A training loader: pinned batches on CUDA (the asynchronous copies need them), and workers
     that leave Ctrl-C / SIGTERM to the main process (it reaches the whole process group).
+    ``num_workers``: a count or ``"auto"`` (:func:`soco_det.cpus.loader_workers`).
     ``generator``: the loader's own, so that starting an iterator does not draw from the global RNG
     (``None``: it does, as torch's default)."""
+    if num_workers == "auto":
+        num_workers = loader_workers(num_workers)
+        log.info("data.num_workers=auto: %d loader workers per process", num_workers)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -164,7 +172,8 @@ def resume_into(
     saved = ckpt.get("config", {})
     if schema is not None:
         saved = upgrade_keys(schema, saved, quiet=True)
-    diffs = [d for d in config_differences(saved, config) if not d.startswith(tuple(ignored))]
+    ignored = ("logging", *ignored)  # where the records go does not change the training
+    diffs = [d for d in config_differences(saved, config) if not d.startswith(ignored)]
     if diffs:
         log.warning("config differs from the checkpoint's: %s", "; ".join(diffs))
     try:
@@ -176,6 +185,25 @@ def resume_into(
     log.info("resumed from %s at step %d (epoch %d)", ckpt["path"], trainer.step, trainer.epoch)
 
 
+def build_writer(
+    run: RunContext,
+    settings: Any,
+    backends: Sequence[str],
+    resume_step: int,
+    config: dict[str, Any],
+    step_key: str = "step",
+) -> MetricsWriter:
+    """The run's records: ``metrics.jsonl`` and, on the main process, the logging ``backends``
+    (``settings``: the config's ``logging`` section; :func:`soco_det.engine.tracking.open_tracker`)
+    with the resolved ``config`` given to them as text (``config``) and to W&B / MLflow as their own."""
+    tracker = open_tracker(run.run_dir, settings, backends, resume_step, config) if run.is_main else None
+    writer = MetricsWriter(
+        run.run_dir, enabled=run.is_main, tracker=tracker, resume_step=resume_step, step_key=step_key
+    )
+    writer.text("config", yaml.safe_dump(config, sort_keys=False), resume_step)
+    return writer
+
+
 def standard_hooks(
     run: RunContext,
     metrics: MetricsHook,
@@ -183,10 +211,12 @@ def standard_hooks(
     keep_last: int,
     config: dict[str, Any],
     after_save: Callable[[Path], None] | None = None,
+    epoch_end: bool = False,
 ) -> list[Hook]:
     """The hooks every run has: its metrics records, then its checkpoints (every ``ckpt_every`` steps,
-    at epoch ends and at the end; ``keep_last`` step files kept; ``config`` saved in each)."""
-    return [metrics, CheckpointHook(run.run_dir, ckpt_every, keep_last, config, after_save=after_save)]
+    at epoch ends if ``epoch_end``, and at the end; ``keep_last`` step files kept; ``config`` saved in each)."""
+    checkpoints = CheckpointHook(run.run_dir, ckpt_every, keep_last, config, after_save=after_save, epoch_end=epoch_end)
+    return [metrics, checkpoints]
 
 
 def run_training(trainer: TrainerBase, writer: MetricsWriter, resume_hint: str) -> None:

@@ -71,10 +71,11 @@ class LoopConfig:
     cpu_threads: Optional[int] = None  # torch intra-op threads (null: torch's default); see tiny_cpu
     freeze_bn: bool = False  # BN layers in eval mode (running stats, frozen); see engine/distributed.py
     find_unused_parameters: Optional[bool] = None  # DDP; null: only for model.roi_mode=assigned_level
-    log_every: int = 10  # steps between metric lines (JSONL, TensorBoard, log)
-    ckpt_every: int = 1000  # steps between checkpoints (also at each epoch end and at the end)
+    log_every: int = 10  # steps between metric lines (JSONL, the logging back-ends, log)
+    ckpt_every: int = 1000  # steps between checkpoints (and one at the end of the run, or when stopped)
+    ckpt_epoch_end: bool = False  # also save at every epoch end (a small folder has many short epochs)
     keep_last: int = 3  # step checkpoints kept (last.pt is always kept)
-    tensorboard: bool = True
+    tensorboard: bool = True  # false: no TensorBoard whatever logging.backends says (older switch)
     progress: bool = True
 
     def validate(self) -> None:
@@ -85,6 +86,34 @@ class LoopConfig:
             raise ValueError(f"max_steps: must be >= 1 (or null), got {self.max_steps}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads: must be >= 1 (or null), got {self.cpu_threads}")
+
+
+TRACKING_BACKENDS = ("tensorboard", "wandb", "mlflow")
+
+
+@dataclass
+class LoggingConfig:
+    """``logging``: where a run's records go besides ``metrics.jsonl`` (pretraining and fine-tuning
+    alike; soco_det/engine/tracking.py). ``backends`` from ``tensorboard`` (``RUN/tensorboard``),
+    ``wandb`` (``RUN/wandb``; ``pip install wandb``) and ``mlflow`` (``pip install mlflow-skinny``).
+    W&B and MLflow read their usual environment (``WANDB_API_KEY``, ``WANDB_MODE``,
+    ``MLFLOW_TRACKING_URI``, ...); the keys below set the rest."""
+
+    backends: list[str] = field(default_factory=lambda: ["tensorboard"])
+    project: str = "soco-det"  # W&B project, MLflow experiment
+    run_name: Optional[str] = None  # null: the run folder's name
+    wandb_mode: Optional[Literal["online", "offline"]] = None  # null: W&B's own (WANDB_MODE, else online)
+    # null: MLFLOW_TRACKING_URI when set, else a file store in RUN/mlruns (works offline)
+    mlflow_uri: Optional[str] = None
+
+    def validate(self) -> None:
+        unknown = [b for b in self.backends if b not in TRACKING_BACKENDS]
+        if unknown:
+            raise ValueError(f"backends: {unknown[0]!r} is not one of {', '.join(TRACKING_BACKENDS)}")
+        if len(set(self.backends)) != len(self.backends):
+            raise ValueError(f"backends: each at most once, got {self.backends}")
+        if not self.project:
+            raise ValueError("project: must not be empty")
 
 
 PROBE_TASKS = ("linear", "knn", "loc", "retrieval", "rank")
@@ -163,10 +192,11 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     seed: int = 0
 
     def validate(self) -> None:
-        for part in (self.data, self.model, self.train):
+        for part in (self.data, self.model, self.train, self.logging):
             validate = getattr(part, "validate", None)
             if callable(validate):
                 validate()

@@ -21,9 +21,9 @@ from soco_det.logs import Progress
 
 
 class CheckpointHook(Hook):
-    """Saves every ``every`` steps (0: never on a period), at each epoch end and at the end of the
-    run, stopped or not (main process; atomic; the newest ``keep_last`` step files are kept).
-    ``trainer.state_dict(config)`` is what is saved; ``after_save(path)`` runs on the main process."""
+    """Saves every ``every`` steps (0: never on a period), at each epoch end if ``epoch_end``, and at
+    the end of the run, stopped or not (main process; atomic; the newest ``keep_last`` step files are
+    kept). ``trainer.state_dict(config)`` is what is saved; ``after_save(path)`` runs on the main process."""
 
     def __init__(
         self,
@@ -32,9 +32,10 @@ class CheckpointHook(Hook):
         keep_last: int,
         config: dict,
         after_save: Callable[[Path], None] | None = None,
+        epoch_end: bool = False,
     ) -> None:
         self.run_dir, self.every, self.keep_last, self.config = run_dir, every, keep_last, config
-        self.after_save = after_save
+        self.after_save, self.epoch_end = after_save, epoch_end
         self.saved_step: int | None = None
 
     def before_train(self, trainer: TrainerBase) -> None:
@@ -53,7 +54,7 @@ class CheckpointHook(Hook):
 
     def after_step(self, trainer: TrainerBase, out: dict[str, Any]) -> None:
         periodic = self.every > 0 and trainer.step % self.every == 0
-        if periodic or trainer.epoch_ended or trainer.step >= trainer.stop_step:
+        if periodic or (self.epoch_end and trainer.epoch_ended) or trainer.step >= trainer.stop_step:
             self._save(trainer)
 
     def after_train(self, trainer: TrainerBase) -> None:
@@ -80,13 +81,16 @@ class EvalHook(Hook):
 
 
 class MetricsHook(Hook):
-    """Every ``every`` steps and after the last one: a record in ``metrics.jsonl`` (and
-    TensorBoard), the progress bar's postfix and a log line (:meth:`log`).
+    """Every ``every`` steps and after the last one: a record in ``metrics.jsonl`` (and the logging
+    back-ends), the progress bar's postfix and a log line (:meth:`log`).
 
     The loss and its terms are averaged over processes with one all-reduce: those of the record's
     step (``window=False``), or their mean over the steps since the previous record
-    (``window=True``; summed on the device, no sync per step). ``sources`` are objects with
-    ``metrics(trainer) -> dict`` merged into each record; :meth:`extra` adds a subclass's own.
+    (``window=True``; summed on the device, no sync per step). So is ``time/data_wait``, the seconds
+    per step the loop spent getting its batches since the previous record (``trainer.data_wait_s``);
+    ``time/step`` is the seconds per step. ``sources`` are objects with ``metrics(trainer) -> dict``
+    merged into each record; :meth:`extra` adds a subclass's own. Off a terminal the progress lines
+    show the loss of the latest step (read only when a line is written).
     """
 
     def __init__(
@@ -108,12 +112,14 @@ class MetricsHook(Hook):
         self.bar = Progress(
             total=trainer.stop_step, initial=trainer.step, desc=self.desc, unit="step", disable=not self.show_progress
         )
-        self._t0, self._step0 = time.perf_counter(), trainer.step
+        self._t0, self._step0, self._wait0 = time.perf_counter(), trainer.step, trainer.data_wait_s
         if trainer.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(trainer.device)
 
     def after_step(self, trainer: TrainerBase, out: dict[str, Any]) -> None:
         assert self.bar is not None
+        if not self.bar.is_bar:  # log lines: this step's loss, read when a line is written
+            self.bar.set_postfix(lambda: f"loss {float(out['loss']):.4f} lr {out['lr']:.4g}")
         self.bar.update(1)
         names = sorted(out["terms"])
         values = torch.stack([out["loss"].float()] + [torch.as_tensor(out["terms"][n]).float() for n in names])
@@ -125,19 +131,23 @@ class MetricsHook(Hook):
         if self.window:
             assert self._sum is not None
             values, self._sum, self._count = self._sum / self._count, None, 0
-        values = dist_utils.all_reduce_mean(values).tolist()  # one collective for every term
+        steps = max(trainer.step - self._step0, 1)
+        wait = values.new_tensor([(trainer.data_wait_s - self._wait0) / steps])
+        *values, wait_per_step = dist_utils.all_reduce_mean(torch.cat([values, wait])).tolist()  # one collective
         elapsed = time.perf_counter() - self._t0
         record: dict[str, Any] = {"loss": values[0], **dict(zip(names, values[1:])), "lr": out["lr"]}
         record.update(self.extra(trainer, out, (trainer.step - self._step0) / max(elapsed, 1e-9)))
+        record["time/data_wait"], record["time/step"] = wait_per_step, elapsed / steps
         for source in self.sources:
             record.update(source.metrics(trainer))
         if trainer.device.type == "cuda":
             record["gpu_mem_mib"] = torch.cuda.max_memory_allocated(trainer.device) / 2**20
             torch.cuda.reset_peak_memory_stats(trainer.device)
         self.writer.write(trainer.step, record)
-        self.bar.set_postfix(f"loss {record['loss']:.4f} lr {record['lr']:.4g}")
+        if self.bar.is_bar:
+            self.bar.set_postfix(f"loss {record['loss']:.4f} lr {record['lr']:.4g}")
         self.log(trainer, record)
-        self._t0, self._step0 = time.perf_counter(), trainer.step
+        self._t0, self._step0, self._wait0 = time.perf_counter(), trainer.step, trainer.data_wait_s
 
     def extra(self, trainer: TrainerBase, out: dict[str, Any], steps_per_s: float) -> dict[str, Any]:
         """More fields of a record; ``steps_per_s`` is measured since the previous record."""

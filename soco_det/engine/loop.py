@@ -14,6 +14,7 @@ as ``trainer.step + 1``; ``checkpoints/step_00000002.pt`` holds the state after 
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -106,6 +107,9 @@ class TrainerBase:
         self.hooks = list(hooks)
         self.step = 0
         self.epoch_ended = False  # True right after the step that finished an epoch
+        # Seconds the loop spent getting batches since it started (next_batch + advance: the wait for
+        # the loader, and on CUDA the next step's batch fetched while the device computes).
+        self.data_wait_s = 0.0
         self.check_every = max(1, int(check_every))
         self._first_bad: torch.Tensor | None = None  # [step of the first non-finite loss or -1, that loss]
         self._checked_step = -1
@@ -164,11 +168,15 @@ class TrainerBase:
             for hook in self.hooks:
                 hook.before_train(self)
             while self.step < self.stop_step and not self._stop_now():
+                started = time.perf_counter()
                 batch = self.next_batch()
+                self.data_wait_s += time.perf_counter() - started
                 for hook in self.hooks:
                     hook.before_step(self)
                 out = self.run_step(batch)
+                started = time.perf_counter()
                 self.advance()
+                self.data_wait_s += time.perf_counter() - started
                 if self.step % self.check_every == 0 or self.step >= self.stop_step:
                     self.check_finite()
                 for hook in self.hooks:

@@ -29,6 +29,7 @@ from soco_det.engine.build import (
     RunContext,
     build_loader,
     build_precision,
+    build_writer,
     open_run,
     resume_into,
     run_training,
@@ -42,6 +43,7 @@ from soco_det.engine.loop import Hook, NonFiniteLossError, TrainerBase, move_to,
 from soco_det.engine.metrics import MetricsWriter
 from soco_det.engine.schedules import Schedule
 from soco_det.engine.stream import EpochStream
+from soco_det.engine.tracking import check_backends
 from soco_det.errors import UserError
 from soco_det.export.init_weights import apply_init
 from soco_det.logs import get_logger
@@ -319,7 +321,33 @@ def pretrain_hooks(
     )
     # checkpoints keep the config in the key layout of their format, soco-det/1 (flat train.* / data.views.*)
     saved = downgrade_keys(type(cfg), to_dict(cfg))
-    return [dynamics, *standard_hooks(run, metrics, loop.ckpt_every, loop.keep_last, saved), *hooks]
+    checkpoints = standard_hooks(run, metrics, loop.ckpt_every, loop.keep_last, saved, epoch_end=loop.ckpt_epoch_end)
+    return [dynamics, *checkpoints, *hooks]
+
+
+def logging_backends(cfg: Any) -> list[str]:
+    """``logging.backends``, less TensorBoard when ``train.loop.tensorboard`` is false (the older switch)."""
+    return [b for b in cfg.logging.backends if b != "tensorboard" or cfg.train.loop.tensorboard]
+
+
+def log_views_picture(cfg: Any, run: RunContext, writer: MetricsWriter) -> None:
+    """At the start of a fresh run, on the main process: a few samples' views drawn to
+    ``RUN/views.png`` (:func:`soco_det.data.viz.render_views`) and given to the logging back-ends.
+    The views are the ones the run trains on (the samples are seeded by index and epoch); a picture
+    that fails is a warning, never the end of the run."""
+    from dataclasses import replace
+
+    from soco_det.data.viz import render_views
+
+    if not (run.is_main and writer.backends):
+        return
+    try:
+        # device photometric sends uint8 views without colour: draw the views of the CPU path
+        data = replace(cfg.data, photometric="cpu") if cfg.data.photometric == "device" else cfg.data
+        picture = render_views(build_pretrain_dataset(data, seed=cfg.seed), str(run.run_dir / "views.png"), samples=3)
+        writer.image("data/views", picture, 0)
+    except Exception as exc:  # a picture is a convenience
+        log.warning("views picture skipped (%s: %s)", type(exc).__name__, exc)
 
 
 def _log_start(cfg: Any, run: RunContext, trainer: Trainer, lars_eta: float) -> None:
@@ -357,14 +385,16 @@ def pretrain(
     ``overwrite``, which moves the old run to ``OUT.old-<time>``), ``"auto"`` (continue from
     ``out_dir``'s newest intact checkpoint if there is one) or a checkpoint file / run folder.
     Works in one process or under ``torchrun`` (``env://``); the main process locks ``out_dir`` for
-    the run. Writes ``config.yaml``, ``metrics.jsonl``, ``tensorboard/`` and ``checkpoints/`` there
-    and returns it. On SIGINT/SIGTERM the current step is finished, a checkpoint saved and
+    the run. Writes ``config.yaml``, ``metrics.jsonl``, ``checkpoints/`` and what ``logging.backends``
+    asks for (``tensorboard/``, ``wandb/``, ``mlruns/``; ``views.png``) there and returns it. On
+    SIGINT/SIGTERM the current step is finished, a checkpoint saved and
     :class:`~soco_det.errors.Interrupted` raised. ``hooks`` run after the engine's own;
     ``metric_sources`` (objects with ``metrics(trainer) -> dict``, used on the main process) add
     fields to every metrics record, e.g. the online probe of ``train.probe.every``
     (:class:`soco_det.probe.online.OnlineProbe`): the engine does not import the probe stage.
     """
     loop = cfg.train.loop
+    check_backends(logging_backends(cfg))  # a missing package is said before anything runs
     if loop.cpu_threads is not None:
         torch.set_num_threads(loop.cpu_threads)
     device_type = resolve_device(loop.device, "train.loop.device")
@@ -391,7 +421,9 @@ def pretrain(
         resume_into(trainer, run.ckpt, to_dict(cfg), ignored=("train.loop.max_steps",), schema=type(cfg))
         if run.is_main:
             save_config(cfg, run.run_dir)  # only now: a rejected resume leaves the folder as it was
-        writer = MetricsWriter(run.run_dir, enabled=run.is_main, tensorboard=loop.tensorboard, resume_step=trainer.step)
+        writer = build_writer(run, cfg.logging, logging_backends(cfg), trainer.step, to_dict(cfg))
+        if trainer.step == 0:
+            log_views_picture(cfg, run, writer)
         trainer.hooks = pretrain_hooks(cfg, run, writer, schedule, hooks, metric_sources)
         _log_start(cfg, run, trainer, lars_eta)
         run_training(trainer, writer, resume_hint="--resume auto")

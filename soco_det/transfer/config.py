@@ -13,8 +13,9 @@ small dataset gets the same number of *epochs* as COCO 1x (about 12.2) rather th
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
+from soco_det.engine.config import LoggingConfig
 from soco_det.logs import get_logger
 
 log = get_logger(__name__)
@@ -36,15 +37,16 @@ class FinetuneDataConfig:
     train_images: str = ""
     val_json: str = ""
     val_images: str = ""
-    num_workers: int = 2
+    # loader workers per process; auto: the cores available to this node's processes, less one each
+    num_workers: Union[int, Literal["auto"]] = 2
     # Training skips images without a usable (non-crowd, non-degenerate) instance, as detectron2 does.
     filter_empty: bool = True
     # Evaluate on at most this many val images (0 = all); for quick periodic checks.
     max_val_images: int = 0
 
     def validate(self) -> None:
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.num_workers != "auto" and self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 or auto, got {self.num_workers}")
         if self.max_val_images < 0:
             raise ValueError(f"max_val_images must be >= 0, got {self.max_val_images}")
 
@@ -190,6 +192,8 @@ class FinetuneConfig:
     model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     input: InputConfig = field(default_factory=InputConfig)
+    # Where the records go besides metrics.jsonl: TensorBoard by default, W&B, MLflow (as pretraining's logging)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     # Autocast as in pretraining (train.loop.amp): auto = bf16 on CUDA where supported, full precision on
     # CPU; fp16 runs with a GradScaler, as torchvision's detection reference.
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"

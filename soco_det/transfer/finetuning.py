@@ -8,8 +8,12 @@ folder holds::
 
     config.yaml                resolved config (schedule presets expanded)
     metrics.jsonl              one line per log period ({"iter", "lr", "loss", "loss_*", "img_per_s",
-                               "time"}: the means over the period) and per evaluation
-                               ({"iter", "bbox": {...}, "segm": {...}})
+                               "time/data_wait", "time/step", "time"}: the means over the period) and per
+                               evaluation ({"iter", "bbox": {...}, "segm": {...}})
+    tensorboard/               the same records (bbox/AP, ...), the config, the AP table of each
+                               evaluation and a picture of training images (``logging.backends``;
+                               also wandb/ and mlruns/ when asked for)
+    train_samples.png          the first training images with their annotations
     loss.png                   loss curve
     checkpoints/step_*.pt      {"format": "soco-det/1", "kind": "maskrcnn", "model", "optimizer",
     checkpoints/last.pt         "scaler", "step", "cat_ids", "rng", "config"} (atomic, last N kept)
@@ -38,6 +42,7 @@ from soco_det.engine.build import (
     RunContext,
     build_loader,
     build_precision,
+    build_writer,
     open_run,
     resume_into,
     run_training,
@@ -48,6 +53,7 @@ from soco_det.engine.checkpoint import capture_rng, restore_rng
 from soco_det.engine.hooks import EvalHook, MetricsHook
 from soco_det.engine.loop import Hook, TrainerBase, move_to, set_train_mode
 from soco_det.engine.metrics import MetricsWriter, read_metrics
+from soco_det.engine.tracking import check_backends
 from soco_det.errors import UserError
 from soco_det.logs import get_logger
 from soco_det.torch_io import resolve_device
@@ -376,9 +382,38 @@ def _log_start(cfg: FinetuneConfig, run: RunContext, trainer: FinetuneTrainer) -
         run.world,
         cfg.model.init,
         cfg.model.bn_mode,
-        f", precise BN over {cfg.model.precise_bn_images} images" if cfg.model.precise_bn_images else "",
+        f", precise BN over {precise_bn_count(cfg, trainer.num_images)} images" if cfg.model.precise_bn_images else "",
         trainer.amp_dtype,
     )
+
+
+def precise_bn_count(cfg: FinetuneConfig, num_images: int) -> int:
+    """Images PreciseBN averages over: ``model.precise_bn_images``, at most the training set (more
+    would only pass over the same images again)."""
+    return min(cfg.model.precise_bn_images, num_images)
+
+
+def log_train_picture(run: RunContext, writer: MetricsWriter, train_set: CocoInstances) -> None:
+    """At the start of a fresh run, on the main process: the first training images with their
+    annotations in ``RUN/train_samples.png`` (:func:`soco_det.transfer.viz.render_ground_truth`),
+    given to the logging back-ends; a picture that fails is a warning, never the end of the run."""
+    from soco_det.transfer.viz import render_ground_truth
+
+    if not (run.is_main and writer.backends):
+        return
+    try:
+        writer.image("data/train_samples", render_ground_truth(train_set, run.run_dir / "train_samples.png"), 0)
+    except Exception as exc:  # a picture is a convenience
+        log.warning("training-images picture skipped (%s: %s)", type(exc).__name__, exc)
+
+
+def ap_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """An evaluation as table rows, one per IoU type, in percent: ``[{"type": "bbox", "AP": 41.2, ...}]``."""
+    return [
+        {"type": t, **{k: None if v is None else round(100 * v, 2) for k, v in result[t].items()}}
+        for t in ("bbox", "segm")
+        if t in result
+    ]
 
 
 def _finish(run: RunContext, trainer: FinetuneTrainer) -> None:
@@ -407,6 +442,7 @@ def finetune(
         cfg.check_data()
     except ValueError as exc:
         raise UserError(f"finetune: {exc} (give --train-json/--train-images/--val-json/--val-images)") from exc
+    check_backends(cfg.logging.backends)  # a missing package is said before anything runs
     with open_run(out_dir, resume, overwrite, _device(cfg)) as run:
         train_set, cfg = build_train_set(cfg, run)
         model, forward_model = build_detector(cfg, run, train_set)
@@ -433,9 +469,9 @@ def finetune(
         trainer.start(run.ckpt["rng"] if run.ckpt is not None else None, cfg.seed + run.rank)
         if run.is_main:
             save_config(cfg, run.run_dir)  # only now: a rejected resume leaves the folder as it was
-        writer = MetricsWriter(
-            run.run_dir, enabled=run.is_main, tensorboard=False, resume_step=trainer.step, step_key="iter"
-        )
+        writer = build_writer(run, cfg.logging, cfg.logging.backends, trainer.step, to_dict(cfg), step_key="iter")
+        if trainer.step == 0:
+            log_train_picture(run, writer, train_set)
         trainer.hooks = finetune_hooks(cfg, run, writer, train_set)
         _log_start(cfg, run, trainer)
         run_training(trainer, writer, resume_hint="--resume")
@@ -448,8 +484,18 @@ def _evaluation(
 ) -> Callable[[TrainerBase], dict[str, Any] | None]:
     """The evaluation of :class:`EvalHook`: PreciseBN on every process (so that SyncBN, if any,
     stays in step), then COCO evaluation of the val set on the main process, recorded in
-    ``metrics.jsonl`` and ``eval/step_XXXXXXXX/``; training mode is restored afterwards."""
+    ``metrics.jsonl`` (and the logging back-ends, with the AP table) and ``eval/step_XXXXXXXX/``;
+    training mode is restored afterwards. PreciseBN uses at most the whole training set
+    (:func:`precise_bn_count`)."""
     rank, world = dist.rank(), dist.world_size()
+    bn_images = precise_bn_count(cfg, len(train_set))
+    if bn_images < cfg.model.precise_bn_images:
+        log.info(
+            "precise BN: model.precise_bn_images=%d is more than the %d training images; using %d",
+            cfg.model.precise_bn_images,
+            len(train_set),
+            bn_images,
+        )
     # PreciseBN reads its own pass over the training images: its own sampler seed and loader
     # generator, so the training stream and the global RNG are not disturbed.
     precise_loader = torch.utils.data.DataLoader(
@@ -463,8 +509,8 @@ def _evaluation(
 
     def run(trainer: TrainerBase) -> dict[str, Any] | None:
         assert isinstance(trainer, FinetuneTrainer)
-        if cfg.model.precise_bn_images:
-            seen = precise_bn(trainer.forward_model, iter(precise_loader), cfg.model.precise_bn_images, trainer.device)
+        if bn_images:
+            seen = precise_bn(trainer.forward_model, iter(precise_loader), bn_images, trainer.device)
             log.info("precise BN: statistics re-estimated over %d training images", seen)
         result = None
         if dist.is_main():
@@ -477,6 +523,7 @@ def _evaluation(
                 show_progress=False,
             )
             writer.write(trainer.step, {t: result[t] for t in ("bbox", "segm") if t in result})
+            writer.table("eval/AP", ap_rows(result), trainer.step)
         set_train_mode(trainer.forward_model, cfg.model.bn_mode == "frozen")
         dist.barrier()
         return result

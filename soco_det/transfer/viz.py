@@ -179,3 +179,19 @@ def render_predictions(
         written.append(path)
         log.info("%s: %d detections >= %.2f -> %s", name, len(found.labels), score_thresh, path)
     return written
+
+
+def render_ground_truth(dataset: CocoInstances, out_png: str | Path, n: int = 4) -> Path:
+    """The first ``n`` images of ``dataset`` side by side with their annotations (boxes, and masks
+    where every instance has one), captioned with their file names: what a fine-tuning run trains on."""
+    names = {int(c["id"]): str(c.get("name", c["id"])) for c in dataset.coco.dataset["categories"]}
+    panels = []
+    for k in range(min(n, len(dataset))):
+        truth = ground_truth_of(dataset, k)
+        caption = f"{Path(dataset.coco.imgs[dataset.ids[k]]['file_name']).name}: {len(truth.labels)}"
+        panels.append((caption, draw_panel(dataset.load_image(k), truth, names)))
+    if not panels:
+        raise UserError(f"{dataset.json_path}: no images to draw")
+    picture = compose(panels)
+    atomic_save(Path(out_png), lambda f: picture.save(f, format="PNG"))
+    return Path(out_png)
