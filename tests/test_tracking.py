@@ -78,7 +78,10 @@ def test_wandb_offline_writes_its_run_files_and_a_resume_continues_the_same_run(
     tracker.scalars(11, {"loss": 0.05})
     tracker.close()
     assert json.loads((tmp_path / tracking.IDS_FILE).read_text())["wandb"] == run_id
-    assert {p.name.rsplit("-", 1)[1] for p in (tmp_path / "wandb").glob("offline-run-*")} == {run_id}
+    # W&B names a second folder of the same run and second "-1" (offline-run-DATE_TIME-ID-1): read the ids
+    # from the record files inside, not from the folder names
+    records = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    assert {f.stem.removeprefix("run-") for f in records} == {run_id}
 
 
 def test_mlflow_file_store_in_the_run_folder_holds_metrics_params_and_artifacts(tmp_path, monkeypatch):
