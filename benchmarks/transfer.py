@@ -211,7 +211,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="cpu",
         help="size of the experiment; cpu_ap / smoke_ap: detection AP from the frozen-backbone probe",
     )
-    parser.add_argument("--dataset", choices=["scenes"], default="scenes", help="AP presets: the generated scenes")
+    parser.add_argument(
+        "--dataset",
+        choices=["scenes", "nuclei"],
+        default="scenes",
+        help="scenes: the generated sample scenes; nuclei: tiles of stardist's fluorescence image of nuclei "
+        "(soco-det prepare nuclei; pip install stardist)",
+    )
     parser.add_argument("--out", default="transfer_out", help="working folder (data, runs, probes, fine-tunings)")
     parser.add_argument("--json", default=None, help="write the results here (default: OUT/transfer.json)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -545,9 +551,13 @@ def prepare_data(args: argparse.Namespace, preset: dict[str, Any]) -> tuple[dict
     if args.dataset == "scenes":
         paths = synth.generate(out / "data", seed=0, workers=args.workers, **preset["scenes"])
     else:
-        from soco_det.errors import UserError
+        try:
+            from soco_det.datasets import prepare
+        except ImportError:  # the data-set layer is newer than this benchmark
+            from soco_det.errors import UserError
 
-        raise UserError(f"--dataset {args.dataset}: not available in this checkout")
+            raise UserError(f"--dataset {args.dataset}: needs soco_det.datasets (soco-det prepare)") from None
+        paths = prepare(args.dataset, out / "data", **preset.get("datasets", {}).get(args.dataset, {}))
     data = {k: Path(v) for k, v in paths.items()}
     store = compute_store(data["images"] / "unlabeled", out / "proposals", workers=args.workers)
     recall = proposal_recall(data, out, args.workers)

@@ -164,6 +164,23 @@ def test_settings_are_checked():
         FrozenSettings(size=16).validate()
 
 
+def test_cli_detection_probe_writes_ap_and_paired_difference(scenes, tmp_path, capsys):
+    from soco_det.commands.main import main
+
+    out = tmp_path / "det.json"
+    argv = ["probe", "untrained", "--config", "tiny_cpu", "--task", "detection"]
+    argv += ["--train-json", str(scenes["train"]), "--val-json", str(scenes["val"]), "--images", str(scenes["images"])]
+    assert (
+        main([*argv, "--size", "64", "--iterations", "2", "--ft-seeds", "0", "--fractions", "1", "-o", str(out)]) == 0
+    )
+    report = json.loads(out.read_text())
+    assert report["settings"]["iterations"] == 2 and report["settings"]["size"] == 64
+    assert "AP50" in report["results"]["untrained"]["1"]["0"]["bbox"]
+    assert "box AP" in capsys.readouterr().out
+    assert main(["probe", "untrained", "--config", "tiny_cpu", "--task", "detection", "--train-json", "x.json"]) == 2
+    assert "--val-json" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_smoke_ap_preset_end_to_end(tmp_path):
     out = tmp_path / "ap.json"

@@ -74,6 +74,11 @@ class FrozenSettings:
     rpn_pre_nms_top_n: tuple[int, int] = (1000, 500)  # (train, test)
     rpn_post_nms_top_n: tuple[int, int] = (500, 300)
     detections_per_img: int = 100
+    score_thresh: float = 0.001  # keep low-scored boxes for COCO AP (heads trained briefly score low)
+    optimizer: str = "sgd"  # sgd | adamw (lr is then AdamW's)
+    # one anchor size per level P2..P6: torchvision's (32, ..., 512) are made for 800-px images; at
+    # 128 px they miss the small objects, so the default halves them (the RPN head's shape is unchanged)
+    anchor_sizes: tuple[int, ...] = (16, 32, 64, 128, 256)
     cache_batch: int = 16  # images per backbone forward while caching
     # re-estimate the frozen backbone's BatchNorm statistics on the train images before caching
     # (as PreciseBN does after fine-tuning); the same for every init, weights untouched
@@ -87,6 +92,10 @@ class FrozenSettings:
                 raise UserError(f"frozen probe {name}: must be >= 1, got {getattr(self, name)}")
         if self.size < 32:
             raise UserError(f"frozen probe size: must be >= 32 pixels, got {self.size}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise UserError(f"frozen probe optimizer: sgd or adamw, got {self.optimizer!r}")
+        if len(self.anchor_sizes) != 5:
+            raise UserError(f"frozen probe anchor_sizes: one per level P2..P6 (5), got {list(self.anchor_sizes)}")
         if not self.lr > 0 or not 0 < self.decay_at <= 1:
             raise UserError(f"frozen probe: lr must be > 0 and decay_at in (0, 1], got {self.lr}, {self.decay_at}")
 
@@ -133,6 +142,36 @@ def flipped_targets(targets: list[dict[str, torch.Tensor]], size: int) -> list[d
 
 
 # ----------------------------------------------------------------------------- network
+def load_inits(
+    sources: Sequence[str], cfg: Any | None, seed: int | None, tmp: str | Path
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Torchvision-named weights of every source: ``"untrained"`` (the network a run with ``cfg``
+    starts from, seed ``seed`` or the config's; written as a step-0 checkpoint under ``tmp``), a run
+    folder, checkpoint, official checkpoint or export file (:func:`soco_det.transfer.model.read_weights`).
+    With a ``cfg``, what a source lacks (an image-level run's FPN and box head) is the untrained network's."""
+    import copy
+
+    from soco_det.export.untrained import save_untrained
+    from soco_det.probe.network import UNTRAINED, fpn_model_config
+    from soco_det.transfer.model import read_weights
+
+    base = None
+    if cfg is not None:
+        cfg = copy.deepcopy(cfg)
+        cfg.model = fpn_model_config(cfg.model)  # an image-level run's config: the FPN network of its depth
+        base = read_weights(save_untrained(cfg, Path(tmp) / "untrained.pt", cfg.seed if seed is None else seed))
+    inits = {}
+    for src in sources:
+        if str(src) == UNTRAINED:
+            if base is None:
+                raise UserError("'untrained' needs --config (a recipe name or a run's config.yaml) or a run folder")
+            inits[str(src)] = base
+        else:
+            weights = read_weights(src)
+            inits[str(src)] = complete_weights(weights, base) if base is not None else weights
+    return inits
+
+
 def complete_weights(weights: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``weights`` with the parts it lacks taken from ``base`` (e.g. an image-level BYOL export, a
     ResNet alone, completed by the untrained network's FPN and box head, as the object probe does)."""
@@ -171,9 +210,14 @@ def build_detector(
             rpn_pre_nms_top_n=tuple(settings.rpn_pre_nms_top_n),
             rpn_post_nms_top_n=tuple(settings.rpn_post_nms_top_n),
             detections_per_img=settings.detections_per_img,
+            score_thresh=settings.score_thresh,
             masks=False,
             **widths,
         )
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+    sizes = tuple((int(a),) for a in settings.anchor_sizes)
+    model.rpn.anchor_generator = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
     keep = (BACKBONE, BOX_HEAD) if settings.head == "own" else (BACKBONE,)
     state = {k: v for k, v in weights.items() if k.startswith(keep)}
     result = model.load_state_dict(state, strict=False)
@@ -273,7 +317,10 @@ def train_heads(
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]  # biases and norm parameters: no weight decay
     groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum)
+    if settings.optimizer == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=settings.lr)
+    else:
+        opt = torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum)
     for h in heads:
         h.to(device).train()
     torch.manual_seed(seed)  # the RPN's and RoI heads' box sampling
