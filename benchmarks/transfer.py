@@ -16,6 +16,12 @@ On the sample scenes, at equal budget:
    and head init), COCO box/mask AP, per-seed differences with a t-interval over the seeds;
    torchvision's own random init as an extra row (``--torchvision-random``).
 
+The AP presets (``cpu_ap``, ``smoke_ap``; ``--dataset scenes|nuclei``) rank the same three inits in COCO box
+AP instead: after pretraining, the frozen-backbone detection probe (:mod:`soco_det.transfer.frozen`) trains a
+Faster R-CNN's RPN and box head on each init's frozen, cached backbone + FPN features, with a low-label subset
+of the train images and with all of them, for every fine-tuning seed (paired: same head init, label subset
+and data order for every init).
+
 A pretrained model never counts as a gain when its features collapsed (its box-head output's
 effective rank under 5 % of the untrained one's, or the run's collapse warning) or when its
 localisation probe fell below the untrained model's: ``gains`` in the JSON says which did.
@@ -23,9 +29,13 @@ localisation probe fell below the untrained model's: ``gains`` in the JSON says 
     python benchmarks/transfer.py --preset smoke --json /tmp/smoke.json   # a minute or two: tests the script
     python benchmarks/transfer.py --preset cpu --json out.json            # <= 30 min on 2 CPU cores
     python benchmarks/transfer.py --preset gpu --json out.json            # one H100/H200, ~8 min (unmeasured)
+    python benchmarks/transfer.py --preset cpu_ap --json out.json         # box AP, <= 60 min on 2 CPU cores
+    python benchmarks/transfer.py --preset smoke_ap --json /tmp/ap.json   # a couple of minutes: tests the script
 
 ``--json FILE`` writes ``{"preset", "seconds", "results", "paired": {"soco-random": {"probe_linear_top1":
-{"mean", "ci95"}, ..., "box_ap": {...}}, "soco-byol": ..., "byol-random": ...}, "gains"}``.
+{"mean", "ci95"}, ..., "box_ap": {...}}, "soco-byol": ..., "byol-random": ...}, "gains"}``; the AP presets write ``results[init]["box_ap"]``,
+``["box_ap50"]`` (and ``_low_label``: means over the seeds, AP points), ``results["frozen_probe"]`` (every run),
+``paired[pair]["box_ap"] = {"mean", "ci95", "values"}`` and ``paired_low_label[pair]`` likewise.
 """
 
 from __future__ import annotations

@@ -181,6 +181,34 @@ def test_cli_detection_probe_writes_ap_and_paired_difference(scenes, tmp_path, c
     assert "--val-json" in capsys.readouterr().err
 
 
+def _benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("transfer_benchmark", ROOT / "benchmarks" / "transfer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_summary_means_and_paired_intervals():
+    bench = _benchmark()
+    ap = {"random": [0.10, 0.12, 0.14], "byol": [0.11, 0.12, 0.16], "soco": [0.13, 0.15, 0.17]}
+
+    def runs(values, shift):
+        return {str(s): {"bbox": {"AP": v + shift, "AP50": 2 * v + shift}} for s, v in enumerate(values)}
+
+    reports = {0: {"results": {n: {"0.2": runs(v, -0.05), "1": runs(v, 0.0)} for n, v in ap.items()}}}
+    summary = bench.ap_summary(reports, list(ap), {"low_label": 0.2, "full": 1.0})
+    assert summary["results"]["soco"]["box_ap"] == pytest.approx(15.0)
+    assert summary["results"]["soco"]["box_ap50"] == pytest.approx(30.0)
+    assert summary["results"]["random"]["box_ap_low_label"] == pytest.approx(7.0)
+    diff = summary["paired"]["soco-random"]["box_ap"]
+    assert diff["values"] == pytest.approx([3.0, 3.0, 3.0]) and diff["ci95"] == pytest.approx([3.0, 3.0])
+    low = summary["paired_low_label"]["byol-random"]["box_ap50"]
+    assert low["values"] == pytest.approx([2.0, 0.0, 4.0]) and low["ci95"][0] < 0 < low["ci95"][1]
+    assert set(summary["paired"]) == {"soco-random", "soco-byol", "byol-random"}
+
+
 @pytest.mark.slow
 def test_smoke_ap_preset_end_to_end(tmp_path):
     out = tmp_path / "ap.json"
