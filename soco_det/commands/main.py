@@ -24,6 +24,7 @@ from soco_det.logs import get_logger, setup_logging
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("soco_det.commands.synth", "generate the seeded sample-scene dataset (images + COCO JSON)"),
     "proposals": ("soco_det.commands.proposals", "selective-search proposals: compute, merge, import, export"),
+    "views": ("soco_det.commands.views", "check the views: FPN levels and sizes of the boxes in each view"),
     "pretrain": ("soco_det.commands.pretrain", "SoCo pretraining (one CPU to many GPUs with torchrun)"),
     "export": ("soco_det.commands.export", "export a pretrained model to torchvision/detectron2/mmdet/timm"),
     "probe": (
