@@ -37,7 +37,7 @@ from PIL import Image
 from soco_det.data import boxes as B
 from soco_det.data import photometric
 from soco_det.data.config import PixelOptions, ViewsConfig
-from soco_det.data.crops import object_region, random_resized_crop, whole_image
+from soco_det.data.crops import MIN_REGION_SIDE, object_region, random_resized_crop, whole_image
 from soco_det.data.lazy_image import LazyImage, draft_reduction
 from soco_det.data.levels import assign_levels
 from soco_det.data.resize import resize_into
@@ -157,19 +157,27 @@ class ViewSampler:
                 crops[v] = crops[self.source[v]]
         return crops, selected, tries
 
-    def _object_region(self, width: int, height: int, props: np.ndarray, rng: np.random.Generator) -> B.Crop | None:
-        """``geometry.fit_objects``: the region around a proposal drawn uniformly (docs/method.md 2.9)."""
-        box = props[int(rng.integers(len(props)))]
-        return object_region(width, height, box, self.cfg.geometry.fit_box_side, rng)
+    def _object_region(
+        self, width: int, height: int, props: np.ndarray, ids: np.ndarray, rng: np.random.Generator
+    ) -> tuple[B.Crop | None, int]:
+        """``geometry.fit_objects``: ``(region, id of its proposal)``, the region around a proposal
+        drawn uniformly among those large enough to fill ``fit_box_side`` of the smallest region
+        (all when none is; docs/method.md 2.9)."""
+        sides = B.box_sizes(props, self.cfg.legacy)
+        pool = np.flatnonzero(sides >= MIN_REGION_SIDE * self.cfg.geometry.fit_box_side)
+        i = int(pool[rng.integers(len(pool))]) if len(pool) else int(rng.integers(len(props)))
+        return object_region(width, height, props[i], self.cfg.geometry.fit_box_side, rng), int(ids[i])
 
-    def _region_proposals(self, props: np.ndarray, ids: np.ndarray, region: B.Crop) -> tuple[np.ndarray, np.ndarray]:
+    def _region_proposals(
+        self, props: np.ndarray, ids: np.ndarray, region: B.Crop, drawn: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The proposals of an object region, in its own pixels: clipped to it and kept when their
         side is 0.3-0.8 of the region's, the paper's filter with the region as the image
-        (docs/method.md 1.2); all the clipped ones when none is."""
+        (docs/method.md 1.2); the drawn proposal (id ``drawn``) is always kept."""
         local, ids = B.clip_to_crop(props, ids, region, self.cfg.legacy)
         rel = B.box_sizes(local, self.cfg.legacy) / np.sqrt(region[2] * region[3])
-        keep = (rel >= REGION_SIZE_RANGE[0]) & (rel <= REGION_SIZE_RANGE[1])
-        return (local[keep], ids[keep]) if keep.any() else (local, ids)
+        keep = ((rel >= REGION_SIZE_RANGE[0]) & (rel <= REGION_SIZE_RANGE[1])) | (ids == drawn)
+        return local[keep], ids[keep]
 
     def _whole_view(self, crop: B.Crop) -> np.ndarray:
         _, _, h, w = crop
@@ -314,10 +322,12 @@ class ViewSampler:
         if len(props) == 0:
             props = B.whole_image_box(width, height, c.legacy)
         prop_ids = np.arange(1, len(props) + 1, dtype=np.int64)
-        region = self._object_region(width, height, props, rng) if c.geometry.fit_objects else None
-        if region is not None:  # the region stands in for the image from here on
-            props, prop_ids = self._region_proposals(props, prop_ids, region)
-            width, height = region[3], region[2]
+        region, drawn = (
+            self._object_region(width, height, props, prop_ids, rng) if c.geometry.fit_objects else (None, 0)
+        )
+        if c.geometry.fit_objects:  # the region (or the whole image) stands in for the image from here on
+            props, prop_ids = self._region_proposals(props, prop_ids, region or whole_image(width, height), drawn)
+            width, height = (region[3], region[2]) if region is not None else (width, height)
 
         crops, selected, tries = self._draw_crops(width, height, props, rng)
         by_source: dict[int, _PairBoxes] = {
