@@ -22,7 +22,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from soco_det.data.sampler import SampleGeometry, ViewSampler
-from soco_det.logs import get_logger
+from soco_det.logs import get_logger, get_rank
 
 log = get_logger(__name__)
 
@@ -214,11 +214,11 @@ def tiny_box_warnings(report: ViewReport, share: float = TINY_SHARE) -> list[str
 
 
 def warn_tiny_boxes(dataset: Any, num_images: int = CHECK_IMAGES) -> list[str]:
-    """Log (once per process and message) :func:`tiny_box_warnings` for a sample of ``dataset``;
-    returns the messages. Cheap: the geometry of ``num_images`` samples, no pixels."""
+    """Log (on rank 0, once per process and message) :func:`tiny_box_warnings` for a sample of
+    ``dataset``; returns the messages. Cheap: the geometry of ``num_images`` samples, no pixels."""
     messages = tiny_box_warnings(dataset_view_report(dataset, num_images))
     for message in messages:
-        if message not in _WARNED:
+        if message not in _WARNED and get_rank() == 0:
             _WARNED.add(message)
             log.warning("%s", message)
     return messages
