@@ -4,6 +4,7 @@ real selective-search proposals."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -43,6 +44,10 @@ def _dataset(images, store, views: ViewsConfig):
 
 def _tiny_cpu(fit: bool) -> ViewsConfig:
     return ViewsConfig(geometry=ViewGeometry(**TINY_CPU_VIEWS, fit_objects=fit), levels=TINY_CPU_LEVELS)
+
+
+def _fit(views: ViewsConfig) -> ViewsConfig:
+    return dataclasses.replace(views, geometry=dataclasses.replace(views.geometry, fit_objects=True))
 
 
 def _first_level(size: float, thresholds: list[float]) -> int:
@@ -100,10 +105,13 @@ def test_warning_fires_for_tiny_boxes_once_and_not_for_paper_sized_ones(small_ob
             dataset = _dataset(*small_objects, tiny)
     finally:
         view_report.log.removeHandler(handler)
-    messages = tiny_box_warnings(dataset_view_report(dataset, 32))
+    messages = tiny_box_warnings(dataset_view_report(dataset, 32), where=f"{small_objects[1]}: ")
     assert messages and any("V3 (8 px)" in m for m in messages)
     assert [r.getMessage() for r in records] == messages
-    assert all("data.views.geometry.fit_objects=true" in m for m in messages)
+    assert all(m.startswith(str(small_objects[1])) and "data.views.geometry.fit_objects=true" in m for m in messages)
+    # with the fit rule already on, the remedy left is larger views
+    fitted = tiny_box_warnings(dataset_view_report(_dataset(*small_objects, _fit(tiny)), 32))
+    assert fitted and all("fit_objects" not in m and "view_sizes" in m for m in fitted)
 
 
 def test_fit_rule_moves_boxes_off_the_tiny_bucket(small_objects):

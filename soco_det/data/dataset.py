@@ -89,6 +89,11 @@ class PretrainDataset(torch.utils.data.Dataset):
         return state
 
     @property
+    def store_path(self) -> str | None:
+        """The proposal store's folder when the dataset was given one by path."""
+        return self._store_path
+
+    @property
     def store(self) -> Any:
         if self._store is None and self._store_path is not None:
             self._store = open_store(self._store_path)

@@ -125,7 +125,7 @@ class ViewReport:
             )
         if self.fallbacks:
             lines.append(f"({self.fallbacks} pairs fell back to whole-view boxes; not counted)")
-        if reference:
+        if reference and self.thresholds:
             lines.append("paper: the official sampler on photographs (soco_fpn, 224/224/112 px), % per level")
             for view, levels in PAPER_LEVELS.items():
                 lines.append(f"{view:<18}" + "".join(f"{levels.get(n, 0.0):>6.0f}%" for n in ("P2", "P3", "P4", "P5")))
@@ -199,16 +199,19 @@ def dataset_view_report(dataset: Any, num_images: int = 64, epoch: int = 0, epoc
     return view_report(dataset.sampler, samples())
 
 
-def tiny_box_warnings(report: ViewReport, share: float = TINY_SHARE) -> list[str]:
-    """One message per view where more than ``share`` of the boxes are under :data:`TINY_SIDE` px."""
+def tiny_box_warnings(report: ViewReport, share: float = TINY_SHARE, where: str = "") -> list[str]:
+    """One message per view where more than ``share`` of the boxes are under :data:`TINY_SIDE` px;
+    ``where`` (e.g. the proposal store) starts each message."""
+    remedy = "use larger views (data.views.geometry.view_sizes)"
+    if not report.fit_objects:
+        remedy = "fit the views to the objects (data.views.geometry.fit_objects=true) or " + remedy
     out = []
     for s in report.views:
         if s.boxes and s.tiny_share > share:
             out.append(
-                f"view V{s.view + 1} ({s.size} px): {100 * s.tiny_share:.0f} % of its boxes are under "
+                f"{where}view V{s.view + 1} ({s.size} px): {100 * s.tiny_share:.0f} % of its boxes are under "
                 f"{TINY_SIDE:g} px (median {s.median_side:.1f} px), too small for RoIAlign to see the object; "
-                "fit the views to the objects (data.views.geometry.fit_objects=true) or use larger views "
-                "(data.views.geometry.view_sizes); `soco-det views report` shows the levels per view"
+                f"{remedy}; `soco-det views report` shows the levels per view"
             )
     return out
 
@@ -216,7 +219,8 @@ def tiny_box_warnings(report: ViewReport, share: float = TINY_SHARE) -> list[str
 def warn_tiny_boxes(dataset: Any, num_images: int = CHECK_IMAGES) -> list[str]:
     """Log (on rank 0, once per process and message) :func:`tiny_box_warnings` for a sample of
     ``dataset``; returns the messages. Cheap: the geometry of ``num_images`` samples, no pixels."""
-    messages = tiny_box_warnings(dataset_view_report(dataset, num_images))
+    store = getattr(dataset, "store_path", None)
+    messages = tiny_box_warnings(dataset_view_report(dataset, num_images), where=f"{store}: " if store else "")
     for message in messages:
         if message not in _WARNED and get_rank() == 0:
             _WARNED.add(message)
