@@ -47,11 +47,13 @@ __all__ = [
     "ProbeResult",
     "ProposalsResult",
     "ScenesResult",
+    "DatasetResult",
     "evaluate",
     "export",
     "finetune",
     "pretrain",
     "probe",
+    "prepare",
     "proposals",
     "synth",
 ]
@@ -68,6 +70,20 @@ class ScenesResult:
     unlabeled: Path
     train: Path
     val: Path
+
+
+@dataclass(frozen=True)
+class DatasetResult:
+    """``soco-det prepare``: the data set's name, the output folder, the images root, the COCO file of
+    each split and :func:`soco_det.datasets.summary.summarise`'s numbers per split."""
+
+    name: str
+    path: Path
+    images: Path
+    unlabeled: Path
+    train: Path
+    val: Path
+    summary: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -184,6 +200,26 @@ def synth(
         unlabeled=Path(paths["unlabeled"]),
         train=Path(paths["train"]),
         val=Path(paths["val"]),
+    )
+
+
+def prepare(name: str, out: PathLike, **options: Any) -> DatasetResult:
+    """Write a ready-made data set (``soco-det prepare``): ``scenes`` (the sample scenes at the CPU
+    benchmark's sizes) or ``nuclei`` (tiles of the fluorescence image of nuclei that PyPI's stardist
+    ships), as ``out/images/<split>/`` and ``out/<split>.json``; ``options`` are the set's own
+    (:func:`soco_det.datasets.options_of`), e.g. ``tile=128`` for nuclei."""
+    from soco_det import datasets
+    from soco_det.datasets.summary import summarise
+
+    paths = datasets.prepare(name, out, **options)
+    return DatasetResult(
+        name=name,
+        path=Path(out),
+        images=paths["images"],
+        unlabeled=paths["unlabeled"],
+        train=paths["train"],
+        val=paths["val"],
+        summary=summarise(paths),
     )
 
 
