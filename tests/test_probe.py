@@ -290,6 +290,41 @@ def test_probe_command_end_to_end(scenes, tmp_path):
     assert all(d["mean"] == 0 and d["ci95"] == [0, 0] for d in diff.values())
 
 
+def _one_class(coco_json, out):
+    """The scenes' COCO file with every object in one category (as a tree-crown or cell set)."""
+    coco = json.loads(coco_json.read_text())
+    coco["categories"] = [{"id": 1, "name": "object"}]
+    for ann in coco["annotations"]:
+        ann["category_id"] = 1
+    out.write_text(json.dumps(coco))
+    return out
+
+
+def test_probe_command_on_one_class_scores_object_vs_background(scenes, tmp_path, capsys):
+    from soco_det.commands.main import main
+
+    train, val = _one_class(scenes["train"], tmp_path / "train.json"), _one_class(scenes["val"], tmp_path / "val.json")
+    out = tmp_path / "probe.json"
+    argv = ["probe", "untrained", "untrained", "--config", "tiny_cpu", "--tasks", "linear", "knn"]
+    argv += ["--train-json", str(train), "--val-json", str(val), "--images", str(scenes["images"])]
+    assert main([*argv, "--resamples", "50", "-o", str(out)]) == 0
+    report = json.loads(out.read_text())
+    n_objects = len([a for a in json.loads(val.read_text())["annotations"] if not a.get("iscrowd")])
+    assert report["background_boxes"]["val"] == report["n_val_objects"] - report["background_boxes"]["val"]
+    assert report["background_boxes"]["val"] <= n_objects
+    for kind in ("head", "roi"):
+        scores = report["results"]["untrained"][kind]
+        assert {"linear_top1", "knn_top1", "linear_balanced", "knn_balanced", "linear_auc"} <= set(scores)
+        assert 0 <= scores["linear_auc"]["mean"] <= 1
+        # balanced classes: plain and balanced accuracy agree to within the few boxes that did not fit
+        assert abs(scores["linear_balanced"]["mean"] - scores["linear_top1"]["mean"]) < 0.05
+    printed = capsys.readouterr().out
+    assert "one category: object vs background" in printed
+    assert "| head features, difference = second minus first |" in printed
+    assert "| roi features, difference = second minus first |" in printed
+    assert printed.index("| head features |") < printed.index("| roi features |")
+
+
 def test_probe_command_refuses_untrained_alone(scenes, capsys):
     from soco_det.commands.main import main
 
