@@ -378,9 +378,10 @@ def _background_for_image(own: np.ndarray, rng: np.random.Generator, max_iou: fl
         wh = np.clip(sides[pending, None, :] * shrink * scale, 1e-3, 0.95)
         x0y0 = rng.uniform(0, 1, size=wh.shape) * (1 - wh)
         cand = np.concatenate([x0y0, x0y0 + wh], axis=2).astype(np.float32)  # [P, tries, 4]
-        flat = cand.reshape(-1, 4)
-        ok = (pairwise_iou(flat, own).max(axis=1) < max_iou) & (pairwise_inside(flat, own).max(axis=1) <= MAX_INSIDE)
-        ok = ok.reshape(len(pending), tries)
+        inter, area_c, area_o = _pairwise_overlap(cand.reshape(-1, 4), own)
+        iou = inter / np.maximum(area_c[:, None] + area_o[None, :] - inter, 1e-12)
+        inside = inter / np.maximum(area_c[:, None], 1e-12)
+        ok = ((iou.max(axis=1) < max_iou) & (inside.max(axis=1) <= MAX_INSIDE)).reshape(len(pending), tries)
         has = ok.any(axis=1)
         first = ok.argmax(axis=1)
         found[pending[has]] = cand[np.nonzero(has)[0], first[has]]
