@@ -32,7 +32,8 @@ def test_untrained_init_is_the_network_the_run_started_from(run):
     folder, cfg = run
     start = init_model(cfg.model, cfg.seed).online["encoder"].state_dict()
     trained = read_weights(folder)
-    for source in (f"untrained:{folder}", f"untrained:{folder / 'config.yaml'}"):
+    checkpoint = folder / "checkpoints" / "last.pt"
+    for source in (f"untrained:{folder}", f"untrained:{folder / 'config.yaml'}", f"untrained:{checkpoint}"):
         weights = read_weights(source)
         body = {k[len("backbone.body.") :]: v for k, v in weights.items() if k.startswith("backbone.body.")}
         assert set(body) == {k for k in start if not k.startswith("fc.")} and len(body) > 100

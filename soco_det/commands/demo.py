@@ -47,6 +47,10 @@ AP_BENCHMARK = (
     "Detection AP: see docs/results.md, section 'Detection AP on two CPU cores' "
     "(python benchmarks/transfer.py --preset cpu_ap)"
 )
+AP_WHY = (
+    "A detection AP that ranks the two starts needs a longer fine-tuning schedule and paired fine-tuning "
+    "seeds than the minutes this demo has; this probe is the demo's comparison."
+)
 SCENE_FILES = ("scenes", "scenes.png")
 
 
@@ -270,8 +274,7 @@ def stage_probe(ctx: DemoContext) -> list[str]:
         "fine-tuning schedule. `benchmarks/transfer.py` repeats the comparison with paired pretraining seeds, "
         "image-level BYOL and fine-tuning.",
         "",
-        f"**{AP_BENCHMARK}.** A detection AP that ranks the two starts needs a longer fine-tuning schedule and "
-        "paired fine-tuning seeds than the minutes this demo has; this probe is the demo's comparison.",
+        f"**{AP_BENCHMARK}.** {AP_WHY}",
         "",
     ]
     return lines
