@@ -171,10 +171,17 @@ def absolute(path: PathLike | Sequence[PathLike] | None) -> str | list[str] | No
     return os.path.abspath(os.path.expanduser(os.fspath(path)))
 
 
+UNTRAINED_PREFIX = "untrained:"  # model.init of fine-tuning: untrained:RUN (soco_det.transfer.untrained_init)
+
+
 def _absolute_init(init: str | None) -> str | None:
-    """``model.init`` made absolute, unless it is one of the words that name no file."""
+    """``model.init`` made absolute, unless it is one of the words that name no file; the run of
+    ``untrained:RUN`` is made absolute."""
     if init is None or init in ("random", "untrained"):
         return init
+    if init.startswith(UNTRAINED_PREFIX):
+        run = init[len(UNTRAINED_PREFIX) :]
+        return UNTRAINED_PREFIX + absolute(run) if run else init
     return absolute(init)
 
 
@@ -395,9 +402,11 @@ def finetune_config(
     overrides: Overrides = None,
     resume: bool = False,
     device: str | None = None,
+    threads: int | None = None,
 ) -> Any:
     """The :class:`~soco_det.transfer.config.FinetuneConfig` :func:`finetune` trains with. ``recipe``
-    ``None``: the run folder's ``config.yaml`` when resuming one, else ``finetune_1x``."""
+    ``None``: the run folder's ``config.yaml`` when resuming one, else ``finetune_1x``; ``threads``:
+    its ``cpu_threads``."""
     from dataclasses import replace
 
     from soco_det.config import build_config
@@ -415,6 +424,8 @@ def finetune_config(
         extra.setdefault("model", {})["init"] = os.fspath(init)
     if device is not None:
         extra["device"] = device
+    if threads is not None:
+        extra["cpu_threads"] = threads
     cfg = build_config(FinetuneConfig, os.fspath(recipe), override_strings(overrides), extra=extra)
     return replace(cfg, model=replace(cfg.model, init=_absolute_init(cfg.model.init)))
 
@@ -432,12 +443,17 @@ def finetune(
     resume: bool = False,
     overwrite: bool = False,
     device: str | None = None,
+    threads: int | None = None,
 ) -> FinetuneResult:
     """Fine-tune a Mask R-CNN (a box-only Faster R-CNN when the training set has no masks) into ``out``
     (``soco-det finetune``).
 
-    ``init``: ``"random"``, a ``soco-det export --to torchvision`` file, a pretraining run folder or
-    checkpoint, an official SoCo checkpoint or a torchvision ResNet file (default: the recipe's);
+    ``init``: ``"random"`` (torchvision's init), ``"untrained:RUN"`` (the network the pretraining run
+    ``RUN``, a folder or its ``config.yaml``, started from: same init scheme and seed, the paired
+    baseline), a ``soco-det export --to torchvision`` file, a pretraining run folder or checkpoint, an
+    official SoCo checkpoint or a torchvision ResNet file (default: the recipe's); ``threads``: torch's
+    CPU threads (``cpu_threads``; default: the recipe's, else torch's own: one per core; 1 on a shared
+    machine);
     ``recipe``: ``finetune_1x``, ``finetune_tiny_cpu`` or a YAML file (default: ``finetune_1x``,
     or the run's ``config.yaml`` with ``resume``); ``resume``: continue ``out`` from its newest
     intact checkpoint. Raises :class:`~soco_det.engine.loop.NonFiniteLossError` when the loss diverges.
@@ -455,6 +471,7 @@ def finetune(
         overrides=overrides,
         resume=resume,
         device=device,
+        threads=threads,
     )
     run = Path(_finetune(cfg, out, resume="auto" if resume else None, overwrite=overwrite))
     metrics_file = run / "metrics.json"
