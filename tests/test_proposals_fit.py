@@ -227,3 +227,19 @@ def test_cli_default_is_auto_and_explicit_filter_wins(tmp_path):
     explicit = ProposalStore.open(tmp_path / "t")
     assert explicit.meta["filter"] == "size:8-" and explicit.meta["params"]["scale"] == 77
     assert explicit.meta["fit"]["explicit"] == ["filter", "scale"]
+
+
+def test_shards_fit_the_same_settings_and_merge_keeps_the_fit(scenes, tmp_path, caplog):
+    from soco_det.proposals import merge_stores
+
+    images = scenes["images"] / "val"
+    shards = [compute_store(images, tmp_path / f"s{k}", object_size="auto", shard=f"{k}/2") for k in (0, 1)]
+    metas = [ProposalStore.open(s).meta for s in shards]
+    assert metas[0]["params"] == metas[1]["params"] and metas[0]["filter"] == metas[1]["filter"]
+    merged = ProposalStore.open(merge_stores(shards, tmp_path / "merged"))
+    assert len(merged) == 8 and merged.meta["fit"] == metas[0]["fit"]
+    # a rerun of a finished store with the same hint is a no-op (the fit gives the same settings)
+    compute_store(images, tmp_path / "whole", object_size="auto")
+    with caplog.at_level(logging.INFO, logger="soco_det"):
+        compute_store(images, tmp_path / "whole", object_size="auto")
+    assert any("already complete" in r.getMessage() for r in caplog.records)
