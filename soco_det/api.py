@@ -238,18 +238,23 @@ def proposals(
     workers: int | str = "auto",
     max_side: int | None = None,
     shard: str | None = None,
-    filter: str = "ratio3size0308post",
+    filter: str | None = None,
     keep_raw: bool = False,
     params: Mapping[str, Any] | None = None,
     exif_transpose: bool = False,
     max_pixels: int | None = None,
     chunk_size: int = 32,
+    object_size: str = "paper",
 ) -> ProposalsResult:
     """Compute (or resume) the proposal store of every image under ``images`` (``soco-det proposals``).
 
     The options are ``soco-det proposals compute``'s; ``workers="auto"``: one per CPU core this
     process may use (:func:`soco_det.cpus.available_cpus`); ``max_pixels=None`` is the decoder's
-    default limit (64 Mpx), 0 no limit. A finished store is left as it is."""
+    default limit (64 Mpx), 0 no limit. ``object_size``: ``"paper"`` (here the default: the paper's
+    selective search and ``ratio3size0308post``, as the paper recipes want), ``"auto"`` (the CLI's
+    default), ``"N"`` px, ``"N%"`` of the image side or ``"coco:FILE.json"``
+    (:mod:`soco_det.proposals.fit`); ``filter=None``: the fitted filter. A finished store is left
+    as it is."""
     from soco_det.cpus import parse_workers
     from soco_det.imageio import DEFAULT_MAX_PIXELS
     from soco_det.proposals.runner import compute_store
@@ -264,6 +269,7 @@ def proposals(
         filter=filter,
         keep_raw=keep_raw,
         params=dict(params or {}),
+        object_size=object_size,
         exif_transpose=exif_transpose,
         max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
         chunk_size=chunk_size,

@@ -121,8 +121,8 @@ def stage_proposals(ctx: DemoContext) -> list[str]:
     return [
         "## 2. Selective-search proposals",
         "",
-        f"`soco-det proposals {images} -o {store}` (the faithful selective search, scale 300, sigma 0.9, "
-        "min_size 100, filter `ratio3size0308post`)",
+        f"`soco-det proposals {images} -o {store} --object-size paper` (the faithful selective search, "
+        "scale 300, sigma 0.9, min_size 100, filter `ratio3size0308post`)",
         "",
         "```",
         format_summary(summary),
