@@ -1,8 +1,10 @@
 """Where the boxes land in each view: paper settings against ``data.views.geometry.fit_objects``.
 
-For the sample scenes (``soco_det.synth``) and scikit-image's bundled photographs, with their
-selective-search proposals under the paper filter (``ratio3size0308post``) and with every rect kept
-(``raw``: the small boxes of a domain full of small objects), this prints per view the share of
+For the sample scenes (``soco_det.synth``), scikit-image's bundled photographs and the real nuclei
+tiles of ``soco-det prepare nuclei`` (fluorescence microscopy, nuclei of ~20 px in 128-px tiles), with
+their selective-search proposals under the paper settings (``--object-size paper``: filter
+``ratio3size0308post``), with every rect kept (``raw``: the small boxes of a domain full of small
+objects) and fitted to the objects (``--object-size auto``), this prints per view the share of
 the kept boxes on each FPN level, their median side in view pixels and the share under 8 px
 (``soco_det.data.view_report``: the real sampler's geometry, the training samples' seeds), for the
 paper's views (224/224/112), ``tiny_cpu``'s (64/64/32, thresholds scaled by 64/224) and both with
@@ -10,7 +12,7 @@ the fit rule, beside the paper's reference (the official sampler on photographs)
 
     python benchmarks/view_levels.py [--scenes 30] [--epochs 4] [--json out.json]
 
-Nothing is downloaded; about a minute on one core.
+Nothing is downloaded; about half a minute on one core.
 """
 
 from __future__ import annotations
@@ -28,9 +30,16 @@ from soco_det import api  # noqa: E402
 from soco_det.data.config import DataConfig, ViewGeometry, ViewLevels, ViewsConfig  # noqa: E402
 from soco_det.data.dataset import build_pretrain_dataset  # noqa: E402
 from soco_det.data.view_report import PAPER_LEVELS, dataset_view_report  # noqa: E402
+from soco_det.datasets import prepare  # noqa: E402
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "cat")
-FILTERS = ("ratio3size0308post", "raw")
+# proposals: name -> api.proposals keywords
+PROPOSALS = {
+    "paper": dict(object_size="paper"),
+    "raw": dict(object_size="paper", filter="raw"),
+    "auto": dict(object_size="auto"),
+}
+DATASETS = {"sample scenes": ("paper", "raw", "auto"), "photographs": ("paper", "raw"), "nuclei": ("paper", "auto")}
 # name -> (view sizes, level thresholds, fit_objects)
 SETTINGS = {
     "paper 224/224/112": ([224, 224, 112], [48.0, 96.0, 192.0, 224.0], False),
@@ -88,14 +97,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="view_levels_") as tmp:
         root = Path(tmp)
         scenes = api.synth(root / "scenes", unlabeled=args.scenes, train=0, val=0, size=256).images / "unlabeled"
-        data = {"sample scenes": scenes, "photographs": save_photos(root / "photos")}
+        nuclei = prepare("nuclei", root / "nuclei", stride=32)["images"] / "unlabeled"
+        data = {"sample scenes": scenes, "photographs": save_photos(root / "photos"), "nuclei": nuclei}
         for data_name, images in data.items():
-            for filt in FILTERS:
-                store = api.proposals(images, root / f"{data_name}-{filt}".replace(" ", "_"), workers=1, filter=filt)
+            for name in DATASETS[data_name]:
+                out = root / f"{data_name}-{name}".replace(" ", "_")
+                store = api.proposals(images, out, workers=1, **PROPOSALS[name])
                 reports = report_rows(images, store.path, args.epochs)
                 side = next(iter(reports.values())).proposal_side
-                print_table(f"{data_name}, filter {filt} (kept proposals' median side {side:.0f} px):", reports)
-                results[f"{data_name}/{filt}"] = {k: r.to_dict() for k, r in reports.items()}
+                title = f"{data_name}, proposals {name} ({reports[next(iter(reports))].images} samples, kept median side {side:.0f} px):"
+                print_table(title, reports)
+                results[f"{data_name}/{name}"] = {k: r.to_dict() for k, r in reports.items()}
     print("\npaper (official sampler on photographs, soco_fpn 224/224/112), % per level:")
     for view, levels in PAPER_LEVELS.items():
         print(f"  {view}: " + ", ".join(f"{k} {v:g}" for k, v in levels.items()))
