@@ -105,7 +105,7 @@ def main() -> None:
                 store = api.proposals(images, out, workers=1, **PROPOSALS[name])
                 reports = report_rows(images, store.path, args.epochs)
                 side = next(iter(reports.values())).proposal_side
-                title = f"{data_name}, proposals {name} ({reports[next(iter(reports))].images} samples, kept median side {side:.0f} px):"
+                title = f"{data_name}, proposals {name} ({reports[next(iter(reports))].samples} samples, kept median side {side:.0f} px):"
                 print_table(title, reports)
                 results[f"{data_name}/{name}"] = {k: r.to_dict() for k, r in reports.items()}
     print("\npaper (official sampler on photographs, soco_fpn 224/224/112), % per level:")

@@ -62,7 +62,7 @@ def test_report_sums_to_100_and_matches_levels_from_the_decoded_samples():
     images, store = photo_store()
     dataset = _dataset(images, store, ViewsConfig(recipe="soco_fpn"))
     report = dataset_view_report(dataset, num_images=8)
-    assert report.images == 8 and [s.size for s in report.views] == [224, 224, 112]
+    assert report.samples == 8 and [s.size for s in report.views] == [224, 224, 112]
     thresholds = [48.0, 96.0, 192.0, 224.0]
     counts = np.zeros((3, 5), np.int64)
     sides: list[list[float]] = [[], [], []]
@@ -194,7 +194,9 @@ def test_views_report_command(small_objects, tmp_path, capsys):
     assert "fit_objects" in text and "paper: the official sampler" in text and "< 8 px" in text
     data = json.loads(out.read_text())
     assert (
-        data["fit_objects"] is True and data["images"] == 6 and [v["view"] for v in data["views"]] == ["V1", "V2", "V3"]
+        data["fit_objects"] is True
+        and data["samples"] == 6
+        and [v["view"] for v in data["views"]] == ["V1", "V2", "V3"]
     )
     for view in data["views"]:
         assert sum(view["levels_percent"].values()) == pytest.approx(100.0, abs=0.05)

@@ -73,14 +73,14 @@ class ViewStats:
 
 @dataclass
 class ViewReport:
-    """Per view :class:`ViewStats` of ``images`` samples; ``proposal_side``: the median side of the
+    """Per view :class:`ViewStats` of ``samples`` samples (one per image and epoch); ``proposal_side``: the median side of the
     sampled images' kept proposals in original-image pixels (nan without any)."""
 
     recipe: str
     view_sizes: list[int]
     thresholds: list[float] | None
     fit_objects: bool
-    images: int
+    samples: int
     views: list[ViewStats]
     fallbacks: int = 0  # pairs that fell back to whole-view boxes (left out of the counts)
     proposal_side: float = float("nan")
@@ -92,7 +92,7 @@ class ViewReport:
             "view_sizes": self.view_sizes,
             "level_thresholds": self.thresholds,
             "fit_objects": self.fit_objects,
-            "images": self.images,
+            "samples": self.samples,
             "fallback_pairs": self.fallbacks,
             "proposal_median_side": _number(self.proposal_side),
             "views": [
@@ -115,7 +115,7 @@ class ViewReport:
         lines = [
             f"views {self.recipe}{fit}: sizes {'/'.join(map(str, self.view_sizes))} px, level thresholds "
             f"{'/'.join(f'{t:g}' for t in self.thresholds) if self.thresholds else 'none (one level)'}; "
-            f"{self.images} images, kept proposals' median side {self.proposal_side:.0f} px (image pixels)",
+            f"{self.samples} samples, kept proposals' median side {self.proposal_side:.0f} px (image pixels)",
             f"{'view':<6}{'size':>5}{'boxes':>7}" + "".join(f"{n:>7}" for n in names) + f"{'median':>9}{'< 8 px':>9}",
         ]
         for s in self.views:
@@ -151,10 +151,10 @@ def view_report(
     n_levels = sampler.num_levels
     sizes: list[list[np.ndarray]] = [[] for _ in range(sampler.num_views)]
     levels: list[list[np.ndarray]] = [[] for _ in range(sampler.num_views)]
-    proposal_sides, images, fallbacks = [], 0, 0
+    proposal_sides, count, fallbacks = [], 0, 0
     for size, rects, rng in samples:
         geo = sampler.geometry(size, rects, rng)
-        images += 1
+        count += 1
         fallbacks += sum(geo.fallback)
         rects = np.asarray(rects, np.float64).reshape(-1, 4)
         proposal_sides.append(np.sqrt((rects[:, 2] + 1) * (rects[:, 3] + 1)))
@@ -176,7 +176,7 @@ def view_report(
         view_sizes=list(c.geometry.view_sizes),
         thresholds=list(sampler.thresholds) if sampler.thresholds else None,
         fit_objects=bool(c.geometry.fit_objects),
-        images=images,
+        samples=count,
         views=stats,
         fallbacks=fallbacks,
         proposal_side=float(np.median(sides)) if len(sides) else float("nan"),
