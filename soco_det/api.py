@@ -48,11 +48,13 @@ __all__ = [
     "ProposalsResult",
     "detection_probe",
     "ScenesResult",
+    "DatasetResult",
     "evaluate",
     "export",
     "finetune",
     "pretrain",
     "probe",
+    "prepare",
     "proposals",
     "synth",
 ]
@@ -69,6 +71,20 @@ class ScenesResult:
     unlabeled: Path
     train: Path
     val: Path
+
+
+@dataclass(frozen=True)
+class DatasetResult:
+    """``soco-det prepare``: the data set's name, the output folder, the images root, the COCO file of
+    each split and :func:`soco_det.datasets.summary.summarise`'s numbers per split."""
+
+    name: str
+    path: Path
+    images: Path
+    unlabeled: Path
+    train: Path
+    val: Path
+    summary: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -156,10 +172,17 @@ def absolute(path: PathLike | Sequence[PathLike] | None) -> str | list[str] | No
     return os.path.abspath(os.path.expanduser(os.fspath(path)))
 
 
+UNTRAINED_PREFIX = "untrained:"  # model.init of fine-tuning: untrained:RUN (soco_det.transfer.untrained_init)
+
+
 def _absolute_init(init: str | None) -> str | None:
-    """``model.init`` made absolute, unless it is one of the words that name no file."""
+    """``model.init`` made absolute, unless it is one of the words that name no file; the run of
+    ``untrained:RUN`` is made absolute."""
     if init is None or init in ("random", "untrained"):
         return init
+    if init.startswith(UNTRAINED_PREFIX):
+        run = init[len(UNTRAINED_PREFIX) :]
+        return UNTRAINED_PREFIX + absolute(run) if run else init
     return absolute(init)
 
 
@@ -188,6 +211,26 @@ def synth(
     )
 
 
+def prepare(name: str, out: PathLike, **options: Any) -> DatasetResult:
+    """Write a ready-made data set (``soco-det prepare``): ``scenes`` (the sample scenes at the CPU
+    benchmark's sizes) or ``nuclei`` (tiles of the fluorescence image of nuclei that PyPI's stardist
+    ships), as ``out/images/<split>/`` and ``out/<split>.json``; ``options`` are the set's own
+    (:func:`soco_det.datasets.options_of`), e.g. ``tile=128`` for nuclei."""
+    from soco_det import datasets
+    from soco_det.datasets.summary import summarise
+
+    paths = datasets.prepare(name, out, **options)
+    return DatasetResult(
+        name=name,
+        path=Path(out),
+        images=paths["images"],
+        unlabeled=paths["unlabeled"],
+        train=paths["train"],
+        val=paths["val"],
+        summary=summarise(paths),
+    )
+
+
 def proposals(
     images: PathLike,
     out: PathLike,
@@ -196,18 +239,23 @@ def proposals(
     workers: int | str = "auto",
     max_side: int | None = None,
     shard: str | None = None,
-    filter: str = "ratio3size0308post",
+    filter: str | None = None,
     keep_raw: bool = False,
     params: Mapping[str, Any] | None = None,
     exif_transpose: bool = False,
     max_pixels: int | None = None,
     chunk_size: int = 32,
+    object_size: str = "paper",
 ) -> ProposalsResult:
     """Compute (or resume) the proposal store of every image under ``images`` (``soco-det proposals``).
 
     The options are ``soco-det proposals compute``'s; ``workers="auto"``: one per CPU core this
     process may use (:func:`soco_det.cpus.available_cpus`); ``max_pixels=None`` is the decoder's
-    default limit (64 Mpx), 0 no limit. A finished store is left as it is."""
+    default limit (64 Mpx), 0 no limit. ``object_size``: ``"paper"`` (here the default: the paper's
+    selective search and ``ratio3size0308post``, as the paper recipes want), ``"auto"`` (the CLI's
+    default), ``"N"`` px, ``"N%"`` of the image side or ``"coco:FILE.json"``
+    (:mod:`soco_det.proposals.fit`); ``filter=None``: the fitted filter. A finished store is left
+    as it is."""
     from soco_det.cpus import parse_workers
     from soco_det.imageio import DEFAULT_MAX_PIXELS
     from soco_det.proposals.runner import compute_store
@@ -222,6 +270,7 @@ def proposals(
         filter=filter,
         keep_raw=keep_raw,
         params=dict(params or {}),
+        object_size=object_size,
         exif_transpose=exif_transpose,
         max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
         chunk_size=chunk_size,
@@ -360,9 +409,11 @@ def finetune_config(
     overrides: Overrides = None,
     resume: bool = False,
     device: str | None = None,
+    threads: int | None = None,
 ) -> Any:
     """The :class:`~soco_det.transfer.config.FinetuneConfig` :func:`finetune` trains with. ``recipe``
-    ``None``: the run folder's ``config.yaml`` when resuming one, else ``finetune_1x``."""
+    ``None``: the run folder's ``config.yaml`` when resuming one, else ``finetune_1x``; ``threads``:
+    its ``cpu_threads``."""
     from dataclasses import replace
 
     from soco_det.config import build_config
@@ -380,6 +431,8 @@ def finetune_config(
         extra.setdefault("model", {})["init"] = os.fspath(init)
     if device is not None:
         extra["device"] = device
+    if threads is not None:
+        extra["cpu_threads"] = threads
     cfg = build_config(FinetuneConfig, os.fspath(recipe), override_strings(overrides), extra=extra)
     return replace(cfg, model=replace(cfg.model, init=_absolute_init(cfg.model.init)))
 
@@ -397,12 +450,17 @@ def finetune(
     resume: bool = False,
     overwrite: bool = False,
     device: str | None = None,
+    threads: int | None = None,
 ) -> FinetuneResult:
     """Fine-tune a Mask R-CNN (a box-only Faster R-CNN when the training set has no masks) into ``out``
     (``soco-det finetune``).
 
-    ``init``: ``"random"``, a ``soco-det export --to torchvision`` file, a pretraining run folder or
-    checkpoint, an official SoCo checkpoint or a torchvision ResNet file (default: the recipe's);
+    ``init``: ``"random"`` (torchvision's init), ``"untrained:RUN"`` (the network the pretraining run
+    ``RUN``, a folder or its ``config.yaml``, started from: same init scheme and seed, the paired
+    baseline), a ``soco-det export --to torchvision`` file, a pretraining run folder or checkpoint, an
+    official SoCo checkpoint or a torchvision ResNet file (default: the recipe's); ``threads``: torch's
+    CPU threads (``cpu_threads``; default: the recipe's, else torch's own: one per core; 1 on a shared
+    machine);
     ``recipe``: ``finetune_1x``, ``finetune_tiny_cpu`` or a YAML file (default: ``finetune_1x``,
     or the run's ``config.yaml`` with ``resume``); ``resume``: continue ``out`` from its newest
     intact checkpoint. Raises :class:`~soco_det.engine.loop.NonFiniteLossError` when the loss diverges.
@@ -420,6 +478,7 @@ def finetune(
         overrides=overrides,
         resume=resume,
         device=device,
+        threads=threads,
     )
     run = Path(_finetune(cfg, out, resume="auto" if resume else None, overwrite=overwrite))
     metrics_file = run / "metrics.json"

@@ -133,7 +133,8 @@ def test_written_config_uses_new_keys_and_checkpoints_keep_the_format_1_layout()
     assert set(written["data"]["views"]) == {"recipe", "geometry", "boxes", "photometric", "levels", "legacy"}
     flat = downgrade_keys(PretrainConfig, written)
     assert len(flat["train"]) == 34 and flat["train"]["probe_every"] == 0 and "loop" not in flat["train"]
-    assert flat["data"]["views"]["view_sizes"] == [64, 64, 32] and len(flat["data"]["views"]) == 28
+    # 28 keys of format 1, and geometry.fit_objects / fit_box_side (issue 16) flat beside them
+    assert flat["data"]["views"]["view_sizes"] == [64, 64, 32] and len(flat["data"]["views"]) == 30
     assert upgrade_keys(PretrainConfig, flat, quiet=True) == written
 
 

@@ -45,3 +45,21 @@ def test_a_rerun_continues_the_same_demo_and_moves_another_one_aside(tmp_path):
     _scenes(regenerated, seed=1)  # the same settings but other scenes (e.g. a new scene generator)
     claim_demo_folder(regenerated)
     assert len(list(tmp_path.glob("demo_out.old-*"))) == 2 and not (out / "pretrain").exists()
+
+
+def test_the_report_says_where_the_detection_ap_benchmark_is(tmp_path):
+    from soco_det.commands.demo import _transfer_report
+
+    ctx = DemoContext(out=tmp_path, finetune_iters=20)
+    ctx.paths["pretrain"] = tmp_path / "pretrain"
+    ap = {"AP": 0.001, "AP50": 0.004, "AP75": 0.0}
+    lines = _transfer_report(
+        ctx, [("untrained", {"bbox": ap, "segm": ap}), ("SoCo", {"bbox": ap, "segm": ap})], "x.png"
+    )
+    text = "\n".join(lines)
+    assert (
+        "Detection AP: see docs/results.md, section 'Detection AP on two CPU cores' "
+        "(python benchmarks/transfer.py --preset cpu_ap)" in text
+    )
+    assert f"--init untrained:{tmp_path / 'pretrain'}" in text
+    assert "| untrained | 0.10 | 0.40 | 0.00 |" in text

@@ -128,14 +128,103 @@ def test_augmented_views_map_boxes_into_the_crop_and_flip():
     assert valid.dtype == bool
 
 
-def test_background_boxes_stay_away_from_objects():
-    objects = _objects()
-    both = with_background_boxes(objects, seed=0)
+def _crowded_objects(n_images: int = 6, per_image: int = 12, seed: int = 0) -> ObjectSet:
+    """A one-class set whose images hold many small and a few large objects (aerial-like)."""
+    rng = np.random.default_rng(seed)
+    boxes, index = [], []
+    for i in range(n_images):
+        side = rng.uniform(0.04, 0.12, size=(per_image, 1)) * np.array([[1.0, 1.0]])
+        side[0] = 0.35  # one large object per image
+        x0y0 = rng.uniform(0, 1, size=(per_image, 2)) * (1 - side)
+        boxes.append(np.concatenate([x0y0, x0y0 + side], axis=1))
+        index.append(np.full(per_image, i))
+    return ObjectSet(
+        [f"img{i}.jpg" for i in range(n_images)],
+        np.concatenate(index).astype(np.int64),
+        np.concatenate(boxes).astype(np.float32),
+        np.zeros(n_images * per_image, np.int64),
+        [1],
+    )
+
+
+@pytest.mark.parametrize("objects", [_objects(), _crowded_objects()], ids=["two_per_image", "crowded"])
+def test_background_boxes_one_per_object_away_from_every_object(objects):
+    from soco_det.probe.objects import pairwise_inside, pairwise_iou
+
+    both = with_background_boxes(objects, seed=0, max_iou=0.3)
     bg = both.labels == 1
-    assert bg.sum() >= 1 and both.categories[-1] == -1
-    for box, image in zip(both.boxes[bg], both.image_index[bg]):
+    assert both.categories[-1] == -1 and (both.labels[: len(objects)] == 0).all()
+    # as many background boxes as objects in every image
+    np.testing.assert_array_equal(
+        np.bincount(both.image_index[bg], minlength=len(objects.images)),
+        np.bincount(objects.image_index, minlength=len(objects.images)),
+    )
+    for image in range(len(objects.images)):
         own = objects.boxes[objects.image_index == image]
-        assert box_iou(np.repeat(box[None], len(own), 0), own).max() < 0.3
+        drawn = both.boxes[bg & (both.image_index == image)]
+        assert pairwise_iou(drawn, own).max() < 0.3 and pairwise_inside(drawn, own).max() <= 0.5
+        assert ((drawn >= 0) & (drawn <= 1)).all() and (drawn[:, 2:] > drawn[:, :2]).all()
+    # drawn at the objects' sizes (sides x0.8-1.25), not one size for all
+    area = lambda b: np.prod(b[:, 2:] - b[:, :2], axis=1)  # noqa: E731
+    assert np.median(area(both.boxes[bg])) == pytest.approx(np.median(area(objects.boxes)), rel=0.6)
+    np.testing.assert_allclose(pairwise_iou(objects.boxes[:3], objects.boxes[:3]).diagonal(), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(
+        pairwise_iou(objects.boxes[:5], both.boxes[bg][:7]),
+        [[box_iou(a[None], b[None])[0] for b in both.boxes[bg][:7]] for a in objects.boxes[:5]],
+        rtol=1e-5,
+    )
+
+
+def test_a_full_image_gets_fewer_background_boxes_and_says_so(caplog):
+    full = ObjectSet(["a.jpg"], np.zeros(2, np.int64), np.array([[0, 0, 1, 1], [0, 0, 0.9, 0.9]], np.float32),
+                     np.zeros(2, np.int64), [1])  # fmt: skip
+    with caplog.at_level("WARNING"):
+        both = with_background_boxes(full, seed=0)
+    assert (both.labels == 1).sum() == 0 and "2 of 2 objects got no background box" in caplog.text
+
+
+def test_balanced_accuracy_of_the_constant_object_answer_is_one_half():
+    objects = with_background_boxes(_crowded_objects(), seed=1)
+    labels = objects.labels
+    assert (labels == 0).sum() == (labels == 1).sum()
+    always_object = (labels == 0).astype(float)
+    result = ProbeResult("const", 10, len(labels), scores={"head": {"linear_top1": always_object}}, labels=labels)
+    summary = summarise(result, 200)["head"]
+    assert summary["linear_balanced"]["mean"] == pytest.approx(0.5)
+    # where the classes are unbalanced, plain accuracy rewards the majority; balanced accuracy does not
+    unbalanced = np.concatenate([labels, np.zeros(3 * len(labels), np.int64)])
+    hits = (unbalanced == 0).astype(float)
+    stat = tasks.balanced_stat(hits, unbalanced)
+    assert hits.mean() > 0.85 and stat(np.arange(len(hits))) == pytest.approx(0.5)
+    # features that carry nothing: the fitted classifier answers one class, balanced accuracy 0.5
+    flat_t, flat_v = np.ones((len(labels), 8)), np.ones((len(labels), 8))
+    hits = tasks.linear_probe(flat_t, labels, flat_v, labels)
+    assert tasks.balanced_stat(hits, labels)(np.arange(len(labels))) == pytest.approx(0.5)
+    xt, yt = _blobs(200, 8, 2, sep=3.0, seed=0)
+    xv, yv = _blobs(200, 8, 2, sep=3.0, seed=1)
+    assert tasks.balanced_stat(tasks.linear_probe(xt, yt, xv, yv), yv)(np.arange(200)) > 0.95
+
+
+def test_auc_orders_objects_above_background():
+    rng = np.random.default_rng(0)
+    positive = rng.random(400) < 0.3
+    assert tasks.auc(positive + 0.1 * rng.random(400), positive) == 1.0
+    assert tasks.auc(-positive.astype(float), positive) == 0.0
+    assert tasks.auc(np.zeros(400), positive) == 0.5  # ties count half
+    assert abs(tasks.auc(rng.random(400), positive) - 0.5) < 0.08
+    assert np.isnan(tasks.auc(np.arange(5.0), np.ones(5, bool)))
+    # the probe's AUC is that of the linear margin, for two classes
+    xt, yt = _blobs(200, 8, 2, sep=1.0, seed=0)
+    xv, yv = _blobs(200, 8, 2, sep=1.0, seed=1)
+    from soco_det.probe.probe import _linear_scores
+
+    scores = _linear_scores(xt, yt, xv, yv, seed=0)
+    result = ProbeResult("blobs", 200, 200, scores={"roi": scores}, labels=yv)
+    summary = summarise(result, 200)["roi"]
+    assert 0.6 < summary["linear_auc"]["mean"] <= 1.0
+    assert summary["linear_auc"]["mean"] >= summary["linear_balanced"]["mean"] - 0.05
+    assert "linear_auc" not in summarise(ProbeResult("x", 1, 200, scores={"roi": {"linear_top1": scores["linear_top1"]}},
+                                                     labels=yv), 50)["roi"]  # fmt: skip
 
 
 def test_untrained_network_is_the_one_pretraining_starts_from(sample_data, tmp_path):
@@ -199,6 +288,41 @@ def test_probe_command_end_to_end(scenes, tmp_path):
     # the same network twice: every paired difference is exactly 0
     diff = report["paired"]["untrained - untrained"]["roi"]
     assert all(d["mean"] == 0 and d["ci95"] == [0, 0] for d in diff.values())
+
+
+def _one_class(coco_json, out):
+    """The scenes' COCO file with every object in one category (as a tree-crown or cell set)."""
+    coco = json.loads(coco_json.read_text())
+    coco["categories"] = [{"id": 1, "name": "object"}]
+    for ann in coco["annotations"]:
+        ann["category_id"] = 1
+    out.write_text(json.dumps(coco))
+    return out
+
+
+def test_probe_command_on_one_class_scores_object_vs_background(scenes, tmp_path, capsys):
+    from soco_det.commands.main import main
+
+    train, val = _one_class(scenes["train"], tmp_path / "train.json"), _one_class(scenes["val"], tmp_path / "val.json")
+    out = tmp_path / "probe.json"
+    argv = ["probe", "untrained", "untrained", "--config", "tiny_cpu", "--tasks", "linear", "knn"]
+    argv += ["--train-json", str(train), "--val-json", str(val), "--images", str(scenes["images"])]
+    assert main([*argv, "--resamples", "50", "-o", str(out)]) == 0
+    report = json.loads(out.read_text())
+    n_objects = len([a for a in json.loads(val.read_text())["annotations"] if not a.get("iscrowd")])
+    assert report["background_boxes"]["val"] == report["n_val_objects"] - report["background_boxes"]["val"]
+    assert report["background_boxes"]["val"] <= n_objects
+    for kind in ("head", "roi"):
+        scores = report["results"]["untrained"][kind]
+        assert {"linear_top1", "knn_top1", "linear_balanced", "knn_balanced", "linear_auc"} <= set(scores)
+        assert 0 <= scores["linear_auc"]["mean"] <= 1
+        # balanced classes: plain and balanced accuracy agree to within the few boxes that did not fit
+        assert abs(scores["linear_balanced"]["mean"] - scores["linear_top1"]["mean"]) < 0.05
+    printed = capsys.readouterr().out
+    assert "one category: object vs background" in printed
+    assert "| head features, difference = second minus first |" in printed
+    assert "| roi features, difference = second minus first |" in printed
+    assert printed.index("| head features |") < printed.index("| roi features |")
 
 
 def test_probe_command_refuses_untrained_alone(scenes, capsys):

@@ -54,11 +54,12 @@ def write_images(folder: Path) -> list[str]:
     return sorted(["cat.jpg", "coffee.png", "rocket.jpg", "flat.png"])
 
 
-def test_store_built_with_defaults_equals_the_filtered_reference(tmp_path):
+def test_store_built_with_paper_settings_equals_the_filtered_reference(tmp_path):
     pytest.importorskip("selectivesearch")
     images = tmp_path / "images"
     names = write_images(images)
-    assert main(["proposals", str(images), "-o", str(tmp_path / "store")]) == 0
+    # the paper's settings (the CLI's default is --object-size auto)
+    assert main(["proposals", str(images), "-o", str(tmp_path / "store"), "--object-size", "paper"]) == 0
     store = ProposalStore.open(tmp_path / "store")
     assert sorted(store.paths) == names
     stages = {}

@@ -23,7 +23,9 @@ from soco_det.logs import get_logger, setup_logging
 # name -> (module, one-line help). Order is the pipeline's order.
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("soco_det.commands.synth", "generate the seeded sample-scene dataset (images + COCO JSON)"),
+    "prepare": ("soco_det.commands.prepare", "write a ready-made data set: sample scenes or real nuclei (no download)"),
     "proposals": ("soco_det.commands.proposals", "selective-search proposals: compute, merge, import, export"),
+    "views": ("soco_det.commands.views", "check the views: FPN levels and sizes of the boxes in each view"),
     "pretrain": ("soco_det.commands.pretrain", "SoCo pretraining (one CPU to many GPUs with torchrun)"),
     "export": ("soco_det.commands.export", "export a pretrained model to torchvision/detectron2/mmdet/timm"),
     "probe": (

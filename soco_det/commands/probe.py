@@ -119,12 +119,19 @@ def run_objects(args: argparse.Namespace) -> int:
         device=args.device,
         resamples=args.resamples,
     ).report
-    for kind in ("roi", "head"):
+    if report.get("background_boxes"):
+        print(
+            f"one category: object vs background ({report['background_boxes']['train']} train / "
+            f"{report['background_boxes']['val']} val background boxes drawn away from the objects); "
+            "*_balanced is the mean of the two classes' accuracies, linear_auc the ROC AUC of the linear margin\n"
+        )
+    for kind in ("head", "roi"):
         print(format_table(report["results"], kind))
         print()
-    for name, diff in report["paired"].items():
-        print(format_table({name: diff}, "roi"))
-        print()
+    if report["paired"]:
+        for kind in ("head", "roi"):
+            print(format_table(report["paired"], kind, paired=True))
+            print()
     return 0
 
 

@@ -6,7 +6,7 @@ One argparse sub-command each; ``compute`` is the default, so its word may be le
   soco-det proposals merge SHARD_STORE... -o STORE
   soco-det proposals import FILE.json --images DIR -o STORE
   soco-det proposals export STORE --format official-json|coco -o FILE.json
-  soco-det proposals info STORE
+  soco-det proposals info STORE [--coco FILE.json]
 
 ``soco-det proposals SUBCOMMAND --help`` shows the options of one sub-command. An images folder named
 like a sub-command can be given as ``./merge`` (or after the word: ``compute merge``).
@@ -110,10 +110,20 @@ def _add_compute(p: argparse.ArgumentParser) -> None:
         "combine the shards with `soco-det proposals merge`",
     )
     p.add_argument(
+        "--object-size",
+        default="auto",
+        metavar="HINT",
+        help="how large the objects are, to fit the selective-search settings and the size filter: auto "
+        "(default: estimated from a sample of the images), N (object side in px, e.g. 36), N%% (of the image "
+        "side), coco:FILE.json (median box of a few labelled images), or paper (the paper's settings and "
+        "ratio3size0308post: use it for the paper recipes and ImageNet-like photos of one large object)",
+    )
+    p.add_argument(
         "--filter",
-        default="ratio3size0308post",
-        help="filter strategy: ratio3size0308post (official), ratio3size0308 (no fallback), ratio3, "
-        "none (min side 32 only), raw (keep all)",
+        default=None,
+        help="filter strategy (default: the one --object-size fits): ratio3size0308post (official), "
+        "ratio3size0308 (no fallback), ratio3, none (min side 32 only), raw (keep all), size:MIN-MAX[post] "
+        "(object side in px or %% of the image side, e.g. size:16-96post, size:2%%-30%%)",
     )
     p.add_argument("--keep-raw", action="store_true", help="also store the unfiltered rects")
     p.add_argument("--chunk-size", type=int, default=32, help="images per saved chunk (the unit of resumption)")
@@ -175,6 +185,13 @@ def _add_export(p: argparse.ArgumentParser) -> None:
 
 def _add_info(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", metavar="STORE", help="store folder")
+    p.add_argument(
+        "--coco",
+        metavar="FILE.json",
+        default=None,
+        help="also print the recall of this COCO file's boxes at IoU 0.5 by the kept (and raw, if stored) "
+        "boxes; images are matched by basename",
+    )
 
 
 # sub-command -> (one-line help, description, option adder)
@@ -204,7 +221,9 @@ _SUBCOMMANDS = {
     ),
     "info": (
         "print a store's settings and summary",
-        "Print a store's settings and summary (images, failures, boxes per image, fallbacks, bytes per image).",
+        "Print a store's settings and summary (images, failures, boxes per image, fallbacks, bytes per image), "
+        "the fit of --object-size, the side distribution of raw and kept boxes (with a warning when the kept "
+        "ones are far larger), and with --coco the ground-truth recall.",
         _add_info,
     ),
 }
@@ -246,6 +265,7 @@ def run(args: argparse.Namespace) -> int:
             max_side=args.max_side,
             shard=args.shard,
             filter=args.filter,
+            object_size=args.object_size,
             keep_raw=args.keep_raw,
             params=_parse_params(args.param),
             exif_transpose=args.exif_transpose,
@@ -276,11 +296,27 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"wrote {args.output} ({args.format})")
     else:
-        from soco_det.proposals.store import ProposalStore, format_summary
-
-        store = ProposalStore.open(args.store, upgrade=False)
-        print(f"store: {store.path}\nimages root: {store.root}")
-        print("settings: " + json.dumps(store.settings()))
-        print(format_summary(store.summary))
+        _info(args.store, args.coco)
     sys.stdout.flush()
     return 0
+
+
+def _info(path: str, coco: str | None) -> None:
+    from soco_det.proposals.recall import store_recall
+    from soco_det.proposals.sizes import format_sides, large_box_warning, store_sides
+    from soco_det.proposals.store import ProposalStore, format_summary
+
+    store = ProposalStore.open(path, upgrade=False)
+    print(f"store: {store.path}\nimages root: {store.root}")
+    print("settings: " + json.dumps(store.settings()))
+    fit = store.meta.get("fit")
+    if fit:
+        print(f"fit: --object-size {fit.get('hint')}: {fit.get('reason')}")
+    print(format_summary(store.summary))
+    sides = store_sides(store)
+    print("\n".join(format_sides(sides)))
+    warning = large_box_warning(sides)
+    if warning:
+        print(f"WARNING: {warning}")
+    if coco:
+        print(store_recall(store, coco).format(coco))

@@ -17,6 +17,10 @@ A view is described by ``geometry.view_kinds[v]``:
 * ``"down:m"``: view ``m``'s resized crop downsampled to ``view_sizes[v]`` before ``m``'s flip and
   colour (SoCo*'s V4, the paper's V3). It shares ``m``'s proposals and boxes.
 
+With ``geometry.fit_objects`` (not in the paper, off in every recipe; docs/method.md 2.9) the
+"whole image" is an object region (:func:`soco_det.data.crops.object_region`) and the crops are
+drawn inside it.
+
 Pairs are always ``(0, v)`` for every view ``v >= 1`` (docs/method.md 2.2).
 
 :class:`PixelOptions` holds the four options that change how the views' pixels are made (decoding,
@@ -44,6 +48,9 @@ _COMMON: dict = dict(
     crop_scale=[0.5, 1.0],
     crop_ratio=[3.0 / 4.0, 4.0 / 3.0],
     crop_attempts=10,
+    # Not in the paper (docs/method.md 2.9): off in every recipe; 0.43 is the paper's V1 median box side / 224.
+    fit_objects=False,
+    fit_box_side=0.43,
     select_k=4,
     padding_k=4,
     max_tries=5,
@@ -139,6 +146,11 @@ class ViewGeometry:
     crop_ratio: Optional[list[float]] = None  # aspect ratio w/h range, drawn log-uniformly
     crop_attempts: Optional[int] = None  # then the centre-crop fallback (torchvision semantics)
     flip_prob: Optional[float] = None  # per view, independently
+    # Views that fit the objects (docs/method.md 2.9, off in the paper recipes): V1 shows an object
+    # region instead of the whole image, a crop around a drawn proposal whose side is the image's
+    # median kept proposal side / fit_box_side; every other view is drawn inside that region.
+    fit_objects: Optional[bool] = None
+    fit_box_side: Optional[float] = None  # the median box side as a fraction of V1's side
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first inconsistent value (of a resolved config)."""
@@ -167,6 +179,8 @@ class ViewGeometry:
         if self.crop_attempts < 1:
             raise ValueError(f"geometry.crop_attempts: must be >= 1, got {self.crop_attempts}")
         _probabilities("geometry", {"flip_prob": self.flip_prob})
+        if not (0.0 < self.fit_box_side <= 1.0):
+            raise ValueError(f"geometry.fit_box_side: a fraction of V1's side in (0, 1], got {self.fit_box_side}")
 
 
 @dataclass

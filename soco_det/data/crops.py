@@ -50,3 +50,28 @@ def random_resized_crop(
     else:
         w, h = width, height
     return ((height - h) // 2, (width - w) // 2, h, w)
+
+
+# The smallest object region, in original-image pixels (also the smallest image data.min_side allows).
+MIN_REGION_SIDE = 32
+
+
+def object_region(width: int, height: int, box: np.ndarray, box_side: float, rng: np.random.Generator) -> Crop | None:
+    """The object region around ``box`` that stands in for the whole image with
+    ``geometry.fit_objects`` (docs/method.md 2.9), or ``None`` when it would be the whole image
+    (nothing is drawn then).
+
+    ``box``: float64 ``[4]`` ``x1, y1, x2, y2`` in original-image pixels. The region is a square of
+    side ``sqrt(w * h) / box_side`` (at least ``MIN_REGION_SIDE``), cut to the image's width and
+    height, placed so that the box's centre lands in its middle half (then clamped into the image).
+    """
+    area = max(box[2] - box[0], 0.0) * max(box[3] - box[1], 0.0)
+    side = int(round(max(float(np.sqrt(area)) / box_side, MIN_REGION_SIDE)))
+    w, h = min(side, width), min(side, height)
+    if w >= width and h >= height:
+        return None
+    u = rng.uniform(0.25, 0.75, size=2)
+    cx, cy = (box[0] + box[2]) / 2.0, (box[1] + box[3]) / 2.0
+    left = int(min(max(round(cx - u[0] * w), 0), width - w))
+    top = int(min(max(round(cy - u[1] * h), 0), height - h))
+    return (top, left, h, w)

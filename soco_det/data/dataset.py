@@ -27,6 +27,7 @@ from soco_det.data.lazy_image import LazyImage
 from soco_det.data.levels import correspondence
 from soco_det.data.sampler import ViewSample, ViewSampler
 from soco_det.data.sources import ImageItem, join_with_store, resolve_items
+from soco_det.data.view_report import warn_tiny_boxes
 from soco_det.errors import ImageError, UserError
 from soco_det.logs import get_logger
 from soco_det.proposals.store import ProposalStore
@@ -88,6 +89,11 @@ class PretrainDataset(torch.utils.data.Dataset):
         return state
 
     @property
+    def store_path(self) -> str | None:
+        """The proposal store's folder when the dataset was given one by path."""
+        return self._store_path
+
+    @property
     def store(self) -> Any:
         if self._store is None and self._store_path is not None:
             self._store = open_store(self._store_path)
@@ -119,6 +125,15 @@ class PretrainDataset(torch.utils.data.Dataset):
         if store is None or sidx < 0:
             return img, NO_PROPOSALS
         return img, np.asarray(store.boxes(sidx), dtype=np.int32).reshape(-1, 4)
+
+    def geometry_inputs(self, i: int) -> tuple[tuple[int, int], np.ndarray] | None:
+        """``(image size (W, H), rects int32 [n, 4])`` of item ``i`` as its samples get them, without
+        decoding pixels (the size from the store, else the file's header); ``None`` for bad input."""
+        try:
+            img, rects = self._load(i)
+        except ImageError:
+            return None
+        return tuple(img.size), rects
 
     def views(self, index: int, epoch: int | None = None) -> tuple[ViewSample, int, int]:
         """``(views, index actually used, number of bad images skipped)`` for ``index``."""
@@ -269,7 +284,7 @@ def build_pretrain_dataset(cfg: DataConfig, seed: int) -> PretrainDataset:
             if cfg.strict:
                 raise UserError(msg + " (data.strict=true)")
             log.warning("%s; they use the whole-image box", msg)
-    return PretrainDataset(
+    dataset = PretrainDataset(
         items,
         indices,
         cfg.proposals,
@@ -280,3 +295,6 @@ def build_pretrain_dataset(cfg: DataConfig, seed: int) -> PretrainDataset:
         max_replacements=cfg.max_replacements,
         pixels=cfg.pixels,
     )
+    if store is not None:  # whole-image boxes are never tiny: only proposals need the check
+        warn_tiny_boxes(dataset)
+    return dataset

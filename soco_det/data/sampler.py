@@ -2,6 +2,9 @@
 
 For an image and its proposals, :class:`ViewSampler` draws:
 
+0. with ``geometry.fit_objects`` only (not in the paper, off in every recipe; docs/method.md 2.9):
+   an object region around a drawn proposal, which then stands in for the whole image (V1 shows
+   it, the crops are drawn inside it, the proposals are clipped to it);
 1. the crops: V1 the whole image, every ``crop`` view an independent RandomResizedCrop of the
    original image; re-drawn (up to ``max_tries``) until every pair ``(0, v)`` has at least
    ``least_common`` proposals overlapping view v's crop (``least_common`` starts at
@@ -34,12 +37,15 @@ from PIL import Image
 from soco_det.data import boxes as B
 from soco_det.data import photometric
 from soco_det.data.config import PixelOptions, ViewsConfig
-from soco_det.data.crops import random_resized_crop, whole_image
+from soco_det.data.crops import MIN_REGION_SIDE, object_region, random_resized_crop, whole_image
 from soco_det.data.lazy_image import LazyImage, draft_reduction
 from soco_det.data.levels import assign_levels
 from soco_det.data.resize import resize_into
 
 FLIP = Image.Transpose.FLIP_LEFT_RIGHT
+# geometry.fit_objects: an object region keeps the proposals whose side is this fraction of its own
+# (the paper's size filter ratio3size0308 with the region as the image; docs/method.md 1.2, 2.9).
+REGION_SIZE_RANGE = (0.3, 0.8)
 
 
 @dataclass
@@ -84,8 +90,9 @@ class _PairBoxes:
 
 
 @dataclass
-class _Geometry:
-    """Everything the geometry phase decides for one sample (per pair ``p``: ``(view 0, view v)``)."""
+class SampleGeometry:
+    """Everything the geometry phase decides for one sample (per pair ``p``: ``(view 0, view v)``):
+    :meth:`ViewSampler.geometry`, from the image size and the proposals alone (no pixels)."""
 
     image_size: tuple[int, int]
     crops: list[B.Crop]
@@ -97,6 +104,8 @@ class _Geometry:
     levels: list[tuple[np.ndarray, np.ndarray]]
     padded: list[tuple[int, int]]
     fallback: list[bool]
+    sizes: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # sqrt area in view pixels, per row
+    region: B.Crop | None = None  # the object region V1 shows (geometry.fit_objects), None: the whole image
 
 
 class ViewSampler:
@@ -148,6 +157,28 @@ class ViewSampler:
                 crops[v] = crops[self.source[v]]
         return crops, selected, tries
 
+    def _object_region(
+        self, width: int, height: int, props: np.ndarray, ids: np.ndarray, rng: np.random.Generator
+    ) -> tuple[B.Crop | None, int]:
+        """``geometry.fit_objects``: ``(region, id of its proposal)``, the region around a proposal
+        drawn uniformly among those large enough to fill ``fit_box_side`` of the smallest region
+        (all when none is; docs/method.md 2.9)."""
+        sides = B.box_sizes(props, self.cfg.legacy)
+        pool = np.flatnonzero(sides >= MIN_REGION_SIDE * self.cfg.geometry.fit_box_side)
+        i = int(pool[rng.integers(len(pool))]) if len(pool) else int(rng.integers(len(props)))
+        return object_region(width, height, props[i], self.cfg.geometry.fit_box_side, rng), int(ids[i])
+
+    def _region_proposals(
+        self, props: np.ndarray, ids: np.ndarray, region: B.Crop, drawn: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The proposals of an object region, in its own pixels: clipped to it and kept when their
+        side is 0.3-0.8 of the region's, the paper's filter with the region as the image
+        (docs/method.md 1.2); the drawn proposal (id ``drawn``) is always kept."""
+        local, ids = B.clip_to_crop(props, ids, region, self.cfg.legacy)
+        rel = B.box_sizes(local, self.cfg.legacy) / np.sqrt(region[2] * region[3])
+        keep = ((rel >= REGION_SIZE_RANGE[0]) & (rel <= REGION_SIZE_RANGE[1])) | (ids == drawn)
+        return local[keep], ids[keep]
+
     def _whole_view(self, crop: B.Crop) -> np.ndarray:
         _, _, h, w = crop
         end = -1.0 if self.cfg.legacy else 0.0
@@ -177,9 +208,9 @@ class ViewSampler:
         local_v, ids_v, pad_v = self._pad(local_v, ids_v, common, rng)
         return _PairBoxes((local0, local_v), (ids0.astype(np.int64), ids_v.astype(np.int64)), (pad0, pad_v), fallback)
 
-    def _levels(self, local: np.ndarray, crop: B.Crop, size: int) -> np.ndarray:
-        pixel = B.view_pixel_boxes(local, crop, size, self.cfg.legacy)
-        return assign_levels(B.box_sizes(pixel, self.cfg.legacy), self.thresholds)
+    def _sizes(self, local: np.ndarray, crop: B.Crop, size: int) -> np.ndarray:
+        """``float64 [n]`` the boxes' sqrt area in the view's pixel grid, which picks their level."""
+        return B.box_sizes(B.view_pixel_boxes(local, crop, size, self.cfg.legacy), self.cfg.legacy)
 
     def _cutout_pixel_boxes(self, norm: np.ndarray, size: int) -> np.ndarray:
         """Inclusive integer pixel boxes a cutout centre is drawn from, for normalised boxes."""
@@ -261,7 +292,7 @@ class ViewSampler:
         Three phases, in the order they draw from ``rng``: geometry (crops, boxes, levels, flips;
         from the image size alone), pixels (decode once, resize and flip every view; no draws),
         photometric (colour, blur, solarize, normalisation and cutout per view)."""
-        geo = self._geometry(img.size, rects, rng)
+        geo = self.geometry(img.size, rects, rng)
         views = self._pixels(img, geo)
         images, cutouts, params = self._photometric(views, geo, rng)
         return ViewSample(
@@ -281,24 +312,33 @@ class ViewSampler:
             params=params,
         )
 
-    def _geometry(self, size: tuple[int, int], rects: np.ndarray, rng: np.random.Generator) -> _Geometry:
-        """Crops, per-pair boxes (jitter, clip, padding), levels and flips: every geometric draw."""
+    def geometry(self, size: tuple[int, int], rects: np.ndarray, rng: np.random.Generator) -> SampleGeometry:
+        """Crops, per-pair boxes (jitter, clip, padding), levels and flips: every geometric draw,
+        from the image ``size`` ``(W, H)`` and ``rects`` alone (the first phase of ``__call__``,
+        so the same ``rng`` state gives the geometry of the very sample ``__call__`` returns)."""
         c = self.cfg
         width, height = size
         props = B.rects_to_boxes(rects, c.legacy)
         if len(props) == 0:
             props = B.whole_image_box(width, height, c.legacy)
         prop_ids = np.arange(1, len(props) + 1, dtype=np.int64)
+        region, drawn = (
+            self._object_region(width, height, props, prop_ids, rng) if c.geometry.fit_objects else (None, 0)
+        )
+        if c.geometry.fit_objects:  # the region (or the whole image) stands in for the image from here on
+            props, prop_ids = self._region_proposals(props, prop_ids, region or whole_image(width, height), drawn)
+            width, height = (region[3], region[2]) if region is not None else (width, height)
 
         crops, selected, tries = self._draw_crops(width, height, props, rng)
         by_source: dict[int, _PairBoxes] = {
             v: self._pair_boxes(props, prop_ids, selected[v], crops[0], crops[v], rng) for v in selected
         }
         pairs = [by_source[self.source[v]] for _, v in self.pairs]
-        levels = [
-            tuple(self._levels(pb.local[s], crops[view], c.geometry.view_sizes[view]) for s, view in enumerate(pair))
+        sizes = [
+            tuple(self._sizes(pb.local[s], crops[view], c.geometry.view_sizes[view]) for s, view in enumerate(pair))
             for pb, pair in zip(pairs, self.pairs)
         ]
+        levels = [tuple(assign_levels(sz, self.thresholds) for sz in pair_sizes) for pair_sizes in sizes]
         flips = [bool(rng.random() < c.geometry.flip_prob) for _ in range(self.num_views)]
         norm_pre = [
             tuple(B.normalise(pb.local[s], crops[view]) for s, view in enumerate(pair))
@@ -308,8 +348,10 @@ class ViewSampler:
             tuple(B.hflip(nb) if flips[view] else nb for nb, view in zip(nbs, pair))
             for nbs, pair in zip(norm_pre, self.pairs)
         ]
-        return _Geometry(
-            image_size=(width, height),
+        if region is not None:  # crops back in original-image pixels (boxes are crop-local already)
+            crops = [(top + region[0], left + region[1], h, w) for top, left, h, w in crops]
+        return SampleGeometry(
+            image_size=(size[0], size[1]),
             crops=crops,
             flips=flips,
             tries=tries,
@@ -319,9 +361,11 @@ class ViewSampler:
             levels=levels,
             padded=[pb.padded for pb in pairs],
             fallback=[pb.fallback for pb in pairs],
+            sizes=sizes,
+            region=region,
         )
 
-    def _pixels(self, img: Image.Image | LazyImage, geo: _Geometry) -> list:
+    def _pixels(self, img: Image.Image | LazyImage, geo: SampleGeometry) -> list:
         """Every view's uint8 pixels, resized straight from the decoded image and flipped (decoded
         once, at a reduced JPEG scale when every crop allows it)."""
         c = self.cfg
@@ -341,7 +385,7 @@ class ViewSampler:
             return self._resize_numba(pixels, sx, sy, crops, geo.flips, direct)
         return self._resize_pil(pixels, sx, sy, crops, geo.flips, direct)
 
-    def _photometric(self, views: list, geo: _Geometry, rng: np.random.Generator):
+    def _photometric(self, views: list, geo: SampleGeometry, rng: np.random.Generator):
         """``(images, cutouts, params)``: per view, the drawn colour parameters, applied here (CPU
         path: normalised float32) or carried for the device (uint8 kept), and the cutout regions."""
         c = self.cfg

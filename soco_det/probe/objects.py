@@ -336,28 +336,90 @@ def augmented_views(
     return views, boxes.astype(np.float32), visible >= min_visible
 
 
+def _pairwise_overlap(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(intersection [N, M], area of a [N], area of b [M])`` of every pair of boxes."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=1)
+    area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
+    return inter, area_a, area_b
+
+
+def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box of ``a`` ``[N, 4]`` with every box of ``b`` ``[M, 4]``: ``[N, M]``."""
+    inter, area_a, area_b = _pairwise_overlap(a, b)
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
+
+
+def pairwise_inside(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The fraction of each box of ``a`` that lies inside each box of ``b``: ``[N, M]``."""
+    inter, area_a, _ = _pairwise_overlap(a, b)
+    return inter / np.maximum(area_a[:, None], 1e-12)
+
+
+BACKGROUND_LABEL_ID = -1  # the "category id" of the background class in ``ObjectSet.categories``
+BACKGROUND_SHRINK = (1.0, 0.5, 0.25)  # box sizes tried in turn, as fractions of the object's
+MAX_INSIDE = 0.5  # at most this fraction of a background box may lie inside any one object
+
+
+def _background_for_image(own: np.ndarray, rng: np.random.Generator, max_iou: float, tries: int) -> np.ndarray:
+    """One box per object of ``own`` ``[K, 4]``: the object's size (sides x0.8-1.25), placed at random
+    where its IoU with every object is below ``max_iou`` and at most :data:`MAX_INSIDE` of it lies in
+    any one object (a box inside a large object is a part of it); where no draw of ``tries`` fits, a
+    smaller box is tried (:data:`BACKGROUND_SHRINK`). ``[<= K, 4]``: objects that found no place get none."""
+    sides = np.clip(own[:, 2:] - own[:, :2], 1e-3, 0.95)
+    found = np.full((len(own), 4), np.nan, np.float32)
+    for shrink in BACKGROUND_SHRINK:
+        pending = np.nonzero(np.isnan(found[:, 0]))[0]
+        if len(pending) == 0:
+            break
+        scale = np.exp(rng.uniform(np.log(0.8), np.log(1.25), size=(len(pending), tries, 2)))
+        wh = np.clip(sides[pending, None, :] * shrink * scale, 1e-3, 0.95)
+        x0y0 = rng.uniform(0, 1, size=wh.shape) * (1 - wh)
+        cand = np.concatenate([x0y0, x0y0 + wh], axis=2).astype(np.float32)  # [P, tries, 4]
+        inter, area_c, area_o = _pairwise_overlap(cand.reshape(-1, 4), own)
+        iou = inter / np.maximum(area_c[:, None] + area_o[None, :] - inter, 1e-12)
+        inside = inter / np.maximum(area_c[:, None], 1e-12)
+        ok = ((iou.max(axis=1) < max_iou) & (inside.max(axis=1) <= MAX_INSIDE)).reshape(len(pending), tries)
+        has = ok.any(axis=1)
+        first = ok.argmax(axis=1)
+        found[pending[has]] = cand[np.nonzero(has)[0], first[has]]
+    return found[~np.isnan(found[:, 0])]
+
+
 def with_background_boxes(objects: ObjectSet, seed: int, max_iou: float = 0.3, tries: int = 50) -> ObjectSet:
-    """For a single-class set: one box per image drawn away from its objects (IoU < ``max_iou``
-    with each), labelled ``1`` ("background"), so that a classifier has two classes to tell apart."""
+    """For a single-class set: as many background boxes in each image as it has objects, each the size
+    of one of them and drawn away from all of them (IoU < ``max_iou`` with each, and at most half of it
+    inside any one), labelled ``1``
+    (category id :data:`BACKGROUND_LABEL_ID`): the classifiers then tell objects from background on a
+    balanced two-class task, where answering "object" always scores 0.5 (plain and balanced accuracy).
+    An image too full for some of them gets fewer (counted in a warning)."""
     rng = np.random.default_rng(seed)
     extra_boxes, extra_index = [], []
     for i in range(len(objects.images)):
         own = objects.boxes[objects.image_index == i]
-        wh = (own[:, 2:] - own[:, :2]).mean(axis=0)
-        for _ in range(tries):
-            side = np.clip(wh * np.exp(rng.uniform(-0.5, 0.5, size=2)), 0.05, 0.9)
-            x0, y0 = rng.uniform(0, 1 - side[0]), rng.uniform(0, 1 - side[1])
-            box = np.array([x0, y0, x0 + side[0], y0 + side[1]], np.float32)
-            if box_iou(np.repeat(box[None], len(own), 0), own).max() < max_iou:
-                extra_boxes.append(box)
-                extra_index.append(i)
-                break
+        if len(own) == 0:
+            continue
+        boxes = _background_for_image(own, rng, max_iou, tries)
+        extra_boxes.append(boxes)
+        extra_index.append(np.full(len(boxes), i, np.int64))
+    boxes = np.concatenate(extra_boxes) if extra_boxes else np.zeros((0, 4), np.float32)
+    index = np.concatenate(extra_index) if extra_index else np.zeros(0, np.int64)
+    if len(boxes) < len(objects):
+        log.warning(
+            "background boxes: %d of %d objects got no background box of IoU < %.2f with every object "
+            "(images full of objects); the two classes are unbalanced, see the balanced accuracy",
+            len(objects) - len(boxes),
+            len(objects),
+            max_iou,
+        )
     return ObjectSet(
         objects.images,
-        np.concatenate([objects.image_index, np.asarray(extra_index, np.int64)]),
-        np.concatenate([objects.boxes, np.asarray(extra_boxes, np.float32).reshape(-1, 4)]),
-        np.concatenate([objects.labels, np.ones(len(extra_boxes), np.int64)]),
-        [*objects.categories, -1],
+        np.concatenate([objects.image_index, index]),
+        np.concatenate([objects.boxes, boxes.astype(np.float32)]),
+        np.concatenate([objects.labels, np.ones(len(boxes), np.int64)]),
+        [*objects.categories, BACKGROUND_LABEL_ID],
     )
 
 

@@ -6,7 +6,10 @@ their images, and scores, for each feature (``roi``: FPN RoIAlign; ``head``: box
 
 ========================  ====================================================================
 ``linear_top1``           logistic regression on the object classes
+``linear_balanced``       its balanced accuracy (mean of the per-class accuracies)
+``linear_auc``            two classes only (e.g. object vs background): ROC AUC of its margin
 ``knn_top1``              20-NN cosine vote
+``knn_balanced``          its balanced accuracy
 ``loc_r2``                R^2 of the IoU of jittered boxes regressed from their features
 ``retrieval_top1``        the same object found in a second augmented view of its image
 ``effective_rank``        of the val features (~1: collapsed), over 80 % subsets of them
@@ -47,6 +50,7 @@ class ProbeResult:
     n_train: int
     n_val: int
     scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    labels: np.ndarray | None = None  # the val objects' classes, for the balanced accuracy and the AUC
     ranks: dict[str, float] = field(default_factory=dict)
     features: dict[str, np.ndarray] = field(default_factory=dict)  # val features, for the rank's bootstrap
     seconds: float = 0.0
@@ -75,7 +79,7 @@ def run_probe(
         net = copy.deepcopy(net)
     net.to(device)
     reestimate_bn(net, [train, val], spec, device)
-    result = ProbeResult(net.name, len(train), len(val), loaded=dict(net.loaded))
+    result = ProbeResult(net.name, len(train), len(val), loaded=dict(net.loaded), labels=val.labels)
     sets = {}
     for name, objects in (("train", train), ("val", val)):
         box_sets = {"objects": (objects.boxes, objects.image_index)}
@@ -95,7 +99,7 @@ def run_probe(
         xt, xv = feats_t.get(kind), feats_v.get(kind)
         s: dict[str, np.ndarray] = {}
         if "linear" in task_names:
-            s["linear_top1"] = tasks.linear_probe(xt, train.labels, xv, val.labels, seed)
+            s.update(_linear_scores(xt, train.labels, xv, val.labels, seed))
         if "knn" in task_names:
             s["knn_top1"] = tasks.knn_probe(xt, train.labels, xv, val.labels)
         if "loc" in task_names:
@@ -113,6 +117,17 @@ def run_probe(
     return result
 
 
+def _linear_scores(xt: np.ndarray, yt: np.ndarray, xv: np.ndarray, yv: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """``linear_top1`` (1/0 per val object) and, for two classes, ``linear_margin``: the logit of
+    class 0 (the objects, against background boxes) minus class 1's, per val object (for the AUC)."""
+    classes = int(max(yt.max(), yv.max())) + 1
+    logits = tasks.linear_logits(xt, yt, xv, classes, seed)
+    out = {"linear_top1": (logits.argmax(1) == yv).astype(np.float64)}
+    if classes == 2:
+        out["linear_margin"] = logits[:, 0] - logits[:, 1]
+    return out
+
+
 def _statistics(result: ProbeResult, kind: str) -> dict[str, tasks.Statistic]:
     s = result.scores[kind]
     stats: dict[str, tasks.Statistic] = {}
@@ -121,6 +136,12 @@ def _statistics(result: ProbeResult, kind: str) -> dict[str, tasks.Statistic]:
             stats[name] = tasks.mean_stat(s[name])
     if "loc_err" in s:
         stats["loc_r2"] = tasks.r2_stat(s["loc_err"], s["loc_dev"])
+    if result.labels is not None:
+        for name in ("linear", "knn"):
+            if f"{name}_top1" in s:
+                stats[f"{name}_balanced"] = tasks.balanced_stat(s[f"{name}_top1"], result.labels)
+        if "linear_margin" in s:
+            stats["linear_auc"] = tasks.auc_stat(s["linear_margin"], result.labels == 0)
     return stats
 
 
@@ -181,11 +202,25 @@ def combined_paired_difference(
     return out
 
 
-def format_table(summaries: dict[str, dict[str, Any]], kind: str = "roi") -> str:
-    """A markdown table: one row per network, ``mean [lo, hi]`` per score."""
-    names = ["linear_top1", "knn_top1", "loc_r2", "retrieval_top1", "effective_rank"]
-    present = [n for n in names if any(n in s.get(kind, {}) for s in summaries.values())]
-    lines = [f"| {kind} features | " + " | ".join(present) + " |", "|---|" + "---|" * len(present)]
+TABLE_SCORES = (
+    "linear_top1",
+    "linear_balanced",
+    "linear_auc",
+    "knn_top1",
+    "knn_balanced",
+    "loc_r2",
+    "retrieval_top1",
+    "effective_rank",
+)
+PAIRED_HEADER = "difference = second minus first"
+
+
+def format_table(summaries: dict[str, dict[str, Any]], kind: str = "roi", paired: bool = False) -> str:
+    """A markdown table: one row per network, ``mean [lo, hi]`` per score (those any row has).
+    ``paired``: the rows are paired differences (``"B - A"``), and the header says so."""
+    present = [n for n in TABLE_SCORES if any(n in s.get(kind, {}) for s in summaries.values())]
+    title = f"{kind} features" + (f", {PAIRED_HEADER}" if paired else "")
+    lines = [f"| {title} | " + " | ".join(present) + " |", "|---|" + "---|" * len(present)]
     for label, s in summaries.items():
         cells = []
         for n in present:

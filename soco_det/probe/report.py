@@ -52,10 +52,13 @@ def object_probe_report(
 ) -> dict[str, Any]:
     """Probe every source on the objects of ``train_json`` (fit) and ``val_json`` (score).
 
-    Returns ``{"sources", "seed", "view_size", "n_train_objects", "n_val_objects", "seconds",
-    "results": {source: summary}, "paired": {"B - A": difference}}`` (summaries as
-    :func:`~soco_det.probe.probe.summarise`, differences as :func:`~soco_det.probe.probe.paired_difference`).
-    With one category, background boxes drawn away from the objects become the second class.
+    Returns ``{"sources", "seed", "view_size", "n_train_objects", "n_val_objects", "background_boxes",
+    "seconds", "results": {source: summary}, "paired": {"B - A": difference}}`` (summaries as
+    :func:`~soco_det.probe.probe.summarise`, differences as :func:`~soco_det.probe.probe.paired_difference`:
+    each later source minus the first). With one category, as many background boxes as objects, drawn
+    away from them (:func:`~soco_det.probe.objects.with_background_boxes`), become the second class
+    (``background_boxes``: how many in each set, else ``None``; the object counts include them) and
+    ``*_balanced`` / ``linear_auc`` score that object-vs-background task.
     """
     import torch
 
@@ -71,9 +74,17 @@ def object_probe_report(
     dev = torch.device(resolve_device(device, "--device"))
     train = read_objects(train_json, images, max_images)
     val = read_objects(val_json, images, max_images, categories=train.categories)
+    background = None
     if len(train.categories) == 1:
-        log.info("one category: the classifiers tell objects from background boxes drawn away from them")
+        n_train, n_val = len(train), len(val)
         train, val = with_background_boxes(train, seed), with_background_boxes(val, seed + 1)
+        background = {"train": len(train) - n_train, "val": len(val) - n_val}
+        log.info(
+            "one category: the classifiers tell objects from background boxes drawn away from them "
+            "(%d train / %d val, one per object where it fits)",
+            background["train"],
+            background["val"],
+        )
     task_names = tuple(tasks or TASKS)
     log.info(
         "probe: %d train / %d val objects, %d classes, views %d px, tasks %s",
@@ -97,6 +108,7 @@ def object_probe_report(
         "view_size": spec.size,
         "n_train_objects": len(train),
         "n_val_objects": len(val),
+        "background_boxes": background,
         "seconds": {r.name: r.seconds for r in results},
         "results": summaries,
         "paired": {f"{b.name} - {results[0].name}": paired_difference(b, results[0], resamples) for b in results[1:]},

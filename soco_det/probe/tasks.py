@@ -9,7 +9,10 @@
 * :func:`retrieval_probe`: the object in a second augmented view of its image, among all the val
   objects of that view, by cosine similarity -> 1/0 per val object;
 * :func:`effective_rank`: ``exp(entropy(s / sum(s)))`` of the singular values of the centred
-  features (Roy & Vetterli, 2007): ~1 when one direction carries everything (collapse).
+  features (Roy & Vetterli, 2007): ~1 when one direction carries everything (collapse);
+* :func:`balanced_stat` (the mean of the per-class accuracies: a constant answer scores 1 / classes
+  however unbalanced the classes) and :func:`auc` (of the logistic regression's margin, for two
+  classes) read the classifiers' answers where plain accuracy would reward the majority class.
 
 Features are standardised with the train objects' mean and std first.
 """
@@ -60,13 +63,13 @@ def _predict_logistic(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1) @ w).argmax(1)
 
 
-def linear_probe(
-    train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, seed: int = 0
+def linear_logits(
+    train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, classes: int, seed: int = 0
 ) -> np.ndarray:
-    """1.0/0.0 per val object: is the logistic-regression prediction right?"""
+    """``[N_val, classes]`` logits of the logistic regression fitted on the train objects (L2 picked
+    on a held-out fifth of them)."""
     xt, xv = standardise(train_x, val_x)
-    yt, yv = torch.as_tensor(train_y), torch.as_tensor(val_y)
-    classes = int(max(train_y.max(), val_y.max())) + 1
+    yt = torch.as_tensor(train_y)
     fit_rows, held = _holdout(len(yt), seed)
     scores = [
         (_predict_logistic(_fit_logistic(xt[fit_rows], yt[fit_rows], classes, l2), xt[held]) == yt[held])
@@ -77,7 +80,15 @@ def linear_probe(
     ]
     best = L2_GRID[int(np.argmax(scores))]
     w = _fit_logistic(xt, yt, classes, best)
-    return (_predict_logistic(w, xv) == yv).numpy().astype(np.float64)
+    return (torch.cat([xv, torch.ones(len(xv), 1, dtype=xv.dtype)], dim=1) @ w).numpy()
+
+
+def linear_probe(
+    train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, seed: int = 0
+) -> np.ndarray:
+    """1.0/0.0 per val object: is the logistic-regression prediction right?"""
+    classes = int(max(train_y.max(), val_y.max())) + 1
+    return (linear_logits(train_x, train_y, val_x, classes, seed).argmax(1) == val_y).astype(np.float64)
 
 
 def knn_probe(
@@ -198,3 +209,34 @@ def mean_stat(per_object: np.ndarray) -> Statistic:
 
 def r2_stat(err: np.ndarray, dev: np.ndarray) -> Statistic:
     return lambda idx: float(1 - err[idx].sum() / max(dev[idx].sum(), 1e-12))
+
+
+def balanced_stat(hits: np.ndarray, labels: np.ndarray) -> Statistic:
+    """Balanced accuracy: the mean over the classes present of the fraction of their objects right
+    (1/0 ``hits`` per object, ``labels`` its class); a constant answer scores 1 / classes."""
+    classes = int(labels.max()) + 1 if len(labels) else 1
+
+    def stat(idx: np.ndarray) -> float:
+        count = np.bincount(labels[idx], minlength=classes)
+        right = np.bincount(labels[idx], hits[idx], minlength=classes)
+        present = count > 0
+        return float(np.mean(right[present] / count[present]))
+
+    return stat
+
+
+def auc(score: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of ``score`` for the ``positive`` (bool) objects: the probability that a
+    positive outscores a negative, ties counting half (Mann-Whitney U); NaN without both kinds."""
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(score, return_inverse=True, return_counts=True)
+    mean_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based average rank of each distinct value
+    ranks = mean_rank[inverse]
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def auc_stat(score: np.ndarray, positive: np.ndarray) -> Statistic:
+    return lambda idx: auc(score[idx], positive[idx])

@@ -34,7 +34,9 @@ from soco_det.errors import ImageError, UserError
 from soco_det.imageio import DEFAULT_MAX_PIXELS, list_sources, load_rgb
 from soco_det.logs import Progress, get_logger
 from soco_det.proposals.filters import STAGE_EMPTY, STAGE_NONE, parse_filter
+from soco_det.proposals.fit import Fit, fit_settings
 from soco_det.proposals.methods import get_method, resolve_params, run_method
+from soco_det.proposals.sizes import format_sides, large_box_warning, side_histogram, table_sides
 from soco_det.proposals.store import (
     STATUS_FAILED,
     STATUS_OK,
@@ -117,9 +119,13 @@ def compute_chunk(chunk_file: str, root: str, relpaths: list[str], settings: dic
     """Compute ``relpaths`` and write them atomically to ``chunk_file``; returns small stats."""
     t0 = time.perf_counter()
     table = ProposalTable(raw_boxes=[] if settings["keep_raw"] else None)
+    raw_rows = []
     for relpath in relpaths:
-        table.append(*process_image(root, relpath, settings))
-    table.save_npz(chunk_file)
+        row = process_image(root, relpath, settings)
+        table.append(*row)
+        raw_rows.append((row[7], row[1]))
+    # the raw rects' side distribution, kept even when the rects are not (soco_det.proposals.sizes)
+    table.save_npz(chunk_file, extra={"raw_side_hist": side_histogram(raw_rows)})
     return {"images": len(relpaths), "failed": table.status.count(STATUS_FAILED), "seconds": time.perf_counter() - t0}
 
 
@@ -242,13 +248,14 @@ def compute_store(
     workers: int = 1,
     max_side: int | None = None,
     shard: str | tuple[int, int] | None = None,
-    filter: str = "ratio3size0308post",
+    filter: str | None = None,
     keep_raw: bool = False,
     params: dict | None = None,
     exif_transpose: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     chunk_size: int = 32,
     keep_parts: bool = False,
+    object_size: str = "paper",
 ) -> Path:
     """Compute (or resume, or extend) the proposal store ``out`` for the images of ``images``: a
     folder, archives, image files, patterns such as ``shards/shard-{000..009}.tar`` or ``.txt``
@@ -259,7 +266,9 @@ def compute_store(
     defaults; ``max_side``: run the method on a copy whose longer side is at most this many pixels
     (rects are mapped back to full resolution); ``shard``: ``"K/N"`` computes only every N-th image
     starting at K into a partial store (combine with :func:`merge_stores`); ``filter``: a strategy
-    string of :func:`soco_det.proposals.filters.parse_filter`; ``keep_raw``: also store the
+    string of :func:`soco_det.proposals.filters.parse_filter` (``None``: the one ``object_size`` fits);
+    ``object_size``: ``paper`` (the official settings), ``auto``, ``N``, ``N%`` or ``coco:FILE``
+    (:mod:`soco_det.proposals.fit`; explicit ``params`` and ``filter`` win); ``keep_raw``: also store the
     unfiltered rects; ``exif_transpose``: apply EXIF orientation (recorded in the store, training
     uses the same); ``max_pixels``: refuse larger images. Returns the store folder.
     """
@@ -270,12 +279,11 @@ def compute_store(
     root, listed = listing.root, listing.keys
     log_refused(listing.refused)
     shard_kn = parse_shard(shard)
-    spec = parse_filter(filter)
-    get_method(method)
+    fit = _fit(object_size, root, listed, method, max_side, exif_transpose, max_pixels, filter, params)
     settings = {
         "method": method,
-        "params": resolve_params(method, params),
-        "filter": spec.name,
+        "params": resolve_params(method, {**fit.params, **(params or {})}),
+        "filter": parse_filter(filter if filter is not None else fit.filter).name,
         "max_side": int(max_side) if max_side is not None else None,
         "exif_transpose": bool(exif_transpose),
         "keep_raw": bool(keep_raw),
@@ -288,15 +296,9 @@ def compute_store(
         raise UserError(f"{root}: no images found" + (f" for shard {settings['shard']}" if shard_kn else ""))
     digest = paths_digest(relpaths)
 
-    # Results we already have: a finished store with the same settings, and chunk files.
-    sources: list[ProposalTable] = []
-    if (out / "meta.json").is_file():
-        existing = ProposalStore.open(out)
-        _check_settings(out, existing.meta, settings)
-        if existing.meta.get("images_sha1") == digest:
-            log.info("%s is already complete (%d images, same settings): nothing to do", out, len(existing))
-            return out
-        sources.append(existing.table())
+    sources = _finished_results(out, settings, digest)
+    if sources is None:
+        return out
     parts = out / "parts"
     # One process per job: a second one on the same folder gets an error naming the first.
     with FolderLock(parts, "proposal job folder"):
@@ -313,7 +315,55 @@ def compute_store(
             keep_parts,
             t0,
             listing.refused,
+            _fit_record(fit, filter, params),
         )
+
+
+def _finished_results(out: Path, settings: dict[str, Any], digest: str) -> list[ProposalTable] | None:
+    """Results we already have in a finished store at ``out`` (same settings required); ``None``
+    when it already holds exactly these images."""
+    if not (out / "meta.json").is_file():
+        return []
+    existing = ProposalStore.open(out)
+    _check_settings(out, existing.meta, settings)
+    if existing.meta.get("images_sha1") == digest:
+        log.info("%s is already complete (%d images, same settings): nothing to do", out, len(existing))
+        return None
+    return [existing.table()]
+
+
+def _fit(
+    object_size: str,
+    root: Path,
+    listed: Sequence[str],
+    method: str,
+    max_side: int | None,
+    exif_transpose: bool,
+    max_pixels: int | None,
+    filter: str | None,
+    params: dict | None,
+) -> Fit:
+    """The fitted settings (soco_det.proposals.fit), logged with why; the whole listing is sampled, so
+    every shard of a job fits the same. Bad options are errors before any image is read."""
+    if filter is not None:
+        parse_filter(filter)
+    get_method(method)
+    resolve_params(method, params)
+    fit = fit_settings(object_size, root, listed, method, max_side, exif_transpose, max_pixels)
+    if fit.hint != "paper":
+        log.info("--object-size %s: %s", fit.hint, fit.reason)
+        if fit.raw_sides is not None:
+            log.info("sample's raw boxes at the fine scale:\n%s", "\n".join(format_sides({"raw": fit.raw_sides})[:2]))
+    overridden = [f"--param {k}" for k in (params or {}) if k in fit.params] + (["--filter"] if filter else [])
+    if overridden and fit.hint != "paper":
+        log.info("given explicitly, so not fitted: %s", ", ".join(overridden))
+    return fit
+
+
+def _fit_record(fit: Fit, filter: str | None, params: dict | None) -> dict[str, Any]:
+    record = fit.record()
+    record["explicit"] = sorted([*(params or {}), *(["filter"] if filter else [])])
+    return record
 
 
 def _check_options(workers: Any, chunk_size: Any, max_side: Any, max_pixels: Any) -> None:
@@ -364,6 +414,7 @@ def _compute(
     keep_parts: bool,
     t0: float,
     refused: dict[str, str],
+    fit: dict[str, Any] | None = None,
 ) -> Path:
     _read_settings(parts, settings)
     tables, next_id = _load_parts(parts)
@@ -385,6 +436,7 @@ def _compute(
 
     # Everything is on disk now: assemble the store in sorted-path order.
     tables, _ = _load_parts(parts)
+    raw_hist = _raw_side_hist(parts)
     table = ProposalTable.concat(sources + tables).reordered(relpaths, keep_raw=keep_raw)
     extra = {
         "computed": len(todo),
@@ -393,12 +445,34 @@ def _compute(
         "seconds": round(time.perf_counter() - t0, 2),
         "images_per_s": round(len(todo) / run_s, 3) if todo and run_s > 0 else None,
         "refused": refused,
+        "raw_side_hist": raw_hist.tolist(),
+        "box_sides": table_sides(table, raw_hist),
     }
-    write_store(out, table, settings, extra)
+    write_store(out, table, {**settings, "fit": fit} if fit else settings, extra)
     if not keep_parts:
         shutil.rmtree(parts, ignore_errors=True)
     log.info("proposal store %s written\n%s", out, format_summary(json.loads((out / "summary.json").read_text())))
+    log_sides(extra["box_sides"])
     return out
+
+
+def log_sides(sides: dict[str, Any]) -> None:
+    """Log the side distribution, and warn when the kept boxes are far larger than the raw ones."""
+    log.info("\n".join(format_sides(sides)))
+    warning = large_box_warning(sides)
+    if warning:
+        log.warning(warning)
+
+
+def _raw_side_hist(parts: Path) -> np.ndarray:
+    """The summed raw-side histograms of this job's chunk files (the images it computed, resumed
+    chunks included; a store being extended keeps the distribution of its new images only)."""
+    hist = side_histogram([])
+    for f in sorted(parts.glob("chunk_*.npz")):
+        with np.load(f, allow_pickle=False) as z:
+            if "raw_side_hist" in z.files and z["raw_side_hist"].shape == hist.shape:
+                hist += z["raw_side_hist"]
+    return hist
 
 
 def log_refused(refused: dict[str, str], limit: int = 10) -> None:
@@ -449,6 +523,8 @@ def merge_stores(
         raise UserError(f"merge: {len(dupes)} image(s) appear in more than one store, e.g. {dupes[0]}")
     table = table.reordered(paths)
     meta = {**base, "shard": None, "merged_from": [str(Path(s)) for s in shards]}
+    if first.get("fit"):
+        meta["fit"] = first["fit"]  # the same for every shard: the fit samples the whole listing
     write_new_store(out, table, meta, overwrite=overwrite)
     log.info(
         "merged %d stores into %s\n%s",

@@ -133,8 +133,9 @@ class ProposalTable:
         return out
 
     # chunk files: one npz per chunk of images, written atomically by the worker that computed it
-    def save_npz(self, path: str | Path) -> None:
-        arrays = _to_arrays(self)
+    def save_npz(self, path: str | Path, extra: dict[str, np.ndarray] | None = None) -> None:
+        """``extra``: more arrays for the same file (``load_npz`` ignores them)."""
+        arrays = {**_to_arrays(self), **(extra or {})}
         arrays["paths"] = np.array(self.paths, dtype=str)
         arrays["reasons"] = np.array(self.reasons, dtype=str)
         del arrays["path_offsets"]

@@ -13,7 +13,7 @@ small dataset gets the same number of *epochs* as COCO 1x (about 12.2) rather th
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 from soco_det.engine.config import LoggingConfig
 from soco_det.logs import get_logger
@@ -55,7 +55,9 @@ class FinetuneDataConfig:
 class FinetuneModelConfig:
     """Mask R-CNN v2 (torchvision architecture) on a ResNet-``depth`` FPN backbone.
 
-    ``init``: ``random``; a torchvision-format export of a pretrained SoCo model
+    ``init``: ``random`` (torchvision's init); ``untrained:RUN``, the network the pretraining run
+    ``RUN`` (folder, ``config.yaml`` or checkpoint) started from, untrained (its paired baseline,
+    :mod:`soco_det.transfer.untrained_init`); a torchvision-format export of a pretrained SoCo model
     (``soco-det export --to torchvision``: backbone + FPN + box head), or the pretraining run folder,
     checkpoint or official ``ckpt_epoch_*.pth`` it comes from (exported in memory, online network);
     or a torchvision ImageNet-style ResNet weights file (``resnet50-*.pth``, backbone only). Files are
@@ -205,6 +207,9 @@ class FinetuneConfig:
     seed: int = 0
     # auto: CUDA if available (the local rank's GPU under torchrun), else CPU.
     device: str = "auto"
+    # torch intra-op CPU threads (null: torch's default, one per core), as pretraining's
+    # train.loop.cpu_threads; on a machine shared with other jobs use 1 (extra threads spin-wait there).
+    cpu_threads: Optional[int] = None
 
     @staticmethod
     def upgrade_values(data: dict[str, Any]) -> dict[str, Any]:
@@ -224,6 +229,8 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.log_period < 1:
             raise ValueError(f"log_period must be >= 1, got {self.log_period}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be >= 1 (or null), got {self.cpu_threads}")
 
     def check_data(self) -> None:
         """Raise ``ValueError`` naming the first data path that was not given (called before training)."""

@@ -443,6 +443,8 @@ def finetune(
     except ValueError as exc:
         raise UserError(f"finetune: {exc} (give --train-json/--train-images/--val-json/--val-images)") from exc
     check_backends(cfg.logging.backends)  # a missing package is said before anything runs
+    if cfg.cpu_threads is not None:
+        torch.set_num_threads(cfg.cpu_threads)
     with open_run(out_dir, resume, overwrite, _device(cfg)) as run:
         train_set, cfg = build_train_set(cfg, run)
         model, forward_model = build_detector(cfg, run, train_set)
@@ -464,7 +466,7 @@ def finetune(
             run_dir=run.run_dir,
             check_every=cfg.log_period,
         )
-        resume_into(trainer, run.ckpt, to_dict(cfg), schema=FinetuneConfig)
+        resume_into(trainer, run.ckpt, to_dict(cfg), ignored=("cpu_threads",), schema=FinetuneConfig)
         # The RNG (RPN/RoI sampling) continues where the checkpoint left it; fresh runs seed per process.
         trainer.start(run.ckpt["rng"] if run.ckpt is not None else None, cfg.seed + run.rank)
         if run.is_main:

@@ -13,7 +13,9 @@ Initialisation (``model.init``):
 * a torchvision ResNet classification state dict (e.g. a local ``resnet50-*.pth``): the backbone
   only; its ``fc.*`` classifier is dropped.
 * a SoCo pretraining run folder, its checkpoint or an official ``ckpt_epoch_*.pth``: exported in
-  memory, as ``soco-det export --to torchvision`` would (online network).
+  memory, as ``soco-det export --to torchvision`` would (online network);
+* ``untrained:RUN``: the network that pretraining run started from (same init scheme and seed),
+  exported in memory the same way: the paired baseline of ``RUN``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from soco_det.export.torchvision import load_torchvision_export, map_source, mis
 from soco_det.logs import get_logger
 from soco_det.models.maskrcnn import DEFAULT_WIDTHS, build_maskrcnn, widths_of
 from soco_det.torch_io import check_finite, torch_load
+from soco_det.transfer.untrained_init import is_untrained_init, untrained_weights
 
 log = get_logger(__name__)
 
@@ -78,8 +81,11 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     ResNet (``conv1.*``, ``layer1.*``...) are moved under ``backbone.body.`` and its ``fc.*``
     classifier dropped. A SoCo pretraining run folder, its checkpoint or an official
     ``ckpt_epoch_*.pth`` is exported in memory, as ``soco-det export --to torchvision`` would
-    (online network).
+    (online network); ``untrained:RUN`` is the network that run started from
+    (:mod:`soco_det.transfer.untrained_init`).
     """
+    if is_untrained_init(path):
+        return untrained_weights(path)
     path = Path(path)
     if path.is_dir():
         return _pretrained_weights(path)
