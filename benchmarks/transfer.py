@@ -144,6 +144,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "train.loop.log_every=2",
         ],
         "pretrain_seeds": [0],
+        "datasets": {"nuclei": {"prepare": {"tile": 128, "stride": 128}, "object_size": "auto"}},
         "ap": {
             "seeds": [0, 1],
             "low_label": 0.5,
@@ -164,6 +165,15 @@ PRESETS: dict[str, dict[str, Any]] = {
             "train.loop.log_every=10",
         ],
         "pretrain_seeds": [0],
+        # real photographs of small objects: proposals fitted to the objects (soco-det proposals
+        # --object-size auto), overlapping 128-px tiles, more epochs over the 65 unlabeled tiles
+        "datasets": {
+            "nuclei": {
+                "prepare": {"tile": 128, "stride": 32},
+                "object_size": "auto",
+                "pretrain": ["train.loop.epochs=40", "data.views.geometry.fit_objects=true"],
+            }
+        },
         "ap": {
             "seeds": [0, 1, 2],
             "low_label": 0.2,
@@ -265,14 +275,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------- stages
-def proposal_recall(data: dict[str, Path], out: Path, workers: int) -> dict[str, float]:
-    """Recall of the val objects at IoU >= 0.5 by the faithful proposals of the val images, raw and kept."""
+def proposal_recall(data: dict[str, Path], out: Path, workers: int, object_size: str = "paper") -> dict[str, float]:
+    """Recall of the val objects at IoU >= 0.5 by the selective-search proposals of the val images (the
+    settings of ``object_size``, as for pretraining), raw and kept."""
     from soco_det.probe.objects import read_objects
     from soco_det.proposals import compute_store
     from soco_det.proposals.store import ProposalStore
 
     store = ProposalStore.open(
-        compute_store(data["images"] / "val", out / "proposals_val", workers=workers, keep_raw=True)
+        compute_store(
+            data["images"] / "val", out / "proposals_val", workers=workers, keep_raw=True, object_size=object_size
+        )
     )
     objects = read_objects(data["val"], data["images"])
     found = {"kept": 0, "raw": 0}
@@ -525,6 +538,8 @@ def main_ap(args: argparse.Namespace, preset: dict[str, Any], device: str) -> in
     from soco_det.atomic import atomic_write_json
 
     t_all = time.perf_counter()
+    dataset = preset.get("datasets", {}).get(args.dataset, {})
+    preset = {**preset, "pretrain": [*preset["pretrain"], *dataset.get("pretrain", [])]}
     data, store, recall, t_data = prepare_data(args, preset)
     ap = run_ap(args, preset, data, store, device)
     timings = {"data+proposals": t_data, **ap["timings"]}
@@ -577,10 +592,15 @@ def prepare_data(args: argparse.Namespace, preset: dict[str, Any]) -> tuple[dict
             from soco_det.errors import UserError
 
             raise UserError(f"--dataset {args.dataset}: needs soco_det.datasets (soco-det prepare)") from None
-        paths = prepare(args.dataset, out / "data", **preset.get("datasets", {}).get(args.dataset, {}))
+        paths = prepare(
+            args.dataset, out / "data", **preset.get("datasets", {}).get(args.dataset, {}).get("prepare", {})
+        )
     data = {k: Path(v) for k, v in paths.items()}
-    store = compute_store(data["images"] / "unlabeled", out / "proposals", workers=args.workers)
-    recall = proposal_recall(data, out, args.workers)
+    object_size = preset.get("datasets", {}).get(args.dataset, {}).get("object_size", "paper")
+    store = compute_store(
+        data["images"] / "unlabeled", out / "proposals", workers=args.workers, object_size=object_size
+    )
+    recall = proposal_recall(data, out, args.workers, object_size)
     return data, store, recall, time.perf_counter() - t
 
 
