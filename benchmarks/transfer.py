@@ -177,8 +177,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ap": {
             "seeds": [0, 1, 2],
             "low_label": 0.2,
-            # AdamW: 600 iterations reached AP50 11.2 from the untrained start where SGD at lr 0.02 gave 4.1
-            # after 300 (200 train / 100 val scenes); see docs/results.md "Detection AP on two CPU cores"
+            # AdamW for the fresh heads of so short a schedule (chosen in development runs, not a
+            # measured comparison); what it gives: docs/results.md "Detection AP on two CPU cores"
             "settings": {
                 "size": 128,
                 "iterations": 500,
