@@ -144,7 +144,7 @@ def nt_xent_loss(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1) -> 
     ``2M`` rows (self-similarity excluded), ``l(a)`` is the mean over the rows of ``a`` of
     ``-log softmax(s)[a_i -> b_i]`` and ``l(b)`` the same for the rows of ``b``; SimCLR's (and
     lightly's ``NTXentLoss``) value is ``(l(a) + l(b)) / 2``. Computed in fp32 outside autocast.
-    The DetCon baseline's loss (docs/benchmarks.md, "DetCon").
+    The DetCon baseline's loss (docs/benchmarks.md, "DetCon baseline").
     """
     if a.dim() != 2 or a.shape != b.shape:
         raise ValueError(f"a and b must both be [M, D], got {tuple(a.shape)} and {tuple(b.shape)}")

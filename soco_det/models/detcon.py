@@ -11,7 +11,8 @@ the models' common interface and is never read.
 
 Matching uses the proposal ids of ``batch["ids"]``, not ``corr`` (whose FPN levels DetCon has no
 use for): a row of view a whose id is also in view b is a positive pair; duplicate rows (the
-sampler pads with duplicates) are counted once. How it differs from SoCo: docs/benchmarks.md.
+sampler pads with duplicates) are counted once. How it differs from SoCo: docs/benchmarks.md,
+"DetCon baseline".
 """
 
 from __future__ import annotations
