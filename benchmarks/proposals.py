@@ -28,23 +28,8 @@ from PIL import Image
 from soco_det.imageio import load_rgb
 from soco_det.proposals import ProposalStore, compute_store
 from soco_det.proposals.methods import resolve_params, run_method
+from soco_det.proposals.recall import iou_matrix, rects_to_boxes
 from soco_det.synth import generate
-
-
-def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of continuous boxes ``a [n, 4]`` x ``b [m, 4]`` (``x1, y1, x2, y2``)."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(-1)
-    area_a = (a[:, 2:] - a[:, :2]).prod(-1)
-    area_b = (b[:, 2:] - b[:, :2]).prod(-1)
-    return inter / (area_a[:, None] + area_b[None, :] - inter)
-
-
-def rects_to_boxes(rects: np.ndarray) -> np.ndarray:
-    """Official rects (w = max - min) -> continuous ``[x, y, x + w + 1, y + h + 1]``."""
-    r = rects.astype(np.float64)
-    return np.concatenate([r[:, :2], r[:, :2] + r[:, 2:] + 1], axis=1)
 
 
 def recall(store: ProposalStore, gt: dict[str, np.ndarray], raw: bool) -> float:

@@ -7,7 +7,8 @@ On the sample scenes, at equal budget:
 2. for every pretraining seed s: SoCo (``soco_fpn``) and image-level BYOL (``image_byol``) pretrained
    with the same engine, recipe, budget rule and seed; "random" is **the same architecture with the
    same init scheme and seed, untrained** (``init_model(cfg.model, s)``: exactly what both runs start
-   from); BYOL brings a trained encoder, its FPN and head are those untrained ones;
+   from); BYOL brings a trained encoder, its FPN and head are those untrained ones; the gpu preset (or
+   ``--detcon``) adds the DetCon baseline (``detcon``: NT-Xent over box masks pooled on C5), likewise;
 3. the object probe (:mod:`soco_det.probe`) of each on the labeled train/val scenes, with paired
    differences over the same val objects, pooled over the pretraining seeds; ``probe_*`` reads the
    box head's output (what SoCo trains and the detector's box head inherits), ``probe_roi_*`` the
@@ -50,10 +51,12 @@ from typing import Any
 
 import numpy as np
 
-METHODS = {"soco": "soco_fpn", "byol": "image_byol", "soco_from_byol": "soco_fpn"}
+METHODS = {"soco": "soco_fpn", "byol": "image_byol", "soco_from_byol": "soco_fpn", "detcon": "detcon"}
 PAIRS = (("soco", "random"), ("soco", "byol"), ("byol", "random"))
 # --soco-from-byol: SoCo started from the BYOL run's weights (model.init), the same SoCo budget on top
 FROM_BYOL_PAIRS = (("soco_from_byol", "byol"), ("soco_from_byol", "soco"), ("soco_from_byol", "random"))
+# DetCon (object-level NT-Xent over box masks pooled on C5): the gpu preset, or any preset with --detcon
+DETCON_PAIRS = (("detcon", "random"), ("soco", "detcon"))
 PROBE_SCORES = ("linear_top1", "knn_top1", "loc_r2", "retrieval_top1")
 AP_KEYS = (("bbox", "AP", "box_ap"), ("bbox", "AP50", "box_ap50"), ("segm", "AP", "mask_ap"))
 
@@ -209,6 +212,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         ],
         "pretrain_seeds": [0, 1],
         "finetune_seeds": [0, 1, 2],
+        "extra_methods": ["detcon"],
         "probe_size": 224,
         "resamples": 1000,
         "finetune": [
@@ -265,6 +269,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "backbone one already has?",
     )
     parser.add_argument(
+        "--detcon",
+        action="store_true",
+        help="also pretrain the DetCon baseline (model.variant=detcon; always on in the gpu preset)",
+    )
+    parser.add_argument(
         "--pretrain",
         nargs="*",
         default=[],
@@ -272,6 +281,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="extra pretraining overrides for both methods (e.g. model.head_decorrelation=0)",
     )
     return parser.parse_args(argv)
+
+
+def selected_methods(args: argparse.Namespace, preset: dict[str, Any]) -> tuple[list[str], tuple]:
+    """The pretraining methods of this run and the ``(a, b)`` pairs compared."""
+    extra = set(preset.get("extra_methods", [])) | ({"detcon"} if args.detcon else set())
+    extra |= {"soco_from_byol"} if args.soco_from_byol else set()
+    methods = [m for m in METHODS if m in ("soco", "byol") or m in extra]
+    pairs = PAIRS + (FROM_BYOL_PAIRS if "soco_from_byol" in extra else ()) + (DETCON_PAIRS if "detcon" in extra else ())
+    return methods, pairs
 
 
 # ---------------------------------------------------------------------- stages
@@ -335,7 +353,7 @@ def pretrain_run(
         *preset["pretrain"],
         *extra,
     ]
-    if method == "byol":
+    if method in ("byol", "detcon"):  # no box head
         overrides = [o for o in overrides if not o.startswith("model.head_decorrelation")]
     if init is not None:
         overrides.append(f"model.init={init}")
@@ -627,8 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     data, store, recall, timings["data+proposals"] = prepare_data(args, preset)
 
     # ---- pretraining (both methods, every seed) and the untrained baseline
-    methods = [m for m in METHODS if m != "soco_from_byol" or args.soco_from_byol]
-    pairs = PAIRS + (FROM_BYOL_PAIRS if args.soco_from_byol else ())
+    methods, pairs = selected_methods(args, preset)
     runs: dict[tuple[str, int], Path] = {}
     for seed in preset["pretrain_seeds"]:
         for method in methods:
@@ -721,6 +738,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.soco_from_byol:
             inits["soco_from_byol"] = export_checkpoint(
                 runs[("soco_from_byol", s0)], "torchvision", out / "exports" / f"soco_from_byol_seed{s0}.pth"
+            )
+        if "detcon" in methods:
+            inits["detcon"] = export_checkpoint(
+                runs[("detcon", s0)], "torchvision", out / "exports" / f"detcon_seed{s0}.pth"
             )
         if args.torchvision_random:
             inits["torchvision_random"] = "random"

@@ -134,3 +134,27 @@ class SoCoLoss(nn.Module):
             pair_losses[pair_name(a, b)] = directional_loss(p_a, z_b, corr, self.eps)
             pair_losses[pair_name(b, a)] = directional_loss(p_b, z_a, corr.transpose(1, 2), self.eps)
         return {"loss": torch.stack(list(pair_losses.values())).sum(), "pair_losses": pair_losses}
+
+
+def nt_xent_loss(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """SimCLR's NT-Xent over ``M`` positive pairs: ``(l(a), l(b))``, float32 scalars.
+
+    ``a[i]`` and ``b[i]`` (``[M, D]`` each, normalised here) are the two views of one object; every
+    other row of ``a`` and ``b`` is a negative of both. With ``s = cos / temperature`` over the
+    ``2M`` rows (self-similarity excluded), ``l(a)`` is the mean over the rows of ``a`` of
+    ``-log softmax(s)[a_i -> b_i]`` and ``l(b)`` the same for the rows of ``b``; SimCLR's (and
+    lightly's ``NTXentLoss``) value is ``(l(a) + l(b)) / 2``. Computed in fp32 outside autocast.
+    The DetCon baseline's loss (docs/benchmarks.md, "DetCon baseline").
+    """
+    if a.dim() != 2 or a.shape != b.shape:
+        raise ValueError(f"a and b must both be [M, D], got {tuple(a.shape)} and {tuple(b.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    m = a.shape[0]
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        z = F.normalize(torch.cat([a, b]).float(), dim=-1)
+        sim = z @ z.T / temperature
+        sim = sim.masked_fill(torch.eye(2 * m, dtype=torch.bool, device=z.device), float("-inf"))
+        positive = torch.cat([torch.arange(m, 2 * m), torch.arange(m)]).to(z.device)
+        ce = F.cross_entropy(sim, positive, reduction="none")
+        return ce[:m].mean(), ce[m:].mean()

@@ -154,6 +154,9 @@ def test_auto_keeps_object_sized_boxes_and_more_of_the_objects_than_paper(scenes
     auto, paper = scene_stores["auto"], scene_stores["paper"]
     assert auto.meta["fit"]["hint"] == "auto" and auto.meta["filter"].startswith("size:")
     assert auto.meta["params"]["scale"] < 300 and paper.meta["params"]["scale"] == 300
+    # the kept range starts at half the estimated side (objects are often below that median)
+    side = auto.meta["fit"]["object_side_px"]
+    assert auto.meta["filter"] == f"size:{side / 2:.0f}-80%post"
     kept = store_sides(auto)["kept"]
     gt_side = _gt_median_side(scenes["val"])
     # boxes of object size are kept (the paper's smallest kept boxes are larger than most objects)

@@ -30,6 +30,8 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         from soco_det.models.soco import SoCoFPN as cls
     elif cfg.variant == "soco_c4":
         from soco_det.models.c4 import SoCoC4 as cls
+    elif cfg.variant == "detcon":
+        from soco_det.models.detcon import DetCon as cls
     else:
         from soco_det.models.image_byol import ImageBYOL as cls
     model = cls(cfg)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-VARIANTS = ("soco_fpn", "soco_star", "soco_c4", "image_byol")
+VARIANTS = ("soco_fpn", "soco_star", "soco_c4", "image_byol", "detcon")
 FPN_VARIANTS = ("soco_fpn", "soco_star")
 DEPTHS = (18, 34, 50, 101)
 
@@ -21,7 +21,9 @@ class ModelConfig:
 
     * ``variant``: ``soco_fpn`` / ``soco_star`` (ResNet + FPN + box head; SoCo* only differs in
       its views, i.e. the number of pairs in the batch), ``soco_c4`` (RoIAlign on C4, res5 as the
-      RoI head) or ``image_byol`` (image-level BYOL baseline on pooled C5).
+      RoI head), ``image_byol`` (image-level BYOL baseline on pooled C5) or ``detcon`` (DetCon
+      baseline: NT-Xent over box masks pooled on C5, :mod:`soco_det.models.detcon`).
+    * ``temperature``: NT-Xent temperature of ``detcon`` (DetCon's 0.1); unused by the others.
     * ``roi_output_size``: RoIAlign output side; ``None`` means the official value for the
       variant (7 for FPN variants, 14 for C4, where res5 halves it to 7).
     * ``roi_mode``: ``all_levels`` pools every box on every FPN level and runs the head once per
@@ -48,7 +50,7 @@ class ModelConfig:
       loaded, the target starts as a copy (:mod:`soco_det.export.init_weights`); ignored on resume.
     """
 
-    variant: Literal["soco_fpn", "soco_star", "soco_c4", "image_byol"] = "soco_fpn"
+    variant: Literal["soco_fpn", "soco_star", "soco_c4", "image_byol", "detcon"] = "soco_fpn"
     depth: int = 50
     fpn_channels: int = 256
     head_conv_dim: int = 256
@@ -68,6 +70,7 @@ class ModelConfig:
     # online box-head output (soco_det.losses.decorrelation_loss), which keeps small-budget runs from
     # collapsing onto a few directions. 0 = off (the paper recipes).
     head_decorrelation: float = 0.0
+    temperature: float = 0.1
     init: Optional[str] = None
 
     def validate(self) -> None:
@@ -88,6 +91,8 @@ class ModelConfig:
                 raise ValueError(f"{name}: must be >= 1, got {value}")
         if self.head_decorrelation < 0:
             raise ValueError(f"head_decorrelation: must be >= 0, got {self.head_decorrelation}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature: must be > 0, got {self.temperature}")
         if self.roi_output_size is not None and self.roi_output_size < 1:
             raise ValueError(f"roi_output_size: must be >= 1 (or null), got {self.roi_output_size}")
         if self.variant == "soco_c4" and self.resolved_roi_output_size() % 2:
@@ -110,5 +115,5 @@ class ModelConfig:
         return 14 if self.variant == "soco_c4" else 7
 
     def model_levels(self) -> int:
-        """P as the model sees it: the FPN levels, 1 for C4 and the image-level baseline."""
+        """P as the model sees it: the FPN levels, 1 for C4 and the two baselines."""
         return self.num_levels if self.variant in FPN_VARIANTS else 1
