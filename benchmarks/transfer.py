@@ -17,6 +17,12 @@ On the sample scenes, at equal budget:
    and head init), COCO box/mask AP, per-seed differences with a t-interval over the seeds;
    torchvision's own random init as an extra row (``--torchvision-random``).
 
+The AP presets (``cpu_ap``, ``smoke_ap``; ``--dataset scenes|nuclei``) rank the same three inits in COCO box
+AP instead: after pretraining, the frozen-backbone detection probe (:mod:`soco_det.transfer.frozen`) trains a
+Faster R-CNN's RPN and box head on each init's frozen, cached backbone + FPN features, with a low-label subset
+of the train images and with all of them, for every fine-tuning seed (paired: same head init, label subset
+and data order for every init).
+
 A pretrained model never counts as a gain when its features collapsed (its box-head output's
 effective rank under 5 % of the untrained one's, or the run's collapse warning) or when its
 localisation probe fell below the untrained model's: ``gains`` in the JSON says which did.
@@ -24,9 +30,13 @@ localisation probe fell below the untrained model's: ``gains`` in the JSON says 
     python benchmarks/transfer.py --preset smoke --json /tmp/smoke.json   # a minute or two: tests the script
     python benchmarks/transfer.py --preset cpu --json out.json            # <= 30 min on 2 CPU cores
     python benchmarks/transfer.py --preset gpu --json out.json            # one H100/H200, ~8 min (unmeasured)
+    python benchmarks/transfer.py --preset cpu_ap --json out.json         # box AP, <= 60 min on 2 CPU cores
+    python benchmarks/transfer.py --preset smoke_ap --json /tmp/ap.json   # a couple of minutes: tests the script
 
 ``--json FILE`` writes ``{"preset", "seconds", "results", "paired": {"soco-random": {"probe_linear_top1":
-{"mean", "ci95"}, ..., "box_ap": {...}}, "soco-byol": ..., "byol-random": ...}, "gains"}``.
+{"mean", "ci95"}, ..., "box_ap": {...}}, "soco-byol": ..., "byol-random": ...}, "gains"}``; the AP presets write ``results[init]["box_ap"]``,
+``["box_ap50"]`` (and ``_low_label``: means over the seeds, AP points), ``results["frozen_probe"]`` (every run),
+``paired[pair]["box_ap"] = {"mean", "ci95", "values"}`` and ``paired_low_label[pair]`` likewise.
 """
 
 from __future__ import annotations
@@ -122,6 +132,67 @@ PRESETS: dict[str, dict[str, Any]] = {
             "log_period=10",
         ],
     },
+    # ---- AP presets: the frozen-backbone detection probe (soco_det.transfer.frozen), box AP on val
+    "smoke_ap": {
+        "scenes": {"n_unlabeled": 48, "n_train": 16, "n_val": 12, "short_side": 96},
+        "recipe": "tiny_cpu",
+        "pretrain": [
+            *SMALL_BUDGET,
+            "train.loop.epochs=2",
+            "train.optim.warmup_epochs=0.5",
+            "data.batch_size=8",
+            "data.num_workers=0",
+            "train.loop.ckpt_every=1000",
+            "train.loop.tensorboard=false",
+            "train.loop.log_every=2",
+        ],
+        "pretrain_seeds": [0],
+        "datasets": {"nuclei": {"prepare": {"tile": 128, "stride": 128}, "object_size": "auto"}},
+        "ap": {
+            "seeds": [0, 1],
+            "low_label": 0.5,
+            "settings": {"size": 96, "iterations": 6, "batch_size": 2, "warmup_iters": 2, "roi_batch_size": 32},
+        },
+    },
+    "cpu_ap": {
+        "scenes": {"n_unlabeled": 600, "n_train": 300, "n_val": 150, "short_side": 128},
+        "recipe": "tiny_cpu",
+        "pretrain": [
+            *SMALL_BUDGET,
+            "train.loop.epochs=6",
+            "train.optim.warmup_epochs=0.5",
+            "data.batch_size=16",
+            "data.num_workers=1",
+            "train.loop.ckpt_every=1000",
+            "train.loop.tensorboard=false",
+            "train.loop.log_every=10",
+        ],
+        "pretrain_seeds": [0],
+        # real photographs of small objects: proposals fitted to the objects (soco-det proposals
+        # --object-size auto), overlapping 128-px tiles, more epochs over the 65 unlabeled tiles
+        "datasets": {
+            "nuclei": {
+                "prepare": {"tile": 128, "stride": 32},
+                "object_size": "auto",
+                "pretrain": ["train.loop.epochs=40", "data.views.geometry.fit_objects=true"],
+            }
+        },
+        "ap": {
+            "seeds": [0, 1, 2],
+            "low_label": 0.2,
+            # AdamW for the fresh heads of so short a schedule (chosen in development runs, not a
+            # measured comparison); what it gives: docs/results.md "Detection AP on two CPU cores"
+            "settings": {
+                "size": 128,
+                "iterations": 500,
+                "batch_size": 4,
+                "roi_batch_size": 32,
+                "optimizer": "adamw",
+                "lr": 0.001,
+                "warmup_iters": 50,
+            },
+        },
+    },
     "gpu": {
         # ResNet-50 at batch 64 with the paper's views (the regime in which SoCo is known to work).
         "scenes": {"n_unlabeled": 4000, "n_train": 600, "n_val": 300, "short_side": 256},
@@ -168,7 +239,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="size of the experiment")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="cpu",
+        help="size of the experiment; cpu_ap / smoke_ap: detection AP from the frozen-backbone probe",
+    )
+    parser.add_argument(
+        "--dataset",
+        choices=["scenes", "nuclei"],
+        default="scenes",
+        help="scenes: the generated sample scenes; nuclei: tiles of stardist's fluorescence image of nuclei "
+        "(soco-det prepare nuclei; pip install stardist)",
+    )
     parser.add_argument("--out", default="transfer_out", help="working folder (data, runs, probes, fine-tunings)")
     parser.add_argument("--json", default=None, help="write the results here (default: OUT/transfer.json)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -210,14 +293,17 @@ def selected_methods(args: argparse.Namespace, preset: dict[str, Any]) -> tuple[
 
 
 # ---------------------------------------------------------------------- stages
-def proposal_recall(data: dict[str, Path], out: Path, workers: int) -> dict[str, float]:
-    """Recall of the val objects at IoU >= 0.5 by the faithful proposals of the val images, raw and kept."""
+def proposal_recall(data: dict[str, Path], out: Path, workers: int, object_size: str = "paper") -> dict[str, float]:
+    """Recall of the val objects at IoU >= 0.5 by the selective-search proposals of the val images (the
+    settings of ``object_size``, as for pretraining), raw and kept."""
     from soco_det.probe.objects import read_objects
     from soco_det.proposals import compute_store
     from soco_det.proposals.store import ProposalStore
 
     store = ProposalStore.open(
-        compute_store(data["images"] / "val", out / "proposals_val", workers=workers, keep_raw=True)
+        compute_store(
+            data["images"] / "val", out / "proposals_val", workers=workers, keep_raw=True, object_size=object_size
+        )
     )
     objects = read_objects(data["val"], data["images"])
     found = {"kept": 0, "raw": 0}
@@ -331,14 +417,209 @@ def finetune_one(
 
 
 def t_interval(values: list[float]) -> dict[str, Any]:
-    """Mean and 95 % t-interval (n - 1 degrees of freedom) of paired per-seed differences."""
-    from scipy import stats
+    """Mean and 95 % t-interval of paired per-seed differences (:func:`soco_det.stats.t_interval`)."""
+    from soco_det.stats import t_interval as interval
 
-    v = np.asarray(values, np.float64)
-    if len(v) < 2:
-        return {"mean": float(v.mean()), "ci95": [float("nan"), float("nan")], "values": v.tolist()}
-    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
-    return {"mean": float(v.mean()), "ci95": [float(v.mean() - half), float(v.mean() + half)], "values": v.tolist()}
+    return interval(values)
+
+
+# ---------------------------------------------------------------------- the AP presets
+def ap_inits(cfg: Any, runs: dict[tuple[str, int], Path], seed: int, out: Path) -> dict[str, dict]:
+    """Torchvision-named weights of the three inits of pretraining seed ``seed``: "random" (the untrained
+    network SoCo's run started from: same init scheme and seed), "soco", and "byol" (its encoder; FPN
+    and box head those of the untrained network, as in the object probe)."""
+    from soco_det.export.untrained import save_untrained
+    from soco_det.transfer.frozen import complete_weights
+    from soco_det.transfer.model import read_weights
+
+    random = read_weights(save_untrained(cfg, out / "untrained" / f"seed{seed}.pt", seed))
+    return {
+        "random": random,
+        "soco": complete_weights(read_weights(runs[("soco", seed)]), random),
+        "byol": complete_weights(read_weights(runs[("byol", seed)]), random),
+    }
+
+
+def ap_values(reports: dict[int, dict], name: str, fraction: float, metric: str = "AP") -> list[float]:
+    """AP points of init ``name`` at train fraction ``fraction``, one per (pretraining seed, fine-tuning seed)."""
+    from soco_det.transfer.frozen import fraction_key
+
+    return [
+        100 * (run["bbox"][metric] or 0.0)
+        for report in reports.values()
+        for run in report["results"][name][fraction_key(fraction)].values()
+    ]
+
+
+def ap_summary(reports: dict[int, dict], names: list[str], fractions: dict[str, float]) -> dict[str, Any]:
+    """``results[init]`` (means in AP points), ``paired`` / ``paired_low_label`` (t-intervals of the
+    paired per-seed differences) of the frozen detection probe reports."""
+    results: dict[str, Any] = {}
+    for name in names:
+        row = {}
+        for setting, fraction in fractions.items():
+            suffix = "" if setting == "full" else f"_{setting}"
+            for metric, key in (("AP", "box_ap"), ("AP50", "box_ap50")):
+                values = ap_values(reports, name, fraction, metric)
+                row[key + suffix] = float(np.mean(values))
+                row[f"{key}{suffix}_per_seed"] = values
+        results[name] = row
+    paired: dict[str, dict[str, Any]] = {"paired": {}, "paired_low_label": {}}
+    for a, b in PAIRS:
+        for setting, fraction in fractions.items():
+            where = paired["paired" if setting == "full" else "paired_low_label"]
+            where[f"{a}-{b}"] = {
+                key: t_interval(
+                    [x - y for x, y in zip(ap_values(reports, a, fraction, m), ap_values(reports, b, fraction, m))]
+                )
+                for m, key in (("AP", "box_ap"), ("AP50", "box_ap50"))
+            }
+    return {"results": results, **paired}
+
+
+def print_ap_table(summary: dict[str, Any], fractions: dict[str, float], n_train: int, seeds: list[int]) -> None:
+    labels = {s: f"{100 * f:g} % labels ({max(1, round(f * n_train))} images)" for s, f in fractions.items()}
+    print(f"\nfrozen detection probe: box AP / AP50 on val (points), mean over fine-tuning seeds {seeds}")
+    print(f"  {'init':<8}" + "".join(f"{labels[s]:>32}" for s in fractions))
+    for name, row in summary["results"].items():
+        cells = "".join(
+            f"{row['box_ap' + ('' if s == 'full' else '_' + s)]:>20.2f} / "
+            f"{row['box_ap50' + ('' if s == 'full' else '_' + s)]:<9.2f}"
+            for s in fractions
+        )
+        print(f"  {name:<8}{cells}")
+    print("paired differences, first minus second (AP points, mean [95 % t-interval over the seeds]):")
+    for where, setting in (("paired", "full"), ("paired_low_label", "low_label")):
+        for pair, v in summary[where].items():
+            cells = ", ".join(
+                f"{k} {v[k]['mean']:+.2f} [{v[k]['ci95'][0]:+.2f}, {v[k]['ci95'][1]:+.2f}]"
+                for k in ("box_ap", "box_ap50")
+            )
+            print(f"  {labels[setting]:<28} {pair:<12} {cells}")
+
+
+def run_ap(args: argparse.Namespace, preset: dict[str, Any], data: dict[str, Path], store: Path, device: str) -> dict:
+    """The AP presets: pretrain SoCo and BYOL, then the frozen detection probe of random / BYOL / SoCo
+    at the low-label setting and on every train image, paired over the fine-tuning seeds."""
+    from soco_det.config import build_config
+    from soco_det.engine import PretrainConfig
+    from soco_det.transfer.frozen import FrozenSettings, frozen_detection_probe
+
+    out, timings = Path(args.out), {}
+    runs: dict[tuple[str, int], Path] = {}
+    for seed in preset["pretrain_seeds"]:
+        for method in ("soco", "byol"):
+            t = time.perf_counter()
+            runs[(method, seed)] = pretrain_run(method, seed, data, store, preset, args.pretrain, device, out)
+            timings[f"pretrain {method} seed {seed}"] = time.perf_counter() - t
+    cfg = build_config(PretrainConfig, preset["recipe"], [*preset["pretrain"], *args.pretrain])
+    ap = preset["ap"]
+    fractions = {"low_label": float(ap["low_label"]), "full": 1.0}
+    reports = {}
+    for seed in preset["pretrain_seeds"]:
+        t = time.perf_counter()
+        reports[seed] = frozen_detection_probe(
+            ap_inits(cfg, runs, seed, out),
+            data["train"],
+            data["val"],
+            data["images"],
+            FrozenSettings(**ap["settings"]),
+            seeds=ap["seeds"],
+            fractions=list(fractions.values()),
+            device=device,
+        )
+        timings[f"frozen probe pretraining seed {seed}"] = time.perf_counter() - t
+    summary = ap_summary(reports, ["random", "byol", "soco"], fractions)
+    return {"summary": summary, "reports": reports, "timings": timings, "fractions": fractions}
+
+
+def print_ap_minutes(ap: dict[str, Any]) -> None:
+    """Minutes of every run: pretraining, feature caching per init, heads per (init, setting, seed)."""
+    print("minutes per run:")
+    for k, v in ap["timings"].items():
+        if k.startswith("pretrain"):
+            print(f"  {k}: {v / 60:.1f}")
+    for seed, report in ap["reports"].items():
+        for name, by in report["results"].items():
+            runs = [
+                f"{100 * float(f):g}%/ft{s} {r['train']['minutes']:.1f}"
+                for f, per in by.items()
+                if f != "cache_seconds"
+                for s, r in per.items()
+            ]
+            print(
+                f"  probe {name} (pretraining seed {seed}): features {by['cache_seconds'] / 60:.1f}; " + ", ".join(runs)
+            )
+
+
+def main_ap(args: argparse.Namespace, preset: dict[str, Any], device: str) -> int:
+    from soco_det.atomic import atomic_write_json
+
+    t_all = time.perf_counter()
+    dataset = preset.get("datasets", {}).get(args.dataset, {})
+    preset = {**preset, "pretrain": [*preset["pretrain"], *dataset.get("pretrain", [])]}
+    data, store, recall, t_data = prepare_data(args, preset)
+    ap = run_ap(args, preset, data, store, device)
+    timings = {"data+proposals": t_data, **ap["timings"]}
+    timings["total"] = time.perf_counter() - t_all
+    settings = ap["reports"][preset["pretrain_seeds"][0]]["settings"]
+    n_train = len(json.loads(Path(data["train"]).read_text())["images"])
+    print(
+        f"\ntransfer benchmark (AP), preset {args.preset}, dataset {args.dataset}, device {device}; pretraining "
+        f"seeds {preset['pretrain_seeds']}, fine-tuning seeds {preset['ap']['seeds']}; heads: {settings['head']}, "
+        f"{settings['iterations']} iterations at batch {settings['batch_size']}, {settings['size']} px"
+    )
+    print(f"proposal recall of the val objects at IoU 0.5: kept {recall['kept']:.3f}, raw {recall['raw']:.3f}")
+    print_ap_table(ap["summary"], ap["fractions"], n_train, preset["ap"]["seeds"])
+    print_ap_minutes(ap)
+    print("time (min): " + ", ".join(f"{k} {v / 60:.1f}" for k, v in timings.items()))
+    report = {
+        "preset": args.preset,
+        "dataset": args.dataset,
+        "device": device,
+        "seconds": timings["total"],
+        "timings_s": timings,
+        "settings": preset,
+        "extra_pretrain": args.pretrain,
+        "proposal_recall": recall,
+        "results": {**ap["summary"]["results"], "frozen_probe": {str(k): v for k, v in ap["reports"].items()}},
+        "paired": ap["summary"]["paired"],
+        "paired_low_label": ap["summary"]["paired_low_label"],
+    }
+    path = Path(args.json) if args.json else Path(args.out) / "transfer.json"
+    atomic_write_json(path, report, indent=2)
+    print(f"wrote {path}")
+    return 0
+
+
+def prepare_data(args: argparse.Namespace, preset: dict[str, Any]) -> tuple[dict[str, Path], Path, dict, float]:
+    """The labeled and unlabeled images of ``--dataset``, the pretraining proposals and their recall of
+    the val objects; returns ``(paths, store, recall, seconds)``."""
+    import soco_det.synth as synth
+    from soco_det.proposals import compute_store
+
+    t = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.dataset == "scenes":
+        paths = synth.generate(out / "data", seed=0, workers=args.workers, **preset["scenes"])
+    else:
+        try:
+            from soco_det.datasets import prepare
+        except ImportError:  # the data-set layer is newer than this benchmark
+            from soco_det.errors import UserError
+
+            raise UserError(f"--dataset {args.dataset}: needs soco_det.datasets (soco-det prepare)") from None
+        paths = prepare(
+            args.dataset, out / "data", **preset.get("datasets", {}).get(args.dataset, {}).get("prepare", {})
+        )
+    data = {k: Path(v) for k, v in paths.items()}
+    object_size = preset.get("datasets", {}).get(args.dataset, {}).get("object_size", "paper")
+    store = compute_store(
+        data["images"] / "unlabeled", out / "proposals", workers=args.workers, object_size=object_size
+    )
+    recall = proposal_recall(data, out, args.workers, object_size)
+    return data, store, recall, time.perf_counter() - t
 
 
 # ---------------------------------------------------------------------- main
@@ -346,7 +627,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    import soco_det.synth as synth
     from soco_det.atomic import atomic_write_json
     from soco_det.config import build_config
     from soco_det.engine import PretrainConfig
@@ -354,22 +634,15 @@ def main(argv: list[str] | None = None) -> int:
     from soco_det.probe.network import load_probe_network
     from soco_det.probe.objects import read_objects, spec_from_config
     from soco_det.probe.probe import combined_paired_difference, format_table, run_probe, summarise
-    from soco_det.proposals import compute_store
 
     setup_logging()
     preset = PRESETS[args.preset]
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if "ap" in preset:
+        return main_ap(args, preset, device)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     t_all, timings = time.perf_counter(), {}
-
-    t = time.perf_counter()
-    data = {
-        k: Path(v) for k, v in synth.generate(out / "data", seed=0, workers=args.workers, **preset["scenes"]).items()
-    }
-    store = compute_store(data["images"] / "unlabeled", out / "proposals", workers=args.workers)
-    recall = proposal_recall(data, out, args.workers)
-    timings["data+proposals"] = time.perf_counter() - t
+    data, store, recall, timings["data+proposals"] = prepare_data(args, preset)
 
     # ---- pretraining (both methods, every seed) and the untrained baseline
     methods, pairs = selected_methods(args, preset)

@@ -46,6 +46,7 @@ __all__ = [
     "PretrainResult",
     "ProbeResult",
     "ProposalsResult",
+    "detection_probe",
     "ScenesResult",
     "DatasetResult",
     "evaluate",
@@ -545,6 +546,61 @@ def probe(
         device=device,
         resamples=resamples,
     )
+    if out is not None:
+        from soco_det.atomic import atomic_write_text
+
+        atomic_write_text(Path(out), _json.dumps(report, indent=2))
+        log.info("wrote %s", out)
+    return ProbeResult(path=Path(out) if out is not None else None, report=report)
+
+
+def detection_probe(
+    sources: PathLike | Sequence[PathLike],
+    *,
+    train_json: PathLike,
+    val_json: PathLike,
+    images: PathLike,
+    out: PathLike | None = None,
+    config: PathLike | None = None,
+    seed: int | None = None,
+    ft_seeds: Sequence[int] = (0, 1, 2),
+    fractions: Sequence[float] = (1.0,),
+    device: str = "auto",
+    **settings: Any,
+) -> ProbeResult:
+    """The frozen-backbone detection probe (``soco-det probe --task detection``): per source, the
+    RPN and box head of a Faster R-CNN trained on its frozen backbone + FPN features (cached once),
+    box AP / AP50 on ``val_json`` with pycocotools, for every fine-tuning seed of ``ft_seeds`` and
+    train fraction of ``fractions``, and each source's paired difference against the first.
+
+    ``sources``: run folders, checkpoints, official checkpoints, torchvision exports or
+    ``"untrained"`` (the architecture of ``config`` or of the first run, seed ``seed``);
+    ``settings``: fields of :class:`soco_det.transfer.frozen.FrozenSettings` (``size``, ``iterations``,
+    ``batch_size``, ``lr``, ``head`` ...). The report is :func:`~soco_det.transfer.frozen.frozen_detection_probe`'s."""
+    import tempfile
+
+    from soco_det.errors import UserError
+    from soco_det.probe.report import resolve_probe_config
+    from soco_det.transfer.frozen import FrozenSettings, frozen_detection_probe, load_inits
+
+    names = [os.fspath(sources)] if isinstance(sources, (str, os.PathLike)) else [os.fspath(s) for s in sources]
+    try:
+        cfg = resolve_probe_config(os.fspath(config) if config is not None else None, names)
+    except UserError:
+        if config is not None or "untrained" in names:
+            raise
+        cfg = None  # exports only: nothing to complete a source with, nothing untrained to build
+    with tempfile.TemporaryDirectory(prefix="soco-det-probe-") as tmp:
+        report = frozen_detection_probe(
+            load_inits(names, cfg, seed, tmp),
+            train_json,
+            val_json,
+            images,
+            FrozenSettings(**settings),
+            seeds=list(ft_seeds),
+            fractions=list(fractions),
+            device=device,
+        )
     if out is not None:
         from soco_det.atomic import atomic_write_text
 

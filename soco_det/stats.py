@@ -1,14 +1,18 @@
-"""How spread a set of feature vectors is: the effective rank and the normalised per-channel spread.
+"""Statistics shared by several stages: how spread a set of feature vectors is (the effective rank and
+the normalised per-channel spread), and the t-interval of paired per-seed differences.
 
-Two stages read these: the training dynamics of a pretraining run (``collapse/*`` records,
-:mod:`soco_det.engine.dynamics`) and the object probe's effective rank (:mod:`soco_det.probe`),
-so they live here, below both.
+The training dynamics of a pretraining run (``collapse/*`` records, :mod:`soco_det.engine.dynamics`)
+and the object probe's effective rank (:mod:`soco_det.probe`) read the first two; the frozen
+detection probe (:mod:`soco_det.transfer.frozen`) and ``benchmarks/transfer.py`` the interval. So they
+live here, below all of them.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 
@@ -32,3 +36,15 @@ def output_spread(x: torch.Tensor) -> tuple[float, float]:
     x = x.detach().float().flatten(1)
     z = torch.nn.functional.normalize(x, dim=1)
     return effective_rank(x), float(z.std(0).mean() * math.sqrt(z.shape[1]))
+
+
+def t_interval(values: Sequence[float]) -> dict[str, Any]:
+    """Mean and 95 % t-interval (n - 1 degrees of freedom) of paired per-seed differences:
+    ``{"mean", "ci95": [lo, hi], "values"}``; with one value the interval is ``[nan, nan]``."""
+    from scipy import stats
+
+    v = np.asarray(values, np.float64)
+    if len(v) < 2:
+        return {"mean": float(v.mean()), "ci95": [float("nan"), float("nan")], "values": v.tolist()}
+    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
+    return {"mean": float(v.mean()), "ci95": [float(v.mean() - half), float(v.mean() + half)], "values": v.tolist()}

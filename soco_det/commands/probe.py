@@ -36,10 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--task",
-        choices=["objects", "classification"],
+        choices=["objects", "classification", "detection"],
         default="objects",
         help="objects: the object-level probe on a COCO set; classification: the official linear "
-        "evaluation on ImageFolders (--train/--val)",
+        "evaluation on ImageFolders (--train/--val); detection: box AP of an RPN + box head trained on "
+        "the frozen backbone + FPN (same COCO options as objects)",
     )
     parser.add_argument("--train-json", help="objects: COCO file whose objects fit the read-outs")
     parser.add_argument("--val-json", help="objects: COCO file whose objects score them")
@@ -74,6 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "ones are moved to NAME.old-<time>",
     )
     add_classification_arguments(parser)  # the classification task's options (shared ones are not repeated)
+    add_detection_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,10 +86,11 @@ def run(args: argparse.Namespace) -> int:
             return run_classification(args)
         with output_folder(args.out, ("metrics.json", "linear.pt"), args.overwrite, "linear evaluation folder"):
             return run_classification(args)
+    task = run_detection if args.task == "detection" else run_objects
     if args.out is None:
-        return run_objects(args)
+        return task(args)
     with output_file(args.out, args.overwrite, "probe results"):
-        return run_objects(args)
+        return task(args)
 
 
 def run_objects(args: argparse.Namespace) -> int:
@@ -220,4 +223,71 @@ def run_classification(args: argparse.Namespace) -> int:
     if result["top5"] is not None:
         print(f"top-5 {100 * result['top5']:.2f}%")
     print(json.dumps({k: result[k] for k in ("top1", "top1_ci95", "top5")}))
+    return 0
+
+
+# ----------------------------------------------------------------------------- --task detection
+def add_detection_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the frozen-backbone detection probe (``soco-det probe --task detection``)."""
+    from soco_det.transfer.frozen import HEADS, FrozenSettings
+
+    d = FrozenSettings()
+    group = parser.add_argument_group("--task detection")
+    group.add_argument("--iterations", type=int, default=d.iterations, help="SGD steps of the RPN and box head")
+    group.add_argument(
+        "--head",
+        choices=HEADS,
+        default=d.head,
+        help="own: each source's own 4conv1fc box head (SoCo's pretrained one); shared: the same fresh head for all",
+    )
+    group.add_argument(
+        "--ft-seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds (paired across sources)"
+    )
+    group.add_argument(
+        "--fractions",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        help="fractions of the train images with labels, e.g. 0.2 1 (a seeded subset per fine-tuning seed)",
+    )
+
+
+def run_detection(args: argparse.Namespace) -> int:
+    """The frozen-backbone detection probe (``--task detection``)."""
+    missing = [f"--{k.replace('_', '-')}" for k in ("train_json", "val_json", "images") if not getattr(args, k)]
+    if missing or not args.sources:
+        raise UserError(
+            f"the detection probe needs sources, --train-json, --val-json and --images (missing: {', '.join(missing) or 'sources'})"
+        )
+    from soco_det import api
+    from soco_det.transfer.frozen import mean_ap
+
+    settings = {"iterations": args.iterations, "head": args.head}
+    if args.size is not None:
+        settings["size"] = args.size
+    report = api.detection_probe(
+        args.sources,
+        train_json=args.train_json,
+        val_json=args.val_json,
+        images=args.images,
+        out=args.out,
+        config=args.config,
+        seed=args.seed,
+        ft_seeds=args.ft_seeds,
+        fractions=args.fractions,
+        device=args.device,
+        **settings,
+    ).report
+    print(f"box AP / AP50 (points, mean over fine-tuning seeds {args.ft_seeds}); head: {args.head}")
+    for name, result in report["results"].items():
+        cells = "  ".join(
+            f"{100 * f:g} % labels: {mean_ap(result, f):.2f} / {mean_ap(result, f, 'AP50'):.2f}" for f in args.fractions
+        )
+        print(f"  {name}: {cells}")
+    for pair, by_fraction in report["paired"].items():
+        for f, diff in by_fraction.items():
+            lo, hi = diff["box_ap"]["ci95"]
+            print(
+                f"  {pair} ({100 * float(f):g} % labels): box AP {diff['box_ap']['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+            )
     return 0
