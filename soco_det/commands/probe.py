@@ -229,7 +229,7 @@ def run_classification(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- --task detection
 def add_detection_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the frozen-backbone detection probe (``soco-det probe --task detection``)."""
-    from soco_det.transfer.frozen import HEADS, FrozenSettings
+    from soco_det.transfer.frozen_config import HEADS, FrozenSettings
 
     d = FrozenSettings()
     group = parser.add_argument_group("--task detection")
