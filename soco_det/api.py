@@ -507,6 +507,16 @@ def evaluate(
     return EvaluateResult(path=Path(out) if out is not None else None, metrics=metrics)
 
 
+def _probe_result(report: dict[str, Any], out: PathLike | None) -> ProbeResult:
+    """A probe's report as its result, written as JSON to ``out`` (atomically) when given."""
+    if out is not None:
+        from soco_det.atomic import atomic_write_text
+
+        atomic_write_text(Path(out), _json.dumps(report, indent=2))
+        log.info("wrote %s", out)
+    return ProbeResult(path=Path(out) if out is not None else None, report=report)
+
+
 def probe(
     sources: PathLike | Sequence[PathLike],
     *,
@@ -546,12 +556,7 @@ def probe(
         device=device,
         resamples=resamples,
     )
-    if out is not None:
-        from soco_det.atomic import atomic_write_text
-
-        atomic_write_text(Path(out), _json.dumps(report, indent=2))
-        log.info("wrote %s", out)
-    return ProbeResult(path=Path(out) if out is not None else None, report=report)
+    return _probe_result(report, out)
 
 
 def detection_probe(
@@ -601,9 +606,4 @@ def detection_probe(
             fractions=list(fractions),
             device=device,
         )
-    if out is not None:
-        from soco_det.atomic import atomic_write_text
-
-        atomic_write_text(Path(out), _json.dumps(report, indent=2))
-        log.info("wrote %s", out)
-    return ProbeResult(path=Path(out) if out is not None else None, report=report)
+    return _probe_result(report, out)
