@@ -175,16 +175,19 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "prepare": {"tile": 128, "stride": 32},
                 "object_size": "auto",
                 "pretrain": ["train.loop.epochs=40", "data.views.geometry.fit_objects=true"],
+                # the untrained start is far off the floor there (AP50 86) at 500 iterations
+                "ap_settings": {"iterations": 500},
             }
         },
         "ap": {
             "seeds": [0, 1, 2],
             "low_label": 0.2,
-            # AdamW for the fresh heads of so short a schedule (chosen in development runs, not a
-            # measured comparison); what it gives: docs/results.md "Detection AP on two CPU cores"
+            # AdamW at lr 1e-3 for the fresh heads of so short a schedule; 800 iterations, where 500
+            # left the untrained start at AP50 8 (docs/results.md "Detection AP on two CPU cores":
+            # the schedule was chosen on the untrained init alone, lr 2e-3 and batch 2 were worse)
             "settings": {
                 "size": 128,
-                "iterations": 500,
+                "iterations": 800,
                 "batch_size": 4,
                 "roi_batch_size": 32,
                 "optimizer": "adamw",
@@ -251,6 +254,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="scenes",
         help="scenes: the generated sample scenes; nuclei: tiles of stardist's fluorescence image of nuclei "
         "(soco-det prepare nuclei; pip install stardist)",
+    )
+    parser.add_argument(
+        "--object-size",
+        default=None,
+        help="the pretraining proposals' --object-size (paper, auto, N, N%%, coco:FILE); default: the "
+        "dataset's (scenes: paper, nuclei: auto)",
     )
     parser.add_argument("--out", default="transfer_out", help="working folder (data, runs, probes, fine-tunings)")
     parser.add_argument("--json", default=None, help="write the results here (default: OUT/transfer.json)")
@@ -552,12 +561,22 @@ def print_ap_minutes(ap: dict[str, Any]) -> None:
             )
 
 
+def dataset_preset(preset: dict[str, Any], dataset: str) -> dict[str, Any]:
+    """An AP preset with the ``datasets[dataset]`` entries applied: its extra pretraining overrides
+    and its probe settings (``ap_settings``) over the preset's."""
+    entry = preset.get("datasets", {}).get(dataset, {})
+    return {
+        **preset,
+        "pretrain": [*preset["pretrain"], *entry.get("pretrain", [])],
+        "ap": {**preset["ap"], "settings": {**preset["ap"]["settings"], **entry.get("ap_settings", {})}},
+    }
+
+
 def main_ap(args: argparse.Namespace, preset: dict[str, Any], device: str) -> int:
     from soco_det.atomic import atomic_write_json
 
     t_all = time.perf_counter()
-    dataset = preset.get("datasets", {}).get(args.dataset, {})
-    preset = {**preset, "pretrain": [*preset["pretrain"], *dataset.get("pretrain", [])]}
+    preset = dataset_preset(preset, args.dataset)
     data, store, recall, t_data = prepare_data(args, preset)
     ap = run_ap(args, preset, data, store, device)
     timings = {"data+proposals": t_data, **ap["timings"]}
@@ -569,7 +588,10 @@ def main_ap(args: argparse.Namespace, preset: dict[str, Any], device: str) -> in
         f"seeds {preset['pretrain_seeds']}, fine-tuning seeds {preset['ap']['seeds']}; heads: {settings['head']}, "
         f"{settings['iterations']} iterations at batch {settings['batch_size']}, {settings['size']} px"
     )
-    print(f"proposal recall of the val objects at IoU 0.5: kept {recall['kept']:.3f}, raw {recall['raw']:.3f}")
+    print(
+        f"proposals (--object-size {object_size_of(args, preset)}): recall of the val objects at IoU 0.5: "
+        f"kept {recall['kept']:.3f}, raw {recall['raw']:.3f}"
+    )
     print_ap_table(ap["summary"], ap["fractions"], n_train, preset["ap"]["seeds"])
     print_ap_minutes(ap)
     print("time (min): " + ", ".join(f"{k} {v / 60:.1f}" for k, v in timings.items()))
@@ -581,6 +603,7 @@ def main_ap(args: argparse.Namespace, preset: dict[str, Any], device: str) -> in
         "timings_s": timings,
         "settings": preset,
         "extra_pretrain": args.pretrain,
+        "object_size": object_size_of(args, preset),
         "proposal_recall": recall,
         "results": {**ap["summary"]["results"], "frozen_probe": {str(k): v for k, v in ap["reports"].items()}},
         "paired": ap["summary"]["paired"],
@@ -590,6 +613,11 @@ def main_ap(args: argparse.Namespace, preset: dict[str, Any], device: str) -> in
     atomic_write_json(path, report, indent=2)
     print(f"wrote {path}")
     return 0
+
+
+def object_size_of(args: argparse.Namespace, preset: dict[str, Any]) -> str:
+    """The pretraining proposals' ``--object-size``: ``--object-size``, else the dataset's, else the paper's."""
+    return args.object_size or preset.get("datasets", {}).get(args.dataset, {}).get("object_size", "paper")
 
 
 def prepare_data(args: argparse.Namespace, preset: dict[str, Any]) -> tuple[dict[str, Path], Path, dict, float]:
@@ -614,7 +642,7 @@ def prepare_data(args: argparse.Namespace, preset: dict[str, Any]) -> tuple[dict
             args.dataset, out / "data", **preset.get("datasets", {}).get(args.dataset, {}).get("prepare", {})
         )
     data = {k: Path(v) for k, v in paths.items()}
-    object_size = preset.get("datasets", {}).get(args.dataset, {}).get("object_size", "paper")
+    object_size = object_size_of(args, preset)
     store = compute_store(
         data["images"] / "unlabeled", out / "proposals", workers=args.workers, object_size=object_size
     )

@@ -227,3 +227,36 @@ def test_smoke_ap_preset_end_to_end(tmp_path):
                 and ci[0] <= report[where][pair]["box_ap"]["mean"] <= ci[1]
             )
     assert "frozen detection probe" in run.stdout and "minutes per run" in run.stdout
+
+
+def test_schedule_sweep_trains_the_untrained_start_with_each_runs_settings(tmp_path):
+    out = tmp_path / "sweep.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "frozen_schedule.py"), "--preset", "smoke_ap"]
+    args = ["--runs", "iterations=2", "iterations=3,lr=0.002", "--seeds", "0", "1", "--out", str(tmp_path / "w")]
+    run = subprocess.run([*cmd, *args, "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.read_text())["runs"]
+    assert [r["settings"]["iterations"] for r in rows] == [2, 3]
+    assert rows[0]["settings"]["lr"] == bench_preset_lr() and rows[1]["settings"]["lr"] == 0.002
+    for row in rows:
+        assert len(row["box_ap"]) == len(row["box_ap50"]) == 2
+        assert all(0.0 <= x <= 100.0 for x in row["box_ap"] + row["box_ap50"])
+    assert run.stdout.count("min per run") == 2
+
+
+def bench_preset_lr() -> float:
+    return _benchmark().PRESETS["smoke_ap"]["ap"]["settings"].get("lr", FrozenSettings().lr)
+
+
+def test_dataset_entries_and_object_size_flag_override_the_preset():
+    bench = _benchmark()
+    preset = bench.PRESETS["cpu_ap"]
+    nuclei = bench.dataset_preset(preset, "nuclei")
+    entry = preset["datasets"]["nuclei"]
+    assert nuclei["ap"]["settings"]["iterations"] == entry["ap_settings"]["iterations"]
+    assert nuclei["ap"]["settings"]["lr"] == preset["ap"]["settings"]["lr"]  # the rest from the preset
+    assert nuclei["pretrain"][-len(entry["pretrain"]) :] == entry["pretrain"]
+    assert bench.dataset_preset(preset, "scenes") == {**preset, "pretrain": list(preset["pretrain"])}
+    assert bench.object_size_of(bench.parse_args(["--dataset", "nuclei"]), preset) == "auto"
+    assert bench.object_size_of(bench.parse_args([]), preset) == "paper"
+    assert bench.object_size_of(bench.parse_args(["--object-size", "auto"]), preset) == "auto"
