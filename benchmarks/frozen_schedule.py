@@ -17,7 +17,6 @@ Each run of the cpu_ap scenes takes 1.5-3 minutes on one core; nothing is downlo
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,20 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import transfer as bench  # noqa: E402  (benchmarks/transfer.py: the presets and their data)
-
-
-def parse_run(text: str) -> dict[str, Any]:
-    """``"iterations=800,lr=0.002"`` -> ``{"iterations": 800, "lr": 0.002}`` (values read as JSON)."""
-    out = {}
-    for item in filter(None, text.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--runs {text!r}: expected KEY=VALUE[,KEY=VALUE...]")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value.strip()
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     untrained = read_weights(save_untrained(cfg, out / f"untrained{seed}.pt", seed))
     rows = []
     for text in args.runs:
-        settings = {**preset["ap"]["settings"], **parse_run(text)}
+        settings = {**preset["ap"]["settings"], **bench.parse_settings(text.split(","))}
         t = time.perf_counter()
         report = frozen_detection_probe(
             {"random": untrained},

@@ -256,6 +256,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(soco-det prepare nuclei; pip install stardist)",
     )
     parser.add_argument(
+        "--probe",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="AP presets: overrides of the frozen probe's settings (e.g. head=shared iterations=1000; "
+        "soco_det/transfer/frozen_config.py)",
+    )
+    parser.add_argument(
         "--object-size",
         default=None,
         help="the pretraining proposals' --object-size (paper, auto, N, N%%, coco:FILE); default: the "
@@ -561,14 +569,37 @@ def print_ap_minutes(ap: dict[str, Any]) -> None:
             )
 
 
-def dataset_preset(preset: dict[str, Any], dataset: str) -> dict[str, Any]:
+def parse_settings(items: list[str]) -> dict[str, Any]:
+    """``["head=shared", "iterations=800"]`` -> ``{"head": "shared", "iterations": 800}`` (values read as
+    JSON): overrides of the frozen probe's settings, each key one of :class:`FrozenSettings`' fields."""
+    from dataclasses import fields
+
+    from soco_det.transfer.frozen_config import FrozenSettings
+
+    known = {f.name for f in fields(FrozenSettings)}
+    out: dict[str, Any] = {}
+    for item in filter(None, (i.strip() for i in items)):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"{item!r}: expected KEY=VALUE")
+        if key.strip() not in known:
+            raise SystemExit(f"{item!r}: not a frozen probe setting; one of {', '.join(sorted(known))}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def dataset_preset(preset: dict[str, Any], dataset: str, probe: dict[str, Any] | None = None) -> dict[str, Any]:
     """An AP preset with the ``datasets[dataset]`` entries applied: its extra pretraining overrides
-    and its probe settings (``ap_settings``) over the preset's."""
+    and its probe settings (``ap_settings``) over the preset's, then ``probe`` (``--probe``) over those."""
     entry = preset.get("datasets", {}).get(dataset, {})
+    settings = {**preset["ap"]["settings"], **entry.get("ap_settings", {}), **(probe or {})}
     return {
         **preset,
         "pretrain": [*preset["pretrain"], *entry.get("pretrain", [])],
-        "ap": {**preset["ap"], "settings": {**preset["ap"]["settings"], **entry.get("ap_settings", {})}},
+        "ap": {**preset["ap"], "settings": settings},
     }
 
 
@@ -576,7 +607,7 @@ def main_ap(args: argparse.Namespace, preset: dict[str, Any], device: str) -> in
     from soco_det.atomic import atomic_write_json
 
     t_all = time.perf_counter()
-    preset = dataset_preset(preset, args.dataset)
+    preset = dataset_preset(preset, args.dataset, parse_settings(args.probe))
     data, store, recall, t_data = prepare_data(args, preset)
     ap = run_ap(args, preset, data, store, device)
     timings = {"data+proposals": t_data, **ap["timings"]}

@@ -257,6 +257,10 @@ def test_dataset_entries_and_object_size_flag_override_the_preset():
     assert nuclei["ap"]["settings"]["lr"] == preset["ap"]["settings"]["lr"]  # the rest from the preset
     assert nuclei["pretrain"][-len(entry["pretrain"]) :] == entry["pretrain"]
     assert bench.dataset_preset(preset, "scenes") == {**preset, "pretrain": list(preset["pretrain"])}
+    shared = bench.dataset_preset(preset, "nuclei", bench.parse_settings(["head=shared", "iterations=7"]))
+    assert shared["ap"]["settings"]["head"] == "shared" and shared["ap"]["settings"]["iterations"] == 7
+    with pytest.raises(SystemExit, match="not a frozen probe setting"):
+        bench.parse_settings(["iteration=7"])
     assert bench.object_size_of(bench.parse_args(["--dataset", "nuclei"]), preset) == "auto"
     assert bench.object_size_of(bench.parse_args([]), preset) == "paper"
     assert bench.object_size_of(bench.parse_args(["--object-size", "auto"]), preset) == "auto"
