@@ -52,13 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     preset = bench.PRESETS[args.preset]
     out = Path(args.out)
-    paths = prepare_labeled(args.dataset, preset, out)
+    paths = bench.dataset_images(args.dataset, preset, out / "data", workers=1)
     cfg = build_config(PretrainConfig, preset["recipe"], preset["pretrain"])
     seed = preset["pretrain_seeds"][0]
     untrained = read_weights(save_untrained(cfg, out / f"untrained{seed}.pt", seed))
     rows = []
     for text in args.runs:
-        settings = {**preset["ap"]["settings"], **bench.parse_settings(text.split(","))}
+        settings = bench.dataset_preset(preset, args.dataset, bench.parse_settings(text.split(",")))["ap"]["settings"]
         t = time.perf_counter()
         report = frozen_detection_probe(
             {"random": untrained},
@@ -87,21 +87,6 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(Path(args.json), {"preset": args.preset, "dataset": args.dataset, "runs": rows}, indent=2)
         print(f"wrote {args.json}")
     return 0
-
-
-def prepare_labeled(dataset: str, preset: dict[str, Any], out: Path) -> dict[str, Path]:
-    """The labeled train/val images of the preset (generated scenes, or the prepared real set)."""
-    if dataset == "scenes":
-        import soco_det.synth as synth
-
-        if not (out / "data" / "val.json").exists():
-            synth.generate(out / "data", seed=0, **preset["scenes"])
-        data = out / "data"
-        return {"images": data / "images", "train": data / "train.json", "val": data / "val.json"}
-    from soco_det.datasets import prepare
-
-    paths = prepare(dataset, out / "data", **preset.get("datasets", {}).get(dataset, {}).get("prepare", {}))
-    return {k: Path(v) for k, v in paths.items()}
 
 
 def print_row(row: dict[str, Any]) -> None:

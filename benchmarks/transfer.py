@@ -651,28 +651,29 @@ def object_size_of(args: argparse.Namespace, preset: dict[str, Any]) -> str:
     return args.object_size or preset.get("datasets", {}).get(args.dataset, {}).get("object_size", "paper")
 
 
+def dataset_images(dataset: str, preset: dict[str, Any], folder: Path, workers: int) -> dict[str, Path]:
+    """The images and COCO files of ``dataset`` in ``folder``: the preset's generated scenes, or the
+    real set prepared with the preset's ``datasets[dataset]["prepare"]`` settings."""
+    if dataset == "scenes":
+        import soco_det.synth as synth
+
+        paths = synth.generate(folder, seed=0, workers=workers, **preset["scenes"])
+    else:
+        from soco_det.datasets import prepare
+
+        paths = prepare(dataset, folder, **preset.get("datasets", {}).get(dataset, {}).get("prepare", {}))
+    return {k: Path(v) for k, v in paths.items()}
+
+
 def prepare_data(args: argparse.Namespace, preset: dict[str, Any]) -> tuple[dict[str, Path], Path, dict, float]:
     """The labeled and unlabeled images of ``--dataset``, the pretraining proposals and their recall of
     the val objects; returns ``(paths, store, recall, seconds)``."""
-    import soco_det.synth as synth
     from soco_det.proposals import compute_store
 
     t = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.dataset == "scenes":
-        paths = synth.generate(out / "data", seed=0, workers=args.workers, **preset["scenes"])
-    else:
-        try:
-            from soco_det.datasets import prepare
-        except ImportError:  # the data-set layer is newer than this benchmark
-            from soco_det.errors import UserError
-
-            raise UserError(f"--dataset {args.dataset}: needs soco_det.datasets (soco-det prepare)") from None
-        paths = prepare(
-            args.dataset, out / "data", **preset.get("datasets", {}).get(args.dataset, {}).get("prepare", {})
-        )
-    data = {k: Path(v) for k, v in paths.items()}
+    data = dataset_images(args.dataset, preset, out / "data", args.workers)
     object_size = object_size_of(args, preset)
     store = compute_store(
         data["images"] / "unlabeled", out / "proposals", workers=args.workers, object_size=object_size
